@@ -1,0 +1,35 @@
+"""dlbhooks: DLBacktrace relevance for PyTorch models, through forward hooks.
+
+    import dlbhooks as dlb
+    with dlb.trace(model) as tape:
+        out = model(x)
+    exp = tape.explain(target=None, mode="default")
+"""
+
+from . import models, rules  # noqa: F401  (registers every rule)
+from .api import explain
+from .coverage import coverage
+from .errors import (
+    DLBError,
+    FunctionalGapError,
+    NonFiniteError,
+    RecordModifiedError,
+    TargetError,
+    TraceError,
+    UnsupportedModuleError,
+)
+from .records import Record, Tape
+from .relevance import Streams
+from .results import Explanation
+from .rules.elementwise import register_saturation
+from .rules.registry import register_rule, unregister_rule
+from .trace import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DLBError", "Explanation", "FunctionalGapError", "NonFiniteError", "Record",
+    "RecordModifiedError", "Streams", "Tape", "TargetError", "TraceError",
+    "UnsupportedModuleError", "coverage", "explain", "register_rule", "register_saturation",
+    "trace", "unregister_rule",
+]

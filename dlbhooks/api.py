@@ -1,0 +1,117 @@
+"""The explanation entry points: ``tape.explain`` and ``dlb.explain``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .engine import Engine
+from .errors import NonFiniteError, TargetError
+from .records import Record, Tape
+from .relevance import Streams, net
+from .results import Explanation
+from .seeds import make_seed
+
+
+def select_output(root: Record, output: str | int | None) -> int:
+    """Index (in ``root.outputs``) of the output tensor to explain."""
+    names = root.output_names
+    if output is None:
+        if "logits" in names:
+            return names.index("logits")
+        for i, t in enumerate(root.outputs):
+            if t.is_floating_point():
+                return i
+        raise TargetError(f"{root.describe()} returned no float tensor to explain")
+    if isinstance(output, int):
+        if not 0 <= output < len(root.outputs):
+            raise TargetError(f"output {output} out of range: the model returned {len(names)}")
+        return output
+    if output not in names:
+        raise TargetError(f"output {output!r} not among the model's outputs {names}")
+    return names.index(output)
+
+
+def explain_tape(
+    tape: Tape,
+    target: Any = None,
+    *,
+    mode: str = "default",
+    multiplier: float = 100.0,
+    saturation: bool = True,
+    task: str = "multiclass",
+    thresholding: float = 0.5,
+    scaler: float | None = None,
+    keep: bool = True,
+    output: str | int | None = None,
+) -> Explanation:
+    """Propagate relevance from the last recorded model call back to its inputs."""
+    root = tape.last_root()
+    if not root.done:
+        raise TargetError("the recorded forward did not finish (it raised): nothing to explain")
+    for name, t in zip(root.input_names, root.inputs):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"model input {name!r} holds NaN or inf; relevance would be meaningless. "
+                "Clean the input (torch.nan_to_num) before explaining."
+            )
+    k = select_output(root, output)
+    seed = make_seed(
+        root.outputs[k], target, task=task, multiplier=multiplier, mode=mode,
+        thresholding=thresholding,
+    )
+    engine = Engine(tape, mode=mode, saturation=saturation, keep=keep)
+    R_out = [seed if i == k else None for i in range(len(root.outputs))]
+    R_in = engine.propagate(root, R_out)
+
+    inputs, pos, neg = {}, {}, {}
+    for name, t, R in zip(root.input_names, root.inputs, R_in):
+        if R is None:
+            R = torch.zeros(t.shape, dtype=root.outputs[k].dtype, device=t.device)
+            R = Streams(R, R.clone()) if mode == "contrastive" else R
+        inputs[name] = net(R)
+        if isinstance(R, Streams):
+            pos[name], neg[name] = R.pos, R.neg
+    ledger = [e for e in engine.ledger if e is not None]
+    layers = {e.key: _net(e.relevance_in) for e in ledger if e.path}
+    absorbed = {e.key: _net(e.absorbed) for e in ledger if e.path and e.leaf}
+    tensors = {
+        key: [None if r is None else net(r) for r in rs]
+        for key, rs in engine.kept.items() if key != "<root>"
+    }
+    return Explanation(
+        inputs=inputs, layers=layers, absorbed=absorbed, mode=mode,
+        multiplier=float(multiplier), positive=pos or None, negative=neg or None,
+        target=_resolved_target(root.outputs[k], target, task), ledger=ledger,
+        tensors=tensors, scaler=scaler,
+        info={"task": task, "saturation": saturation, "output": root.output_names[k]},
+    )
+
+
+def _net(v) -> float:
+    return v[0] - v[1] if isinstance(v, tuple) else float(v)
+
+
+def _resolved_target(out: Tensor, target: Any, task: str) -> Any:
+    if target is None and out.dim() == 2 and task in ("multiclass", "multi-class", "classification"):
+        return out.argmax(-1).tolist()
+    if isinstance(target, Tensor):
+        return target.tolist() if target.numel() <= 64 else f"tensor{tuple(target.shape)}"
+    return target
+
+
+def explain(model: nn.Module, inputs: Any, target: Any = None, **kwargs) -> Explanation:
+    """One call: trace ``model`` on ``inputs`` (a tensor, a tuple of positional arguments
+    or a dict of keyword arguments) and explain ``target``; kwargs go to ``tape.explain``."""
+    from .trace import trace
+
+    with trace(model) as tape:
+        if isinstance(inputs, dict):
+            model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            model(*inputs)
+        else:
+            model(inputs)
+    return tape.explain(target, **kwargs)

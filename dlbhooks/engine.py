@@ -1,0 +1,250 @@
+"""The reverse walk: seed -> records in reverse -> rule dispatch -> route relevance.
+
+Relevance is routed between records by tensor identity (a :class:`Bag` keyed by
+``id(tensor)``), so any DAG of modules works: a tensor consumed by several modules sums
+their relevance, a reused module is one record per call, and an in-place module (its
+output *is* its input) is handled because records are processed in reverse call order.
+An input that is a view of a recorded tensor (``torch.flatten``, ``x[:, 0]``, ``permute``)
+is mapped back onto it exactly. Anything else that no record produced is a functional gap
+and raises :class:`~dlbhooks.errors.FunctionalGapError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .errors import FunctionalGapError, UnsupportedModuleError
+from .records import Record, Tape, fetch_param, view_to_base
+from .relevance import Rel, Streams, radd, rmap, rsum, to_float
+from .rules import registry
+from .rules.elementwise import saturation_bounds
+
+
+@dataclass
+class LedgerEntry:
+    """Relevance accounting of one processed call (METHOD.md §6)."""
+
+    key: str
+    path: str
+    type: str
+    relevance_out: float | tuple[float, float]
+    relevance_in: float | tuple[float, float]
+    absorbed: float | tuple[float, float]  # by this module's own rule
+    absorbed_inside: float | tuple[float, float]  # own + everything below it
+    leaf: bool
+
+
+class Bag:
+    """Relevance waiting at tensors, keyed by identity."""
+
+    def __init__(self, tape: Tape):
+        self.tape = tape
+        self._rel: dict[int, Rel] = {}
+        self._tensor: dict[int, Tensor] = {}
+        self._by: dict[int, Record | None] = {}
+
+    def add(self, t: Tensor, R: Rel, by: Record | None = None, *, view_aware: bool = False) -> None:
+        """Put relevance ``R`` on tensor ``t``; a view of a recorded tensor goes to its base."""
+        key = id(t)
+        if key in self.tape.views and (view_aware or not self.tape.is_produced(t)):
+            view, base = self.tape.views[key]
+            moved = rmap(lambda r: view_to_base(r, view, base), R)
+            if moved is not None and not _has_none(moved):
+                t, R, key = base, moved, id(base)
+        self._rel[key] = radd(self._rel.get(key), R)
+        self._tensor[key] = t
+        self._by.setdefault(key, by)
+
+    def pop(self, t: Tensor) -> Rel | None:
+        key = id(t)
+        self._tensor.pop(key, None)
+        self._by.pop(key, None)
+        return self._rel.pop(key, None)
+
+    def leftovers(self):
+        for key, R in self._rel.items():
+            yield self._tensor[key], R, self._by[key]
+
+
+def _has_none(R) -> bool:
+    return R is None or (isinstance(R, Streams) and (R.pos is None or R.neg is None))
+
+
+@dataclass
+class Engine:
+    """Runs one explanation over a tape; rules receive it as ``ctx``."""
+
+    tape: Tape
+    mode: str = "default"
+    saturation: bool = True
+    keep: bool = True
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    kept: dict[str, list[Rel | None]] = field(default_factory=dict)
+    _absorbed_total: Rel | None = None
+
+    # -- services for rules --------------------------------------------------------------
+    @property
+    def contrastive(self) -> bool:
+        return self.mode == "contrastive"
+
+    def param(self, module: nn.Module, name: str) -> Tensor | None:
+        """A module's parameter or buffer, fetched through the one weight-access function."""
+        return fetch_param(module, name)
+
+    def bounds_after(self, rec: Record):
+        """Saturation bounds of the activation that alone consumed ``rec``'s output."""
+        if not self.saturation or self.contrastive or not rec.outputs:
+            return None
+        out = rec.outputs[0]
+        users = [
+            r for r in self.tape.consumers.get(id(out), [])
+            if not r.children and r is not rec
+            and any(t is out and v == rec.out_versions[0] for t, v in zip(r.inputs, r.in_versions))
+        ]
+        if len({id(r) for r in users}) != 1:
+            return None
+        return saturation_bounds(users[0].module)
+
+    def new_bag(self) -> Bag:
+        return Bag(self.tape)
+
+    # -- the walk -----------------------------------------------------------------------
+    def walk(self, records: list[Record], bag: Bag) -> Bag:
+        """Process ``records`` from last to first, taking and leaving relevance in ``bag``."""
+        for rec in reversed(records):
+            R_out = [bag.pop(o) for o in rec.outputs]
+            if all(r is None for r in R_out):
+                continue
+            R_in = self.propagate(rec, R_out)
+            for t, R in zip(rec.inputs, R_in):
+                if R is not None:
+                    bag.add(t, R, rec)
+        return bag
+
+    def propagate(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
+        """Relevance on ``rec``'s inputs, given relevance on its outputs."""
+        R_out = self._fill(rec, R_out)
+        before = self._absorbed_total
+        slot = len(self.ledger)
+        self.ledger.append(None)  # filled below: keeps output->input order
+        rule = registry.lookup(type(rec.module))
+        if rule is not None:
+            R_in, absorbed = self._apply(rule, rec, R_out)
+        elif rec.children:
+            R_in, absorbed = self._transparent(rec, R_out), None
+        else:
+            raise UnsupportedModuleError(
+                f"no relevance rule for {rec.describe()}. Register one:\n"
+                f"    @dlb.register_rule({type(rec.module).__module__}.{rec.type_name})\n"
+                "    def rule(record, relevance_out, ctx): ...  # return relevance per input\n"
+                "or check dlb.coverage(model) before tracing."
+            )
+        if len(R_in) != len(rec.inputs):
+            raise UnsupportedModuleError(
+                f"the rule for {rec.describe()} returned {len(R_in)} relevances for "
+                f"{len(rec.inputs)} tensor inputs"
+            )
+        if absorbed is not None:
+            self._absorbed_total = radd(self._absorbed_total, absorbed)
+        inside = _rdiff(self._absorbed_total, before)
+        self.ledger[slot] = (LedgerEntry(
+            key=rec.key, path=rec.path, type=rec.type_name,
+            relevance_out=to_float(_rtotal(R_out)), relevance_in=to_float(_rtotal(R_in)),
+            absorbed=to_float(absorbed if absorbed is None else rsum(absorbed)),
+            absorbed_inside=to_float(inside), leaf=rule is not None and not rec.children,
+        ))
+        if self.keep:
+            self.kept.setdefault(rec.key, R_in)
+        return R_in
+
+    def _apply(self, rule, rec, R_out):
+        if rule.streamwise and self.contrastive:
+            outs = []
+            for stream in (0, 1):
+                res = rule.fn(rec, [None if r is None else r[stream] for r in R_out], self)
+                outs.append(_split_result(res))
+            (pos, ab_p), (neg, ab_n) = outs
+            R_in = [None if p is None else Streams(p, n) for p, n in zip(pos, neg)]
+            absorbed = None if ab_p is None else Streams(rsum(ab_p), rsum(ab_n))
+            return R_in, absorbed
+        R_in, absorbed = _split_result(rule.fn(rec, R_out, self))
+        return R_in, None if absorbed is None else rsum(absorbed)
+
+    def _transparent(self, rec: Record, R_out: list[Rel]) -> list[Rel | None]:
+        """A container with no rule: walk its children, routing by tensor identity."""
+        bag = self.new_bag()
+        for o, R in zip(rec.outputs, R_out):
+            if R is not None:
+                bag.add(o, R, None, view_aware=True)
+        self.walk(rec.children, bag)
+        return self.collect(rec, bag)
+
+    def collect(self, rec: Record, bag: Bag) -> list[Rel | None]:
+        """Take the relevance of ``rec``'s inputs out of ``bag``; anything left is a gap."""
+        R_in = [bag.pop(t) for t in rec.inputs]
+        for t, R, by in bag.leftovers():
+            if not bool(_rtotal_abs(R) > 0):
+                continue
+            raise FunctionalGapError(_gap_message(rec, t, by))
+        return R_in
+
+    def _fill(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
+        like = next((r for r in R_out if r is not None), None)
+        if like is None:
+            return R_out
+        return [
+            (rmap(lambda r, o=o: torch.zeros_like(o, dtype=r.dtype), like)
+             if R is None and o.is_floating_point() else R)
+            for o, R in zip(rec.outputs, R_out)
+        ]
+
+
+def _split_result(res):
+    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], list):
+        return res
+    return list(res), None
+
+
+def _rtotal(rels: list[Rel | None]) -> Rel | None:
+    total = None
+    for r in rels:
+        total = radd(total, rsum(r))
+    return total
+
+
+def _rtotal_abs(R: Rel) -> Tensor:
+    if isinstance(R, Streams):
+        return R.pos.abs().sum() + R.neg.abs().sum()
+    return R.abs().sum()
+
+
+def _rdiff(a: Rel | None, b: Rel | None) -> Rel | None:
+    if a is None:
+        return None
+    if b is None:
+        return a
+    return rmap(torch.sub, a, b)
+
+
+def _gap_message(container: Record, t: Tensor, consumer: Record | None) -> str:
+    where = container.describe()
+    if consumer is None:
+        return (
+            f"relevance reached the output of {where} (shape {tuple(t.shape)}), but no "
+            f"recorded submodule produced it: {container.type_name}.forward computes it with "
+            "functional code hooks cannot see. Register a composite rule for "
+            f"{type(container.module).__module__}.{container.type_name} with "
+            "@dlb.register_rule (see README, 'Custom rules')."
+        )
+    siblings = [r for r in container.children if r.index < consumer.index]
+    before = siblings[-1].describe() if siblings else "the start of the forward"
+    return (
+        f"relevance reached a tensor of shape {tuple(t.shape)} consumed by "
+        f"{consumer.describe()}, but no recorded module produced it: it was computed by "
+        f"functional code in {where}.forward between {before} and {consumer.describe()}. "
+        f"Register a composite rule for {type(container.module).__module__}."
+        f"{container.type_name} with @dlb.register_rule (see README, 'Custom rules')."
+    )

@@ -1,0 +1,237 @@
+"""What one module call stored (:class:`Record`) and the tape of a traced forward.
+
+Records keep inputs and outputs by reference (no copies). A record also keeps the
+``_version`` of each tensor when it was seen, so a rule that reads values can tell if the
+model later changed them in place (``out += identity``), and the clones ("snapshots") a
+composite rule asked for before such a change. Weights are read through :func:`fetch_param`
+only, so that offloading integrations have one place to hook into.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .errors import RecordModifiedError
+
+
+def tensor_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor inside nested tuples, lists and dicts."""
+    if isinstance(obj, Tensor):
+        yield prefix, obj
+    elif isinstance(obj, (tuple, list)):
+        for i, item in enumerate(obj):
+            yield from tensor_leaves(item, f"{prefix}.{i}" if prefix else str(i))
+    elif isinstance(obj, dict) or hasattr(obj, "items"):
+        try:
+            items = list(obj.items())
+        except Exception:  # noqa: BLE001 - not a mapping after all
+            return
+        for key, item in items:
+            yield from tensor_leaves(item, f"{prefix}.{key}" if prefix else str(key))
+
+
+def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Name the positional and keyword arguments of a call by ``module.forward``'s signature."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+        out = dict(bound.arguments)
+        # flatten **kwargs / *args so names stay simple
+        for name, param in inspect.signature(module.forward).parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD and name in out:
+                out.update(out.pop(name))
+            elif param.kind is inspect.Parameter.VAR_POSITIONAL and name in out:
+                for i, value in enumerate(out.pop(name)):
+                    out[f"{name}.{i}"] = value
+        return out
+    except (TypeError, ValueError):
+        named = {f"arg{i}": a for i, a in enumerate(args)}
+        named.update(kwargs)
+        return named
+
+
+def fetch_param(module: nn.Module, name: str) -> Tensor | None:
+    """The single place rules read a parameter or buffer (``None`` if the module has none).
+
+    Integrations (e.g. accelerate offloading) extend this to bring weights onto a device.
+    """
+    value = getattr(module, name, None)
+    if value is None:
+        return None
+    return value.detach() if isinstance(value, Tensor) else value
+
+
+@dataclass(eq=False)
+class Record:
+    """One call of one module: what went in, what came out, and what ran inside it."""
+
+    index: int
+    path: str
+    module: nn.Module
+    call: int
+    parent: Record | None
+    arguments: dict[str, Any]
+    input_names: list[str]
+    inputs: list[Tensor]
+    in_versions: list[int]
+    outputs: list[Tensor] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
+    out_versions: list[int] = field(default_factory=list)
+    output: Any = None
+    children: list[Record] = field(default_factory=list)
+    snapshots: dict[int, Tensor] = field(default_factory=dict)
+    done: bool = False
+
+    @property
+    def key(self) -> str:
+        """Unique name of the call: the module path, with ``#k`` for the k-th repeat."""
+        name = self.path or "<root>"
+        return name if self.call == 0 else f"{name}#{self.call}"
+
+    @property
+    def type_name(self) -> str:
+        return type(self.module).__name__
+
+    def describe(self) -> str:
+        return f"'{self.path or '<root>'}' ({type(self.module).__module__}.{self.type_name})"
+
+    def child(self, name: str, call: int = 0) -> Record | None:
+        """The ``call``-th record of the child (or descendant) at relative path ``name``."""
+        full = f"{self.path}.{name}" if self.path else name
+        found = [r for r in self.descendants() if r.path == full]
+        return found[call] if len(found) > call else None
+
+    def descendants(self) -> Iterator[Record]:
+        for c in self.children:
+            yield c
+            yield from c.descendants()
+
+    def input_value(self, i: int = 0) -> Tensor:
+        """Input ``i`` as the module saw it; raises if it was modified in place since."""
+        t = self.inputs[i]
+        if t._version != self.in_versions[i]:
+            raise RecordModifiedError(
+                f"input {i} of {self.describe()} was modified in place after the call; "
+                "its recorded values are no longer what the module saw. Register a composite "
+                "rule for the parent module that snapshots it (snapshot=...)."
+            )
+        return t
+
+    def output_value(self, i: int = 0) -> Tensor:
+        """Output ``i`` as the module returned it (the snapshot if one was taken)."""
+        if i in self.snapshots:
+            return self.snapshots[i]
+        t = self.outputs[i]
+        if t._version != self.out_versions[i]:
+            raise RecordModifiedError(
+                f"output {i} of {self.describe()} was modified in place after the call "
+                "(e.g. `out += identity` or an in-place activation) and no snapshot was "
+                "taken. Give the parent's composite rule snapshot=('<child name>',)."
+            )
+        return t
+
+    def output_intact(self, i: int = 0) -> bool:
+        return i in self.snapshots or self.outputs[i]._version == self.out_versions[i]
+
+
+@dataclass(eq=False)
+class Tape:
+    """All records of the forwards run inside one :func:`dlbhooks.trace` block."""
+
+    model: nn.Module
+    records: list[Record] = field(default_factory=list)
+    roots: list[Record] = field(default_factory=list)
+    # id(tensor) -> (view tensor, base tensor): inputs that are views of a produced tensor
+    views: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # id(tensor) -> records that consumed it (leaf records only are used for saturation)
+    consumers: dict[int, list[Record]] = field(default_factory=dict)
+    _produced: dict[int, Tensor] = field(default_factory=dict)
+    _storages: dict[int, list[Tensor]] = field(default_factory=dict)
+
+    # -- bookkeeping used by the tracer ---------------------------------------------------
+    def produce(self, t: Tensor) -> None:
+        self._produced[id(t)] = t
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return
+        if ptr:
+            self._storages.setdefault(ptr, []).append(t)
+
+    def resolve(self, t: Tensor) -> None:
+        """Note where tensor ``t`` (about to be consumed) came from, if it is a view."""
+        if id(t) in self._produced or id(t) in self.views:
+            return
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return
+        for base in reversed(self._storages.get(ptr, [])):
+            if _may_be_view_of(t, base):
+                self.views[id(t)] = (t, base)
+                return
+
+    def is_produced(self, t: Tensor) -> bool:
+        return id(t) in self._produced
+
+    def last_root(self) -> Record:
+        from .errors import TraceError
+
+        if not self.roots:
+            raise TraceError(
+                "the tape holds no call of the traced model: run the model inside the "
+                "`with dlb.trace(model) as tape:` block before calling tape.explain()."
+            )
+        return self.roots[-1]
+
+
+def _may_be_view_of(view: Tensor, base: Tensor) -> bool:
+    """Cheap test: ``view`` lies inside ``base``'s span of memory (exact test is later)."""
+    if view.dtype != base.dtype or view.device != base.device or view.numel() == 0:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        hi = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+        return t.storage_offset(), hi
+
+    v0, v1 = span(view)
+    b0, b1 = span(base)
+    return b0 <= v0 and v1 <= b1
+
+
+def view_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
+    """Move relevance from a view back onto the elements of its base (exact inverse).
+
+    Returns ``None`` if some element of ``view`` is not an element of ``base``.
+    """
+    size = max(view.storage_offset() + 1, base.storage_offset() + 1)
+    size = max(
+        size,
+        *(t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
+          for t in (view, base)),
+    )
+    ar = torch.arange(size, device=rel.device)
+    base_idx = ar.as_strided(base.shape, base.stride(), base.storage_offset()).reshape(-1)
+    view_idx = ar.as_strided(view.shape, view.stride(), view.storage_offset()).reshape(-1)
+    where = torch.full((size,), -1, dtype=torch.long, device=rel.device)
+    where[base_idx] = torch.arange(base_idx.numel(), device=rel.device)
+    pos = where[view_idx]
+    if bool((pos < 0).any()):
+        return None
+    out = rel.new_zeros(base.numel())
+    out.index_add_(0, pos, rel.reshape(-1))
+    return out.view(base.shape)
+
+
+def _tape_explain(self: Tape, target: Any = None, **kwargs: Any):
+    """Explain the last recorded call of the model; see :func:`dlbhooks.api.explain_tape`."""
+    from .api import explain_tape
+
+    return explain_tape(self, target, **kwargs)
+
+
+Tape.explain = _tape_explain  # type: ignore[attr-defined]

@@ -1,0 +1,72 @@
+"""Relevance values: one tensor (default mode) or two non-negative streams (contrastive).
+
+Rules that do not cross streams are written for one tensor; :func:`rmap` applies them to
+each stream. Only the weighted-sum rule (``rules/core.py``) mixes the two.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Union
+
+import torch
+from torch import Tensor
+
+
+class Streams(NamedTuple):
+    """The two streams of contrastive mode; the explanation is ``pos - neg``."""
+
+    pos: Tensor
+    neg: Tensor
+
+
+Rel = Union[Tensor, Streams]
+
+
+def rmap(fn: Callable[..., Tensor], *rels: Rel) -> Rel:
+    """Apply ``fn`` to each stream (or to the single tensor) of one or more relevances."""
+    if isinstance(rels[0], Streams):
+        return Streams(fn(*(r.pos for r in rels)), fn(*(r.neg for r in rels)))
+    return fn(*rels)
+
+
+def rmap_multi(fn: Callable[[Tensor], list], rel: Rel) -> list:
+    """Apply ``fn`` returning a list of tensors to each stream, re-pairing the results."""
+    if isinstance(rel, Streams):
+        pos, neg = fn(rel.pos), fn(rel.neg)
+        return [None if p is None else Streams(p, n) for p, n in zip(pos, neg)]
+    return fn(rel)
+
+
+def rsum(rel: Rel | None) -> Rel | None:
+    """Total of a relevance (per stream) as float64 scalars."""
+    if rel is None:
+        return None
+    return rmap(lambda t: t.detach().double().sum(), rel)
+
+
+def radd(a: Rel | None, b: Rel | None) -> Rel | None:
+    """Sum of two relevances; ``None`` stands for zero."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return rmap(torch.add, a, b)
+
+
+def rzeros_like(like: Rel, shape_of: Tensor) -> Rel:
+    """Zeros shaped like ``shape_of`` in the dtype/device (and streams) of ``like``."""
+    return rmap(lambda t: t.new_zeros(shape_of.shape), like)
+
+
+def net(rel: Rel) -> Tensor:
+    """The explanation map: the tensor itself, or ``pos - neg``."""
+    return rel.pos - rel.neg if isinstance(rel, Streams) else rel
+
+
+def to_float(rel: Rel | None) -> float | tuple[float, float]:
+    """Scalar relevance as a float, or ``(pos, neg)`` in contrastive mode."""
+    if rel is None:
+        return 0.0
+    if isinstance(rel, Streams):
+        return float(rel.pos), float(rel.neg)
+    return float(rel)

@@ -1,0 +1,137 @@
+"""Explanation: relevance per input, per layer and at any module; save / load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import TraceError
+
+
+@dataclass
+class Explanation:
+    """The result of one explanation.
+
+    ``inputs``: relevance shaped like each forward input, keyed by argument name (``pos -
+    neg`` in contrastive mode, whose streams are ``positive`` and ``negative``).
+    ``layers``: total relevance at each module's input, output→input order. ``absorbed``:
+    what each module's rule absorbed (bias shares, guards). ``ledger``: the full accounting.
+    """
+
+    inputs: dict[str, Tensor]
+    layers: dict[str, float]
+    absorbed: dict[str, float]
+    mode: str = "default"
+    multiplier: float = 100.0
+    positive: dict[str, Tensor] | None = None
+    negative: dict[str, Tensor] | None = None
+    target: Any = None
+    ledger: list[Any] = field(default_factory=list)
+    tensors: dict[str, list[Tensor | None]] = field(default_factory=dict)
+    scaler: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
+        """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""
+        if path not in self.tensors:
+            known = ", ".join(list(self.tensors)[:12])
+            raise KeyError(
+                f"no relevance kept for module {path!r} (it got none, or keep=False). "
+                f"Known: {known}{', ...' if len(self.tensors) > 12 else ''}"
+            )
+        t = self.tensors[path][input]
+        if t is None:
+            raise KeyError(f"input {input} of {path!r} received no relevance")
+        if self.scaler is not None:
+            total = t.sum()
+            t = t * (self.scaler / total) if total != 0 else t
+        return t
+
+    @property
+    def total_input(self) -> float:
+        """Sum of the input relevance over all inputs (``pos - neg`` in contrastive mode)."""
+        return float(sum(float(t.double().sum()) for t in self.inputs.values()))
+
+    @property
+    def total_absorbed(self) -> float:
+        return float(sum(self.absorbed.values()))
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write tensors to a safetensors file, everything else as its JSON metadata."""
+        from safetensors.torch import save_file
+
+        tensors: dict[str, Tensor] = {}
+        for group, d in (("inputs", self.inputs), ("positive", self.positive or {}),
+                         ("negative", self.negative or {})):
+            for k, v in d.items():
+                tensors[f"{group}/{k}"] = v.detach().contiguous().cpu()
+        for k, vs in self.tensors.items():
+            for i, v in enumerate(vs):
+                if v is not None:
+                    tensors[f"at/{i}/{k}"] = v.detach().contiguous().cpu()
+        meta = {
+            "layers": self.layers, "absorbed": self.absorbed, "mode": self.mode,
+            "multiplier": self.multiplier, "scaler": self.scaler,
+            "target": _jsonable(self.target), "info": _jsonable(self.info),
+            "contrastive": self.positive is not None,
+            "ledger": [asdict(e) for e in self.ledger],
+            "at_arity": {k: len(v) for k, v in self.tensors.items()},
+        }
+        save_file(tensors, str(path), metadata={"dlbhooks": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Explanation:
+        from safetensors import safe_open
+
+        from .engine import LedgerEntry
+
+        with safe_open(str(path), framework="pt") as f:
+            meta_raw = (f.metadata() or {}).get("dlbhooks")
+            if meta_raw is None:
+                raise TraceError(f"{path} is not a dlbhooks explanation (no metadata)")
+            meta = json.loads(meta_raw)
+            groups: dict[str, dict[str, Tensor]] = {"inputs": {}, "positive": {}, "negative": {}}
+            tensors: dict[str, list[Tensor | None]] = {
+                k: [None] * n for k, n in meta["at_arity"].items()
+            }
+            for key in f.keys():
+                group, rest = key.split("/", 1)
+                if group == "at":
+                    i, name = rest.split("/", 1)
+                    tensors[name][int(i)] = f.get_tensor(key)
+                else:
+                    groups[group][rest] = f.get_tensor(key)
+        contrastive = meta["contrastive"]
+        return cls(
+            inputs=groups["inputs"], layers=meta["layers"], absorbed=meta["absorbed"],
+            mode=meta["mode"], multiplier=meta["multiplier"],
+            positive=groups["positive"] if contrastive else None,
+            negative=groups["negative"] if contrastive else None,
+            target=meta["target"], ledger=[LedgerEntry(**e) for e in meta["ledger"]],
+            tensors=tensors, scaler=meta["scaler"], info=meta["info"],
+        )
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return repr(x)
+
+
+def tensors_equal(a: Explanation, b: Explanation) -> bool:
+    """True if two explanations hold bit-identical input relevance."""
+    return a.inputs.keys() == b.inputs.keys() and all(
+        torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs
+    )

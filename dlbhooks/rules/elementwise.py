@@ -1,0 +1,85 @@
+"""Element-wise modules and the add / product helpers of METHOD.md §3.
+
+Activations, Dropout, Identity, Flatten and Unflatten pass relevance through (moved with
+the data). Their saturation bounds, used by the preceding weighted sum, are data:
+:data:`SATURATION_BOUNDS`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .core import safe_div
+from .registry import register_rule
+
+#: (lower, upper) bound on the pre-activation beyond which the activation is saturated.
+SATURATION_BOUNDS: dict[type, tuple[float | None, float | None]] = {
+    nn.Tanh: (-2.0, 2.0),
+    nn.Sigmoid: (-4.0, 4.0),
+    nn.Softmax: (-1.0, 2.0),
+    nn.SiLU: (-6.0, None),
+    nn.ReLU: (0.0, None),
+}
+
+
+def register_saturation(module_type: type, lower: float | None, upper: float | None) -> None:
+    """Declare the saturated range of an activation module type."""
+    SATURATION_BOUNDS[module_type] = (lower, upper)
+
+
+def saturation_bounds(module: nn.Module) -> tuple[float | None, float | None] | None:
+    for cls in type(module).__mro__:
+        if cls in SATURATION_BOUNDS:
+            return SATURATION_BOUNDS[cls]
+    return None
+
+
+PASSTHROUGH = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+    nn.Softmax, nn.LogSoftmax, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten,
+)
+
+
+def passthrough_rule(rec, R_out, ctx):
+    """Relevance moves with the data: element-wise maps and reshapes."""
+    return [R_out[0].reshape(rec.inputs[0].shape)]
+
+
+for _cls in PASSTHROUGH:
+    register_rule(_cls, passthrough_rule, streamwise=True, name="passthrough")
+
+
+def reduce_to(t: Tensor, shape) -> Tensor:
+    """Sum ``t`` over the axes along which a tensor of ``shape`` was broadcast to it."""
+    shape = tuple(shape)
+    if tuple(t.shape) == shape:
+        return t
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def add_rule(R: Tensor, terms: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """``y = sum_k a_k`` (broadcasting): ``R_k = R |a_k| / sum |a|``; zeros where all vanish.
+
+    Returns the relevance of each term (reduced to its shape) and what was lost (positions
+    where every term is 0).
+    """
+    mags = [t.abs() for t in terms]
+    total = mags[0]
+    for m in mags[1:]:
+        total = total + m
+    s = safe_div(R, total)
+    parts = [reduce_to(s * m, t.shape) for m, t in zip(mags, terms)]
+    lost = (R - s * total).sum()
+    return parts, lost
+
+
+def product_rule(R: Tensor, factors: list[Tensor]) -> list[Tensor]:
+    """``y = a * b`` of two activations: half of ``R`` to each factor (AttnLRP uniform rule)."""
+    half = R / len(factors)
+    return [reduce_to(half, f.shape) for f in factors]

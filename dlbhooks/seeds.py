@@ -1,0 +1,150 @@
+"""Where relevance starts: targets and tasks (METHOD.md §1).
+
+Every batch row gets ``multiplier`` in total (per stream in contrastive mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import NonFiniteError, TargetError
+from .relevance import Rel, Streams
+
+TASKS = {
+    "multiclass": "multiclass", "multi-class": "multiclass", "classification": "multiclass",
+    "multi-class classification": "multiclass", "binary": "binary",
+    "binary-classification": "binary", "binary classification": "binary",
+    "regression": "regression", "detection": "detection", "segmentation": "segmentation",
+}
+
+
+def make_seed(
+    output: Tensor,
+    target: Any = None,
+    *,
+    task: str = "multiclass",
+    multiplier: float = 100.0,
+    mode: str = "default",
+    thresholding: float = 0.5,
+) -> Rel:
+    """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks')."""
+    if task not in TASKS:
+        raise TargetError(f"unknown task {task!r}; choose one of {sorted(set(TASKS.values()))}")
+    task = TASKS[task]
+    if mode not in ("default", "contrastive"):
+        raise TargetError(f"unknown mode {mode!r}; choose 'default' or 'contrastive'")
+    if not output.is_floating_point():
+        raise TargetError(f"the explained output must be a float tensor, got {output.dtype}")
+    out = output.detach()
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError("the model output holds NaN or inf: nothing sensible to explain")
+    if isinstance(target, Tensor) and target.is_floating_point() and target.shape == out.shape:
+        seed = target.to(out.dtype)
+        return Streams(seed.clamp_min(0), (-seed).clamp_min(0)) if mode == "contrastive" else seed
+    m = float(multiplier)
+    if task in ("multiclass", "binary"):
+        if out.dim() == 1:
+            out = out.unsqueeze(0) if task == "multiclass" else out.unsqueeze(-1)
+            return _reshape(_classify(out, target, task, m, mode), output.shape)
+        if out.dim() != 2:
+            raise TargetError(
+                f"{task} seeding expects an output [batch, classes], got {tuple(out.shape)}; "
+                "pass an explicit seed tensor shaped like the output, or another task"
+            )
+        return _classify(out, target, task, m, mode)
+    if task in ("regression", "detection"):
+        return _regression(out, target, m, mode)
+    return _segmentation(out, target, m, mode, thresholding)
+
+
+def _reshape(rel: Rel, shape) -> Rel:
+    if isinstance(rel, Streams):
+        return Streams(rel.pos.reshape(shape), rel.neg.reshape(shape))
+    return rel.reshape(shape)
+
+
+def row_targets(out: Tensor, target: Any) -> Tensor:
+    """One class index per batch row of ``out`` [batch, classes]."""
+    B, C = out.shape
+    if target is None:
+        idx = out.argmax(dim=-1)
+    elif isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
+        idx = torch.full((B,), int(target), dtype=torch.long, device=out.device)
+    elif isinstance(target, (Sequence, Tensor)):
+        idx = torch.as_tensor(list(target) if not isinstance(target, Tensor) else target)
+        if idx.dim() != 1 or idx.numel() != B or idx.is_floating_point():
+            raise TargetError(
+                f"target must be None, an int, one int per batch row ({B}), or a seed tensor "
+                f"shaped like the output {tuple(out.shape)}; got {target!r}"
+            )
+        idx = idx.to(out.device, torch.long)
+    else:
+        raise TargetError(f"unsupported target {target!r}")
+    if bool(((idx < 0) | (idx >= C)).any()):
+        raise TargetError(f"target {idx.tolist()} out of range for {C} output units")
+    return idx
+
+
+def _classify(out: Tensor, target: Any, task: str, m: float, mode: str) -> Rel:
+    B, C = out.shape
+    if task == "binary" and C == 1:
+        if target not in (None, 0):
+            raise TargetError("a single-output binary model has only unit 0 to explain")
+        pos = torch.full_like(out, m)
+        if mode == "default":
+            return pos
+        return Streams(pos, m * (1 - torch.sigmoid(out)))
+    idx = row_targets(out, target)
+    pos = torch.zeros_like(out)
+    pos[torch.arange(B), idx] = m
+    if mode == "default":
+        return pos
+    p = torch.softmax(out.double(), dim=-1)
+    p[torch.arange(B), idx] = 0
+    neg = (m * p / p.sum(-1, keepdim=True).clamp_min(1e-300)).to(out.dtype)
+    return Streams(pos, neg)
+
+
+def _regression(out: Tensor, target: Any, m: float, mode: str) -> Rel:
+    B = out.shape[0]
+    flat = out.reshape(B, -1)
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if target is not None:
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        idx = torch.as_tensor(target).reshape(-1).long()
+        if bool(((idx < 0) | (idx >= flat.shape[1])).any()):
+            raise TargetError(f"target units {idx.tolist()} out of range for {flat.shape[1]}")
+        mask[:, idx] = True
+    mag = torch.where(mask, flat.abs(), 0.0)
+    total = mag.sum(-1, keepdim=True)
+    if bool((total == 0).any()):
+        raise TargetError("the chosen regression outputs are all 0 in some row: nothing to seed")
+    seed = (m * mag / total).reshape(out.shape)
+    if mode == "default":
+        return seed
+    return Streams(torch.where(out >= 0, seed, 0.0), torch.where(out < 0, seed, 0.0))
+
+
+def _segmentation(out: Tensor, target: Any, m: float, mode: str, thr: float) -> Rel:
+    if out.dim() < 3:
+        raise TargetError(f"segmentation expects [batch, classes, *pixels], got {tuple(out.shape)}")
+    B, C = out.shape[:2]
+    probs = torch.sigmoid(out) if C == 1 else torch.softmax(out, dim=1)
+    if target is None:
+        cls = probs.argmax(dim=1, keepdim=True)
+    else:
+        if not 0 <= int(target) < C:
+            raise TargetError(f"segmentation class {target} out of range for {C} classes")
+        cls = torch.full_like(probs[:, :1], int(target), dtype=torch.long)
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, cls, True)
+    mask = chosen & (probs > thr)
+    count = mask.reshape(B, -1).sum(-1)
+    if bool((count == 0).any()):
+        raise TargetError(f"no pixel's probability exceeds thresholding={thr} in some row")
+    seed = mask.to(out.dtype) * (m / count.to(out.dtype)).view(B, *([1] * (out.dim() - 1)))
+    if mode == "default":
+        return seed
+    return Streams(seed, torch.zeros_like(seed))

@@ -1,0 +1,125 @@
+"""``dlb.trace(model)``: forward hooks that record every module call; removed on exit."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from .records import Record, Tape, bind_arguments, tensor_leaves
+from .rules import registry
+
+
+class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Record the calls of ``model`` and its submodules while the user's forward runs.
+
+    ``with dlb.trace(model) as tape: out = model(x)`` then ``tape.explain(...)``. Inside
+    the block gradients are off unless ``grad=True``. On exit every hook is removed and
+    the grad mode restored, even if the forward raised; the model is never modified.
+    """
+
+    def __init__(self, model: nn.Module, *, grad: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"dlb.trace expects an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.grad = grad
+        self.tape: Tape | None = None
+        self._handles: list[Any] = []
+        self._stack: list[Record] = []
+        self._calls: dict[int, int] = defaultdict(int)
+        self._paths: dict[int, str] = {}
+        self._snap: set[int] = set()
+        self._grad_before = True
+
+    # -- context manager ------------------------------------------------------------------
+    def __enter__(self) -> Tape:
+        self.tape = Tape(self.model)
+        self._paths = {}
+        for path, m in self.model.named_modules():
+            self._paths.setdefault(id(m), path)
+        self._snap = _snapshot_targets(self.model)
+        self._grad_before = torch.is_grad_enabled()
+        try:
+            for m in self.model.modules():
+                self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self._handles.append(m.register_forward_hook(self._post, with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        torch.set_grad_enabled(self.grad)
+        return self.tape
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+        torch.set_grad_enabled(self._grad_before)
+        self._stack.clear()
+        return None
+
+    def _remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        tape = self.tape
+        parent = self._stack[-1] if self._stack else None
+        arguments = bind_arguments(module, args, kwargs)
+        leaves = list(tensor_leaves(arguments))
+        if parent is None:
+            for _, t in leaves:
+                tape.produce(t)
+        rec = Record(
+            index=len(tape.records),
+            path=self._paths.get(id(module), ""),
+            module=module,
+            call=self._calls[id(module)],
+            parent=parent,
+            arguments=arguments,
+            input_names=[n for n, _ in leaves],
+            inputs=[t for _, t in leaves],
+            in_versions=[t._version for _, t in leaves],
+        )
+        self._calls[id(module)] += 1
+        for t in rec.inputs:
+            tape.resolve(t)
+            tape.consumers.setdefault(id(t), []).append(rec)
+        tape.records.append(rec)
+        if parent is None:
+            tape.roots.append(rec)
+        else:
+            parent.children.append(rec)
+        self._stack.append(rec)
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        tape = self.tape
+        if not self._stack or self._stack[-1].module is not module:
+            return  # a call that started before tracing began; ignore it
+        rec = self._stack.pop()
+        leaves = list(tensor_leaves(output))
+        rec.output = output
+        rec.output_names = [n for n, _ in leaves]
+        rec.outputs = [t for _, t in leaves]
+        rec.out_versions = [t._version for t in rec.outputs]
+        for t in rec.outputs:
+            if not tape.is_produced(t):
+                tape.resolve(t)
+            tape.produce(t)
+        if id(module) in self._snap:
+            rec.snapshots = {i: t.clone() for i, t in enumerate(rec.outputs)}
+        rec.done = True
+
+
+def _snapshot_targets(model: nn.Module) -> set[int]:
+    """Modules whose outputs a composite rule asked to be cloned at call time."""
+    targets: set[int] = set()
+    for m in model.modules():
+        rule = registry.lookup(type(m))
+        for name in rule.snapshot if rule is not None else ():
+            try:
+                targets.add(id(m.get_submodule(name)))
+            except AttributeError:
+                continue
+    return targets
