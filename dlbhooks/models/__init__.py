@@ -1,1 +1,4 @@
-"""Composite rules for model families (registered by dotted class name; no imports needed)."""
+"""Composite rules for model families, registered by dotted class name (importing this
+package does not import torchvision or transformers)."""
+
+from . import torchvision_cnn, torchvision_vit  # noqa: F401

@@ -1,3 +1,13 @@
 """Relevance rules by family; importing this package registers them all."""
 
-from . import core, elementwise, linear, registry  # noqa: F401
+from . import (  # noqa: F401
+    attention,
+    core,
+    elementwise,
+    embedding,
+    linear,
+    norm,
+    pooling,
+    recurrent,
+    registry,
+)

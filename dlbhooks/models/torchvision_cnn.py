@@ -1,0 +1,1 @@
+"""Composite rules for torchvision CNN families (being written)."""

@@ -1,0 +1,1 @@
+"""Composite rules for torchvision ViT (being written)."""

@@ -1,0 +1,1 @@
+"""Rules: attention (being written)."""

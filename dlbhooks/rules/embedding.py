@@ -1,0 +1,1 @@
+"""Rules: embedding (being written)."""

@@ -1,0 +1,1 @@
+"""Rules: norm (being written)."""

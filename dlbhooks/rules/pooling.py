@@ -1,0 +1,1 @@
+"""Rules: pooling (being written)."""

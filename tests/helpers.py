@@ -1,0 +1,47 @@
+"""Shared test helpers: conservation checks and small utilities."""
+
+from __future__ import annotations
+
+import torch
+
+import dlbhooks as dlb
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v,)
+
+
+def assert_conserved(exp: dlb.Explanation, rtol: float = 1e-6, scale: float | None = None):
+    """Every processed call: relevance out = relevance in + absorbed (own + inside).
+
+    Checked per stream in contrastive mode, relative to ``scale`` (default: the
+    explanation's total seeded relevance).
+    """
+    assert exp.ledger, "empty ledger"
+    root = exp.ledger[0]
+    ref = scale if scale is not None else max(abs(x) for x in _pair(root.relevance_out))
+    for e in exp.ledger:
+        for out, inn, ab in zip(_pair(e.relevance_out), _pair(e.relevance_in),
+                                _pair(e.absorbed_inside)):
+            err = abs(out - (inn + ab))
+            assert err <= rtol * ref, (
+                f"{e.key} ({e.type}): out={out} in={inn} absorbed={ab} err={err}"
+            )
+    # the whole explanation: seeded = inputs + everything absorbed
+    for out, inn, ab in zip(_pair(root.relevance_out), _pair(root.relevance_in),
+                            _pair(root.absorbed_inside)):
+        assert abs(out - inn - ab) <= rtol * ref
+
+
+def explain_both(model, inputs, **kw):
+    """Default and contrastive explanations of the same inputs."""
+    return [dlb.explain(model, inputs, mode=m, **kw) for m in ("default", "contrastive")]
+
+
+def double(model):
+    return model.double().eval()
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
