@@ -6,7 +6,8 @@ each stream. Only the weighted-sum rule (``rules/core.py``) mixes the two.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import NamedTuple, Union
 
 import torch
 from torch import Tensor

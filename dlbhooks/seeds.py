@@ -5,7 +5,8 @@ Every batch row gets ``multiplier`` in total (per stream in contrastive mode).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor

@@ -1,1 +1,83 @@
-"""Rules: norm (being written)."""
+"""Normalisation layers (METHOD.md §3): statistics are constants, so relevance passes
+``x -> x̂`` element-wise; the affine part ``γ·x̂ + β`` is the §2 rule element-wise, with β's
+share absorbed. RMSNorm has no β and passes everything."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import safe_div
+from .registry import register_rule
+
+
+def affine_split(R: Tensor, scaled: Tensor, beta: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``y = scaled + β`` element-wise: ``R_x = R·|scaled| / (|scaled| + |β|)``."""
+    if beta is None:
+        return R, R.new_zeros(())
+    mag = scaled.abs()
+    den = mag + beta.abs()
+    R_x = safe_div(R, den) * mag
+    return R_x, (R - R_x).sum()
+
+
+def _channel_view(p: Tensor | None, ndim: int) -> Tensor | None:
+    return None if p is None else p.view(1, -1, *([1] * (ndim - 2)))
+
+
+@register_rule(nn.LayerNorm, streamwise=True, name="layer_norm")
+def layer_norm_rule(rec, R_out, ctx):
+    m = rec.module
+    x = rec.input_value(0)
+    gamma, beta = ctx.param(m, "weight"), ctx.param(m, "bias")
+    xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+    scaled = xhat * gamma if gamma is not None else xhat
+    R_x, absorbed = affine_split(R_out[0], scaled, beta)
+    return [R_x], absorbed
+
+
+@register_rule(nn.modules.batchnorm._BatchNorm, streamwise=True, name="batch_norm")
+def batch_norm_rule(rec, R_out, ctx):
+    m = rec.module
+    x = rec.input_value(0)
+    rm, rv = ctx.param(m, "running_mean"), ctx.param(m, "running_var")
+    use_batch = m.training or rm is None
+    xhat = F.batch_norm(
+        x, None if use_batch else rm, None if use_batch else rv, None, None,
+        training=use_batch, momentum=0.0, eps=m.eps,
+    )
+    gamma = _channel_view(ctx.param(m, "weight"), x.dim())
+    beta = _channel_view(ctx.param(m, "bias"), x.dim())
+    scaled = xhat * gamma if gamma is not None else xhat
+    R_x, absorbed = affine_split(R_out[0], scaled, beta)
+    return [R_x], absorbed
+
+
+@register_rule(nn.GroupNorm, streamwise=True, name="group_norm")
+def group_norm_rule(rec, R_out, ctx):
+    m = rec.module
+    x = rec.input_value(0)
+    xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
+    gamma = _channel_view(ctx.param(m, "weight"), x.dim())
+    beta = _channel_view(ctx.param(m, "bias"), x.dim())
+    scaled = xhat * gamma if gamma is not None else xhat
+    R_x, absorbed = affine_split(R_out[0], scaled, beta)
+    return [R_x], absorbed
+
+
+@register_rule(nn.modules.instancenorm._InstanceNorm, streamwise=True, name="instance_norm")
+def instance_norm_rule(rec, R_out, ctx):
+    m = rec.module
+    x = rec.input_value(0)
+    xhat = F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
+    gamma = _channel_view(ctx.param(m, "weight"), x.dim())
+    beta = _channel_view(ctx.param(m, "bias"), x.dim())
+    scaled = xhat * gamma if gamma is not None else xhat
+    R_x, absorbed = affine_split(R_out[0], scaled, beta)
+    return [R_x], absorbed
+
+
+@register_rule(nn.RMSNorm, streamwise=True, name="rms_norm")
+def rms_norm_rule(rec, R_out, ctx):
+    """No β: ``y = γ·x̂`` is a product with a parameter, all relevance to the activation."""
+    return [R_out[0]]

@@ -1,1 +1,133 @@
-"""Rules: pooling (being written)."""
+"""Pooling (METHOD.md §3): max pools give each window's relevance to its winner (ties
+split); average and adaptive pools split it by the add rule (∝ |a|) over the window.
+
+Every pool is described the same way: per spatial dimension, the input positions each
+output position reads (an [out, k] index table with a validity mask). Windows are gathered
+as [..., out, k] — the size of an unfold, never [out, in] — and relevance is scattered back
+with ``index_add_``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .registry import register_rule
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def window_table(L: int, O: int, k: int, s: int, p: int, d: int) -> tuple[Tensor, Tensor]:
+    """Input positions [O, k] read by each output position of a regular pool."""
+    idx = torch.arange(O)[:, None] * s - p + torch.arange(k)[None, :] * d
+    return idx, (idx >= 0) & (idx < L)
+
+
+def adaptive_table(L: int, O: int) -> tuple[Tensor, Tensor]:
+    """Input positions read by each output position of an adaptive pool."""
+    o = torch.arange(O)
+    start = (o * L) // O
+    end = -((-(o + 1) * L) // O)  # ceil
+    k = int((end - start).max())
+    idx = start[:, None] + torch.arange(k)[None, :]
+    return idx, idx < end[:, None]
+
+
+def pool_relevance(
+    R: Tensor, x: Tensor, tables: Sequence[tuple[Tensor, Tensor]], kind: str
+) -> tuple[Tensor, Tensor]:
+    """Relevance on ``x`` from relevance ``R`` on a pool's output.
+
+    ``tables``: one (index, valid) pair per spatial dim (last dims of ``x``); ``kind`` is
+    ``"max"`` or ``"avg"``. Returns the input relevance and what was lost (windows whose
+    inputs are all 0 under the add rule).
+    """
+    nd = len(tables)
+    spatial = x.shape[-nd:]
+    lead = x.shape[:-nd]
+    dev = x.device
+    # combined flat index of every (output position, window member)
+    flat = torch.zeros((), dtype=torch.long, device=dev)
+    valid = torch.ones((), dtype=torch.bool, device=dev)
+    for (idx, ok), size in zip(tables, spatial):
+        idx, ok = idx.to(dev), ok.to(dev)
+        flat = flat[..., None, None] * size + idx
+        valid = valid[..., None, None] & ok
+    # axes are (O1, K1, O2, K2, ...): bring outputs first, window members last
+    order = [2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)]
+    flat = flat.permute(order).reshape(math.prod(t[0].shape[0] for t in tables), -1)
+    valid = valid.permute(order).reshape(flat.shape)
+    flat = torch.where(valid, flat, torch.zeros_like(flat))
+    xs = x.reshape(*lead, -1)
+    win = xs[..., flat]  # [*lead, O, K]
+    Rw = R.reshape(*lead, -1, 1)
+    if kind == "max":
+        masked = torch.where(valid, win, torch.full_like(win, -math.inf))
+        best = masked.amax(dim=-1, keepdim=True)
+        share = ((masked == best) & valid).to(R.dtype)
+    else:
+        share = torch.where(valid, win.abs(), torch.zeros_like(win)).to(R.dtype)
+    den = share.sum(-1, keepdim=True)
+    contrib = Rw * share / torch.where(den == 0, torch.ones_like(den), den)
+    out = R.new_zeros(*lead, xs.shape[-1])
+    out.index_add_(-1, flat.reshape(-1), contrib.reshape(*lead, -1))
+    lost = R.sum() - contrib.sum()
+    return out.reshape(x.shape), lost
+
+
+def regular_tables(x: Tensor, out_shape, kernel, stride, padding, dilation) -> list:
+    nd = len(out_shape)
+    k, s = _tuple(kernel, nd), _tuple(stride if stride else kernel, nd)
+    p, d = _tuple(padding, nd), _tuple(dilation, nd)
+    return [window_table(L, O, *a) for L, O, a in
+            zip(x.shape[-nd:], out_shape, zip(k, s, p, d))]
+
+
+def adaptive_tables(x: Tensor, out_shape) -> list:
+    nd = len(out_shape)
+    return [adaptive_table(L, O) for L, O in zip(x.shape[-nd:], out_shape)]
+
+
+def adaptive_avg_pool_relevance(R: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """For functional ``F.adaptive_avg_pool*d(x, R.shape[-nd:])`` inside composite rules;
+    the pooled dims are those of ``x`` beyond the leading two (batch, channels)."""
+    nd = x.dim() - 2
+    return pool_relevance(R, x, adaptive_tables(x, R.shape[-nd:]), "avg")
+
+
+_MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_MAX = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+_ND = {c: i + 1 for group in (_MAX, _AVG, _ADAPTIVE_MAX, _ADAPTIVE_AVG) for i, c in enumerate(group)}
+
+
+def _nd(rec) -> int:
+    for cls in type(rec.module).__mro__:
+        if cls in _ND:
+            return _ND[cls]
+    raise TypeError(rec.describe())
+
+
+def pool_rule(rec, R_out, ctx):
+    """Any nn pooling module (regular or adaptive, max or average, 1d/2d/3d)."""
+    m, x, R = rec.module, rec.input_value(0), R_out[0]
+    nd = _nd(rec)
+    out_shape = rec.outputs[0].shape[-nd:]
+    if isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG):
+        tables = adaptive_tables(x, out_shape)
+    else:
+        dil = getattr(m, "dilation", 1)
+        tables = regular_tables(x, out_shape, m.kernel_size, m.stride, m.padding, dil)
+    kind = "max" if isinstance(m, _MAX + _ADAPTIVE_MAX) else "avg"
+    R_x, lost = pool_relevance(R, x, tables, kind)
+    return [R_x], lost
+
+
+for _cls in _ND:
+    register_rule(_cls, pool_rule, streamwise=True, name="pool")
