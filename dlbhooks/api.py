@@ -95,7 +95,7 @@ def _net(v) -> float:
 
 
 def _resolved_target(out: Tensor, target: Any, task: str) -> Any:
-    if target is None and out.dim() == 2 and task in ("multiclass", "multi-class", "classification"):
+    if target is None and out.dim() == 2 and task != "regression":
         return out.argmax(-1).tolist()
     if isinstance(target, Tensor):
         return target.tolist() if target.numel() <= 64 else f"tensor{tuple(target.shape)}"

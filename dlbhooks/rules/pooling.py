@@ -104,7 +104,9 @@ _MAX = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 _AVG = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_MAX = (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _ADAPTIVE_AVG = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_ND = {c: i + 1 for group in (_MAX, _AVG, _ADAPTIVE_MAX, _ADAPTIVE_AVG) for i, c in enumerate(group)}
+_ND = {
+    c: i + 1 for group in (_MAX, _AVG, _ADAPTIVE_MAX, _ADAPTIVE_AVG) for i, c in enumerate(group)
+}
 
 
 def _nd(rec) -> int:
