@@ -27,6 +27,15 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def split_signs(abs_total: Tensor, signed_total: Tensor) -> tuple[Tensor, Tensor]:
+    """P (sum of positive contributions) and N (sum of |negative| ones) from their sum and
+    difference; a side that is only rounding noise (<= 64 eps of the total) is exactly 0."""
+    P = ((abs_total + signed_total) * 0.5).clamp_min(0)
+    N = ((abs_total - signed_total) * 0.5).clamp_min(0)
+    tol = abs_total * (64 * torch.finfo(abs_total.dtype).eps)
+    return torch.where(P <= tol, 0.0, P), torch.where(N <= tol, 0.0, N)
+
+
 def coefficients(
     R: Rel,
     abs_total: Tensor,
@@ -55,8 +64,7 @@ def coefficients(
     if signed_total is None:
         raise ValueError("saturation needs the signed total of the contributions")
     t = signed_total + bias if bias is not None else signed_total
-    P = (abs_total + signed_total) * 0.5
-    N = (abs_total - signed_total) * 0.5
+    P, N = split_signs(abs_total, signed_total)
     lo, hi = bounds
     keep_p = ~(t < lo) if lo is not None else torch.ones_like(t, dtype=torch.bool)
     keep_n = ~(t > hi) if hi is not None else torch.ones_like(t, dtype=torch.bool)
@@ -75,8 +83,7 @@ def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bia
     if signed_total is None:
         raise ValueError("contrastive mode needs the signed total of the contributions")
     t = signed_total + bias if bias is not None else signed_total
-    P = ((abs_total + signed_total) * 0.5).clamp_min(0)
-    N = ((abs_total - signed_total) * 0.5).clamp_min(0)
+    P, N = split_signs(abs_total, signed_total)
     rp, rn = R.pos, R.neg
     aligned = ((t > 0) & (rp > rn)) | ((t <= 0) & (rp <= rn))
     degenerate = (P == 0) | (N == 0)

@@ -1,0 +1,278 @@
+"""Tracing and the reverse engine: routing, reversibility, determinism, errors, results."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_conserved
+from torch import nn
+
+import dlbhooks as dlb
+
+torch.manual_seed(0)
+
+
+def mlp(inplace=False):
+    return nn.Sequential(
+        nn.Linear(6, 8), nn.ReLU(inplace=inplace), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3)
+    ).double()
+
+
+X = torch.randn(4, 6, dtype=torch.float64)
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_hooks_removed_and_outputs_bit_identical():
+    model = mlp()
+    before = model(X)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with dlb.trace(model) as tape:
+        assert hook_count(model) > 0
+        assert not torch.is_grad_enabled()
+        traced = model(X)
+    assert hook_count(model) == 0
+    assert torch.is_grad_enabled()
+    assert torch.equal(before, traced) and torch.equal(before, model(X))
+    tape.explain()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert torch.equal(before, model(X))
+
+
+def test_exception_inside_block_restores_everything():
+    model = mlp()
+    with pytest.raises(RuntimeError):
+        with dlb.trace(model):
+            model(torch.randn(2, 5, dtype=torch.float64))  # wrong width
+    assert hook_count(model) == 0 and torch.is_grad_enabled()
+
+
+def test_nested_and_repeated_tracing():
+    model = mlp()
+    with dlb.trace(model) as outer:
+        with dlb.trace(model) as inner:
+            model(X)
+        assert hook_count(model) > 0
+    assert hook_count(model) == 0
+    a, b = outer.explain(), inner.explain()
+    assert torch.equal(a.inputs["input"], b.inputs["input"])
+    with dlb.trace(model) as again:
+        model(X)
+    assert torch.equal(again.explain().inputs["input"], a.inputs["input"])
+
+
+def test_deterministic():
+    model = mlp()
+    a = dlb.explain(model, X, mode="contrastive")
+    b = dlb.explain(model, X, mode="contrastive")
+    assert torch.equal(a.inputs["input"], b.inputs["input"])
+    assert torch.equal(a.positive["input"], b.positive["input"])
+
+
+def test_inplace_relu_same_as_out_of_place():
+    m1, m2 = mlp(False), mlp(True)
+    m2.load_state_dict(m1.state_dict())
+    for mode in ("default", "contrastive"):
+        a, b = dlb.explain(m1, X, mode=mode), dlb.explain(m2, X, mode=mode)
+        assert torch.allclose(a.inputs["input"], b.inputs["input"], rtol=0, atol=1e-12)
+        assert_conserved(b)
+
+
+def test_batch_rows_are_independent_and_each_gets_multiplier():
+    model = mlp()
+    full = dlb.explain(model, X, saturation=False)
+    for i in range(X.shape[0]):
+        row = dlb.explain(model, X[i:i + 1], saturation=False)
+        assert torch.allclose(full.inputs["input"][i], row.inputs["input"][0], atol=1e-10)
+    seeded = full.ledger[0].relevance_out
+    assert seeded == pytest.approx(100.0 * X.shape[0])
+
+
+class Branchy(nn.Module):
+    """A tensor consumed by two modules, a reused module, views and a Bilinear join."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.left = nn.Linear(8, 4)
+        self.right = nn.Linear(8, 4)
+        self.shared = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+        self.join = nn.Bilinear(4, 4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.act(self.stem(x))
+        a = self.shared(self.act(self.left(h)))
+        b = self.shared(self.right(h))  # second call of `shared`
+        j = self.join(a, b).view(-1, 5, 1).transpose(1, 2)  # views of the join's output
+        return self.head(j[:, 0])
+
+
+def test_dag_reuse_and_views_conserve():
+    model = Branchy().double()
+    for mode in ("default", "contrastive"):
+        exp = dlb.explain(model, X, mode=mode)
+        assert_conserved(exp)
+        assert "shared" in exp.layers and "shared#1" in exp.layers
+    assert exp.at("stem").shape == (4, 6)
+
+
+def test_view_of_recorded_tensor_is_routed_exactly():
+    class Views(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 3, 3)
+            self.fc = nn.Linear(12, 2)
+            self.fc2 = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.conv(x)  # [B, 3, 4]
+            return self.fc(torch.flatten(h, 1)) + 0 * self.fc2(h.transpose(1, 2))[:, -1]
+
+    class Flat(nn.Module):
+        def __init__(self, src):
+            super().__init__()
+            self.conv, self.flat, self.fc = src.conv, nn.Flatten(), src.fc
+
+        def forward(self, x):
+            return self.fc(self.flat(self.conv(x)))
+
+    model = Views().double()
+    x = torch.randn(2, 2, 6, dtype=torch.float64)
+    with dlb.trace(model) as tape:
+        model(x)
+    # the final `+` is functional: explain the recorded `fc` call through the view only
+    exp = dlb.explain(Flat(model), x)
+    assert_conserved(exp)
+    with pytest.raises(dlb.FunctionalGapError):
+        tape.explain()
+
+    class Transposed(nn.Module):
+        def __init__(self, src):
+            super().__init__()
+            self.conv, self.fc2 = src.conv, src.fc2
+
+        def forward(self, x):
+            return self.fc2(self.conv(x).transpose(1, 2))[:, -1]
+
+    exp = dlb.explain(Transposed(model), x)
+    assert_conserved(exp)
+    # only the last position's features carry relevance back through the transpose
+    r = exp.tensors["fc2"][0]
+    assert r.shape == (2, 4, 3) and float(r[:, :-1].abs().sum()) == 0.0
+
+
+def test_functional_gap_names_both_sides():
+    class Gappy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x)) * 2)
+
+    with pytest.raises(dlb.FunctionalGapError) as err:
+        dlb.explain(Gappy().double(), X)
+    msg = str(err.value)
+    assert "'b'" in msg and "'a'" in msg and "Gappy" in msg and "register_rule" in msg
+
+
+def test_unsupported_module_then_register_rule():
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    model = nn.Sequential(nn.Linear(6, 4), Twice(), nn.Linear(4, 2)).double()
+    assert dlb.coverage(model).missing == ["1"]
+    with pytest.raises(dlb.UnsupportedModuleError) as err:
+        dlb.explain(model, X)
+    assert "'1'" in str(err.value) and "Twice" in str(err.value)
+
+    @dlb.register_rule(Twice, streamwise=True)
+    def twice_rule(rec, R_out, ctx):
+        return [R_out[0]]
+
+    try:
+        assert dlb.coverage(model).complete
+        for mode in ("default", "contrastive"):
+            assert_conserved(dlb.explain(model, X, mode=mode))
+    finally:
+        dlb.unregister_rule(Twice)
+
+
+def test_bad_targets_and_inputs():
+    model = mlp()
+    with pytest.raises(dlb.TargetError):
+        dlb.explain(model, X, target=7)
+    with pytest.raises(dlb.TargetError):
+        dlb.explain(model, X, target=[0, 1])
+    with pytest.raises(dlb.TargetError):
+        dlb.explain(model, X, mode="sideways")
+    bad = X.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(dlb.NonFiniteError):
+        dlb.explain(model, bad)
+    bad[0, 0] = float("inf")
+    with pytest.raises(dlb.NonFiniteError):
+        dlb.explain(model, bad)
+    with dlb.trace(model) as tape:
+        pass
+    with pytest.raises(dlb.TraceError):
+        tape.explain()
+
+
+def test_targets_per_row_and_seed_tensor():
+    model = mlp()
+    out = model(X)
+    exp = dlb.explain(model, X, target=[0, 1, 2, 0])
+    assert exp.target == [0, 1, 2, 0]
+    seed = torch.zeros_like(out)
+    seed[torch.arange(4), torch.tensor([0, 1, 2, 0])] = 100.0
+    same = dlb.explain(model, X, target=seed)
+    assert torch.allclose(exp.inputs["input"], same.inputs["input"])
+
+
+def test_contrastive_streams_and_keyword_inputs():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 3)
+            self.b = nn.Linear(6, 3)
+
+        def forward(self, x, *, z):
+            self.a(x)  # recorded, but its output is not used
+            return self.b(z)
+
+    model = Kw().double()
+    exp = dlb.explain(model, {"x": X, "z": X * 2}, mode="contrastive")
+    assert set(exp.inputs) == {"x", "z"}
+    assert torch.equal(exp.inputs["z"], exp.positive["z"] - exp.negative["z"])
+    assert float(exp.positive["z"].sum()) == pytest.approx(400.0)
+    assert float(exp.inputs["x"].abs().sum()) == 0.0
+
+
+def test_save_load_roundtrip(tmp_path):
+    model = mlp()
+    exp = dlb.explain(model, X, mode="contrastive")
+    path = tmp_path / "e.safetensors"
+    exp.save(path)
+    back = dlb.Explanation.load(path)
+    assert torch.equal(back.inputs["input"], exp.inputs["input"])
+    assert torch.equal(back.negative["input"], exp.negative["input"])
+    assert back.layers == exp.layers and back.mode == "contrastive"
+    assert torch.equal(back.at("2"), exp.at("2"))
+    assert [e.key for e in back.ledger] == [e.key for e in exp.ledger]
+
+
+def test_layers_are_ordered_output_to_input_and_at_has_neuron_shape():
+    model = mlp()
+    exp = dlb.explain(model, X)
+    assert list(exp.layers) == ["4", "3", "2", "1", "0"]
+    assert exp.at("2").shape == (4, 8)
+    scaled = dlb.explain(model, X, scaler=1.0).at("2")
+    assert float(scaled.sum()) == pytest.approx(1.0)
+    with pytest.raises(KeyError):
+        exp.at("nope")
