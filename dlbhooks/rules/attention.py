@@ -1,1 +1,476 @@
-"""Rules: attention (being written)."""
+"""Attention (METHOD.md §4): a reusable relevance core and the ``nn.MultiheadAttention`` rule.
+
+:func:`attention_relevance` takes relevance on the per-head attention output ``O = A·V`` and
+returns relevance on ``Q``, ``K`` and ``V``. It recomputes ``A = softmax(Q·Kᵀ·scale + mask)``
+in chunks of queries (attention probabilities are never stored by the tracer), handles
+grouped-query attention, boolean and additive masks and GPT-OSS-style attention sinks, and
+reports everything it cannot pass on, so that ``R_Q + R_K + R_V + absorbed = R_O``.
+Model-specific rules (``nn.MultiheadAttention`` here, Hugging Face attention elsewhere) only
+have to rebuild ``Q``, ``K``, ``V`` and run the projections through the §2 rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModuleError
+from ..records import Record, fetch_param
+from ..relevance import Rel, Streams, radd, rmap
+from .core import safe_div, weighted_sum
+from .registry import register_rule
+
+__all__ = [
+    "AttentionRelevance",
+    "attention_output",
+    "attention_probabilities",
+    "attention_relevance",
+    "mha_recompute",
+]
+
+#: Default number of queries processed at once (peak memory ~ batch·heads·chunk·T_k).
+DEFAULT_CHUNK = 256
+
+
+class AttentionRelevance(NamedTuple):
+    """Result of :func:`attention_relevance` (unpacks as ``R_Q, R_K, R_V, absorbed``)."""
+
+    R_Q: Rel
+    R_K: Rel
+    R_V: Rel
+    absorbed: Rel
+
+
+# -- layout: grouped-query attention as [batch, kv_heads, group, T, d] ----------------------
+
+
+@dataclass
+class _Layout:
+    B: int
+    H: int
+    Hkv: int
+    g: int
+    Tq: int
+    Tk: int
+    d: int
+    dv: int
+    Q: Tensor  # [B, Hkv, g, Tq, d]
+    K: Tensor  # [B, Hkv, 1, Tk, d]
+    V: Tensor  # [B, Hkv, 1, Tk, dv]
+    mask: Tensor | None  # [b, hkv, gg, tq, Tk], broadcastable
+    sinks: Tensor | None  # [b, hkv, gg, tq, 1], broadcastable
+    dtype: torch.dtype  # computation dtype
+
+
+def _group_heads(t: Tensor, H: int, Hkv: int, g: int, what: str) -> Tensor:
+    """A 4-d tensor broadcastable over [B, H, ., .] -> 5-d [B, Hkv|1, g|1, ., .]."""
+    if t.shape[1] == 1:
+        return t.unsqueeze(2)
+    if t.shape[1] == H:
+        return t.reshape(t.shape[0], Hkv, g, *t.shape[2:])
+    raise ValueError(f"{what} has {t.shape[1]} heads; expected 1 or {H}")
+
+
+def _layout(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None, sinks: Tensor | None) -> _Layout:
+    if Q.dim() != 4 or K.dim() != 4 or V.dim() != 4:
+        raise ValueError(
+            "attention tensors must be [batch, heads, T, head_dim]; got Q "
+            f"{tuple(Q.shape)}, K {tuple(K.shape)}, V {tuple(V.shape)}"
+        )
+    B, H, Tq, d = Q.shape
+    Bk, Hkv, Tk, dk = K.shape
+    if V.shape[:3] != K.shape[:3] or Bk != B or dk != d:
+        raise ValueError(
+            f"incompatible attention shapes: Q {tuple(Q.shape)}, K {tuple(K.shape)}, "
+            f"V {tuple(V.shape)}"
+        )
+    if H % Hkv:
+        raise ValueError(f"{H} query heads are not a multiple of {Hkv} key/value heads")
+    g = H // Hkv
+    dtype = torch.promote_types(Q.dtype, torch.float32)
+    mg = None
+    if mask is not None:
+        if mask.dim() > 4:
+            raise ValueError(f"mask must have at most 4 dims, got {tuple(mask.shape)}")
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+        if torch.broadcast_shapes(mask.shape, (B, H, Tq, Tk)) != (B, H, Tq, Tk):
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not broadcast to "
+                f"[batch, heads, T_q, T_k] = {(B, H, Tq, Tk)}"
+            )
+        if mask.dtype != torch.bool:
+            mask = mask.to(dtype)
+        mg = _group_heads(mask, H, Hkv, g, "mask")
+    sg = None
+    if sinks is not None:
+        sinks = sinks.reshape(1, -1, 1, 1) if sinks.dim() == 1 else sinks
+        if sinks.dim() != 4 or torch.broadcast_shapes(sinks.shape, (B, H, Tq, 1)) != (B, H, Tq, 1):
+            raise ValueError(
+                f"sinks of shape {tuple(sinks.shape)}: expected [heads] or a tensor "
+                f"broadcastable to [batch, heads, T_q, 1] = {(B, H, Tq, 1)}"
+            )
+        sg = _group_heads(sinks.to(dtype), H, Hkv, g, "sinks")
+    return _Layout(
+        B, H, Hkv, g, Tq, Tk, d, V.shape[-1],
+        Q.to(dtype).reshape(B, Hkv, g, Tq, d), K.to(dtype).unsqueeze(2),
+        V.to(dtype).unsqueeze(2), mg, sg, dtype,
+    )
+
+
+def _rows(t: Tensor | None, i0: int, i1: int) -> Tensor | None:
+    """Rows ``i0:i1`` of a broadcastable [..., T_q, x] tensor (kept if broadcast over T_q)."""
+    if t is None or t.shape[-2] == 1:
+        return t
+    return t[..., i0:i1, :]
+
+
+def _probs(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None, sinks: Tensor | None):
+    """Masked softmax of one query chunk: ``(A, p_sink)``; fully masked rows give A = 0."""
+    S = (Qc @ K.transpose(-1, -2)) * scale
+    if mask is not None:
+        S = S.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else S + mask
+    m = S.amax(-1, keepdim=True)
+    if sinks is not None:
+        m = torch.maximum(m, sinks)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    E = torch.exp(S - m)
+    Z = E.sum(-1, keepdim=True)
+    p_sink = None
+    if sinks is not None:
+        Es = torch.exp(sinks - m)
+        Z = Z + Es
+        p_sink = safe_div(Es, Z)
+    return safe_div(E, Z), p_sink
+
+
+def attention_probabilities(
+    Q: Tensor,
+    K: Tensor,
+    *,
+    scale: float,
+    mask: Tensor | None = None,
+    sinks: Tensor | None = None,
+) -> Tensor:
+    """``A = softmax(Q·Kᵀ·scale + mask)`` as [batch, heads, T_q, T_k] (for tests and
+    inspection: this holds the whole T_q × T_k matrix). Same conventions as
+    :func:`attention_relevance`; with sinks, rows sum to ``1 - p_sink``."""
+    V = K.new_zeros(K.shape[:-1] + (1,))
+    lay = _layout(Q, K, V, mask, sinks)
+    A, _ = _probs(lay.Q, lay.K, scale, lay.mask, lay.sinks)
+    return A.reshape(lay.B, lay.H, lay.Tq, lay.Tk).to(Q.dtype)
+
+
+def attention_output(
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    *,
+    scale: float,
+    mask: Tensor | None = None,
+    sinks: Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """``O = A·V`` per head ([batch, heads, T_q, d_v]), computed in query chunks with the
+    same softmax as :func:`attention_relevance` (arguments as there)."""
+    lay = _layout(Q, K, V, mask, sinks)
+    outs = []
+    for i0 in range(0, lay.Tq, chunk):
+        i1 = min(lay.Tq, i0 + chunk)
+        A, _ = _probs(
+            lay.Q[..., i0:i1, :], lay.K, scale, _rows(lay.mask, i0, i1), _rows(lay.sinks, i0, i1)
+        )
+        outs.append(A @ lay.V)
+    O = torch.cat(outs, dim=-2) if outs else lay.Q.new_zeros(lay.B, lay.Hkv, lay.g, 0, lay.dv)
+    return O.reshape(lay.B, lay.H, lay.Tq, lay.dv).to(V.dtype)
+
+
+def attention_relevance(
+    R_O: Rel,
+    Q: Tensor,
+    K: Tensor,
+    V: Tensor,
+    *,
+    scale: float,
+    mask: Tensor | None = None,
+    sinks: Tensor | None = None,
+    chunk: int = DEFAULT_CHUNK,
+) -> AttentionRelevance:
+    """Relevance of ``Q``, ``K``, ``V`` given relevance ``R_O`` of ``O = softmax(Q·Kᵀ·scale +
+    mask)·V`` (METHOD.md §4), per head.
+
+    Shapes: ``Q`` [batch, heads, T_q, d]; ``K`` [batch, kv_heads, T_k, d]; ``V`` [batch,
+    kv_heads, T_k, d_v]; ``R_O`` like ``O``: [batch, heads, T_q, d_v]. With fewer key/value
+    heads than query heads (grouped-query attention), query head ``h`` uses key/value head
+    ``h // (heads // kv_heads)`` (the ``repeat_kv`` order of Hugging Face), and ``R_K``,
+    ``R_V`` are summed over the repeats. ``Q`` and ``K`` are taken after any rotary embedding.
+
+    ``mask`` broadcastable to [batch, heads, T_q, T_k] (fewer dims are left-padded):
+    boolean, ``True`` = the pair takes part (the convention of
+    ``F.scaled_dot_product_attention``), or float, added to the scores (``-inf`` masks).
+    Masked pairs get probability 0 and no relevance; an additive mask is a constant and
+    takes no share of the scores' relevance. ``sinks``: per-head sink logits (``[heads]`` or
+    broadcastable to [batch, heads, T_q, 1]), an extra softmax column with no value (GPT-OSS).
+    The sink's probability share ``p_sink`` of each query row keeps that share of the row's
+    relevance (absorbed); the rest goes to the real keys.
+
+    Steps, with ``D = A @ |V|`` and ``D' = |Q| @ |K|ᵀ`` (zero denominators give nothing; what
+    they would have carried is absorbed): ``R_A = ½·A ⊙ ((R_O/D) @ |V|ᵀ)``, ``R_V = ½·|V| ⊙
+    (Aᵀ @ (R_O/D))``, ``R_S = R_A``, ``R_Q = ½·|Q| ⊙ ((R_S/D') @ |K|)``, ``R_K = ½·|K| ⊙
+    ((R_S/D')ᵀ @ |Q|)``. ``A`` is recomputed for ``chunk`` queries at a time, so memory peaks
+    at batch·heads·chunk·T_k values. ``R_O`` may be a :class:`Streams` (contrastive mode):
+    each stream is handled separately with the same ``A``. Returns ``(R_Q, R_K, R_V,
+    absorbed)`` shaped like ``Q``, ``K``, ``V`` (dtype of ``R_O``) with ``R_Q + R_K + R_V +
+    absorbed == R_O`` in total (per stream).
+    """
+    lay = _layout(Q, K, V, mask, sinks)
+    streams = isinstance(R_O, Streams)
+    rels = list(R_O) if streams else [R_O]
+    out_dtype = rels[0].dtype
+    expect = (lay.B, lay.H, lay.Tq, lay.dv)
+    for r in rels:
+        if tuple(r.shape) != expect:
+            raise ValueError(f"R_O has shape {tuple(r.shape)}; expected {expect}")
+    Rg = [r.to(lay.dtype).reshape(lay.B, lay.Hkv, lay.g, lay.Tq, lay.dv) for r in rels]
+    absK, absV = lay.K.abs(), lay.V.abs()
+    absK_t, absV_t = absK.transpose(-1, -2), absV.transpose(-1, -2)
+    RQ: list[list[Tensor]] = [[] for _ in rels]
+    RK = [lay.K.new_zeros(lay.B, lay.Hkv, lay.Tk, lay.d) for _ in rels]
+    RV = [lay.V.new_zeros(lay.B, lay.Hkv, lay.Tk, lay.dv) for _ in rels]
+    lost = [lay.Q.new_zeros(()) for _ in rels]
+    for i0 in range(0, lay.Tq, chunk):
+        i1 = min(lay.Tq, i0 + chunk)
+        Qc = lay.Q[..., i0:i1, :]
+        A, p_sink = _probs(Qc, lay.K, scale, _rows(lay.mask, i0, i1), _rows(lay.sinks, i0, i1))
+        absQc = Qc.abs()
+        D = A @ absV  # [B, Hkv, g, c, dv]
+        Dp = absQc @ absK_t  # [B, Hkv, g, c, Tk]
+        for n, R in enumerate(Rg):
+            r = R[..., i0:i1, :]
+            if p_sink is not None:
+                r_sink = r * p_sink
+                r = r - r_sink
+                lost[n] = lost[n] + r_sink.sum()
+            s = safe_div(r, D)
+            lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
+            RA = 0.5 * A * (s @ absV_t)
+            RV[n] = RV[n] + torch.einsum("bkgqt,bkgqd->bktd", A, s)
+            s2 = safe_div(RA, Dp)
+            lost[n] = lost[n] + torch.where(Dp == 0, RA, 0.0).sum()
+            RQ[n].append(0.5 * absQc * (s2 @ absK))
+            RK[n] = RK[n] + torch.einsum("bkgqt,bkgqd->bktd", s2, absQc)
+    half_K, half_V = 0.5 * absK.squeeze(2), 0.5 * absV.squeeze(2)
+    res = []
+    for n in range(len(rels)):
+        rq = (torch.cat(RQ[n], dim=-2) if RQ[n] else lay.Q.new_zeros(lay.Q.shape)).reshape(
+            lay.B, lay.H, lay.Tq, lay.d
+        )
+        res.append((rq.to(out_dtype), (half_K * RK[n]).to(out_dtype),
+                    (half_V * RV[n]).to(out_dtype), lost[n].to(out_dtype)))
+    if streams:
+        return AttentionRelevance(*(Streams(p, q) for p, q in zip(res[0], res[1])))
+    return AttentionRelevance(*res[0])
+
+
+# -- nn.MultiheadAttention --------------------------------------------------------------------
+
+
+def _linear_fwd(x: Tensor, W: Tensor) -> Tensor:
+    return x @ W.T
+
+
+def _linear_adj(s: Tensor, W: Tensor) -> Tensor:
+    return s @ W
+
+
+def _float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """MultiheadAttention masks: boolean ``True`` = ignore -> ``-inf``; float masks as given."""
+    if mask.dtype == torch.bool:
+        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise UnsupportedModuleError(f"attention masks must be bool or float, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+@dataclass
+class _MHACall:
+    """One ``nn.MultiheadAttention`` call rebuilt from its record: everything in [N, L, E]
+    layout, heads split as [N, H, T, head_dim]."""
+
+    rec: Record
+    batched: bool
+    batch_first: bool
+    N: int
+    L: int
+    S: int  # source length, without the add_bias_kv row
+    E: int
+    H: int
+    hd: int
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    weights: dict[str, Tensor | None]
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+    sinks: Tensor | None
+    extra_kv: bool
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.hd)
+
+    def to_nle(self, t: Tensor) -> Tensor:
+        if not self.batched:
+            return t.unsqueeze(0)
+        return t if self.batch_first else t.transpose(0, 1)
+
+    def from_nle(self, t: Tensor) -> Tensor:
+        if not self.batched:
+            return t.squeeze(0)
+        return t if self.batch_first else t.transpose(0, 1)
+
+    def split_heads(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], t.shape[1], self.H, self.hd).transpose(1, 2)
+
+    def merge_heads(self, t: Tensor) -> Tensor:
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], self.E)
+
+    def attention(self) -> Tensor:
+        """Concatenated head outputs [N, L, E] (the out_proj input)."""
+        O = attention_output(self.q, self.k, self.v, scale=self.scale, mask=self.mask,
+                             sinks=self.sinks)
+        return self.merge_heads(O)
+
+
+def _check_mha(rec: Record) -> None:
+    m = rec.module
+    if m.training and m.dropout > 0:
+        raise UnsupportedModuleError(
+            f"{rec.describe()} ran in training mode with attention dropout {m.dropout}: the "
+            "dropped attention weights cannot be recomputed. Call model.eval() before tracing."
+        )
+    if any(t.is_nested for t in rec.inputs):
+        raise UnsupportedModuleError(
+            f"{rec.describe()} was called with nested tensors, which dlbhooks does not "
+            "support; pass padded tensors with a key_padding_mask instead."
+        )
+    if rec.outputs and rec.outputs[0].is_nested:
+        raise UnsupportedModuleError(f"{rec.describe()} returned a nested tensor (unsupported)")
+
+
+def _mha_call(rec: Record, param: Callable[[nn.Module, str], Tensor | None]) -> _MHACall:
+    _check_mha(rec)
+    m = rec.module
+    args = rec.arguments
+    idx = {name: i for i, name in enumerate(rec.input_names)}
+    for name in ("query", "key", "value"):
+        if name not in idx:
+            raise UnsupportedModuleError(
+                f"{rec.describe()}: could not find the {name!r} tensor among the call's "
+                f"arguments {rec.input_names}"
+            )
+    query, key, value = (rec.input_value(idx[n]) for n in ("query", "key", "value"))
+    batched = query.dim() == 3
+    E, H = m.embed_dim, m.num_heads
+    hd = E // H
+    call = _MHACall(
+        rec=rec, batched=batched, batch_first=bool(m.batch_first), N=0, L=0, S=0, E=E, H=H,
+        hd=hd, query=query, key=key, value=value, weights={}, q=query, k=key, v=value,
+        mask=None, sinks=None, extra_kv=False,
+    )
+    query, key, value = call.to_nle(query), call.to_nle(key), call.to_nle(value)
+    N, L, S = query.shape[0], query.shape[1], key.shape[1]
+    call.N, call.L, call.S = N, L, S
+    call.query, call.key, call.value = query, key, value
+    b_in = param(m, "in_proj_bias")
+    bq, bk, bv = b_in.chunk(3) if b_in is not None else (None, None, None)
+    if m._qkv_same_embed_dim:
+        Wq, Wk, Wv = param(m, "in_proj_weight").chunk(3)
+    else:
+        Wq, Wk, Wv = (param(m, f"{x}_proj_weight") for x in "qkv")
+    call.weights = {
+        "q": Wq, "k": Wk, "v": Wv, "bq": bq, "bk": bk, "bv": bv,
+        "o": param(m.out_proj, "weight"), "bo": param(m.out_proj, "bias"),
+    }
+    q = F.linear(query, Wq, bq)
+    k = F.linear(key, Wk, bk)
+    v = F.linear(value, Wv, bv)
+    bias_k, bias_v = param(m, "bias_k"), param(m, "bias_v")
+    if bias_k is not None and bias_v is not None:
+        k = torch.cat([k, bias_k.reshape(1, 1, E).expand(N, 1, E).to(k.dtype)], dim=1)
+        v = torch.cat([v, bias_v.reshape(1, 1, E).expand(N, 1, E).to(v.dtype)], dim=1)
+        call.extra_kv = True
+    call.q, call.k, call.v = call.split_heads(q), call.split_heads(k), call.split_heads(v)
+
+    dtype = q.dtype
+    mask = None
+    attn_mask, kpm = args.get("attn_mask"), args.get("key_padding_mask")
+    if isinstance(attn_mask, Tensor):
+        am = _float_mask(attn_mask, dtype)
+        mask = am.reshape(1, 1, L, S) if am.dim() == 2 else am.reshape(N, H, L, S)
+    if isinstance(kpm, Tensor):
+        kp = _float_mask(kpm, dtype).reshape(N, 1, 1, S)
+        mask = kp if mask is None else mask + kp
+    if mask is not None and call.extra_kv:
+        mask = F.pad(mask, (0, 1))
+    call.mask = mask
+    if m.add_zero_attn:
+        # a zero key and value: a column with logit exactly 0 and no value, i.e. a sink
+        call.sinks = q.new_zeros(1, 1, 1, 1)
+    return call
+
+
+def mha_recompute(
+    rec: Record, param: Callable[[nn.Module, str], Tensor | None] = fetch_param
+) -> Tensor:
+    """The attention output of a recorded ``nn.MultiheadAttention`` call, recomputed the way
+    the rule sees it (in the call's layout). For checking the rule against the module."""
+    call = _mha_call(rec, param)
+    w = call.weights
+    return call.from_nle(F.linear(call.attention(), w["o"], w["bo"]))
+
+
+@register_rule(nn.MultiheadAttention, name="multihead_attention")
+def multihead_attention_rule(rec: Record, R_out: list, ctx) -> tuple[list, Rel]:
+    """``nn.MultiheadAttention``: out_proj (§2) -> per-head attention (§4) -> q/k/v
+    projections (§2). Q, K, V are recomputed from the recorded query/key/value inputs.
+
+    Biases of the projections, ``add_bias_kv``'s extra key/value and the ``add_zero_attn``
+    column (treated as an attention sink) are absorbed; the attention-weights output gets
+    no relevance (any relevance put on it is absorbed). Masks get none.
+    """
+    call = _mha_call(rec, ctx.param)
+    w = call.weights
+    R_y = rmap(call.to_nle, R_out[0])
+    R_cat, absorbed = weighted_sum(
+        R_y, call.attention(), w["o"], w["bo"], _linear_fwd, _linear_adj,
+        bounds=ctx.bounds_after(rec),
+    )
+    R_O = rmap(call.split_heads, R_cat)
+    R_q, R_k, R_v, ab = attention_relevance(
+        R_O, call.q, call.k, call.v, scale=call.scale, mask=call.mask, sinks=call.sinks
+    )
+    absorbed = radd(absorbed, ab)
+    if call.extra_kv:
+        S = call.S
+        absorbed = radd(absorbed, rmap(lambda a, b: a[:, :, S:].sum() + b[:, :, S:].sum(),
+                                       R_k, R_v))
+        R_k, R_v = rmap(lambda r: r[:, :, :S], R_k), rmap(lambda r: r[:, :, :S], R_v)
+    R_in = {}
+    for name, R, x in (("query", R_q, call.query), ("key", R_k, call.key),
+                       ("value", R_v, call.value)):
+        R_x, ab = weighted_sum(
+            rmap(call.merge_heads, R), x, w[name[0]], w["b" + name[0]], _linear_fwd, _linear_adj
+        )
+        absorbed = radd(absorbed, ab)
+        R_in[name] = rmap(call.from_nle, R_x)
+    for R in R_out[1:]:  # attention weights: no relevance goes through them
+        if R is not None:
+            absorbed = radd(absorbed, rmap(lambda t: t.sum(), R))
+    return [R_in.get(name) for name in rec.input_names], absorbed

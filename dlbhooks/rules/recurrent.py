@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import UnsupportedModuleError
+from ..records import fetch_param
 from ..relevance import Streams
 from .core import coefficients
 from .elementwise import add_rule
@@ -110,9 +111,10 @@ class _Weights:
     b_hh: Tensor | None
 
 
-def _weights(ctx, m: nn.Module, suffix: str, dt: Tensor) -> _Weights:
+def _weights(param, m: nn.Module, suffix: str, dt: torch.dtype) -> _Weights:
+    """The weights of one layer/direction, read through ``param`` (``ctx.param``)."""
     def get(name):
-        p = ctx.param(m, name + suffix)
+        p = param(m, name + suffix)
         return None if p is None else p.to(dt)
 
     return _Weights(get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"))
@@ -134,11 +136,9 @@ def lstm_forward(X: Tensor, h: Tensor, c: Tensor, w: _Weights, reverse: bool) ->
     XW = X @ w.W_ih.T
     b = _bias(w.b_ih, w.b_hh)
     st = {k: X.new_empty(T, *h.shape) for k in ("h_prev", "c_prev", "i", "f", "g", "o", "c", "out")}
-    st["signed"] = X.new_empty(T, h.shape[0], 4 * H)
     for t in _order(T, reverse):
         st["h_prev"][t], st["c_prev"][t] = h, c
         z = XW[t] + h @ w.W_hh.T
-        st["signed"][t] = z
         pre = z + b if b is not None else z
         i, f, o = (torch.sigmoid(p) for p in (pre[:, :H], pre[:, H:2 * H], pre[:, 3 * H:]))
         g = torch.tanh(pre[:, 2 * H:3 * H])
@@ -164,7 +164,10 @@ def lstm_reverse(st, X, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
     T, H = X.shape[0], w.W_hh.shape[1]
     b = _bias(w.b_ih, w.b_hh)
     absWhh = w.W_hh.abs()
+    # |contributions| and signed sums with the same operations, so that a unit whose
+    # contributions all share one sign gets P or N exactly 0
     abs_total = X.abs() @ w.W_ih.abs().T + st["h_prev"].abs() @ absWhh.T
+    signed = X @ w.W_ih.T + st["h_prev"] @ w.W_hh.T
     bounds = _gate_bounds([SIGMOID, SIGMOID, TANH, SIGMOID], H, X, saturate)
     n = len(R_seq)
     deferred = _Deferred(n, abs_total.shape, X)
@@ -181,7 +184,7 @@ def lstm_reverse(st, X, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
             # gates i, f, g, o (... and half to o)
             R_gates.append(torch.cat([r_ig * 0.5, r_fc * 0.5, r_ig * 0.5, rh * 0.5], dim=-1))
         coefs, ab = coefficients(
-            _join(R_gates), abs_total[t], st["signed"][t], b, bounds=bounds
+            _join(R_gates), abs_total[t], signed[t], b, bounds=bounds
         )
         _acc(absorbed, ab)
         deferred.store(t, coefs)
@@ -200,25 +203,19 @@ def gru_forward(X: Tensor, h: Tensor, w: _Weights, reverse: bool) -> dict:
     b_in = None if w.b_ih is None else w.b_ih[2 * H:]
     b_hn = None if w.b_hh is None else w.b_hh[2 * H:]
     B = h.shape[0]
-    st = {k: X.new_empty(T, B, H) for k in ("h_prev", "r", "z", "hn_signed", "q", "n_signed",
-                                             "n", "out")}
-    st["rz_signed"] = X.new_empty(T, B, 2 * H)
+    st = {k: X.new_empty(T, B, H) for k in ("h_prev", "r", "z", "q", "n", "out")}
     for t in _order(T, reverse):
         st["h_prev"][t] = h
         hh = h @ w.W_hh.T
         rz = XW[t, :, :2 * H] + hh[:, :2 * H]
-        st["rz_signed"][t] = rz
         rz = torch.sigmoid(rz + b_rz if b_rz is not None else rz)
         r, z = rz[:, :H], rz[:, H:]
         hn = hh[:, 2 * H:]
-        st["hn_signed"][t] = hn
         q = r * (hn + b_hn if b_hn is not None else hn)
         ns = XW[t, :, 2 * H:] + q
         n = torch.tanh(ns + b_in if b_in is not None else ns)
         h = (1 - z) * n + z * h
-        st["r"][t], st["z"][t], st["q"][t], st["n_signed"][t], st["n"][t], st["out"][t] = (
-            r, z, q, ns, n, h
-        )
+        st["r"][t], st["z"][t], st["q"][t], st["n"][t], st["out"][t] = r, z, q, n, h
     st["h_last"] = h
     return st
 
@@ -232,11 +229,13 @@ def gru_reverse(st, X, w, R_seq, R_h, reverse, saturate, absorbed):
     b_hn = None if w.b_hh is None else w.b_hh[2 * H:]
     W_hrz, W_hn = w.W_hh[:2 * H], w.W_hh[2 * H:]
     abs_hrz, abs_hn = W_hrz.abs(), W_hn.abs()
-    absX_W = X.abs() @ w.W_ih.abs().T
-    absH = st["h_prev"].abs()
-    abs_rz = absX_W[..., :2 * H] + absH @ abs_hrz.T
-    abs_n = absX_W[..., 2 * H:] + st["q"].abs()
-    abs_hn_tot = absH @ abs_hn.T
+    # |contributions| and signed sums with the same operations (see lstm_reverse)
+    Hp, Q = st["h_prev"], st["q"]
+    absX_W, XW = X.abs() @ w.W_ih.abs().T, X @ w.W_ih.T
+    abs_rz = absX_W[..., :2 * H] + Hp.abs() @ abs_hrz.T
+    signed_rz = XW[..., :2 * H] + Hp @ W_hrz.T
+    abs_n, signed_n = absX_W[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q
+    abs_hn_tot, signed_hn = Hp.abs() @ abs_hn.T, Hp @ W_hn.T
     bounds_rz = _gate_bounds([SIGMOID, SIGMOID], H, X, saturate)
     bounds_n = _gate_bounds([TANH], H, X, saturate)
     n = len(R_seq)
@@ -251,18 +250,18 @@ def gru_reverse(st, X, w, R_seq, R_h, reverse, saturate, absorbed):
             R_z.append((r_a + r_b) * 0.5)
             R_n.append(r_a * 0.5)
             R_direct.append(r_b * 0.5)
-        coefs_n, ab = coefficients(_join(R_n), abs_n[t], st["n_signed"][t], b_in,
+        coefs_n, ab = coefficients(_join(R_n), abs_n[t], signed_n[t], b_in,
                                    bounds=bounds_n)
         _acc(absorbed, ab)
         deferred.store(t, coefs_n, slice(2 * H, None))
         R_q = [c_abs * q.abs() + (c_sgn * q if c_sgn is not None else 0.0)
                for c_abs, c_sgn in coefs_n]
         coefs_hn, ab = coefficients(_join([r * 0.5 for r in R_q]), abs_hn_tot[t],
-                                    st["hn_signed"][t], b_hn)
+                                    signed_hn[t], b_hn)
         _acc(absorbed, ab)
         R_from_hn = _apply(coefs_hn, hp, W_hn, abs_hn)
         R_rz = [torch.cat([r * 0.5, rz], dim=-1) for r, rz in zip(R_q, R_z)]
-        coefs_rz, ab = coefficients(_join(R_rz), abs_rz[t], st["rz_signed"][t], b_rz,
+        coefs_rz, ab = coefficients(_join(R_rz), abs_rz[t], signed_rz[t], b_rz,
                                     bounds=bounds_rz)
         _acc(absorbed, ab)
         deferred.store(t, coefs_rz, slice(None, 2 * H))
@@ -321,6 +320,61 @@ def _stream_list(R_out, i: int, shape, n: int, like: Tensor) -> list[Tensor]:
     return [r.to(like.dtype).reshape(shape) for r in _split_streams(R_out[i])]
 
 
+def unroll(m: nn.Module, X: Tensor, states: list[Tensor | None], param) -> tuple:
+    """Recompute every layer and direction of an ``nn.LSTM``/``nn.GRU`` (time-major ``X``
+    [T, B, in], ``states`` [L*D, B, H] or ``None`` for zeros). Returns the input of each
+    layer plus the last layer's output, the per-(layer, direction) caches and weights."""
+    lstm = isinstance(m, nn.LSTM)
+    L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
+    zeros = X.new_zeros(L * D, X.shape[1], H)
+    states = [zeros if s is None else s for s in states]
+    layer_in, caches, weights = [X], [], []
+    for layer in range(L):
+        outs = []
+        for d in range(D):
+            w = _weights(param, m, f"_l{layer}" + ("_reverse" if d else ""), X.dtype)
+            k = layer * D + d
+            if lstm:
+                st = lstm_forward(layer_in[-1], states[0][k], states[1][k], w, reverse=bool(d))
+            else:
+                st = gru_forward(layer_in[-1], states[0][k], w, reverse=bool(d))
+            caches.append(st)
+            weights.append(w)
+            outs.append(st["out"])
+        layer_in.append(torch.cat(outs, dim=-1))
+    return layer_in, caches, weights
+
+
+def recompute(m: nn.Module, x: Tensor, hx=None, param=fetch_param):
+    """What ``m(x, hx)`` returns, recomputed step by step the way the rules see it (for
+    checking the rules against the module; ``m`` an LSTM, GRU, LSTMCell or GRUCell)."""
+    lstm = isinstance(m, (nn.LSTM, nn.LSTMCell))
+    hx = [] if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
+    if isinstance(m, (nn.LSTMCell, nn.GRUCell)):
+        X = x.reshape(1, -1, x.shape[-1])
+        B, H = X.shape[1], m.hidden_size
+        states = [s.reshape(B, H) for s in hx] or [X.new_zeros(B, H)] * 2
+        w = _weights(param, m, "", X.dtype)
+        if lstm:
+            st = lstm_forward(X, states[0], states[1], w, reverse=False)
+            return st["h_last"].reshape(x.shape[:-1] + (H,)), st["c_last"].reshape(
+                x.shape[:-1] + (H,))
+        return gru_forward(X, states[0], w, reverse=False)["h_last"].reshape(
+            x.shape[:-1] + (H,))
+    batched = x.dim() == 3
+    X = x.unsqueeze(1) if not batched else x.transpose(0, 1) if m.batch_first else x
+    L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
+    shape = (L * D, X.shape[1], H)
+    states = [s.reshape(shape) for s in hx] or [None, None]
+    layer_in, caches, _ = unroll(m, X, states, param)
+    out = layer_in[-1]
+    out = out.squeeze(1) if not batched else out.transpose(0, 1) if m.batch_first else out
+    finals = [torch.stack([st[key] for st in caches]) for key in
+              (("h_last", "c_last") if lstm else ("h_last",))]
+    finals = [f if batched else f.squeeze(1) for f in finals]
+    return (out, tuple(finals)) if lstm else (out, finals[0])
+
+
 def _rnn_rule(rec, R_out, ctx, kind: str):
     _check(rec, cell=False)
     m = rec.module
@@ -336,26 +390,9 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
     T, B = X.shape[0], X.shape[1]
     L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
     n_state = 2 if lstm else 1
-    zeros = X.new_zeros(L * D, B, H)
     states = _initial_states(rec, n_state, (L * D, B, H), dt)
     given = [s is not None for s in states]
-    states = [zeros if s is None else s for s in states]
-
-    # forward recomputation, layer by layer
-    layer_in, caches, weights = [X], [], []
-    for layer in range(L):
-        outs = []
-        for d in range(D):
-            w = _weights(ctx, m, f"_l{layer}" + ("_reverse" if d else ""), dt)
-            k = layer * D + d
-            if lstm:
-                st = lstm_forward(layer_in[-1], states[0][k], states[1][k], w, reverse=bool(d))
-            else:
-                st = gru_forward(layer_in[-1], states[0][k], w, reverse=bool(d))
-            caches.append(st)
-            weights.append(w)
-            outs.append(st["out"])
-        layer_in.append(torch.cat(outs, dim=-1))
+    layer_in, caches, weights = unroll(m, X, states, ctx.param)
 
     # relevance on the outputs, per stream, time-major
     n, r_dtype = _stream_info(R_out)
@@ -428,7 +465,7 @@ def _cell_rule(rec, R_out, ctx, kind: str):
     states = _initial_states(rec, n_state, (B, H), dt)
     given = [s is not None for s in states]
     states = [X.new_zeros(B, H) if s is None else s for s in states]
-    w = _weights(ctx, m, "", dt)
+    w = _weights(ctx.param, m, "", dt)
     n, r_dtype = _stream_info(R_out)
     R_fin = [_stream_list(R_out, j, (B, H), n, X) for j in range(n_state)]
     R_seq = [X.new_zeros(1, B, H) for _ in range(n)]

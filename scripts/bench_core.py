@@ -1,0 +1,85 @@
+"""Explanation cost ÷ plain forward cost on CPU, for an MLP, ResNet-18 (224×224) and an LSTM.
+
+Explanation time = recorded forward (hooks on) + reverse pass. The default rule needs, per
+layer, the forward, one product for the denominators (|a|·|W|ᵀ) and one for the reverse
+step, so about 3× is the floor (target ≤ 4, goal ≤ 3.3).
+
+    python scripts/bench_core.py [--threads 2] [--repeats 5] [--saturation]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import dlbhooks as dlb
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(1000, 128)
+        self.lstm = nn.LSTM(128, 256, batch_first=True)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, ids):
+        out, _ = self.lstm(self.emb(ids))
+        return self.head(out[:, -1])
+
+
+def models():
+    mlp = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                        nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    yield "MLP 512-1024x3-10, batch 64", mlp, torch.randn(64, 512)
+    try:
+        from torchvision.models import resnet18
+        yield "ResNet-18 1x3x224x224", resnet18(weights=None), torch.randn(1, 3, 224, 224)
+    except ImportError:
+        print("torchvision not installed: skipping ResNet-18")
+    yield "LSTM 128->256, batch 8 x 64 steps", LSTMClassifier(), torch.randint(0, 1000, (8, 64))
+
+
+def timeit(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--saturation", action="store_true", help="saturation on (default off)")
+    ap.add_argument("--mode", default="default")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, mode={args.mode}, "
+          f"saturation={args.saturation}")
+    print(f"{'model':<36} {'forward ms':>11} {'explain ms':>11} {'ratio':>7}")
+    for name, model, x in models():
+        model.eval()
+
+        def forward():
+            with torch.no_grad():
+                model(x)
+
+        def explain():
+            with dlb.trace(model) as tape:
+                model(x)
+            tape.explain(mode=args.mode, saturation=args.saturation, keep=False)
+
+        f = timeit(forward, args.repeats)
+        e = timeit(explain, args.repeats)
+        print(f"{name:<36} {f * 1e3:11.1f} {e * 1e3:11.1f} {e / f:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
