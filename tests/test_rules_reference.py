@@ -154,17 +154,22 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _bias(m: nn.Module) -> list[float] | None:
+    return None if m.bias is None else _np(m.bias).tolist()
+
+
 def linear_units(x: Tensor, W: Tensor, b: Tensor | None):
     """y[r, j] = Σ_i W[j, i]·x[r, i] + b[j] over the rows r of x [..., in]."""
     xs = _np(x).reshape(-1, x.shape[-1])
     Wn = _np(W)
+    bn = None if b is None else _np(b)
     units, bias = [], []
     n_in = xs.shape[1]
     for r in range(xs.shape[0]):
         for j in range(Wn.shape[0]):
             units.append([(float(Wn[j, i] * xs[r, i]), [(0, r * n_in + i, 1.0)])
                           for i in range(n_in)])
-            bias.append(0.0 if b is None else float(b[j]))
+            bias.append(0.0 if bn is None else float(bn[j]))
     return units, bias
 
 
@@ -178,7 +183,7 @@ def conv_units(x: Tensor, m: nn.Module, out_shape):
     O = [(S[i] + 2 * p[i] - d[i] * (K[i] - 1) - 1) // s[i] + 1 for i in range(nd)]
     assert tuple(out_shape) == (B, Cout, *O), "reference conv output size disagrees with torch"
     cog = Cout // m.groups
-    units, bias = [], []
+    units, bias, bl = [], [], _bias(m)
     for n in range(B):
         for co in range(Cout):
             g = co // cog
@@ -193,7 +198,7 @@ def conv_units(x: Tensor, m: nn.Module, out_shape):
                             contribs.append((float(Wn[(co, cl, *k)] * xn[(n, ci, *pos)]),
                                              [(0, flat, 1.0)]))
                 units.append(contribs)
-                bias.append(0.0 if m.bias is None else float(m.bias[co]))
+                bias.append(0.0 if bl is None else bl[co])
     return units, bias
 
 
@@ -210,7 +215,7 @@ def convt_units(x: Tensor, m: nn.Module, out_shape):
     Cout = cog * m.groups
     assert tuple(out_shape) == (B, Cout, *O), "reference conv-transpose size disagrees"
     cig = Cin // m.groups
-    units, bias = [], []
+    units, bias, bl = [], [], _bias(m)
     for n in range(B):
         for co in range(Cout):
             g, cl_out = divmod(co, cog)
@@ -227,7 +232,7 @@ def convt_units(x: Tensor, m: nn.Module, out_shape):
                             contribs.append((float(Wn[(ci, cl_out, *k)] * xn[(n, ci, *q)]),
                                              [(0, flat, 1.0)]))
                 units.append(contribs)
-                bias.append(0.0 if m.bias is None else float(m.bias[co]))
+                bias.append(0.0 if bl is None else bl[co])
     return units, bias
 
 
@@ -237,7 +242,7 @@ def bilinear_units(x1: Tensor, x2: Tensor, m: nn.Bilinear):
     a1, a2, Wn = _np(x1).reshape(-1, x1.shape[-1]), _np(x2).reshape(-1, x2.shape[-1]), _np(
         m.weight)
     n1, n2 = a1.shape[1], a2.shape[1]
-    units, bias = [], []
+    units, bias, bl = [], [], _bias(m)
     for r in range(a1.shape[0]):
         for k in range(Wn.shape[0]):
             units.append([
@@ -245,7 +250,7 @@ def bilinear_units(x1: Tensor, x2: Tensor, m: nn.Bilinear):
                  [(0, r * n1 + i, 0.5), (1, r * n2 + j, 0.5)])
                 for i in range(n1) for j in range(n2)
             ])
-            bias.append(0.0 if m.bias is None else float(m.bias[k]))
+            bias.append(0.0 if bl is None else bl[k])
     return units, bias
 
 
@@ -371,7 +376,8 @@ def test_conv2d_default(cfg: dict) -> None:
     layer = init_(nn.Conv2d(4, 4, cfg["k"], stride=cfg["stride"], padding=cfg["padding"],
                             dilation=cfg["dilation"], groups=cfg["groups"], bias=cfg["bias"]),
                   gen)
-    x = rand(1, 4, cfg["size"], cfg["size"] - 1, gen=gen)
+    size = max(cfg["size"], cfg["dilation"] * (cfg["k"] - 1) + 2)  # output at least 1 wide
+    x = rand(1, 4, size, size - 1, gen=gen)
     check_default(layer, x, gen)
 
 
