@@ -46,12 +46,17 @@ class Bag:
         self._tensor: dict[int, Tensor] = {}
         self._by: dict[int, Record | None] = {}
 
-    def add(self, t: Tensor, R: Rel, by: Record | None = None, *, view_aware: bool = False) -> None:
-        """Put relevance ``R`` on tensor ``t``; a view of a recorded tensor goes to its base."""
+    def add(
+        self, t: Tensor, R: Rel, by: Record | None = None, *, base: Tensor | None = None
+    ) -> None:
+        """Put relevance ``R`` on tensor ``t``. If ``t`` is a view of the recorded tensor
+        ``base`` (as the record noted when it consumed ``t``), the relevance moves onto
+        ``base``'s elements. Without ``base``, a view no record produced is looked up."""
         key = id(t)
-        if key in self.tape.views and (view_aware or not self.tape.is_produced(t)):
-            view, base = self.tape.views[key]
-            moved = rmap(lambda r: view_to_base(r, view, base), R)
+        if base is None and key in self.tape.views and not self.tape.is_produced(t):
+            base = self.tape.views[key][1]
+        if base is not None:
+            moved = rmap(lambda r: view_to_base(r, t, base), R)
             if moved is not None and not _has_none(moved):
                 t, R, key = base, moved, id(base)
         self._rel[key] = radd(self._rel.get(key), R)
@@ -119,9 +124,9 @@ class Engine:
             if all(r is None for r in R_out):
                 continue
             R_in = self.propagate(rec, R_out)
-            for t, R in zip(rec.inputs, R_in):
+            for i, (t, R) in enumerate(zip(rec.inputs, R_in)):
                 if R is not None:
-                    bag.add(t, R, rec)
+                    bag.add(t, R, rec, base=rec.input_views.get(i))
         return bag
 
     def propagate(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
@@ -176,9 +181,9 @@ class Engine:
     def _transparent(self, rec: Record, R_out: list[Rel]) -> list[Rel | None]:
         """A container with no rule: walk its children, routing by tensor identity."""
         bag = self.new_bag()
-        for o, R in zip(rec.outputs, R_out):
+        for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
             if R is not None:
-                bag.add(o, R, None, view_aware=True)
+                bag.add(o, R, None, base=rec.output_views.get(i))
         self.walk(rec.children, bag)
         return self.collect(rec, bag)
 

@@ -85,6 +85,9 @@ class Record:
     output: Any = None
     children: list[Record] = field(default_factory=list)
     snapshots: dict[int, Tensor] = field(default_factory=dict)
+    # input/output index -> recorded tensor it is a view of (when no record produced it)
+    input_views: dict[int, Tensor] = field(default_factory=dict)
+    output_views: dict[int, Tensor] = field(default_factory=dict)
     done: bool = False
 
     @property
@@ -163,18 +166,21 @@ class Tape:
         if ptr:
             self._storages.setdefault(ptr, []).append(t)
 
-    def resolve(self, t: Tensor) -> None:
-        """Note where tensor ``t`` (about to be consumed) came from, if it is a view."""
-        if id(t) in self._produced or id(t) in self.views:
-            return
+    def resolve(self, t: Tensor) -> Tensor | None:
+        """The recorded tensor that ``t`` (not produced by a record) is a view of, if any."""
+        if id(t) in self._produced:
+            return None
+        if id(t) in self.views:
+            return self.views[id(t)][1]
         try:
             ptr = t.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):
-            return
+            return None
         for base in reversed(self._storages.get(ptr, [])):
             if _may_be_view_of(t, base):
                 self.views[id(t)] = (t, base)
-                return
+                return base
+        return None
 
     def is_produced(self, t: Tensor) -> bool:
         return id(t) in self._produced

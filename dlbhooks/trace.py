@@ -83,8 +83,10 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             in_versions=[t._version for _, t in leaves],
         )
         self._calls[id(module)] += 1
-        for t in rec.inputs:
-            tape.resolve(t)
+        for i, t in enumerate(rec.inputs):
+            base = tape.resolve(t)
+            if base is not None:
+                rec.input_views[i] = base
             tape.consumers.setdefault(id(t), []).append(rec)
         tape.records.append(rec)
         if parent is None:
@@ -103,9 +105,10 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         rec.output_names = [n for n, _ in leaves]
         rec.outputs = [t for _, t in leaves]
         rec.out_versions = [t._version for t in rec.outputs]
-        for t in rec.outputs:
-            if not tape.is_produced(t):
-                tape.resolve(t)
+        for i, t in enumerate(rec.outputs):
+            base = tape.resolve(t)
+            if base is not None:
+                rec.output_views[i] = base
             tape.produce(t)
         if id(module) in self._snap:
             rec.snapshots = {i: t.clone() for i, t in enumerate(rec.outputs)}
