@@ -42,7 +42,7 @@ def rsum(rel: Rel | None) -> Rel | None:
     """Total of a relevance (per stream) as float64 scalars."""
     if rel is None:
         return None
-    return rmap(lambda t: t.detach().double().sum(), rel)
+    return rmap(lambda t: t.detach().sum().double(), rel)
 
 
 def radd(a: Rel | None, b: Rel | None) -> Rel | None:

@@ -22,9 +22,8 @@ Bounds = tuple[float | Tensor | None, float | Tensor | None]
 
 
 def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0."""
-    nz = den != 0
-    return torch.where(nz, num / torch.where(nz, den, torch.ones_like(den)), torch.zeros_like(num))
+    """``num / den`` where ``den != 0``, else 0 (one division, one clean-up pass)."""
+    return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def split_signs(abs_total: Tensor, signed_total: Tensor) -> tuple[Tensor, Tensor]:

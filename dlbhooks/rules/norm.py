@@ -39,6 +39,13 @@ def layer_norm_rule(rec, R_out, ctx):
 @register_rule(nn.modules.batchnorm._BatchNorm, streamwise=True, name="batch_norm")
 def batch_norm_rule(rec, R_out, ctx):
     m = rec.module
+    beta = ctx.param(m, "bias")
+    if rec.output_intact(0):  # |γ·x̂| = |y - β|: no need to normalise again
+        y = rec.output_value(0)
+        beta = _channel_view(beta, y.dim())
+        scaled = y - beta if beta is not None else y
+        R_x, absorbed = affine_split(R_out[0], scaled, beta)
+        return [R_x], absorbed
     x = rec.input_value(0)
     rm, rv = ctx.param(m, "running_mean"), ctx.param(m, "running_var")
     use_batch = m.training or rm is None
