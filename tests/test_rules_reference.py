@@ -529,30 +529,40 @@ def test_linear_contrastive_exact_degenerate_with_bias() -> None:
     (p,), (n,), _, cases = ref_contrastive(units, bias, [2.0, 0.0], [0.0, 1.0], [3])
     assert cases["degenerate"] == 1
     close(exp.positive["input"], as_tensor(p, x), 3.0, "degenerate unit, + stream")
-    close(exp.negative["input"], as_tensor(n, x), 3.0, "crossed unit, - stream")
+    close(exp.negative["input"], as_tensor(n, x), 3.0, "aligned unit, - stream")
 
 
 def test_contrastive_degenerate_after_relu() -> None:
-    """Degenerate units fed by a ReLU with a bias (N_j = 0 but P_j - N_j comes from the
-    recorded output minus the bias): the split must not be polluted by rounding."""
+    """Units fed by a ReLU whose weights are all >= 0 have N_j = 0 exactly, but the package
+    sees P_j - N_j through the recorded output minus a large bias (rounding noise). With
+    t_j <= 0 and R+_j <= R-_j such a unit would be 'aligned' and send R-_j to negative
+    contributions that do not exist; METHOD §2 says: split ∝ |w·a| over the ones that do."""
     gen = torch.Generator().manual_seed(12)
     l1, l2 = init_(nn.Linear(4, 8), gen), init_(nn.Linear(8, 3), gen)
     with torch.no_grad():
         l2.weight.copy_(l2.weight.abs())       # every unit of layer 2 is degenerate
+        l2.bias.fill_(-100.0)                  # t_j <= 0
     model = nn.Sequential(l1, nn.ReLU(), l2)
     x = rand(5, 4, gen=gen)
     with torch.no_grad():
         a2 = model[1](l1(x))
         y = l2(a2)
-    seed = -torch.rand(y.shape, generator=gen, dtype=D)  # only the - stream
+    seed = -torch.rand(y.shape, generator=gen, dtype=D)  # only the - stream: aligned
+    seed[0, 0] = 0.5                                      # one unit with R+ > R- = 0
     exp = dlb.explain(model, x, target=seed, mode="contrastive")
     u2, b2 = linear_units(a2, l2.weight, l2.bias)
-    (p2,), (n2,), _, cases = ref_contrastive(u2, b2, [0.0] * seed.numel(),
-                                             (-seed).flatten().tolist(), [a2.numel()])
+    (p2,), (n2,), lost, cases = ref_contrastive(
+        u2, b2, seed.clamp_min(0).flatten().tolist(), (-seed).clamp_min(0).flatten().tolist(),
+        [a2.numel()])
     assert cases["degenerate"] > 0 and set(cases) == {"degenerate"}
-    close(exp.at("2"), as_tensor(p2, a2) - as_tensor(n2, a2), seed.abs().sum().item(),
-          "degenerate units (N_j = 0) of a Linear after ReLU, - stream "
-          "(METHOD §2: split ∝ |w·a| over the contributions that exist)")
+    assert lost == (0.0, 0.0)
+    msg = ("degenerate units (N_j = 0) of a Linear after ReLU "
+           "(METHOD §2: split ∝ |w·a| over the contributions that exist)")
+    scale = seed.abs().sum().item()
+    close(exp.at("2"), as_tensor(p2, a2) - as_tensor(n2, a2), scale, msg)
+    e = ledger_entry(exp, "2")
+    close_scalar(e.relevance_in[1], sum(n2), scale, msg + ": - stream not conserved")
+    close_scalar(e.relevance_in[0], sum(p2), scale, msg + ": + stream not conserved")
 
 
 @pytest.mark.parametrize("kind", ["conv1d", "conv2d", "conv3d", "convt1d", "convt2d"])
