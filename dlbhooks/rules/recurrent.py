@@ -126,7 +126,7 @@ def _order(T: int, reverse: bool) -> list[int]:
 
 # -- LSTM -------------------------------------------------------------------------------------
 def lstm_forward(X: Tensor, h: Tensor, c: Tensor, w: _Weights, reverse: bool) -> dict:
-    """Recompute one layer/direction: gates, states and pre-activations of every step.
+    """Recompute one layer/direction: the gates and states of every step.
 
     ``X`` [T, B, in], ``h``/``c`` [B, H]. Returns a dict of [T, B, ·] tensors (``out`` is the
     hidden state of each step) plus the final ``h``/``c``.
@@ -295,8 +295,10 @@ def _check(rec, cell: bool) -> None:
         raise UnsupportedModuleError(f"{rec.describe()}: the input sequence is not a tensor")
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def _compute_dtype(x: Tensor, R_out) -> torch.dtype:
+    """At least float32, and at least the precision of the relevance."""
+    return torch.promote_types(torch.promote_types(x.dtype, torch.float32),
+                               _stream_info(R_out)[1])
 
 
 def _initial_states(rec, n_state: int, shape, dt) -> list[Tensor | None]:
@@ -380,7 +382,7 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
     m = rec.module
     lstm = kind == "lstm"
     x0 = rec.input_value(0)
-    dt = _compute_dtype(x0)
+    dt = _compute_dtype(x0, R_out)
     batched = x0.dim() == 3
     X = x0.to(dt)
     if not batched:
@@ -458,7 +460,7 @@ def _cell_rule(rec, R_out, ctx, kind: str):
     m = rec.module
     lstm = kind == "lstm"
     x0 = rec.input_value(0)
-    dt = _compute_dtype(x0)
+    dt = _compute_dtype(x0, R_out)
     X = x0.to(dt).reshape(1, -1, x0.shape[-1])  # [T=1, B, in]
     B, H = X.shape[1], m.hidden_size
     n_state = 2 if lstm else 1
