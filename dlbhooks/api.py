@@ -76,7 +76,10 @@ def explain_tape(
             pos[name], neg[name] = R.pos, R.neg
     ledger = [e for e in engine.ledger if e is not None]
     layers = {e.key: _net(e.relevance_in) for e in ledger if e.path}
-    absorbed = {e.key: _net(e.absorbed) for e in ledger if e.path and e.leaf}
+    absorbed = {
+        e.key: _net(e.absorbed) for e in ledger
+        if e.path and (e.leaf or e.absorbed not in (0.0, (0.0, 0.0)))
+    }
     tensors = {
         key: [None if r is None else net(r) for r in rs]
         for key, rs in engine.kept.items() if key != "<root>"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import FunctionalGapError, UnsupportedModuleError
-from .records import Record, Tape, fetch_param, view_to_base
+from .records import Record, Tape, base_to_view, fetch_param, view_to_base
 from .relevance import Rel, Streams, radd, rmap, rsum, to_float
 from .rules import registry
 from .rules.elementwise import saturation_bounds
@@ -40,8 +40,11 @@ class LedgerEntry:
 class Bag:
     """Relevance waiting at tensors, keyed by identity."""
 
-    def __init__(self, tape: Tape):
+    def __init__(self, tape: Tape, owner: Record | None = None):
         self.tape = tape
+        # tensors the owner (the container being walked) received: kept as they are, so
+        # that ``collect`` finds them even when they are views of an outer tensor
+        self._keep = {id(t) for t in owner.inputs} if owner is not None else set()
         self._rel: dict[int, Rel] = {}
         self._tensor: dict[int, Tensor] = {}
         self._by: dict[int, Record | None] = {}
@@ -55,7 +58,7 @@ class Bag:
         key = id(t)
         if base is None and key in self.tape.views and not self.tape.is_produced(t):
             base = self.tape.views[key][1]
-        if base is not None:
+        if base is not None and key not in self._keep:
             moved = rmap(lambda r: view_to_base(r, t, base), R)
             if moved is not None and not _has_none(moved):
                 t, R, key = base, moved, id(base)
@@ -69,9 +72,16 @@ class Bag:
         self._by.pop(key, None)
         return self._rel.pop(key, None)
 
+    def peek(self, t: Tensor) -> Rel | None:
+        return self._rel.get(id(t))
+
     def leftovers(self):
         for key, R in self._rel.items():
             yield self._tensor[key], R, self._by[key]
+
+
+def _streams(R: Rel) -> list[Tensor]:
+    return [R.pos, R.neg] if isinstance(R, Streams) else [R]
 
 
 def _has_none(R) -> bool:
@@ -113,8 +123,9 @@ class Engine:
             return None
         return saturation_bounds(users[0].module)
 
-    def new_bag(self) -> Bag:
-        return Bag(self.tape)
+    def new_bag(self, owner: Record | None = None) -> Bag:
+        """A bag for walking ``owner``'s children (pass it: its inputs stay un-moved)."""
+        return Bag(self.tape, owner)
 
     # -- the walk -----------------------------------------------------------------------
     def walk(self, records: list[Record], bag: Bag) -> Bag:
@@ -180,7 +191,7 @@ class Engine:
 
     def _transparent(self, rec: Record, R_out: list[Rel]) -> list[Rel | None]:
         """A container with no rule: walk its children, routing by tensor identity."""
-        bag = self.new_bag()
+        bag = self.new_bag(rec)
         for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
             if R is not None:
                 bag.add(o, R, None, base=rec.output_views.get(i))
@@ -190,6 +201,22 @@ class Engine:
     def collect(self, rec: Record, bag: Bag) -> list[Rel | None]:
         """Take the relevance of ``rec``'s inputs out of ``bag``; anything left is a gap."""
         R_in = [bag.pop(t) for t in rec.inputs]
+        for i, base in rec.input_views.items():
+            # an input that is a view of an outer tensor, whose relevance a bag without
+            # an owner moved onto that tensor: take back the view's elements
+            moved = bag.peek(base)
+            if moved is None:
+                continue
+            parts = [base_to_view(r, rec.inputs[i], base) for r in _streams(moved)]
+            if any(p is None for p in parts):
+                continue
+            bag.pop(base)
+            back = [p[0] for p in parts]
+            rest = [p[1] for p in parts]
+            R_in[i] = radd(R_in[i], Streams(*back) if len(back) == 2 else back[0])
+            rest_rel = Streams(*rest) if len(rest) == 2 else rest[0]
+            if bool(_rtotal_abs(rest_rel) > 0):
+                bag.add(base, rest_rel, None)
         for t, R, by in bag.leftovers():
             if not bool(_rtotal_abs(R) > 0):
                 continue

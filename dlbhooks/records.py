@@ -66,7 +66,7 @@ def fetch_param(module: nn.Module, name: str) -> Tensor | None:
     return value.detach() if isinstance(value, Tensor) else value
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Record:
     """One call of one module: what went in, what came out, and what ran inside it."""
 
@@ -95,6 +95,9 @@ class Record:
         """Unique name of the call: the module path, with ``#k`` for the k-th repeat."""
         name = self.path or "<root>"
         return name if self.call == 0 else f"{name}#{self.call}"
+
+    def __repr__(self) -> str:
+        return f"Record({self.key!r}, {self.type_name}, {len(self.children)} children)"
 
     @property
     def type_name(self) -> str:
@@ -142,7 +145,7 @@ class Record:
         return i in self.snapshots or self.outputs[i]._version == self.out_versions[i]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class Tape:
     """All records of the forwards run inside one :func:`dlbhooks.trace` block."""
 
@@ -155,6 +158,9 @@ class Tape:
     consumers: dict[int, list[Record]] = field(default_factory=dict)
     _produced: dict[int, Tensor] = field(default_factory=dict)
     _storages: dict[int, list[Tensor]] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Tape({type(self.model).__name__}, {len(self.records)} records)"
 
     # -- bookkeeping used by the tracer ---------------------------------------------------
     def produce(self, t: Tensor) -> None:
@@ -210,24 +216,42 @@ def _may_be_view_of(view: Tensor, base: Tensor) -> bool:
     return b0 <= v0 and v1 <= b1
 
 
+def _positions(view: Tensor, base: Tensor, device) -> Tensor | None:
+    """For each element of ``view`` (flattened), its flat position in ``base``; ``None`` if
+    some element of ``view`` is not an element of ``base``."""
+    size = 1 + max(
+        t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+        for t in (view, base)
+    )
+    ar = torch.arange(size, device=device)
+    base_idx = ar.as_strided(base.shape, base.stride(), base.storage_offset()).reshape(-1)
+    view_idx = ar.as_strided(view.shape, view.stride(), view.storage_offset()).reshape(-1)
+    where = torch.full((size,), -1, dtype=torch.long, device=device)
+    where[base_idx] = torch.arange(base_idx.numel(), device=device)
+    pos = where[view_idx]
+    return None if bool((pos < 0).any()) else pos
+
+
+def base_to_view(rel: Tensor, view: Tensor, base: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Split relevance on ``base``'s elements into the part at the elements of ``view``
+    (shaped like ``view``) and the rest (shaped like ``base``): the inverse of
+    :func:`view_to_base` for views whose elements are distinct."""
+    pos = _positions(view, base, rel.device)
+    if pos is None or pos.unique().numel() != pos.numel():
+        return None
+    flat = rel.reshape(-1)
+    rest = flat.clone()
+    rest[pos] = 0
+    return flat[pos].view(view.shape), rest.view(base.shape)
+
+
 def view_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     """Move relevance from a view back onto the elements of its base (exact inverse).
 
     Returns ``None`` if some element of ``view`` is not an element of ``base``.
     """
-    size = max(view.storage_offset() + 1, base.storage_offset() + 1)
-    size = max(
-        size,
-        *(t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1
-          for t in (view, base)),
-    )
-    ar = torch.arange(size, device=rel.device)
-    base_idx = ar.as_strided(base.shape, base.stride(), base.storage_offset()).reshape(-1)
-    view_idx = ar.as_strided(view.shape, view.stride(), view.storage_offset()).reshape(-1)
-    where = torch.full((size,), -1, dtype=torch.long, device=rel.device)
-    where[base_idx] = torch.arange(base_idx.numel(), device=rel.device)
-    pos = where[view_idx]
-    if bool((pos < 0).any()):
+    pos = _positions(view, base, rel.device)
+    if pos is None:
         return None
     out = rel.new_zeros(base.numel())
     out.index_add_(0, pos, rel.reshape(-1))

@@ -53,9 +53,9 @@ def _zero_lost(R: Rel) -> Rel:
 
 def _seeded_bag(rec: Record, R_out: list[Rel | None], ctx):
     bag = ctx.new_bag()
-    for o, R in zip(rec.outputs, R_out):
+    for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
         if R is not None:
-            bag.add(o, R, None, view_aware=True)
+            bag.add(o, R, None, base=rec.output_views.get(i))
     return bag
 
 
