@@ -52,9 +52,9 @@ def explain_tape(
     if not root.done:
         raise TargetError("the recorded forward did not finish (it raised): nothing to explain")
     for name, t in zip(root.input_names, root.inputs):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and bool(torch.isnan(t).any()):
             raise NonFiniteError(
-                f"model input {name!r} holds NaN or inf; relevance would be meaningless. "
+                f"model input {name!r} holds NaN; relevance would be meaningless. "
                 "Clean the input (torch.nan_to_num) before explaining."
             )
     k = select_output(root, output)
@@ -68,6 +68,11 @@ def explain_tape(
 
     inputs, pos, neg = {}, {}, {}
     for name, t, R in zip(root.input_names, root.inputs, R_in):
+        if R is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(
+                f"model input {name!r} holds inf and relevance reached it; relevance would be "
+                "meaningless. Clean the input (torch.nan_to_num) before explaining."
+            )
         if R is None:
             R = torch.zeros(t.shape, dtype=root.outputs[k].dtype, device=t.device)
             R = Streams(R, R.clone()) if mode == "contrastive" else R
@@ -78,7 +83,7 @@ def explain_tape(
     layers = {e.key: _net(e.relevance_in) for e in ledger if e.path}
     absorbed = {
         e.key: _net(e.absorbed) for e in ledger
-        if e.path and (e.leaf or e.absorbed not in (0.0, (0.0, 0.0)))
+        if e.leaf or e.absorbed not in (0.0, (0.0, 0.0))
     }
     tensors = {
         key: [None if r is None else net(r) for r in rs]

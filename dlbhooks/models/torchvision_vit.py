@@ -21,7 +21,7 @@ from ..errors import UnsupportedModuleError
 from ..records import Record
 from ..relevance import Rel, Streams, radd, rmap
 from ..rules.elementwise import add_rule
-from ..rules.registry import lookup, register_rule
+from ..rules.registry import register_rule
 
 _VIT = "torchvision.models.vision_transformer"
 
@@ -48,28 +48,11 @@ def _child(rec: Record, name: str) -> Record:
     return c
 
 
-def _expand(records: list[Record]) -> list[Record]:
-    """Containers without a rule replaced by their children, recursively.
-
-    Works around the engine routing a view input of a transparent container (``heads``
-    gets ``x[:, 0]``) onto the view's base inside the container, where the container's
-    ``collect`` no longer finds it. Walking the children directly in the parent's bag is
-    equivalent (the container only loses its own ledger line).
-    """
-    out: list[Record] = []
-    for r in records:
-        if r.children and lookup(type(r.module)) is None:
-            out.extend(_expand(r.children))
-        else:
-            out.append(r)
-    return out
-
-
 def _seed(rec: Record, R_out: list, ctx):
-    bag = ctx.new_bag()
-    for o, R in zip(rec.outputs, R_out):
+    bag = ctx.new_bag(rec)
+    for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
         if R is not None:
-            bag.add(o, R, None, view_aware=True)
+            bag.add(o, R, None, base=rec.output_views.get(i))
     return bag
 
 
@@ -79,7 +62,7 @@ def encoder_block_rule(rec: Record, R_out: list, ctx):
     drop, ln_2, mlp = _child(rec, "dropout"), _child(rec, "ln_2"), _child(rec, "mlp")
     x_mid = ln_2.inputs[0]  # dropout(attention) + input
     (R_mid, R_mlp), lost = _add(R_out[0], [ln_2.input_value(0), mlp.output_value(0)])
-    bag = ctx.new_bag()
+    bag = ctx.new_bag(rec)
     bag.add(x_mid, R_mid, None)
     bag.add(mlp.outputs[0], R_mlp, None)
     ctx.walk([c for c in rec.children if c.index >= ln_2.index], bag)
@@ -112,7 +95,7 @@ def vision_transformer_rule(rec: Record, R_out: list, ctx):
     token's share is absorbed; patch relevance returns to conv_proj's output."""
     conv, enc = _child(rec, "conv_proj"), _child(rec, "encoder")
     bag = _seed(rec, R_out, ctx)
-    ctx.walk([enc] + _expand([c for c in rec.children if c.index > enc.index]), bag)
+    ctx.walk([c for c in rec.children if c.index >= enc.index], bag)
     R = bag.pop(enc.inputs[0])
     if R is None:
         return ctx.collect(rec, bag), None

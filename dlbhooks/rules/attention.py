@@ -12,8 +12,9 @@ have to rebuild ``Q``, ``K``, ``V`` and run the projections through the §2 rule
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,13 @@ class _Layout:
     dtype: torch.dtype  # computation dtype
 
 
+def _broadcasts(shape: torch.Size, target: tuple[int, ...]) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(shape, target)) == target
+    except RuntimeError:
+        return False
+
+
 def _group_heads(t: Tensor, H: int, Hkv: int, g: int, what: str) -> Tensor:
     """A 4-d tensor broadcastable over [B, H, ., .] -> 5-d [B, Hkv|1, g|1, ., .]."""
     if t.shape[1] == 1:
@@ -98,7 +106,7 @@ def _layout(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None, sinks: Tensor 
         if mask.dim() > 4:
             raise ValueError(f"mask must have at most 4 dims, got {tuple(mask.shape)}")
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-        if torch.broadcast_shapes(mask.shape, (B, H, Tq, Tk)) != (B, H, Tq, Tk):
+        if not _broadcasts(mask.shape, (B, H, Tq, Tk)):
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not broadcast to "
                 f"[batch, heads, T_q, T_k] = {(B, H, Tq, Tk)}"
@@ -109,7 +117,7 @@ def _layout(Q: Tensor, K: Tensor, V: Tensor, mask: Tensor | None, sinks: Tensor 
     sg = None
     if sinks is not None:
         sinks = sinks.reshape(1, -1, 1, 1) if sinks.dim() == 1 else sinks
-        if sinks.dim() != 4 or torch.broadcast_shapes(sinks.shape, (B, H, Tq, 1)) != (B, H, Tq, 1):
+        if sinks.dim() != 4 or not _broadcasts(sinks.shape, (B, H, Tq, 1)):
             raise ValueError(
                 f"sinks of shape {tuple(sinks.shape)}: expected [heads] or a tensor "
                 f"broadcastable to [batch, heads, T_q, 1] = {(B, H, Tq, 1)}"
@@ -409,8 +417,20 @@ def _mha_call(rec: Record, param: Callable[[nn.Module, str], Tensor | None]) -> 
     call.q, call.k, call.v = call.split_heads(q), call.split_heads(k), call.split_heads(v)
 
     dtype = q.dtype
+    zero_attn = bool(m.add_zero_attn)
     mask = None
     attn_mask, kpm = args.get("attn_mask"), args.get("key_padding_mask")
+    if args.get("is_causal", False) and kpm is None and not args.get("need_weights", True):
+        # F.multi_head_attention_forward then drops attn_mask and runs SDPA with
+        # is_causal=True: a top-left causal mask over every key column, extra ones included
+        n_cols = S + call.extra_kv + zero_attn
+        causal = torch.ones(L, n_cols, dtype=torch.bool, device=q.device).tril()
+        mask = causal[:, : S + call.extra_kv].reshape(1, 1, L, -1)
+        if zero_attn:
+            call.sinks = q.new_zeros(L).masked_fill(~causal[:, -1], float("-inf"))
+            call.sinks = call.sinks.reshape(1, 1, L, 1)
+        call.mask = mask
+        return call
     if isinstance(attn_mask, Tensor):
         am = _float_mask(attn_mask, dtype)
         mask = am.reshape(1, 1, L, S) if am.dim() == 2 else am.reshape(N, H, L, S)
@@ -420,7 +440,7 @@ def _mha_call(rec: Record, param: Callable[[nn.Module, str], Tensor | None]) -> 
     if mask is not None and call.extra_kv:
         mask = F.pad(mask, (0, 1))
     call.mask = mask
-    if m.add_zero_attn:
+    if zero_attn:
         # a zero key and value: a column with logit exactly 0 and no value, i.e. a sink
         call.sinks = q.new_zeros(1, 1, 1, 1)
     return call
