@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import register_rule
@@ -116,17 +117,64 @@ def _nd(rec) -> int:
     raise TypeError(rec.describe())
 
 
+def unfold_pool_relevance(
+    R: Tensor, x: Tensor, kernel, stride, padding, dilation, kind: str
+) -> tuple[Tensor, Tensor] | None:
+    """Fast path for regular 1d/2d pools: windows by ``F.unfold``, scatter by ``F.fold``.
+
+    Same result as :func:`pool_relevance`; ``None`` when the geometry does not fit.
+    """
+    one_d = x.dim() == 3
+    if one_d:  # [N, C, L] -> [N, C, 1, L]
+        x, R = x.unsqueeze(-2), R.unsqueeze(-2)
+        kernel, stride = (1, _tuple(kernel, 1)[0]), (1, _tuple(stride or kernel, 1)[0])
+        padding, dilation = (0, _tuple(padding, 1)[0]), (1, _tuple(dilation, 1)[0])
+    elif x.dim() != 4:
+        return None
+    k, s = _tuple(kernel, 2), _tuple(stride if stride else kernel, 2)
+    p, d = _tuple(padding, 2), _tuple(dilation, 2)
+    N, C, H, W = x.shape
+    OH, OW = R.shape[-2:]
+    extra = [max(0, (o - 1) * st + dd * (kk - 1) + 1 - (size + 2 * pp))
+             for o, st, dd, kk, size, pp in zip((OH, OW), s, d, k, (H, W), p)]
+    fill = -math.inf if kind == "max" else 0.0
+    xp = F.pad(x, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]), value=fill)
+    cols = F.unfold(xp, k, dilation=d, stride=s)
+    K = k[0] * k[1]
+    if cols.shape[-1] != OH * OW:
+        return None
+    cols = cols.view(N, C, K, OH * OW)
+    if kind == "max":
+        share = (cols == cols.amax(dim=2, keepdim=True)).to(R.dtype)
+    else:
+        share = cols.abs().to(R.dtype)
+    den = share.sum(2, keepdim=True)
+    contrib = R.reshape(N, C, 1, OH * OW) * share / den
+    contrib = torch.nan_to_num_(contrib, nan=0.0, posinf=0.0, neginf=0.0)
+    Rp = F.fold(contrib.view(N, C * K, OH * OW), xp.shape[-2:], k, dilation=d, stride=s)
+    R_x = Rp[..., p[0]:p[0] + H, p[1]:p[1] + W]
+    lost = R.sum() - contrib.sum()
+    if one_d:
+        R_x = R_x.squeeze(-2)
+    return R_x.contiguous(), lost
+
+
 def pool_rule(rec, R_out, ctx):
     """Any nn pooling module (regular or adaptive, max or average, 1d/2d/3d)."""
     m, x, R = rec.module, rec.input_value(0), R_out[0]
     nd = _nd(rec)
     out_shape = rec.outputs[0].shape[-nd:]
+    kind = "max" if isinstance(m, _MAX + _ADAPTIVE_MAX) else "avg"
+    if nd in (1, 2) and not isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG) and x.dim() == nd + 2:
+        fast = unfold_pool_relevance(R, x, m.kernel_size, m.stride, m.padding,
+                                     getattr(m, "dilation", 1), kind)
+        if fast is not None:
+            return [fast[0]], fast[1]
     if isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG):
         tables = adaptive_tables(x, out_shape)
     else:
         dil = getattr(m, "dilation", 1)
         tables = regular_tables(x, out_shape, m.kernel_size, m.stride, m.padding, dil)
-    kind = "max" if isinstance(m, _MAX + _ADAPTIVE_MAX) else "avg"
     R_x, lost = pool_relevance(R, x, tables, kind)
     return [R_x], lost
 
