@@ -99,6 +99,9 @@ class Engine:
     ledger: list[LedgerEntry] = field(default_factory=list)
     kept: dict[str, list[Rel | None]] = field(default_factory=dict)
     _absorbed_total: Rel | None = None
+    # id(relevance tensor) -> (tensor, its float64 total): a tensor passed from one record
+    # to the next is summed once for the ledger
+    _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     # -- services for rules --------------------------------------------------------------
     @property
@@ -168,13 +171,30 @@ class Engine:
         inside = _rdiff(self._absorbed_total, before)
         self.ledger[slot] = (LedgerEntry(
             key=rec.key, path=rec.path, type=rec.type_name,
-            relevance_out=to_float(_rtotal(R_out)), relevance_in=to_float(_rtotal(R_in)),
+            relevance_out=to_float(self._total(R_out)), relevance_in=to_float(self._total(R_in)),
             absorbed=to_float(absorbed if absorbed is None else rsum(absorbed)),
             absorbed_inside=to_float(inside), leaf=rule is not None and not rec.children,
         ))
         if self.keep:
             self.kept.setdefault(rec.key, R_in)
         return R_in
+
+    def _total(self, rels: list[Rel | None]) -> Rel | None:
+        """Float64 total of a list of relevances, each tensor summed only once."""
+
+        def one(t: Tensor) -> Tensor:
+            hit = self._sums.pop(id(t), None)  # a tensor is summed as R_in, then as R_out
+            if hit is not None and hit[0] is t:
+                return hit[1]
+            total = t.detach().sum().double()
+            self._sums[id(t)] = (t, total)
+            return total
+
+        total = None
+        for r in rels:
+            if r is not None:
+                total = radd(total, rmap(one, r))
+        return total
 
     def _apply(self, rule, rec, R_out):
         if rule.streamwise and self.contrastive:
@@ -238,13 +258,6 @@ def _split_result(res):
     if isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], list):
         return res
     return list(res), None
-
-
-def _rtotal(rels: list[Rel | None]) -> Rel | None:
-    total = None
-    for r in rels:
-        total = radd(total, rsum(r))
-    return total
 
 
 def _rtotal_abs(R: Rel) -> Tensor:

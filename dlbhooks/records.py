@@ -36,13 +36,26 @@ def tensor_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
             yield from tensor_leaves(item, f"{prefix}.{key}" if prefix else str(key))
 
 
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _signature(module: nn.Module) -> inspect.Signature:
+    fwd = module.forward
+    key = getattr(fwd, "__func__", fwd)
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = inspect.signature(fwd)
+    return sig
+
+
 def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Name the positional and keyword arguments of a call by ``module.forward``'s signature."""
     try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+        sig = _signature(module)
+        bound = sig.bind_partial(*args, **kwargs)
         out = dict(bound.arguments)
         # flatten **kwargs / *args so names stay simple
-        for name, param in inspect.signature(module.forward).parameters.items():
+        for name, param in sig.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD and name in out:
                 out.update(out.pop(name))
             elif param.kind is inspect.Parameter.VAR_POSITIONAL and name in out:

@@ -26,6 +26,29 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _divide(R: Tensor, T: Tensor) -> Tensor:
+    """``R / T`` with 0 where ``T == 0`` (T is never negative here)."""
+    s = R / T
+    return torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _absorbed(R: Tensor, s: Tensor, T: Tensor, babs: Tensor | None) -> Tensor:
+    """What a unit keeps from its contributions: the bias share Σ s·|b| plus the relevance
+    of units with T = 0 (the guard). Cheap: one reduction for the bias, none for the guard
+    when every |b| > 0 (then T > 0)."""
+    absorbed = R.new_zeros((), dtype=torch.float64)
+    if babs is not None:
+        from .elementwise import reduce_to
+
+        absorbed = absorbed + (reduce_to(s, babs.shape) * babs).sum().double()
+        if bool((babs > 0).all()):
+            return absorbed
+    zero = T == 0
+    if bool(zero.any()):
+        absorbed = absorbed + torch.where(zero, R, 0.0).sum().double()
+    return absorbed
+
+
 def split_signs(abs_total: Tensor, signed_total: Tensor) -> tuple[Tensor, Tensor]:
     """P (sum of positive contributions) and N (sum of |negative| ones) from their sum and
     difference; a side that is only rounding noise (<= 64 eps of the total) is exactly 0."""
@@ -57,9 +80,7 @@ def coefficients(
     sat = bounds is not None and (bounds[0] is not None or bounds[1] is not None)
     if not sat:
         T = abs_total + babs if babs is not None else abs_total
-        s = safe_div(R, T)
-        absorbed = (R - s * abs_total).sum()
-        return [(s, None)], absorbed
+        return [(s := _divide(R, T), None)], _absorbed(R, s, T, babs)
     if signed_total is None:
         raise ValueError("saturation needs the signed total of the contributions")
     t = signed_total + bias if bias is not None else signed_total
@@ -69,10 +90,10 @@ def coefficients(
     keep_n = ~(t > hi) if hi is not None else torch.ones_like(t, dtype=torch.bool)
     moving = torch.where(keep_p, P, 0.0) + torch.where(keep_n, N, 0.0)
     T = moving + babs if babs is not None else moving
-    s = safe_div(R, T)
+    s = _divide(R, T)
     cp = torch.where(keep_p, s, 0.0)
     cn = torch.where(keep_n, s, 0.0)
-    absorbed = (R - s * moving).sum()
+    absorbed = _absorbed(R, s, T, babs)
     if bool((keep_p & keep_n).all()):
         return [(s, None)], absorbed
     return [((cp + cn) * 0.5, (cp - cn) * 0.5)], absorbed

@@ -62,9 +62,19 @@ def _conv_rule(rec, R_out, ctx, conv):
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     a = rec.input_value(0)
     fwd = lambda x, w: conv(x, w, None, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
+    adj = None
+    if not isinstance(m.padding, str) and a.dim() == W.dim():  # batched, integer padding
+        nd = a.dim() - 2
+
+        def adj(s, w):  # the transpose of the convolution: one convolution_backward
+            return torch.ops.aten.convolution_backward(
+                s, a, w, None, m.stride, m.padding, m.dilation, False, [0] * nd, m.groups,
+                [True, False, False],
+            )[0]
+
     out = rec.outputs[0] if rec.output_intact(0) else None
     R, absorbed = weighted_sum(
-        R_out[0], a, W, _bias_view(b, a.dim()), fwd, None,
+        R_out[0], a, W, _bias_view(b, a.dim()), fwd, adj,
         bounds=ctx.bounds_after(rec), output=out,
     )
     return [R], absorbed
