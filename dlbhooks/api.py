@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .engine import Engine
 from .errors import NonFiniteError, TargetError
 from .records import Record, Tape
-from .relevance import Streams, net
+from .relevance import Streams, net, to_float
 from .results import Explanation
 from .seeds import make_seed
 
@@ -46,6 +46,7 @@ def explain_tape(
     scaler: float | None = None,
     keep: bool = True,
     output: str | int | None = None,
+    position: Any = None,
 ) -> Explanation:
     """Propagate relevance from the last recorded model call back to its inputs."""
     root = tape.last_root()
@@ -60,7 +61,7 @@ def explain_tape(
     k = select_output(root, output)
     seed = make_seed(
         root.outputs[k], target, task=task, multiplier=multiplier, mode=mode,
-        thresholding=thresholding,
+        thresholding=thresholding, position=position,
     )
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep)
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
@@ -92,9 +93,14 @@ def explain_tape(
     return Explanation(
         inputs=inputs, layers=layers, absorbed=absorbed, mode=mode,
         multiplier=float(multiplier), positive=pos or None, negative=neg or None,
-        target=_resolved_target(root.outputs[k], target, task), ledger=ledger,
+        target=_resolved_target(root.outputs[k], target, task, position), ledger=ledger,
         tensors=tensors, scaler=scaler,
         info={"task": task, "saturation": saturation, "output": root.output_names[k]},
+        heads={k2: net(v) for k2, v in engine.reports.get("heads", {}).items()},
+        blocks={
+            k2: {name: _net(to_float(v)) for name, v in d.items()}
+            for k2, d in engine.reports.get("blocks", {}).items()
+        },
     )
 
 
@@ -102,9 +108,13 @@ def _net(v) -> float:
     return v[0] - v[1] if isinstance(v, tuple) else float(v)
 
 
-def _resolved_target(out: Tensor, target: Any, task: str) -> Any:
+def _resolved_target(out: Tensor, target: Any, task: str, position: Any = None) -> Any:
     if target is None and out.dim() == 2 and task != "regression":
         return out.argmax(-1).tolist()
+    if target is None and out.dim() == 3 and task in ("multiclass", "classification"):
+        pos = -1 if position is None else position
+        rows = torch.arange(out.shape[0])
+        return out[rows, torch.as_tensor(pos).long().expand(out.shape[0])].argmax(-1).tolist()
     if isinstance(target, Tensor):
         return target.tolist() if target.numel() <= 64 else f"tensor{tuple(target.shape)}"
     return target

@@ -102,6 +102,8 @@ class Engine:
     # id(relevance tensor) -> (tensor, its float64 total): a tensor passed from one record
     # to the next is summed once for the ledger
     _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # composite rules' reports: {"blocks": {layer key: {path name: total}}, "heads": ...}
+    reports: dict[str, dict] = field(default_factory=dict)
 
     # -- services for rules --------------------------------------------------------------
     @property
@@ -134,13 +136,36 @@ class Engine:
     def walk(self, records: list[Record], bag: Bag) -> Bag:
         """Process ``records`` from last to first, taking and leaving relevance in ``bag``."""
         for rec in reversed(records):
-            R_out = [bag.pop(o) for o in rec.outputs]
-            if all(r is None for r in R_out):
-                continue
-            R_in = self.propagate(rec, R_out)
-            for i, (t, R) in enumerate(zip(rec.inputs, R_in)):
-                if R is not None:
-                    bag.add(t, R, rec, base=rec.input_views.get(i))
+            self.step(rec, bag)
+        return bag
+
+    def step(self, rec: Record, bag: Bag) -> None:
+        """Process one record: take its outputs' relevance from ``bag``, leave its inputs'."""
+        R_out = [bag.pop(o) for o in rec.outputs]
+        if all(r is None for r in R_out):
+            return
+        R_in = self.propagate(rec, R_out)
+        for i, (t, R) in enumerate(zip(rec.inputs, R_in)):
+            if R is not None:
+                bag.add(t, R, rec, base=rec.input_views.get(i))
+
+    def report(self, kind: str, key: str, name: str, value: Rel) -> None:
+        """Add ``value`` (summed) to ``reports[kind][key][name]`` (e.g. block path shares)."""
+        total = rsum(value)
+        entry = self.reports.setdefault(kind, {}).setdefault(key, {})
+        entry[name] = radd(entry.get(name), total)
+
+    def keep_tensor(self, kind: str, key: str, value: Rel) -> None:
+        """Keep a tensor report (e.g. relevance per attention head), summed over calls."""
+        entry = self.reports.setdefault(kind, {})
+        entry[key] = radd(entry.get(key), rmap(lambda t: t.detach(), value))
+
+    def seed_outputs(self, rec: Record, R_out: list[Rel | None]) -> Bag:
+        """A bag for walking ``rec``'s children, holding the relevance of its outputs."""
+        bag = self.new_bag(rec)
+        for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
+            if R is not None:
+                bag.add(o, R, None, base=rec.output_views.get(i))
         return bag
 
     def propagate(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
@@ -211,10 +236,7 @@ class Engine:
 
     def _transparent(self, rec: Record, R_out: list[Rel]) -> list[Rel | None]:
         """A container with no rule: walk its children, routing by tensor identity."""
-        bag = self.new_bag(rec)
-        for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
-            if R is not None:
-                bag.add(o, R, None, base=rec.output_views.get(i))
+        bag = self.seed_outputs(rec, R_out)
         self.walk(rec.children, bag)
         return self.collect(rec, bag)
 

@@ -35,6 +35,10 @@ class Explanation:
     tensors: dict[str, list[Tensor | None]] = field(default_factory=dict)
     scaler: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    #: relevance through each attention head: {attention module path: [batch, heads]}
+    heads: dict[str, Tensor] = field(default_factory=dict)
+    #: per residual block: {layer path: {"attention": ., "mlp": ., "residual": .}} totals
+    blocks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
         """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""
@@ -71,6 +75,8 @@ class Explanation:
                          ("negative", self.negative or {})):
             for k, v in d.items():
                 tensors[f"{group}/{k}"] = v.detach().contiguous().cpu()
+        for k, v in self.heads.items():
+            tensors[f"heads/{k}"] = v.detach().contiguous().cpu()
         for k, vs in self.tensors.items():
             for i, v in enumerate(vs):
                 if v is not None:
@@ -82,6 +88,7 @@ class Explanation:
             "contrastive": self.positive is not None,
             "ledger": [asdict(e) for e in self.ledger],
             "at_arity": {k: len(v) for k, v in self.tensors.items()},
+            "blocks": self.blocks,
         }
         save_file(tensors, str(path), metadata={"dlbhooks": json.dumps(meta)})
 
@@ -96,7 +103,8 @@ class Explanation:
             if meta_raw is None:
                 raise TraceError(f"{path} is not a dlbhooks explanation (no metadata)")
             meta = json.loads(meta_raw)
-            groups: dict[str, dict[str, Tensor]] = {"inputs": {}, "positive": {}, "negative": {}}
+            groups: dict[str, dict[str, Tensor]] = {
+                "inputs": {}, "positive": {}, "negative": {}, "heads": {}}
             tensors: dict[str, list[Tensor | None]] = {
                 k: [None] * n for k, n in meta["at_arity"].items()
             }
@@ -115,6 +123,7 @@ class Explanation:
             negative=groups["negative"] if contrastive else None,
             target=meta["target"], ledger=[LedgerEntry(**e) for e in meta["ledger"]],
             tensors=tensors, scaler=meta["scaler"], info=meta["info"],
+            heads=groups["heads"], blocks=meta.get("blocks", {}),
         )
 
 

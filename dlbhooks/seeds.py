@@ -30,6 +30,7 @@ def make_seed(
     multiplier: float = 100.0,
     mode: str = "default",
     thresholding: float = 0.5,
+    position: Any = None,
 ) -> Rel:
     """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks')."""
     if task not in TASKS:
@@ -46,6 +47,8 @@ def make_seed(
         seed = target.to(out.dtype)
         return Streams(seed.clamp_min(0), (-seed).clamp_min(0)) if mode == "contrastive" else seed
     m = float(multiplier)
+    if task == "multiclass" and out.dim() == 3:
+        return _sequence(out, target, m, mode, position)
     if task in ("multiclass", "binary"):
         if out.dim() == 1:
             out = out.unsqueeze(0) if task == "multiclass" else out.unsqueeze(-1)
@@ -59,6 +62,31 @@ def make_seed(
     if task in ("regression", "detection"):
         return _regression(out, target, m, mode)
     return _segmentation(out, target, m, mode, thresholding)
+
+
+def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any) -> Rel:
+    """Logits [batch, positions, vocab] (language models): the target token at ``position``
+    (default: the last position; an int or one per row)."""
+    B, T, _ = out.shape
+    if position is None:
+        position = -1
+    pos = torch.as_tensor(position, device=out.device).long().reshape(-1)
+    if pos.numel() == 1:
+        pos = pos.expand(B)
+    if pos.numel() != B:
+        raise TargetError(f"position must be an int or one per batch row ({B}), got {position!r}")
+    pos = torch.where(pos < 0, pos + T, pos)
+    if bool(((pos < 0) | (pos >= T)).any()):
+        raise TargetError(f"position {position!r} out of range for {T} positions")
+    rows = torch.arange(B, device=out.device)
+    at = _classify(out[rows, pos], target, "multiclass", m, mode)
+
+    def place(r: Tensor) -> Tensor:
+        z = torch.zeros_like(out)
+        z[rows, pos] = r
+        return z
+
+    return Streams(place(at.pos), place(at.neg)) if isinstance(at, Streams) else place(at)
 
 
 def _reshape(rel: Rel, shape) -> Rel:

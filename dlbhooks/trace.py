@@ -11,6 +11,15 @@ from torch import nn
 from .records import Record, Tape, bind_arguments, tensor_leaves
 from .rules import registry
 
+#: Traces whose block is running (innermost last): functions that are not modules (the
+#: attention function) record themselves through these.
+ACTIVE: list[trace] = []
+
+#: Setting switches: ``fn(model) -> undo | None`` called on entering a trace (e.g. select
+#: dlbhooks' attention implementation and ``use_cache=False`` on transformers models);
+#: each returned ``undo()`` runs on exit, in reverse order.
+SWITCHES: list = []
+
 
 class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     """Record the calls of ``model`` and its submodules while the user's forward runs.
@@ -32,10 +41,12 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._paths: dict[int, str] = {}
         self._snap: set[int] = set()
         self._grad_before = True
+        self._restore: list = []
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> Tape:
         self.tape = Tape(self.model)
+        self._restore = []
         self._paths = {}
         for path, m in self.model.named_modules():
             self._paths.setdefault(id(m), path)
@@ -48,14 +59,30 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         except BaseException:
             self._remove()
             raise
+        try:
+            for switch in SWITCHES:
+                undo = switch(self.model)
+                if undo is not None:
+                    self._restore.append(undo)
+        except BaseException:
+            self._undo()
+            raise
         torch.set_grad_enabled(self.grad)
+        ACTIVE.append(self)
         return self.tape
 
     def __exit__(self, *exc) -> None:
-        self._remove()
+        if self in ACTIVE:
+            ACTIVE.remove(self)
+        self._undo()
         torch.set_grad_enabled(self._grad_before)
         self._stack.clear()
         return None
+
+    def _undo(self) -> None:
+        self._remove()
+        while self._restore:
+            self._restore.pop()()
 
     def _remove(self) -> None:
         for h in self._handles:
@@ -64,16 +91,18 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     # -- hooks ----------------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._open(module, bind_arguments(module, args, kwargs), self._paths.get(id(module), ""))
+
+    def _open(self, module: nn.Module, arguments: dict, path: str) -> Record:
         tape = self.tape
         parent = self._stack[-1] if self._stack else None
-        arguments = bind_arguments(module, args, kwargs)
         leaves = list(tensor_leaves(arguments))
         if parent is None:
             for _, t in leaves:
                 tape.produce(t)
         rec = Record(
             index=len(tape.records),
-            path=self._paths.get(id(module), ""),
+            path=path,
             module=module,
             call=self._calls[id(module)],
             parent=parent,
@@ -94,12 +123,16 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         else:
             parent.children.append(rec)
         self._stack.append(rec)
+        return rec
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        tape = self.tape
         if not self._stack or self._stack[-1].module is not module:
             return  # a call that started before tracing began; ignore it
-        rec = self._stack.pop()
+        self._close(self._stack.pop(), output)
+
+    def _close(self, rec: Record, output: Any) -> None:
+        tape = self.tape
+        module = rec.module
         leaves = list(tensor_leaves(output))
         rec.output = output
         rec.output_names = [n for n, _ in leaves]
@@ -113,6 +146,23 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         if id(module) in self._snap:
             rec.snapshots = {i: t.clone() for i, t in enumerate(rec.outputs)}
         rec.done = True
+
+    # -- calls that are not module calls ---------------------------------------------------
+    def record_call(
+        self, caller: nn.Module, stand_in: nn.Module, name: str, inputs: dict, output: Any,
+        extras: dict | None = None,
+    ) -> Record | None:
+        """Record a function call made inside ``caller``'s forward (e.g. the attention
+        function) as a child record of ``caller``'s current call. ``stand_in`` is a module
+        object whose type selects the rule; ``extras`` are kept as non-tensor arguments."""
+        if not self._stack or self._stack[-1].module is not caller:
+            return None
+        parent_path = self._stack[-1].path
+        rec = self._open(stand_in, dict(inputs), f"{parent_path}.{name}" if parent_path else name)
+        rec.arguments.update(extras or {})
+        self._stack.pop()
+        self._close(rec, output)
+        return rec
 
 
 def _snapshot_targets(model: nn.Module) -> set[int]:

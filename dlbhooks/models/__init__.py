@@ -1,4 +1,4 @@
 """Composite rules for model families, registered by dotted class name (importing this
 package does not import torchvision or transformers)."""
 
-from . import torchvision_cnn, torchvision_vit  # noqa: F401
+from . import hf_attention, hf_families, torchvision_cnn, torchvision_vit  # noqa: F401

@@ -137,9 +137,14 @@ def _rows(t: Tensor | None, i0: int, i1: int) -> Tensor | None:
     return t[..., i0:i1, :]
 
 
-def _probs(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None, sinks: Tensor | None):
-    """Masked softmax of one query chunk: ``(A, p_sink)``; fully masked rows give A = 0."""
+def _probs(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None, sinks: Tensor | None,
+           softcap: float | None = None):
+    """Masked softmax of one query chunk: ``(A, p_sink)``; fully masked rows give A = 0.
+    ``softcap`` (Gemma 2): scores become ``tanh(S / softcap)·softcap`` before the mask — an
+    element-wise map, through which relevance passes unchanged."""
     S = (Qc @ K.transpose(-1, -2)) * scale
+    if softcap is not None:
+        S = torch.tanh(S / softcap) * softcap
     if mask is not None:
         S = S.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else S + mask
     m = S.amax(-1, keepdim=True)
@@ -207,6 +212,7 @@ def attention_relevance(
     mask: Tensor | None = None,
     sinks: Tensor | None = None,
     chunk: int = DEFAULT_CHUNK,
+    softcap: float | None = None,
 ) -> AttentionRelevance:
     """Relevance of ``Q``, ``K``, ``V`` given relevance ``R_O`` of ``O = softmax(Q·Kᵀ·scale +
     mask)·V`` (METHOD.md §4), per head.
@@ -253,7 +259,8 @@ def attention_relevance(
     for i0 in range(0, lay.Tq, chunk):
         i1 = min(lay.Tq, i0 + chunk)
         Qc = lay.Q[..., i0:i1, :]
-        A, p_sink = _probs(Qc, lay.K, scale, _rows(lay.mask, i0, i1), _rows(lay.sinks, i0, i1))
+        A, p_sink = _probs(Qc, lay.K, scale, _rows(lay.mask, i0, i1), _rows(lay.sinks, i0, i1),
+                           softcap)
         absQc = Qc.abs()
         D = A @ absV  # [B, Hkv, g, c, dv]
         Dp = absQc @ absK_t  # [B, Hkv, g, c, Tk]

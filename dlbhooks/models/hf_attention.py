@@ -1,0 +1,146 @@
+"""Hugging Face attention: our own attention function, registered by name.
+
+Inside ``dlb.trace`` a transformers model is switched (``config._attn_implementation``) to
+the attention implementation ``"dlbhooks"``, registered with ``AttentionInterface`` — and
+its mask builder with ``AttentionMaskInterface`` under the same name, without which the
+causal mask is silently dropped. The function runs the model family's own eager attention
+(so outputs equal eager attention bit for bit) and records Q, K (after RoPE and q/k norms),
+V, the mask, scaling, soft-capping and sinks as a child record ``attention_fn`` of the
+attention module. Its rule is METHOD.md §4 (:func:`dlbhooks.rules.attention.attention_relevance`).
+``use_cache`` is switched off for the recorded forward. Both settings are restored on exit.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModuleError
+from ..relevance import rmap
+from ..rules.attention import attention_relevance
+from ..rules.registry import register_rule
+from ..trace import ACTIVE, SWITCHES
+
+NAME = "dlbhooks"
+CHILD = "attention_fn"  # path suffix of the recorded attention call
+
+
+class AttentionCall(nn.Module):
+    """Stand-in module for records of the attention function (selects its rule)."""
+
+    def forward(self, *args: Any) -> None:  # pragma: no cover - never called
+        raise RuntimeError("AttentionCall only labels records")
+
+
+ATTENTION_CALL = AttentionCall()
+_EAGER: dict[type, Any] = {}
+
+
+def family_eager(module: nn.Module):
+    """The model family's own ``eager_attention_forward`` for this attention module."""
+    fn = _EAGER.get(type(module))
+    if fn is None:
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise UnsupportedModuleError(
+                f"{type(module).__module__}.{type(module).__name__} has no module-level "
+                "eager_attention_forward to reproduce; dlbhooks cannot record its attention"
+            )
+        _EAGER[type(module)] = fn
+    return fn
+
+
+def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                       attention_mask: Tensor | None, *args: Any, **kwargs: Any):
+    """Eager attention of the module's family, recorded for relevance."""
+    if module.training and kwargs.get("dropout", 0.0):
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}: attention dropout is active (training mode); "
+            "call model.eval() before explaining"
+        )
+    out, weights = family_eager(module)(module, query, key, value, attention_mask, *args,
+                                        **kwargs)
+    if ACTIVE:
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        sinks = kwargs.get("s_aux", getattr(module, "sinks", None))
+        extras = {"mask": attention_mask, "scaling": float(scaling),
+                  "softcap": kwargs.get("softcap"), "sinks": sinks}
+        for tr in ACTIVE:
+            tr.record_call(module, ATTENTION_CALL, CHILD,
+                           {"query": query, "key": key, "value": value}, out, extras)
+    return out, weights
+
+
+@register_rule(AttentionCall, name="attention")
+def attention_call_rule(rec, R_out, ctx):
+    """§4 on the recorded call; relevance per head is reported in ``exp.heads``."""
+    q, k, v = rec.inputs[:3]
+    a = rec.arguments
+    sinks = a.get("sinks")
+    if sinks is not None:
+        sinks = sinks.detach().to(q.dtype).view(1, -1, 1, 1)
+    mask = a.get("mask")
+    R = rmap(lambda r: r.transpose(1, 2), R_out[0])  # [b, s, h, d] -> [b, h, s, d]
+    res = attention_relevance(R, q, k, v, scale=a["scaling"], mask=mask, sinks=sinks,
+                              softcap=a.get("softcap"))
+    parent = rec.key.rsplit(".", 1)[0]
+    ctx.keep_tensor("heads", parent, rmap(lambda r: r.sum(dim=(-2, -1)), R))
+    return [res[0], res[1], res[2]], res[3]
+
+
+def _configs(model: nn.Module):
+    """Every transformers config reachable from the model (sub-configs included)."""
+    seen: dict[int, Any] = {}
+
+    def visit(cfg):
+        if cfg is None or id(cfg) in seen:
+            return
+        seen[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            visit(getattr(cfg, key, None))
+
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            visit(cfg)
+    return list(seen.values())
+
+
+def _ensure_registered() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    if AttentionInterface._global_mapping.get(NAME) is not dlbhooks_attention:
+        AttentionInterface.register(NAME, dlbhooks_attention)
+    if AttentionMaskInterface._global_mapping.get(NAME) is not eager_mask:
+        AttentionMaskInterface.register(NAME, eager_mask)
+
+
+def switch_transformers(model: nn.Module):
+    """Trace switch: dlbhooks attention and ``use_cache=False`` on every config; undo."""
+    if "transformers" not in sys.modules:
+        return None
+    configs = _configs(model)
+    if not configs:
+        return None
+    _ensure_registered()
+    saved = [(c, c._attn_implementation_internal, getattr(c, "use_cache", None)) for c in configs]
+    for c in configs:
+        c._attn_implementation_internal = NAME
+        if getattr(c, "use_cache", None) is not None:
+            c.use_cache = False
+
+    def undo() -> None:
+        for c, impl, cache in saved:
+            c._attn_implementation_internal = impl
+            if cache is not None:
+                c.use_cache = cache
+
+    return undo
+
+
+SWITCHES.append(switch_transformers)

@@ -1,0 +1,459 @@
+"""Composite rules as data: the functional maths inside a module's ``forward``.
+
+Hooks see module calls, not ``a + b``, ``act(gate) * up`` or ``torch.tanh(x)`` written in
+a ``forward``. A :class:`Functional` composite describes those operations with *locators*
+(which recorded tensor: a child's output, a child's input, the module's own argument) and
+*ops* (:class:`Add`, :class:`Mul`, :class:`Unary`, :class:`Gather`, :class:`Rope`), e.g. a
+pre-norm decoder layer::
+
+    Functional(
+        Add(Ret(0), (In("post_attention_layernorm"), Out("mlp"))),
+        Add(In("post_attention_layernorm"), (Arg(0), Out("self_attn"))),
+    )
+
+The composite walks the module's children in reverse call order and runs each op as soon
+as every consumer of its result has been processed, so relevance meets each op complete.
+The rules of the ops are those of METHOD.md §3: the add rule (∝ |a|), the product rule
+(half to each factor), element-wise pass-through, and the §2 rule on RoPE's 2×2 rotation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import DLBError, UnsupportedModuleError
+from ..records import Record
+from ..relevance import Rel, Streams, radd, rmap
+from .core import coefficients
+from .elementwise import add_rule, product_rule
+
+
+@dataclass
+class Located:
+    """A tensor found by a locator: ``tensor`` is the object relevance is keyed by (a view
+    of ``base`` when ``base`` is set), ``value`` its values as the forward saw them."""
+
+    tensor: Any
+    value: Tensor | None
+    base: Tensor | None = None
+
+
+class Loc:
+    """Where a tensor is, relative to a module's record."""
+
+    def find(self, rec: Record, tmp: dict) -> Located | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _child(rec: Record, name: str, call: int) -> Record | None:
+    prefix = f"{rec.path}.{name}" if rec.path else name
+    found = [c for c in rec.children if c.path == prefix]
+    return found[call] if len(found) > call else None
+
+
+@dataclass(frozen=True)
+class Out(Loc):
+    """Output ``i`` of the ``call``-th call of child ``name``."""
+
+    name: str
+    i: int = 0
+    call: int = 0
+
+    def find(self, rec, tmp):
+        c = _child(rec, self.name, self.call)
+        if c is None or len(c.outputs) <= self.i:
+            return None
+        return Located(c.outputs[self.i], c.output_value(self.i))
+
+
+@dataclass(frozen=True)
+class In(Loc):
+    """Input ``i`` of the ``call``-th call of child ``name``."""
+
+    name: str
+    i: int = 0
+    call: int = 0
+
+    def find(self, rec, tmp):
+        c = _child(rec, self.name, self.call)
+        if c is None or len(c.inputs) <= self.i:
+            return None
+        return Located(c.inputs[self.i], c.inputs[self.i])
+
+
+@dataclass(frozen=True)
+class Arg(Loc):
+    """The module's own input: by position among its tensor inputs, or by argument name."""
+
+    key: int | str = 0
+
+    def find(self, rec, tmp):
+        if isinstance(self.key, str):
+            hits = [i for i, n in enumerate(rec.input_names)
+                    if n == self.key or n.startswith(self.key + ".")]
+            if not hits:
+                return None
+            if len(hits) > 1:  # a tuple argument: hand back the whole tuple
+                return Located(tuple(rec.inputs[i] for i in hits), None)
+            i = hits[0]
+        else:
+            i = self.key
+            if i >= len(rec.inputs):
+                return None
+        return Located(rec.inputs[i], rec.input_value(i))
+
+
+@dataclass(frozen=True)
+class Ret(Loc):
+    """The module's own output: by position among its tensor outputs, or by name."""
+
+    key: int | str = 0
+
+    def find(self, rec, tmp):
+        names = rec.output_names
+        i = names.index(self.key) if isinstance(self.key, str) and self.key in names else self.key
+        if not isinstance(i, int) or i >= len(rec.outputs):
+            return None
+        return Located(rec.outputs[i], rec.outputs[i])
+
+
+@dataclass(frozen=True)
+class Tmp(Loc):
+    """An intermediate result no module consumed (e.g. the first of two embedding adds)."""
+
+    name: str
+
+    def find(self, rec, tmp):
+        return tmp.setdefault(self.name, Located(_Placeholder(self.name), None))
+
+
+@dataclass(frozen=True)
+class First(Loc):
+    """The first of several locators that finds something (e.g. input ids or embeds)."""
+
+    options: tuple[Loc, ...]
+
+    def find(self, rec, tmp):
+        for o in self.options:
+            hit = o.find(rec, tmp)
+            if hit is not None:
+                return hit
+        return None
+
+
+@dataclass(frozen=True)
+class Opt(Loc):
+    """A term that may be absent (e.g. token-type embeddings when none were passed)."""
+
+    loc: Loc
+
+    def find(self, rec, tmp):
+        return self.loc.find(rec, tmp)
+
+
+@dataclass(frozen=True)
+class Heads(Loc):
+    """``src`` ([b, s, width] or [b, s, h, d]) split into heads shaped like ``like``
+    ([b, heads, s, d]): ``src[..., off:off + heads·d].view(b, s, heads, d).transpose(1, 2)``
+    — a view of ``src``. ``off`` is the width of the ``after`` tensors (fused projections:
+    keys come after the queries in ``qkv_proj``)."""
+
+    src: Loc
+    like: Loc
+    after: tuple[Loc, ...] = ()
+
+    def find(self, rec, tmp):
+        src, like = self.src.find(rec, tmp), self.like.find(rec, tmp)
+        if src is None or like is None:
+            return None
+        b, h, s, d = like.value.shape
+        off = 0
+        for loc in self.after:
+            t = loc.find(rec, tmp).value
+            off += t.shape[1] * t.shape[3]
+
+        def cut(t: Tensor) -> Tensor:
+            t = t.reshape(t.shape[0], t.shape[1], -1) if t.dim() == 4 else t
+            return t[..., off:off + h * d].view(b, s, h, d).transpose(1, 2)
+
+        return Located(cut(src.tensor), cut(src.value), src.tensor)
+
+
+@dataclass(frozen=True)
+class Chunk(Loc):
+    """``src.chunk(n, dim)[index]`` (a view)."""
+
+    src: Loc
+    n: int
+    index: int
+    dim: int = -1
+
+    def find(self, rec, tmp):
+        src = self.src.find(rec, tmp)
+        if src is None:
+            return None
+        return Located(src.tensor.chunk(self.n, self.dim)[self.index],
+                       src.value.chunk(self.n, self.dim)[self.index], src.tensor)
+
+
+class _Placeholder:
+    """Stands for an intermediate tensor in the bag (keyed by identity)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+# -- ops ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    result: Loc
+
+    def operands(self) -> tuple[Loc, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Add(Op):
+    """``result = Σ terms`` (add rule). Terms listed in ``absorb`` (e.g. position embeddings,
+    constants) keep their share: it is absorbed and reported under ``names``."""
+
+    terms: tuple[Loc, ...] = ()
+    absorb: tuple[int, ...] = ()
+    names: tuple[str, ...] | None = None
+
+    def operands(self):
+        return self.terms
+
+
+@dataclass(frozen=True)
+class Mul(Op):
+    """``result = Π factors`` of activations (product rule: equal shares)."""
+
+    factors: tuple[Loc, ...] = ()
+
+    def operands(self):
+        return self.factors
+
+
+@dataclass(frozen=True)
+class Unary(Op):
+    """``result = f(operand)`` element-wise (tanh, GELU, soft-capping, scaling): relevance
+    passes through."""
+
+    operand: Loc = None
+
+    def operands(self):
+        return (self.operand,)
+
+
+@dataclass(frozen=True)
+class Gather(Op):
+    """``result[b] = source[b, t_b]`` along ``dim`` (e.g. the last non-pad token's logits):
+    ``t_b`` is found by exact match of the recorded values."""
+
+    source: Loc = None
+    dim: int = 1
+
+    def operands(self):
+        return (self.source,)
+
+
+@dataclass(frozen=True)
+class Rope(Op):
+    """``result = x·cos + rotate_half(x)·sin`` on the first ``cos.shape[-1]`` dims of
+    ``operand`` (the rest passes): the §2 rule on each output's two contributions."""
+
+    operand: Loc = None
+    cos_sin: Loc = field(default_factory=lambda: Arg("position_embeddings"))
+
+    def operands(self):
+        return (self.operand,)
+
+
+# -- the composite ------------------------------------------------------------------------
+
+
+class Functional:
+    """A composite rule built from ops; register it for a module type (see module doc)."""
+
+    streamwise = False
+
+    def __init__(self, *ops: Op, name: str = "functional"):
+        self.ops = ops
+        self.__name__ = name
+
+    def __call__(self, rec: Record, R_out: list, ctx) -> tuple[list, Rel | None]:
+        tmp: dict = {}
+        bag = ctx.seed_outputs(rec, R_out)
+        plan = self._plan(rec, tmp)
+        absorbed = None
+        for child in reversed(rec.children):
+            while plan and plan[0][0] > child.index:
+                absorbed = radd(absorbed, self._run(plan.pop(0)[1], rec, bag, tmp, ctx))
+            ctx.step(child, bag)
+        for _, op in plan:
+            absorbed = radd(absorbed, self._run(op, rec, bag, tmp, ctx))
+        return ctx.collect(rec, bag), absorbed
+
+    def _plan(self, rec: Record, tmp: dict) -> list[tuple[float, Op]]:
+        """Ops with the call index before which each must run (its result's first consumer)."""
+        for op in reversed(self.ops):  # forward order: give intermediates their values
+            if isinstance(op.result, Tmp) and isinstance(op, (Add, Mul)):
+                vals = [f.value for f in (o.find(rec, tmp) for o in op.operands()) if f is not None]
+                if vals:
+                    total = vals[0]
+                    for v in vals[1:]:
+                        total = total + v if isinstance(op, Add) else total * v
+                    op.result.find(rec, tmp).value = total
+        plan = []
+        for order, op in enumerate(self.ops):
+            res = op.result.find(rec, tmp)
+            if res is None:
+                continue
+            users = [c.index for c in rec.children if any(t is res.tensor for t in c.inputs)]
+            when = min(users) if users else math.inf
+            plan.append((when, order, op))
+        # Tmp results run right after the op that consumes them: keep list order on ties
+        plan.sort(key=lambda p: (-p[0], p[1]))
+        return [(w, op) for w, _, op in plan]
+
+    def _run(self, op: Op, rec: Record, bag, tmp: dict, ctx) -> Rel | None:
+        res = op.result.find(rec, tmp)
+        R = bag.pop(res.tensor)
+        if R is None:
+            return None
+        found = [o.find(rec, tmp) for o in op.operands()]
+        keep = [not (f is None and isinstance(o, Opt)) for o, f in zip(op.operands(), found)]
+        if isinstance(op, Add) and not all(keep):
+            names = op.names
+            op = Add(op.result, tuple(o for o, k in zip(op.operands(), keep) if k),
+                     tuple(i for i in op.absorb if keep[i]),
+                     None if names is None else tuple(n for n, k in zip(names, keep) if k))
+            found = [f for f, k in zip(found, keep) if k]
+        if any(f is None for f in found):
+            missing = [str(o) for o, f in zip(op.operands(), found) if f is None]
+            raise UnsupportedModuleError(
+                f"composite rule for {rec.describe()}: could not find {missing} among the "
+                "recorded calls; the model's forward differs from what the rule expects"
+            )
+        if isinstance(op, Add):
+            return self._add(op, rec, R, found, bag, ctx)
+        if isinstance(op, Mul):
+            parts = _per_stream(lambda r: product_rule(r, [f.value for f in found]), R)
+            for f, part in zip(found, parts):
+                bag.add(f.tensor, part, rec, base=f.base)
+            return None
+        if isinstance(op, Unary):
+            f = found[0]
+            if f.tensor is res.tensor:
+                bag.add(f.tensor, R, rec, base=f.base)
+                return None
+            bag.add(f.tensor, rmap(lambda r: r.reshape(f.value.shape), R), rec, base=f.base)
+            return None
+        if isinstance(op, Gather):
+            return self._gather(op, rec, R, res, found[0], bag)
+        if isinstance(op, Rope):
+            return self._rope(op, rec, R, res, found[0], bag, tmp)
+        raise TypeError(op)
+
+    def _add(self, op: Add, rec, R, found, bag, ctx):
+        values = [f.value for f in found]
+        res = op.result.find(rec, {}) if not isinstance(op.result, Tmp) else None
+        if res is not None and res.value is not None:
+            total = values[0]
+            for v in values[1:]:
+                total = total + v
+            if not _close(total, res.value):
+                raise DLBError(
+                    f"composite rule for {rec.describe()}: the terms {list(op.terms)} do not add "
+                    "up to the recorded result; the model's forward differs from the rule's spec"
+                )
+        outs = _per_stream(lambda r: add_rule(r, values), R, pairs=True)
+        parts, lost = outs
+        absorbed = lost
+        for n, (f, part) in enumerate(zip(found, parts)):
+            if op.names is not None:
+                ctx.report("blocks", rec.key, op.names[n], part)
+            if n in op.absorb:
+                absorbed = radd(absorbed, rmap(lambda t: t.sum(), part))
+            else:
+                bag.add(f.tensor, part, rec, base=f.base)
+        return absorbed
+
+    def _gather(self, op: Gather, rec, R, res: Located, src: Located, bag):
+        out, full = res.value, src.value
+        dim = op.dim
+        moved = full.movedim(dim, 1)  # [b, s, ...]
+        match = (moved == out.unsqueeze(1)).flatten(2).all(-1)  # [b, s]
+        if not bool(match.any(-1).all()):
+            raise DLBError(
+                f"{rec.describe()}: the returned {tuple(out.shape)} tensor is not a slice of "
+                f"{tuple(full.shape)} along dim {dim}; the Gather spec does not fit this model"
+            )
+        pos = torch.arange(match.shape[1], device=match.device)
+        idx = torch.where(match, pos, -1).amax(-1)  # the last matching position per row
+
+        def place(r: Tensor) -> Tensor:
+            z = r.new_zeros(moved.shape)
+            z[torch.arange(z.shape[0], device=z.device), idx] = r
+            return z.movedim(1, dim)
+
+        bag.add(src.tensor, rmap(place, R), rec, base=src.base)
+        return None
+
+    def _rope(self, op: Rope, rec, R, res: Located, x: Located, bag, tmp):
+        cs = op.cos_sin.find(rec, tmp)
+        cos, sin = cs.tensor if isinstance(cs.tensor, tuple) else (None, None)
+        if cos is None:
+            raise UnsupportedModuleError(f"{rec.describe()}: no rotary (cos, sin) recorded")
+        xv = x.value
+        rot = cos.shape[-1]
+        c = cos.unsqueeze(1).to(xv.dtype) if cos.dim() == 3 else cos.to(xv.dtype)
+        s = sin.unsqueeze(1).to(xv.dtype) if sin.dim() == 3 else sin.to(xv.dtype)
+        xr, xpass = xv[..., :rot], xv[..., rot:]
+        half = rot // 2
+        rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
+        A, B = xr * c, rotated * s
+        expect = torch.cat((A + B, xpass), dim=-1)
+        got = res.value
+        if not _close(expect, got):
+            raise DLBError(
+                f"{rec.describe()}: re-applying RoPE to the recorded {x.tensor.shape} source "
+                "does not give the attention's query/key: the family spec is wrong"
+            )
+        coefs, absorbed = coefficients(
+            rmap(lambda r: r[..., :rot], R), A.abs() + B.abs(), A + B, None
+        )
+        outs = []
+        for c_abs, c_sgn in coefs:
+            rA = c_abs * A.abs() + (c_sgn * A if c_sgn is not None else 0)
+            rB = c_abs * B.abs() + (c_sgn * B if c_sgn is not None else 0)
+            outs.append(rA + torch.cat((rB[..., half:], rB[..., :half]), dim=-1))
+        R_rot = Streams(*outs) if isinstance(R, Streams) else outs[0]
+        R_x = rmap(lambda r_rot, r: torch.cat((r_rot, r[..., rot:]), dim=-1), R_rot, R)
+        bag.add(x.tensor, R_x, rec, base=x.base)
+        return absorbed
+
+
+def _close(computed: Tensor, recorded: Tensor) -> bool:
+    """Sanity check of a spec: recomputed values match the recorded ones (loose tolerance:
+    the forward may have run in low precision)."""
+    scale = float(recorded.detach().abs().max().clamp_min(1))
+    return torch.allclose(computed.to(recorded.dtype), recorded, rtol=1e-3, atol=1e-3 * scale)
+
+
+def _per_stream(fn, R: Rel, pairs: bool = False):
+    """Apply a helper returning a list (or a (list, lost) pair) to each stream."""
+    if not isinstance(R, Streams):
+        return fn(R)
+    a, b = fn(R.pos), fn(R.neg)
+    if pairs:
+        return ([Streams(x, y) for x, y in zip(a[0], b[0])], Streams(a[1], b[1]))
+    return [Streams(x, y) for x, y in zip(a, b)]
