@@ -298,9 +298,10 @@ def _rdiff(a: Rel | None, b: Rel | None) -> Rel | None:
 
 def _gap_message(container: Record, t: Tensor, consumer: Record | None) -> str:
     where = container.describe()
+    shape = tuple(t.shape) if hasattr(t, "shape") else repr(t)
     if consumer is None:
         return (
-            f"relevance reached the output of {where} (shape {tuple(t.shape)}), but no "
+            f"relevance reached the output of {where} (shape {shape}), but no "
             f"recorded submodule produced it: {container.type_name}.forward computes it with "
             "functional code hooks cannot see. Register a composite rule for "
             f"{type(container.module).__module__}.{container.type_name} with "
@@ -309,7 +310,7 @@ def _gap_message(container: Record, t: Tensor, consumer: Record | None) -> str:
     siblings = [r for r in container.children if r.index < consumer.index]
     before = siblings[-1].describe() if siblings else "the start of the forward"
     return (
-        f"relevance reached a tensor of shape {tuple(t.shape)} consumed by "
+        f"relevance reached a tensor of shape {shape} consumed by "
         f"{consumer.describe()}, but no recorded module produced it: it was computed by "
         f"functional code in {where}.forward between {before} and {consumer.describe()}. "
         f"Register a composite rule for {type(container.module).__module__}."

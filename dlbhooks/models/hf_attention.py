@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
@@ -60,8 +61,13 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
             f"{type(module).__name__}: attention dropout is active (training mode); "
             "call model.eval() before explaining"
         )
+    if attention_mask is not None and attention_mask.dtype == torch.float64:
+        # eager softmax runs in float32, where float64's finfo.min becomes -inf and a fully
+        # masked (padding) row turns to NaN; float32's min gives the same zeros elsewhere
+        attention_mask = attention_mask.clamp_min(torch.finfo(torch.float32).min)
     out, weights = family_eager(module)(module, query, key, value, attention_mask, *args,
                                         **kwargs)
+    out = out.contiguous()  # same values; the caller's reshape is then a view we can follow
     if ACTIVE:
         scaling = kwargs.get("scaling")
         if scaling is None:

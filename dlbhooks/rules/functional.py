@@ -313,12 +313,19 @@ class Functional:
                         total = total + v if isinstance(op, Add) else total * v
                     op.result.find(rec, tmp).value = total
         plan = []
+        when_of: dict[int, float] = {}  # id(placeholder) -> when of the op that reads it
         for order, op in enumerate(self.ops):
             res = op.result.find(rec, tmp)
             if res is None:
                 continue
-            users = [c.index for c in rec.children if any(t is res.tensor for t in c.inputs)]
-            when = min(users) if users else math.inf
+            if isinstance(op.result, Tmp):
+                when = when_of.get(id(res.tensor), math.inf)
+            else:
+                users = [c.index for c in rec.children if any(t is res.tensor for t in c.inputs)]
+                when = min(users) if users else math.inf
+            for o in op.operands():
+                if isinstance(o, Tmp):
+                    when_of[id(o.find(rec, tmp).tensor)] = when
             plan.append((when, order, op))
         # Tmp results run right after the op that consumes them: keep list order on ties
         plan.sort(key=lambda p: (-p[0], p[1]))

@@ -1,0 +1,185 @@
+"""Hugging Face transformers families: recorded attention equals eager, the model is
+restored on exit, relevance conserves per block in both modes, padding gets exactly 0."""
+
+import pytest
+import torch
+from helpers import assert_conserved
+
+import dlbhooks as dlb
+
+transformers = pytest.importorskip("transformers")
+
+V = 64
+DEC = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+           pad_token_id=0)
+ENC = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+           num_attention_heads=4, max_position_embeddings=64, type_vocab_size=2,
+           pad_token_id=0)
+
+
+def _cfg(name):
+    t = transformers
+    if name == "llama":
+        return t.LlamaConfig(**DEC)
+    if name == "mistral":
+        return t.MistralConfig(**DEC, sliding_window=4)
+    if name == "qwen2":
+        return t.Qwen2Config(**DEC)
+    if name == "qwen3":
+        return t.Qwen3Config(**DEC, head_dim=8)
+    if name == "gemma2":
+        return t.Gemma2Config(**DEC, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
+    if name == "gemma3":
+        return t.Gemma3TextConfig(**DEC, head_dim=8, query_pre_attn_scalar=8, sliding_window=4)
+    if name == "phi3":
+        return t.Phi3Config(**DEC, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                    "partial_rotary_factor": 0.5})
+    if name == "gpt2":
+        return t.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                            pad_token_id=0)
+    if name == "bert":
+        return t.BertConfig(**ENC)
+    if name == "roberta":
+        return t.RobertaConfig(**{**ENC, "pad_token_id": 1})
+    if name == "electra":
+        return t.ElectraConfig(**ENC, embedding_size=16)
+    if name == "albert":
+        return t.AlbertConfig(**ENC, embedding_size=16)
+    if name == "distilbert":
+        return t.DistilBertConfig(vocab_size=V, dim=32, hidden_dim=48, n_layers=2, n_heads=4,
+                                  max_position_embeddings=64, pad_token_id=0)
+    raise KeyError(name)
+
+
+DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"]
+ENCODERS = ["bert", "roberta", "electra", "albert", "distilbert"]
+HEADS = {
+    "decoder": ["AutoModelForCausalLM", "AutoModelForSequenceClassification"],
+    "encoder": ["AutoModelForSequenceClassification", "AutoModelForMaskedLM"],
+}
+
+
+def build(name, head):
+    torch.manual_seed(0)
+    cfg = _cfg(name)
+    cfg.num_labels = 3
+    model = getattr(transformers, head).from_config(cfg).double().eval()
+    with torch.no_grad():  # non-trivial biases and norm weights
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n.lower():
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def batch(name):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    if name in ENCODERS:  # right padding for encoders
+        pad = 1 if name == "roberta" else 0
+        ids[1, -2:] = pad
+        mask[1, -2:] = 0
+    else:  # left padding for decoders
+        ids[1, :2] = 0
+        mask[1, :2] = 0
+    return ids, mask
+
+
+CASES = [(n, h) for n in DECODERS for h in HEADS["decoder"]] + [
+    (n, h) for n in ENCODERS for h in HEADS["encoder"]]
+
+
+def _explain_kwargs(name, head):
+    if "MaskedLM" in head:
+        return {"position": 2}
+    return {}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {}
+
+
+def run(case, runs):
+    if case not in runs:
+        name, head = case
+        model = build(name, head)
+        ids, mask = batch(name)
+        impl = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            eager = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        model.set_attn_implementation(impl)
+        with dlb.trace(model) as tape:
+            traced = model(input_ids=ids, attention_mask=mask).logits
+        assert model.config._attn_implementation == impl
+        exps = {m: tape.explain(mode=m, **_explain_kwargs(name, head))
+                for m in ("default", "contrastive")}
+        runs[case] = (model, ids, mask, eager, traced, exps)
+    return runs[case]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{n}-{h[12:]}" for n, h in CASES])
+def test_family(case, runs):
+    model, ids, mask, eager, traced, exps = run(case, runs)
+    ok = torch.isfinite(eager)  # HF eager gives NaN on fully padded float64 rows; we give 0s
+    assert torch.equal(traced[ok], eager[ok]), "recorded attention must reproduce eager"
+    assert torch.isfinite(traced).all()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    for mode, exp in exps.items():
+        assert_conserved(exp)
+        r = exp.inputs["input_ids"]
+        assert r.shape == ids.shape and torch.isfinite(r).all()
+        assert float(r[mask.bool()].abs().sum()) > 0
+        assert float(r[~mask.bool()].abs().sum()) == 0.0, "padded positions get exactly 0"
+        assert exp.heads and all(h.shape[0] == 2 for h in exp.heads.values())
+    d = exps["default"]
+    assert d.total_input + d.total_absorbed == pytest.approx(200.0, rel=1e-9)
+    assert d.blocks, "per-layer attention / MLP / residual shares"
+
+
+def test_attention_implementation_and_cache_restored_on_error():
+    model = build("llama", "AutoModelForCausalLM")
+    before = (model.config._attn_implementation, model.config.use_cache)
+    with pytest.raises(RuntimeError):
+        with dlb.trace(model):
+            raise RuntimeError("boom")
+    assert (model.config._attn_implementation, model.config.use_cache) == before
+
+
+def test_inputs_embeds_relevance_per_entry():
+    model = build("llama", "AutoModelForCausalLM")
+    ids, _ = batch("llama")
+    emb = model.get_input_embeddings()(ids).detach()
+    exp = dlb.explain(model, {"inputs_embeds": emb})
+    assert exp.inputs["inputs_embeds"].shape == emb.shape
+    assert_conserved(exp)
+    by_ids = dlb.explain(model, {"input_ids": ids})
+    assert torch.allclose(exp.inputs["inputs_embeds"].sum(-1), by_ids.inputs["input_ids"],
+                          atol=1e-9)
+
+
+def test_target_token_and_position():
+    model = build("qwen2", "AutoModelForCausalLM")
+    ids, _ = batch("qwen2")
+    exp = dlb.explain(model, {"input_ids": ids}, target=5, position=3)
+    r = exp.inputs["input_ids"]
+    assert float(r[:, 4:].abs().sum()) == 0.0, "causal: later tokens cannot matter"
+    assert exp.target == 5
+    with pytest.raises(dlb.TargetError):
+        dlb.explain(model, {"input_ids": ids}, position=9)
+
+
+def test_attention_rule_uses_recorded_mask_and_gqa():
+    """The recorded attention call holds Q, K (post-RoPE, kv heads) and the causal mask."""
+    model = build("llama", "AutoModelForCausalLM")
+    ids, mask = batch("llama")
+    with dlb.trace(model) as tape:
+        model(input_ids=ids, attention_mask=mask)
+    calls = [r for r in tape.records if r.path.endswith("attention_fn")]
+    assert len(calls) == 2
+    q, k, v = calls[0].inputs
+    assert q.shape[1] == 4 and k.shape[1] == 2  # grouped-query attention recorded as is
+    m = calls[0].arguments["mask"]
+    assert m.shape[-2:] == (7, 7) and float(m[0, 0, 0, 1]) < -1e30  # causal
