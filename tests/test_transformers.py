@@ -127,7 +127,7 @@ def test_family(case, runs):
     assert torch.equal(traced[ok], eager[ok]), "recorded attention must reproduce eager"
     assert torch.isfinite(traced).all()
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
-    for mode, exp in exps.items():
+    for exp in exps.values():
         assert_conserved(exp)
         r = exp.inputs["input_ids"]
         assert r.shape == ids.shape and torch.isfinite(r).all()

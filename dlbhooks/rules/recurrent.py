@@ -1,9 +1,13 @@
 """Recurrent layers (METHOD.md §3): LSTM, GRU and their cells, unrolled over time.
 
-The fused kernel hides the gates, so the rule recomputes, from the recorded input and the
-weights (read through ``ctx.param``), every gate value and state of every step, then walks
-the steps backwards (one Python loop over layers, directions and time; everything else is
-vectorised over batch and units).
+The fused kernel hides the gates, so the rule recomputes them from the recorded input and
+the weights (read through ``ctx.param``): the hidden-state sequence of every layer comes
+from the fused kernel itself (``torch._VF.lstm``/``gru``, one layer at a time; the top
+layer's is the recorded output), then every gate of every step is one matrix product per
+layer and direction (the LSTM cell state is a cheap element-wise recurrence). The reverse
+pass walks the steps backwards in one Python loop per layer and direction; everything that
+does not depend on the relevance flowing back is computed for all steps at once before it,
+and the ``W_ih x`` part of every step is one matrix product after it.
 
 LSTM step ``c = f⊙c' + i⊙g``, ``h = o⊙tanh(c)``: ``h``'s relevance goes half to ``o`` and
 half to ``c`` (product rule, ``tanh`` passes through); ``c``'s relevance is split by the add
@@ -17,10 +21,16 @@ b_hn)`` is a weighted sum whose contributions are the ``W_in x`` terms and ``q``
 (§2, tanh bounds); ``q``'s share goes half to ``r`` and half to ``W_hn h' + b_hn`` (§2 to
 ``h'``, ``b_hn`` absorbed). Gates r, z: §2 with sigmoid bounds.
 
-Contrastive mode: the weighted sums cross streams through ``rules/core``; the add and
-product steps act on each stream. Relevance that reaches an implicit zero initial state (it
-is zero unless something degenerate happens) is reported absorbed, as are bias shares and
-guard losses, so every call conserves exactly.
+In default mode every split above is linear in the relevance (the §2 denominators and
+saturation masks depend on the forward values only), so the reverse loop multiplies by
+per-unit factors precomputed for all steps — the add-rule fractions and the §2
+coefficients that ``add_rule``/``coefficients`` give for unit relevance — and what the
+biases and guards absorb is computed afterwards, for all steps at once, by those same
+functions. Contrastive mode is not linear in the relevance (which side is "aligned"
+depends on it), so there ``coefficients`` runs once per step; the add and product steps
+act on each stream. Relevance that reaches an implicit zero initial state (it is zero
+unless something degenerate happens) is reported absorbed, as are bias shares and guard
+losses, so every call conserves to float precision.
 """
 
 from __future__ import annotations
@@ -72,35 +82,21 @@ def _apply(coefs, a: Tensor, W: Tensor, absW: Tensor) -> list[Tensor]:
     for c_abs, c_sgn in coefs:
         r = a.abs() * (c_abs @ absW)
         if c_sgn is not None:
-            r = r + a * (c_sgn @ W)
+            r = r.addcmul_(a, c_sgn @ W)
         out.append(r)
     return out
 
 
-class _Deferred:
-    """§2 coefficients of the ``W_ih x_t`` part of each step, applied after the time loop."""
+def _mm2(A: Tensor, W1: Tensor, Bm: Tensor, W2: Tensor) -> Tensor:
+    """``A @ W1ᵀ + Bm @ W2ᵀ`` for [T, B, ·] operands (two matrix products, no temporaries)."""
+    lead = A.shape[:-1]
+    out = A.reshape(-1, A.shape[-1]) @ W1.T
+    return out.addmm_(Bm.reshape(-1, Bm.shape[-1]), W2.T).view(*lead, -1)
 
-    def __init__(self, n_streams: int, shape, like: Tensor):
-        self.c_abs = [like.new_zeros(shape) for _ in range(n_streams)]
-        self.c_sgn = [like.new_zeros(shape) for _ in range(n_streams)]
-        self.signed = False
 
-    def store(self, t: int, coefs, cols: slice = slice(None)) -> None:
-        for k, (c_abs, c_sgn) in enumerate(coefs):
-            self.c_abs[k][t, ..., cols] = c_abs
-            if c_sgn is not None:
-                self.c_sgn[k][t, ..., cols] = c_sgn
-                self.signed = True
-
-    def relevance(self, X: Tensor, W: Tensor) -> list[Tensor]:
-        absX, absW = X.abs(), W.abs()
-        out = []
-        for c_abs, c_sgn in zip(self.c_abs, self.c_sgn):
-            r = absX * (c_abs @ absW)
-            if self.signed:
-                r = r + X * (c_sgn @ W)
-            out.append(r)
-        return out
+def _mm(A: Tensor, W: Tensor) -> Tensor:
+    """``A @ Wᵀ`` for a [T, B, ·] operand."""
+    return (A.reshape(-1, A.shape[-1]) @ W.T).view(*A.shape[:-1], -1)
 
 
 @dataclass
@@ -124,29 +120,11 @@ def _order(T: int, reverse: bool) -> list[int]:
     return list(range(T - 1, -1, -1)) if reverse else list(range(T))
 
 
-# -- LSTM -------------------------------------------------------------------------------------
-def lstm_forward(X: Tensor, h: Tensor, c: Tensor, w: _Weights, reverse: bool) -> dict:
-    """Recompute one layer/direction: the gates and states of every step.
-
-    ``X`` [T, B, in], ``h``/``c`` [B, H]. Returns a dict of [T, B, ·] tensors (``out`` is the
-    hidden state of each step) plus the final ``h``/``c``.
-    """
-    T = X.shape[0]
-    H = w.W_hh.shape[1]
-    XW = X @ w.W_ih.T
-    b = _bias(w.b_ih, w.b_hh)
-    st = {k: X.new_empty(T, *h.shape) for k in ("h_prev", "c_prev", "i", "f", "g", "o", "c", "out")}
-    for t in _order(T, reverse):
-        st["h_prev"][t], st["c_prev"][t] = h, c
-        z = XW[t] + h @ w.W_hh.T
-        pre = z + b if b is not None else z
-        i, f, o = (torch.sigmoid(p) for p in (pre[:, :H], pre[:, H:2 * H], pre[:, 3 * H:]))
-        g = torch.tanh(pre[:, 2 * H:3 * H])
-        c = f * c + i * g
-        h = o * torch.tanh(c)
-        st["i"][t], st["f"][t], st["g"][t], st["o"][t], st["c"][t], st["out"][t] = i, f, g, o, c, h
-    st["h_last"], st["c_last"] = h, c
-    return st
+def _shift(seq: Tensor, first: Tensor, reverse: bool) -> Tensor:
+    """The previous state of every step: ``first`` at the first step of the recurrence."""
+    if reverse:
+        return torch.cat([seq[1:], first.unsqueeze(0)])
+    return torch.cat([first.unsqueeze(0), seq[:-1]])
 
 
 def _bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
@@ -155,119 +133,407 @@ def _bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     return b_ih if b_hh is None else b_ih + b_hh
 
 
-def lstm_reverse(st, X, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
+def _first(T: int, reverse: bool) -> int:
+    """Index of the last step of the recurrence (where the reverse walk starts)."""
+    return 0 if reverse else T - 1
+
+
+# -- LSTM -------------------------------------------------------------------------------------
+def lstm_steps(X: Tensor, Hp: Tensor, c0: Tensor, w: _Weights, reverse: bool) -> dict:
+    """Gates and cell states of every step of one layer/direction, given the input ``X``
+    [T, B, in] and the previous hidden state of every step ``Hp`` [T, B, H]."""
+    T = X.shape[0]
+    H = w.W_hh.shape[1]
+    signed = _mm2(X, w.W_ih, Hp, w.W_hh)  # W_ih x + W_hh h' of every step
+    b = _bias(w.b_ih, w.b_hh)
+    pre = signed + b if b is not None else signed
+    gates = torch.sigmoid(pre)  # i, f, g, o
+    gates[..., 2 * H:3 * H] = torch.tanh(pre[..., 2 * H:3 * H])
+    i, f, g, _ = gates.chunk(4, dim=-1)
+    ig = i * g
+    C = torch.empty_like(ig)
+    c = c0
+    for t in _order(T, reverse):  # c = f c' + i g, element-wise
+        c = torch.addcmul(ig[t], f[t], c, out=C[t])
+    return {"X": X, "Hp": Hp, "Cp": _shift(C, c0, reverse), "C": C, "gates": gates,
+            "signed": signed}
+
+
+def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
     """Relevance of one layer/direction: returns per-stream (R_X, R_h0, R_c0).
 
     ``R_seq`` per stream [T, B, H] (relevance on each step's hidden output), ``R_h``/``R_c``
     per stream [B, H] (on the final states). ``absorbed`` (per stream) is added to in place.
     """
-    T, H = X.shape[0], w.W_hh.shape[1]
+    X, Hp = st["X"], st["Hp"]
+    T, B = X.shape[:2]
+    H = w.W_hh.shape[1]
     b = _bias(w.b_ih, w.b_hh)
-    absWhh = w.W_hh.abs()
-    # |contributions| and signed sums with the same operations, so that a unit whose
+    absW_ih, absW_hh = w.W_ih.abs(), w.W_hh.abs()
+    absHp = Hp.abs()
+    # |contributions| with the same operations as the signed sums, so that a unit whose
     # contributions all share one sign gets P or N exactly 0
-    abs_total = X.abs() @ w.W_ih.abs().T + st["h_prev"].abs() @ absWhh.T
-    signed = X @ w.W_ih.T + st["h_prev"] @ w.W_hh.T
+    abs_total = _mm2(X.abs(), absW_ih, absHp, absW_hh)
+    signed = st["signed"]
     bounds = _gate_bounds([SIGMOID, SIGMOID, TANH, SIGMOID], H, X, saturate)
+    i, f, g, _ = st["gates"].chunk(4, dim=-1)
+    terms = [f * st["Cp"], i * g]
+    (a_fc, a_ig), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
     n = len(R_seq)
-    deferred = _Deferred(n, abs_total.shape, X)
-    for t in reversed(_order(T, reverse)):
-        fc = st["f"][t] * st["c_prev"][t]
-        ig = st["i"][t] * st["g"][t]
-        R_gates = []
+    order = _order(T, not reverse)  # against the recurrence
+    RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it) ...
+    RC = [X.new_empty(T, B, H) for _ in range(n)]  # ... and on c_t, filled by the loop
+    loop = _lstm_loop if n == 1 else _lstm_loop_streams
+    coefs, R_h, R_c = loop(st, w, R_seq, R_h, R_c, RH, RC, order, a_fc, a_ig, abs_total,
+                           b, bounds, absorbed)
+    G = []  # relevance of the gates, all steps at once (as the loop split it)
+    for k in range(n):
+        (r_fc, r_ig), lost = add_rule(RC[k], terms)
+        absorbed[k] = absorbed[k] + lost
+        G.append(torch.cat([r_ig, r_fc, r_ig, RH[k]], dim=-1).mul_(0.5))
+    if n == 1:  # what the biases and guards absorb (the loop only needed the factors)
+        _acc(absorbed, coefficients(G[0], abs_total, signed, b, bounds=bounds)[1])
+    return _apply(coefs, X, w.W_ih, absW_ih), R_h, R_c
+
+
+def _lstm_loop(st, w, R_seq, R_h, R_c, RH, RC, order, a_fc, a_ig, abs_total, b, bounds,
+               absorbed):
+    """Default mode: the reverse walk as a linear recurrence with precomputed factors.
+
+    Returns the §2 coefficients of every step ([(c_abs, c_sgn)], [T, B, 4H]) and the
+    relevance of the initial ``h``/``c``."""
+    T, B, H = a_fc.shape[0], a_fc.shape[1], a_fc.shape[2]
+    Hp = st["Hp"]
+    # coefficient of gate unit j = (its relevance) * K_j; the gate relevances are
+    # (rc a_ig, rc a_fc, rc a_ig, rh) / 2 for the relevance rh on h and rc on c
+    (K, K_sgn), = coefficients(a_fc.new_ones(()), abs_total, st["signed"], b,
+                               bounds=bounds)[0]
+    half = torch.stack([a_ig, a_fc, a_ig, torch.ones_like(a_ig)], dim=2).mul_(0.5)
+
+    def factors(K):
+        M = K.view(T, B, 4, H) * half
+        return M[:, :, :3].unbind(0), M[:, :, 3].unbind(0)
+
+    def buffer():
+        Cb = a_fc.new_empty(T, B, 4, H)
+        return Cb, Cb[:, :, :3].unbind(0), Cb[:, :, 3].unbind(0), Cb.view(T, B, 4 * H).unbind(0)
+
+    M3, M1 = factors(K)
+    C, C3, C1, Cf = buffer()
+    signed = K_sgn is not None
+    if signed:
+        S3, S1 = factors(K_sgn)
+        S, T3, T1, Sf = buffer()
+        Hpu = Hp.unbind(0)
+    W, absW = w.W_hh, w.W_hh.abs()
+    Fc = (a_fc * 0.5).unbind(0)
+    aHp = Hp.abs().unbind(0)
+    Rs, RHu, RCu = R_seq[0].unbind(0), RH[0].unbind(0), RC[0].unbind(0)
+    rh = torch.add(R_h[0], Rs[order[0]], out=RHu[order[0]])
+    rc_next = R_c[0]
+    for j, t in enumerate(order):
+        rc = torch.add(rc_next, rh, alpha=0.5, out=RCu[t])  # h = o tanh(c): half to c
+        torch.mul(M3[t], rc.unsqueeze(1), out=C3[t])
+        torch.mul(M1[t], rh, out=C1[t])
+        back = Cf[t] @ absW
+        if signed:
+            torch.mul(S3[t], rc.unsqueeze(1), out=T3[t])
+            torch.mul(S1[t], rh, out=T1[t])
+            back_s = Sf[t] @ W
+        rc_next = rc * Fc[t]  # f c': half to c'
+        if j + 1 < len(order):
+            rh = torch.addcmul(Rs[order[j + 1]], aHp[t], back, out=RHu[order[j + 1]])
+        else:
+            rh = aHp[t] * back
+        if signed:
+            rh.addcmul_(Hpu[t], back_s)
+    coefs = [(C.view(T, B, 4 * H), S.view(T, B, 4 * H) if signed else None)]
+    return coefs, [rh], [rc_next]
+
+
+def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RH, RC, order, a_fc, a_ig, abs_total, b,
+                       bounds, absorbed):
+    """Contrastive mode: ``coefficients`` once per step (both streams)."""
+    T, B, H = a_fc.shape
+    Hp, signed = st["Hp"], st["signed"]
+    n = len(R_seq)
+    W, absW = w.W_hh, w.W_hh.abs()
+    C = [[a_fc.new_empty(T, B, 4 * H) for _ in range(2)] for _ in range(n)]
+    rh = [torch.add(R_h[k], R_seq[k][order[0]], out=RH[k][order[0]]) for k in range(n)]
+    rc_next = list(R_c)
+    for j, t in enumerate(order):
+        G = []
         for k in range(n):
-            rh = R_h[k] + R_seq[k][t]
-            rc = R_c[k] + rh * 0.5  # h = o * tanh(c): half to c ...
-            (r_fc, r_ig), lost = add_rule(rc, [fc, ig])
-            absorbed[k] = absorbed[k] + lost
-            R_c[k] = r_fc * 0.5  # f * c_prev: half to c_prev, half to f
-            # gates i, f, g, o (... and half to o)
-            R_gates.append(torch.cat([r_ig * 0.5, r_fc * 0.5, r_ig * 0.5, rh * 0.5], dim=-1))
-        coefs, ab = coefficients(
-            _join(R_gates), abs_total[t], signed[t], b, bounds=bounds
-        )
+            rc = torch.add(rc_next[k], rh[k], alpha=0.5, out=RC[k][t])
+            r_fc, r_ig = rc * a_fc[t], rc * a_ig[t]
+            rc_next[k] = r_fc * 0.5
+            G.append(torch.cat([r_ig, r_fc, r_ig, rh[k]], dim=-1).mul_(0.5))
+        coefs, ab = coefficients(_join(G), abs_total[t], signed[t], b, bounds=bounds)
         _acc(absorbed, ab)
-        deferred.store(t, coefs)
-        R_h = _apply(coefs, st["h_prev"][t], w.W_hh, absWhh)
-    return deferred.relevance(X, w.W_ih), R_h, R_c
+        back = _apply(coefs, Hp[t], W, absW)
+        for k, (c_abs, c_sgn) in enumerate(coefs):
+            C[k][0][t] = c_abs
+            C[k][1][t] = 0.0 if c_sgn is None else c_sgn
+            if j + 1 < len(order):
+                rh[k] = torch.add(back[k], R_seq[k][order[j + 1]], out=RH[k][order[j + 1]])
+            else:
+                rh[k] = back[k]
+    return [tuple(c) for c in C], rh, rc_next
 
 
 # -- GRU --------------------------------------------------------------------------------------
-def gru_forward(X: Tensor, h: Tensor, w: _Weights, reverse: bool) -> dict:
-    """Recompute one GRU layer/direction (see :func:`lstm_forward`)."""
-    T = X.shape[0]
+def _gru_biases(w: _Weights, H: int):
+    b_rz = _bias(None if w.b_ih is None else w.b_ih[:2 * H],
+                 None if w.b_hh is None else w.b_hh[:2 * H])
+    b_in = None if w.b_ih is None else w.b_ih[2 * H:]
+    b_hn = None if w.b_hh is None else w.b_hh[2 * H:]
+    return b_rz, b_in, b_hn
+
+
+def gru_steps(X: Tensor, Hp: Tensor, w: _Weights) -> dict:
+    """Gates of every step of one GRU layer/direction (see :func:`lstm_steps`)."""
     H = w.W_hh.shape[1]
-    XW = X @ w.W_ih.T
-    b_rz = _bias(None if w.b_ih is None else w.b_ih[:2 * H],
-                 None if w.b_hh is None else w.b_hh[:2 * H])
-    b_in = None if w.b_ih is None else w.b_ih[2 * H:]
-    b_hn = None if w.b_hh is None else w.b_hh[2 * H:]
-    B = h.shape[0]
-    st = {k: X.new_empty(T, B, H) for k in ("h_prev", "r", "z", "q", "n", "out")}
-    for t in _order(T, reverse):
-        st["h_prev"][t] = h
-        hh = h @ w.W_hh.T
-        rz = XW[t, :, :2 * H] + hh[:, :2 * H]
-        rz = torch.sigmoid(rz + b_rz if b_rz is not None else rz)
-        r, z = rz[:, :H], rz[:, H:]
-        hn = hh[:, 2 * H:]
-        q = r * (hn + b_hn if b_hn is not None else hn)
-        ns = XW[t, :, 2 * H:] + q
-        n = torch.tanh(ns + b_in if b_in is not None else ns)
-        h = (1 - z) * n + z * h
-        st["r"][t], st["z"][t], st["q"][t], st["n"][t], st["out"][t] = r, z, q, n, h
-    st["h_last"] = h
-    return st
+    b_rz, b_in, b_hn = _gru_biases(w, H)
+    XW, HW = _mm(X, w.W_ih), _mm(Hp, w.W_hh)
+    rz = XW[..., :2 * H] + HW[..., :2 * H]
+    rz = torch.sigmoid(rz + b_rz if b_rz is not None else rz)
+    r, z = rz[..., :H], rz[..., H:]
+    hn = HW[..., 2 * H:]
+    q = r * (hn + b_hn if b_hn is not None else hn)
+    ns = XW[..., 2 * H:] + q
+    n = torch.tanh(ns + b_in if b_in is not None else ns)
+    return {"X": X, "Hp": Hp, "XW": XW, "HW": HW, "z": z, "q": q, "n": n}
 
 
-def gru_reverse(st, X, w, R_seq, R_h, reverse, saturate, absorbed):
+def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     """Relevance of one GRU layer/direction: returns per-stream (R_X, R_h0)."""
-    T, H = X.shape[0], w.W_hh.shape[1]
-    b_rz = _bias(None if w.b_ih is None else w.b_ih[:2 * H],
-                 None if w.b_hh is None else w.b_hh[:2 * H])
-    b_in = None if w.b_ih is None else w.b_ih[2 * H:]
-    b_hn = None if w.b_hh is None else w.b_hh[2 * H:]
+    X, Hp, Q, Z = st["X"], st["Hp"], st["q"], st["z"]
+    T, B = X.shape[:2]
+    H = w.W_hh.shape[1]
+    b_rz, b_in, b_hn = _gru_biases(w, H)
+    absW_ih = w.W_ih.abs()
+    # |contributions| and signed sums with the same operations (see lstm_reverse)
+    absXW, absHW = _mm(X.abs(), absW_ih), _mm(Hp.abs(), w.W_hh.abs())
+    XW, HW = st["XW"], st["HW"]
+    sums = {
+        "rz": (absXW[..., :2 * H] + absHW[..., :2 * H], XW[..., :2 * H] + HW[..., :2 * H],
+               b_rz, _gate_bounds([SIGMOID, SIGMOID], H, X, saturate)),
+        "n": (absXW[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q, b_in,
+              _gate_bounds([TANH], H, X, saturate)),
+        "hn": (absHW[..., 2 * H:], HW[..., 2 * H:], b_hn, None),
+    }
+    terms = [(1 - Z) * st["n"], Z * Hp]
+    (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
+    n = len(R_seq)
+    order = _order(T, not reverse)
+    RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it)
+    loop = _gru_loop if n == 1 else _gru_loop_streams
+    coefs_rz, coefs_n, R_h = loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed)
+    if n == 1:  # the n gate's coefficients, and what the biases and guards absorb
+        (r_a, r_b), lost = add_rule(RH[0], terms)
+        absorbed[0] = absorbed[0] + lost
+        coefs_n, ab = _coefs(sums["n"], r_a * 0.5)
+        _acc(absorbed, ab)
+        c_abs, c_sgn = coefs_n[0]
+        R_q = c_abs * Q.abs() if c_sgn is None else c_abs * Q.abs() + c_sgn * Q
+        _acc(absorbed, _coefs(sums["hn"], R_q * 0.5)[1])
+        R_rz = torch.cat([R_q * 0.5, (r_a + r_b) * 0.5], dim=-1)
+        _acc(absorbed, _coefs(sums["rz"], R_rz)[1])
+    coefs = []
+    for (rz_abs, rz_sgn), (n_abs, n_sgn) in zip(coefs_rz, coefs_n):
+        c_abs = torch.cat([rz_abs, n_abs], dim=-1)
+        c_sgn = None
+        if rz_sgn is not None or n_sgn is not None:
+            c_sgn = torch.cat([torch.zeros_like(rz_abs) if rz_sgn is None else rz_sgn,
+                               torch.zeros_like(n_abs) if n_sgn is None else n_sgn], dim=-1)
+        coefs.append((c_abs, c_sgn))
+    return _apply(coefs, X, w.W_ih, absW_ih), R_h
+
+
+def _coefs(spec, R):
+    abs_total, signed, bias, bounds = spec
+    return coefficients(R, abs_total, signed, bias, bounds=bounds)
+
+
+def _gru_loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed):
+    """Default mode: the reverse walk as a linear recurrence with precomputed factors.
+
+    Returns the §2 coefficients of the r, z gates of every step, ``None`` for the n gate's
+    (computed after the loop) and the relevance of the initial ``h``."""
+    T, B, H = a_a.shape
+    Hp, Q = st["Hp"], st["q"]
+    one = a_a.new_ones(())
+    (Kn, Kn_sgn), = _coefs(sums["n"], one)[0]
+    (Khn, _), = _coefs(sums["hn"], one)[0]
+    (Krz, Krz_sgn), = _coefs(sums["rz"], one)[0]
+    # per unit of relevance rh on h: R_n = rh a_a / 2, R_q = R_n (Kn |q| + Kn_sgn q), half
+    # of R_q to r and half to W_hn h' + b_hn, R_z = rh (a_a + a_b) / 2
+    Qf = Kn * Q.abs() if Kn_sgn is None else Kn * Q.abs() + Kn_sgn * Q
+    q4 = a_a * Qf * 0.25
+    z2 = (a_a + a_b) * 0.5
+    M = torch.stack([q4 * Krz[..., :H], z2 * Krz[..., H:], q4 * Khn], dim=2).unbind(0)
+    signed = Krz_sgn is not None
+    C = a_a.new_empty(T, B, 3, H)  # coefficients of the r, z and W_hn h' units
+    Cu, Cf = C.unbind(0), C.view(T, B, 3 * H).unbind(0)
+    if signed:
+        Ms = torch.stack([q4 * Krz_sgn[..., :H], z2 * Krz_sgn[..., H:]], dim=2).unbind(0)
+        S = a_a.new_empty(T, B, 2, H)
+        Su, Sf = S.unbind(0), S.view(T, B, 2 * H).unbind(0)
+        W_rz = w.W_hh[:2 * H]
+        Hpu = Hp.unbind(0)
+    absW = w.W_hh.abs()
+    direct = (a_b * 0.5).unbind(0)  # z h': half to h'
+    aHp = Hp.abs().unbind(0)
+    Rs, RHu = R_seq[0].unbind(0), RH[0].unbind(0)
+    rh = torch.add(R_h[0], Rs[order[0]], out=RHu[order[0]])
+    for j, t in enumerate(order):
+        torch.mul(M[t], rh.unsqueeze(1), out=Cu[t])
+        back = Cf[t] @ absW
+        if signed:
+            torch.mul(Ms[t], rh.unsqueeze(1), out=Su[t])
+            back_s = Sf[t] @ W_rz
+        if j + 1 < len(order):
+            nxt = torch.addcmul(Rs[order[j + 1]], rh, direct[t], out=RHu[order[j + 1]])
+        else:
+            nxt = rh * direct[t]
+        rh = nxt.addcmul_(aHp[t], back)
+        if signed:
+            rh.addcmul_(Hpu[t], back_s)
+    coefs_rz = [(C[:, :, :2].reshape(T, B, 2 * H),
+                 S.view(T, B, 2 * H) if signed else None)]
+    return coefs_rz, None, [rh]
+
+
+def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed):
+    """Contrastive mode: ``coefficients`` once per step and weighted sum (both streams)."""
+    T, B, H = a_a.shape
+    Hp, Q = st["Hp"], st["q"]
+    n = len(R_seq)
     W_hrz, W_hn = w.W_hh[:2 * H], w.W_hh[2 * H:]
     abs_hrz, abs_hn = W_hrz.abs(), W_hn.abs()
-    # |contributions| and signed sums with the same operations (see lstm_reverse)
-    Hp, Q = st["h_prev"], st["q"]
-    absX_W, XW = X.abs() @ w.W_ih.abs().T, X @ w.W_ih.T
-    abs_rz = absX_W[..., :2 * H] + Hp.abs() @ abs_hrz.T
-    signed_rz = XW[..., :2 * H] + Hp @ W_hrz.T
-    abs_n, signed_n = absX_W[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q
-    abs_hn_tot, signed_hn = Hp.abs() @ abs_hn.T, Hp @ W_hn.T
-    bounds_rz = _gate_bounds([SIGMOID, SIGMOID], H, X, saturate)
-    bounds_n = _gate_bounds([TANH], H, X, saturate)
-    n = len(R_seq)
-    deferred = _Deferred(n, absX_W.shape, X)
-    for t in reversed(_order(T, reverse)):
-        hp, z, q = st["h_prev"][t], st["z"][t], st["q"][t]
+    C_rz = [[a_a.new_empty(T, B, 2 * H) for _ in range(2)] for _ in range(n)]
+    C_n = [[a_a.new_empty(T, B, H) for _ in range(2)] for _ in range(n)]
+    rh = [torch.add(R_h[k], R_seq[k][order[0]], out=RH[k][order[0]]) for k in range(n)]
+
+    def at(spec, t):
+        return tuple(x[t] for x in spec[:2]) + spec[2:]
+
+    for j, t in enumerate(order):
+        hp, q = Hp[t], Q[t]
         R_z, R_n, R_direct = [], [], []
         for k in range(n):
-            rh = R_h[k] + R_seq[k][t]
-            (r_a, r_b), lost = add_rule(rh, [(1 - z) * st["n"][t], z * hp])
-            absorbed[k] = absorbed[k] + lost
+            r_a, r_b = rh[k] * a_a[t], rh[k] * a_b[t]
             R_z.append((r_a + r_b) * 0.5)
             R_n.append(r_a * 0.5)
             R_direct.append(r_b * 0.5)
-        coefs_n, ab = coefficients(_join(R_n), abs_n[t], signed_n[t], b_in,
-                                   bounds=bounds_n)
+        coefs_n, ab = _coefs(at(sums["n"], t), _join(R_n))
         _acc(absorbed, ab)
-        deferred.store(t, coefs_n, slice(2 * H, None))
         R_q = [c_abs * q.abs() + (c_sgn * q if c_sgn is not None else 0.0)
                for c_abs, c_sgn in coefs_n]
-        coefs_hn, ab = coefficients(_join([r * 0.5 for r in R_q]), abs_hn_tot[t],
-                                    signed_hn[t], b_hn)
+        coefs_hn, ab = _coefs(at(sums["hn"], t), _join([r * 0.5 for r in R_q]))
         _acc(absorbed, ab)
         R_from_hn = _apply(coefs_hn, hp, W_hn, abs_hn)
         R_rz = [torch.cat([r * 0.5, rz], dim=-1) for r, rz in zip(R_q, R_z)]
-        coefs_rz, ab = coefficients(_join(R_rz), abs_rz[t], signed_rz[t], b_rz,
-                                    bounds=bounds_rz)
+        coefs_rz, ab = _coefs(at(sums["rz"], t), _join(R_rz))
         _acc(absorbed, ab)
-        deferred.store(t, coefs_rz, slice(None, 2 * H))
         R_from_rz = _apply(coefs_rz, hp, W_hrz, abs_hrz)
-        R_h = [a + b + c for a, b, c in zip(R_direct, R_from_hn, R_from_rz)]
-    return deferred.relevance(X, w.W_ih), R_h
+        for k in range(n):
+            for dst, (c_abs, c_sgn) in ((C_rz[k], coefs_rz[k]), (C_n[k], coefs_n[k])):
+                dst[0][t] = c_abs
+                dst[1][t] = 0.0 if c_sgn is None else c_sgn
+            back = R_direct[k] + R_from_hn[k] + R_from_rz[k]
+            if j + 1 < len(order):
+                rh[k] = torch.add(back, R_seq[k][order[j + 1]], out=RH[k][order[j + 1]])
+            else:
+                rh[k] = back
+    # the add rule's guard losses, all steps at once
+    for k in range(n):
+        absorbed[k] = absorbed[k] + add_rule(RH[k], [(1 - st["z"]) * st["n"], st["z"] * Hp])[1]
+    return [tuple(c) for c in C_rz], [tuple(c) for c in C_n], rh
+
+
+# -- whole modules ----------------------------------------------------------------------------
+def _kernel(lstm: bool, X: Tensor, hx: list[Tensor], ws: list[_Weights]) -> Tensor:
+    """Output sequence of one layer (all its directions) from the fused kernel."""
+    flat = [p for w in ws for p in (w.W_ih, w.W_hh, w.b_ih, w.b_hh) if p is not None]
+    has_bias = ws[0].b_ih is not None
+    bidi = len(ws) == 2
+    if lstm:
+        return torch._VF.lstm(X, tuple(hx), flat, has_bias, 1, 0.0, False, bidi, False)[0]
+    return torch._VF.gru(X, hx[0], flat, has_bias, 1, 0.0, False, bidi, False)[0]
+
+
+def unroll(m: nn.Module, X: Tensor, states: list[Tensor | None], param,
+           top: Tensor | None = None) -> tuple:
+    """Recompute every layer and direction of an ``nn.LSTM``/``nn.GRU`` (time-major ``X``
+    [T, B, in], ``states`` [L*D, B, H] or ``None`` for zeros; ``top``, if given, the
+    recorded output sequence, time-major). Returns the input of each layer plus the last
+    layer's output, the per-(layer, direction) caches and weights."""
+    lstm = isinstance(m, nn.LSTM)
+    L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
+    zeros = X.new_zeros(L * D, X.shape[1], H)
+    states = [zeros if s is None else s for s in states]
+    layer_in, caches, weights = [X.contiguous()], [], []
+    for layer in range(L):
+        ws = [_weights(param, m, f"_l{layer}" + ("_reverse" if d else ""), X.dtype)
+              for d in range(D)]
+        Xl, rows = layer_in[-1], slice(layer * D, (layer + 1) * D)
+        if layer == L - 1 and top is not None:
+            Y = top.contiguous()
+        else:
+            Y = _kernel(lstm, Xl, [s[rows] for s in states], ws)
+        for d in range(D):
+            k = layer * D + d
+            Hp = _shift(Y[..., d * H:(d + 1) * H], states[0][k], bool(d))
+            if lstm:
+                caches.append(lstm_steps(Xl, Hp, states[1][k], ws[d], bool(d)))
+            else:
+                caches.append(gru_steps(Xl, Hp, ws[d]))
+        weights.extend(ws)
+        layer_in.append(Y)
+    return layer_in, caches, weights
+
+
+def _hidden(st: dict, lstm: bool) -> Tensor:
+    """The hidden state of every step, from the recomputed gates."""
+    if lstm:
+        H = st["C"].shape[-1]
+        return st["gates"][..., 3 * H:] * torch.tanh(st["C"])
+    return (1 - st["z"]) * st["n"] + st["z"] * st["Hp"]
+
+
+@torch.no_grad()
+def recompute(m: nn.Module, x: Tensor, hx=None, param=fetch_param):
+    """What ``m(x, hx)`` returns, recomputed from the gates the rules see (for checking the
+    rules against the module; ``m`` an LSTM, GRU, LSTMCell or GRUCell)."""
+    lstm = isinstance(m, (nn.LSTM, nn.LSTMCell))
+    hx = [] if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
+    if isinstance(m, (nn.LSTMCell, nn.GRUCell)):
+        X = x.reshape(1, -1, x.shape[-1])
+        B, H = X.shape[1], m.hidden_size
+        states = [s.reshape(1, B, H) for s in hx] or [X.new_zeros(1, B, H)] * 2
+        w = _weights(param, m, "", X.dtype)
+        if lstm:
+            st = lstm_steps(X, states[0], states[1][0], w, reverse=False)
+            return _hidden(st, True).reshape(x.shape[:-1] + (H,)), st["C"].reshape(
+                x.shape[:-1] + (H,))
+        return _hidden(gru_steps(X, states[0], w), False).reshape(x.shape[:-1] + (H,))
+    batched = x.dim() == 3
+    X = x.unsqueeze(1) if not batched else x.transpose(0, 1) if m.batch_first else x
+    L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
+    shape = (L * D, X.shape[1], H)
+    states = [s.reshape(shape) for s in hx] or [None, None]
+    _, caches, _ = unroll(m, X, states, param)
+    T = X.shape[0]
+    hs = [_hidden(st, lstm) for st in caches]
+    out = torch.cat(hs[-D:], dim=-1)
+    out = out.squeeze(1) if not batched else out.transpose(0, 1) if m.batch_first else out
+    ends = [_first(T, bool(k % D)) for k in range(L * D)]
+    finals = [torch.stack([h[e] for h, e in zip(hs, ends)])]
+    if lstm:
+        finals.append(torch.stack([st["C"][e] for st, e in zip(caches, ends)]))
+    finals = [f if batched else f.squeeze(1) for f in finals]
+    return (out, tuple(finals)) if lstm else (out, finals[0])
 
 
 # -- module rules ---------------------------------------------------------------------------
@@ -322,61 +588,21 @@ def _stream_list(R_out, i: int, shape, n: int, like: Tensor) -> list[Tensor]:
     return [r.to(like.dtype).reshape(shape) for r in _split_streams(R_out[i])]
 
 
-def unroll(m: nn.Module, X: Tensor, states: list[Tensor | None], param) -> tuple:
-    """Recompute every layer and direction of an ``nn.LSTM``/``nn.GRU`` (time-major ``X``
-    [T, B, in], ``states`` [L*D, B, H] or ``None`` for zeros). Returns the input of each
-    layer plus the last layer's output, the per-(layer, direction) caches and weights."""
-    lstm = isinstance(m, nn.LSTM)
-    L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
-    zeros = X.new_zeros(L * D, X.shape[1], H)
-    states = [zeros if s is None else s for s in states]
-    layer_in, caches, weights = [X], [], []
-    for layer in range(L):
-        outs = []
-        for d in range(D):
-            w = _weights(param, m, f"_l{layer}" + ("_reverse" if d else ""), X.dtype)
-            k = layer * D + d
-            if lstm:
-                st = lstm_forward(layer_in[-1], states[0][k], states[1][k], w, reverse=bool(d))
-            else:
-                st = gru_forward(layer_in[-1], states[0][k], w, reverse=bool(d))
-            caches.append(st)
-            weights.append(w)
-            outs.append(st["out"])
-        layer_in.append(torch.cat(outs, dim=-1))
-    return layer_in, caches, weights
+def _time_major(t: Tensor, batched: bool, batch_first: bool) -> Tensor:
+    return t.unsqueeze(1) if not batched else t.transpose(0, 1) if batch_first else t
 
 
-def recompute(m: nn.Module, x: Tensor, hx=None, param=fetch_param):
-    """What ``m(x, hx)`` returns, recomputed step by step the way the rules see it (for
-    checking the rules against the module; ``m`` an LSTM, GRU, LSTMCell or GRUCell)."""
-    lstm = isinstance(m, (nn.LSTM, nn.LSTMCell))
-    hx = [] if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
-    if isinstance(m, (nn.LSTMCell, nn.GRUCell)):
-        X = x.reshape(1, -1, x.shape[-1])
-        B, H = X.shape[1], m.hidden_size
-        states = [s.reshape(B, H) for s in hx] or [X.new_zeros(B, H)] * 2
-        w = _weights(param, m, "", X.dtype)
-        if lstm:
-            st = lstm_forward(X, states[0], states[1], w, reverse=False)
-            return st["h_last"].reshape(x.shape[:-1] + (H,)), st["c_last"].reshape(
-                x.shape[:-1] + (H,))
-        return gru_forward(X, states[0], w, reverse=False)["h_last"].reshape(
-            x.shape[:-1] + (H,))
-    batched = x.dim() == 3
-    X = x.unsqueeze(1) if not batched else x.transpose(0, 1) if m.batch_first else x
-    L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
-    shape = (L * D, X.shape[1], H)
-    states = [s.reshape(shape) for s in hx] or [None, None]
-    layer_in, caches, _ = unroll(m, X, states, param)
-    out = layer_in[-1]
-    out = out.squeeze(1) if not batched else out.transpose(0, 1) if m.batch_first else out
-    finals = [torch.stack([st[key] for st in caches]) for key in
-              (("h_last", "c_last") if lstm else ("h_last",))]
-    finals = [f if batched else f.squeeze(1) for f in finals]
-    return (out, tuple(finals)) if lstm else (out, finals[0])
+def _recorded_output(rec, dt: torch.dtype, batched: bool, batch_first: bool):
+    """The recorded output sequence, time-major, if it is intact and already in ``dt``."""
+    if not rec.outputs or not rec.output_intact(0):
+        return None
+    out = rec.output_value(0)
+    if out.dtype != dt:
+        return None
+    return _time_major(out, batched, batch_first)
 
 
+@torch.no_grad()
 def _rnn_rule(rec, R_out, ctx, kind: str):
     _check(rec, cell=False)
     m = rec.module
@@ -384,33 +610,27 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
     x0 = rec.input_value(0)
     dt = _compute_dtype(x0, R_out)
     batched = x0.dim() == 3
-    X = x0.to(dt)
-    if not batched:
-        X = X.unsqueeze(1)
-    elif m.batch_first:
-        X = X.transpose(0, 1)
+    X = _time_major(x0.to(dt), batched, m.batch_first)
     T, B = X.shape[0], X.shape[1]
     L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
     n_state = 2 if lstm else 1
     states = _initial_states(rec, n_state, (L * D, B, H), dt)
     given = [s is not None for s in states]
-    layer_in, caches, weights = unroll(m, X, states, ctx.param)
+    top = _recorded_output(rec, dt, batched, m.batch_first)
+    layer_in, caches, weights = unroll(m, X, states, ctx.param, top)
 
     # relevance on the outputs, per stream, time-major
     n, r_dtype = _stream_info(R_out)
     R_seq = [X.new_zeros(T, B, D * H) for _ in range(n)]
     if R_out[0] is not None:
-        R_seq = [r.to(dt) for r in _split_streams(R_out[0])]
-        R_seq = [r.unsqueeze(1) if not batched else r.transpose(0, 1) if m.batch_first else r
-                 for r in R_seq]
+        R_seq = [_time_major(r.to(dt), batched, m.batch_first) for r in _split_streams(R_out[0])]
     R_final = [_stream_list(R_out, 1 + j, (L * D, B, H), n, X) for j in range(n_state)]
 
     saturate = ctx.saturation and not ctx.contrastive
     absorbed = [X.new_zeros((), dtype=torch.float64) for _ in range(n)]
     R_init = [[X.new_zeros(L * D, B, H) for _ in range(n)] for _ in range(n_state)]
     for layer in reversed(range(L)):
-        Xl = layer_in[layer]
-        R_next = [Xl.new_zeros(Xl.shape) for _ in range(n)]
+        R_next = None
         for d in range(D):
             k = layer * D + d
             st, w = caches[k], weights[k]
@@ -418,15 +638,15 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
             R_h = [r[k] for r in R_final[0]]
             if lstm:
                 R_c = [r[k] for r in R_final[1]]
-                R_X, R_h0, R_c0 = lstm_reverse(st, Xl, w, R_dir, R_h, R_c, bool(d), saturate,
+                R_X, R_h0, R_c0 = lstm_reverse(st, w, R_dir, R_h, R_c, bool(d), saturate,
                                                absorbed)
                 for s in range(n):
                     R_init[1][s][k] = R_c0[s]
             else:
-                R_X, R_h0 = gru_reverse(st, Xl, w, R_dir, R_h, bool(d), saturate, absorbed)
+                R_X, R_h0 = gru_reverse(st, w, R_dir, R_h, bool(d), saturate, absorbed)
             for s in range(n):
                 R_init[0][s][k] = R_h0[s]
-                R_next[s] = R_next[s] + R_X[s]
+            R_next = R_X if R_next is None else [a + b for a, b in zip(R_next, R_X)]
         R_seq = R_next
 
     R_in: list = [None] * len(rec.inputs)
@@ -455,6 +675,7 @@ def gru_rule(rec, R_out, ctx):
     return _rnn_rule(rec, R_out, ctx, "gru")
 
 
+@torch.no_grad()
 def _cell_rule(rec, R_out, ctx, kind: str):
     _check(rec, cell=True)
     m = rec.module
@@ -473,14 +694,15 @@ def _cell_rule(rec, R_out, ctx, kind: str):
     R_seq = [X.new_zeros(1, B, H) for _ in range(n)]
     saturate = ctx.saturation and not ctx.contrastive
     absorbed = [X.new_zeros((), dtype=torch.float64) for _ in range(n)]
+    Hp = states[0].unsqueeze(0)
     if lstm:
-        st = lstm_forward(X, states[0], states[1], w, reverse=False)
-        R_X, R_h0, R_c0 = lstm_reverse(st, X, w, R_seq, R_fin[0], R_fin[1], False, saturate,
+        st = lstm_steps(X, Hp, states[1], w, reverse=False)
+        R_X, R_h0, R_c0 = lstm_reverse(st, w, R_seq, R_fin[0], R_fin[1], False, saturate,
                                        absorbed)
         R_init = [R_h0, R_c0]
     else:
-        st = gru_forward(X, states[0], w, reverse=False)
-        R_X, R_h0 = gru_reverse(st, X, w, R_seq, R_fin[0], False, saturate, absorbed)
+        st = gru_steps(X, Hp, w)
+        R_X, R_h0 = gru_reverse(st, w, R_seq, R_fin[0], False, saturate, absorbed)
         R_init = [R_h0]
     R_in: list = [None] * len(rec.inputs)
     R_in[0] = _join([r.reshape(x0.shape).to(r_dtype) for r in R_X])
