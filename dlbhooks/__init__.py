@@ -18,6 +18,7 @@ from .errors import (
     TraceError,
     UnsupportedModuleError,
 )
+from .generation import explain_generation
 from .records import Record, Tape
 from .relevance import Streams
 from .results import Explanation
@@ -30,6 +31,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DLBError", "Explanation", "FunctionalGapError", "NonFiniteError", "Record",
     "RecordModifiedError", "Streams", "Tape", "TargetError", "TraceError",
-    "UnsupportedModuleError", "coverage", "explain", "register_rule", "register_saturation",
-    "trace", "unregister_rule",
+    "UnsupportedModuleError", "coverage", "explain", "explain_generation", "register_rule",
+    "register_saturation", "trace", "unregister_rule",
 ]

@@ -97,6 +97,8 @@ def explain_tape(
         tensors=tensors, scaler=scaler,
         info={"task": task, "saturation": saturation, "output": root.output_names[k]},
         heads={k2: net(v) for k2, v in engine.reports.get("heads", {}).items()},
+        experts={k2: net(v) for k2, v in engine.reports.get("experts", {}).items()},
+        routing=dict(engine.reports.get("routing", {})),
         blocks={
             k2: {name: _net(to_float(v)) for name, v in d.items()}
             for k2, d in engine.reports.get("blocks", {}).items()

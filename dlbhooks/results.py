@@ -39,6 +39,10 @@ class Explanation:
     heads: dict[str, Tensor] = field(default_factory=dict)
     #: per residual block: {layer path: {"attention": ., "mlp": ., "residual": .}} totals
     blocks: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: MoE: relevance each expert carried, {moe block path: [batch, tokens, experts]}
+    experts: dict[str, Tensor] = field(default_factory=dict)
+    #: MoE: {moe block path: (selected experts [batch, tokens, k], weights [batch, tokens, k])}
+    routing: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
         """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""
@@ -77,6 +81,11 @@ class Explanation:
                 tensors[f"{group}/{k}"] = v.detach().contiguous().cpu()
         for k, v in self.heads.items():
             tensors[f"heads/{k}"] = v.detach().contiguous().cpu()
+        for k, v in self.experts.items():
+            tensors[f"experts/{k}"] = v.detach().contiguous().cpu()
+        for k, (i, w) in self.routing.items():
+            tensors[f"routing_idx/{k}"] = i.contiguous().cpu()
+            tensors[f"routing_w/{k}"] = w.detach().contiguous().cpu()
         for k, vs in self.tensors.items():
             for i, v in enumerate(vs):
                 if v is not None:
@@ -104,7 +113,8 @@ class Explanation:
                 raise TraceError(f"{path} is not a dlbhooks explanation (no metadata)")
             meta = json.loads(meta_raw)
             groups: dict[str, dict[str, Tensor]] = {
-                "inputs": {}, "positive": {}, "negative": {}, "heads": {}}
+                "inputs": {}, "positive": {}, "negative": {}, "heads": {}, "experts": {},
+                "routing_idx": {}, "routing_w": {}}
             tensors: dict[str, list[Tensor | None]] = {
                 k: [None] * n for k, n in meta["at_arity"].items()
             }
@@ -123,7 +133,8 @@ class Explanation:
             negative=groups["negative"] if contrastive else None,
             target=meta["target"], ledger=[LedgerEntry(**e) for e in meta["ledger"]],
             tensors=tensors, scaler=meta["scaler"], info=meta["info"],
-            heads=groups["heads"], blocks=meta.get("blocks", {}),
+            heads=groups["heads"], blocks=meta.get("blocks", {}), experts=groups["experts"],
+            routing={k: (v, groups["routing_w"][k]) for k, v in groups["routing_idx"].items()},
         )
 
 

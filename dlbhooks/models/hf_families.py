@@ -18,6 +18,7 @@ from ..rules.functional import (
     Chunk,
     First,
     Functional,
+    Gate,
     Gather,
     Heads,
     In,
@@ -76,6 +77,9 @@ for _name in ACTIVATIONS:
 LLAMA_LIKE = {
     "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
     "gemma2": "Gemma2", "gemma3": "Gemma3", "phi3": "Phi3",
+    # mixture-of-experts families (experts and routers: rules/experts.py)
+    "qwen3_moe": "Qwen3Moe", "olmoe": "Olmoe", "mixtral": "Mixtral", "qwen2_moe": "Qwen2Moe",
+    "gpt_oss": "GptOss",
 }
 for _mod, _cls in LLAMA_LIKE.items():
     _base = f"{M}.{_mod}.modeling_{_mod}.{_cls}"
@@ -123,6 +127,20 @@ for _mod, _cls in LLAMA_LIKE.items():
 # Qwen3: q/k RMSNorm per head on [b, s, h, d], before RoPE
 COMPOSITES[f"{M}.qwen3.modeling_qwen3.Qwen3Attention"] = rope_attention(
     _heads("q_norm", 0), _heads("k_norm", 1))
+COMPOSITES[f"{M}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeAttention"] = rope_attention(
+    _heads("q_norm", 0), _heads("k_norm", 1))
+# OLMoE normalises the whole q / k projection ([b, s, heads·d]) before RoPE
+COMPOSITES[f"{M}.olmoe.modeling_olmoe.OlmoeAttention"] = rope_attention(
+    _heads("q_norm", 0), _heads("k_norm", 1))
+# GPT-OSS: RoPE with one cos/sin per pair; sinks are recorded by the attention function
+COMPOSITES[f"{M}.gpt_oss.modeling_gpt_oss.GptOssAttention"] = Functional(
+    Rope(In(ATTN, 0), _heads("q_proj", 0), half_cos=True),
+    Rope(In(ATTN, 1), _heads("k_proj", 1), half_cos=True), name="rope_attention")
+# Qwen2-MoE: routed experts + a sigmoid-gated shared expert (its gate is a routing weight)
+COMPOSITES[f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock"] = Functional(
+    Add(Ret(0), (Out("experts"), Tmp("shared")), names=("routed", "shared")),
+    Gate(Tmp("shared"), Out("shared_expert"), Out("shared_expert_gate")),
+    name="shared_expert_moe")
 # Gemma: sandwich norms; Gemma 3 also normalises q/k per head, on [b, h, s, d]
 for _mod, _cls in (("gemma2", "Gemma2"), ("gemma3", "Gemma3")):
     COMPOSITES[f"{M}.{_mod}.modeling_{_mod}.{_cls}DecoderLayer"] = pre_norm_layer(

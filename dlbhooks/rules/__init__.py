@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     core,
     elementwise,
     embedding,
+    experts,
     linear,
     norm,
     pooling,

@@ -254,6 +254,18 @@ class Unary(Op):
 
 
 @dataclass(frozen=True)
+class Gate(Op):
+    """``result = operand · sigmoid(gate)``: a gating weight, treated like a routing
+    weight (a constant): all relevance goes to ``operand``."""
+
+    operand: Loc = None
+    gate: Loc = None
+
+    def operands(self):
+        return (self.operand,)
+
+
+@dataclass(frozen=True)
 class Gather(Op):
     """``result[b] = source[b, t_b]`` along ``dim`` (e.g. the last non-pad token's logits):
     ``t_b`` is found by exact match of the recorded values."""
@@ -272,6 +284,7 @@ class Rope(Op):
 
     operand: Loc = None
     cos_sin: Loc = field(default_factory=lambda: Arg("position_embeddings"))
+    half_cos: bool = False  # cos/sin hold one value per pair (GPT-OSS): repeat them
 
     def operands(self):
         return (self.operand,)
@@ -305,7 +318,11 @@ class Functional:
     def _plan(self, rec: Record, tmp: dict) -> list[tuple[float, Op]]:
         """Ops with the call index before which each must run (its result's first consumer)."""
         for op in reversed(self.ops):  # forward order: give intermediates their values
-            if isinstance(op.result, Tmp) and isinstance(op, (Add, Mul)):
+            if isinstance(op.result, Tmp) and isinstance(op, Gate):
+                v, g = op.operand.find(rec, tmp), op.gate.find(rec, tmp)
+                if v is not None and g is not None:
+                    op.result.find(rec, tmp).value = v.value * torch.sigmoid(g.value)
+            elif isinstance(op.result, Tmp) and isinstance(op, (Add, Mul)):
                 vals = [f.value for f in (o.find(rec, tmp) for o in op.operands()) if f is not None]
                 if vals:
                     total = vals[0]
@@ -357,7 +374,7 @@ class Functional:
             for f, part in zip(found, parts):
                 bag.add(f.tensor, part, rec, base=f.base)
             return None
-        if isinstance(op, Unary):
+        if isinstance(op, (Unary, Gate)):
             f = found[0]
             if f.tensor is res.tensor:
                 bag.add(f.tensor, R, rec, base=f.base)
@@ -372,12 +389,15 @@ class Functional:
 
     def _add(self, op: Add, rec, R, found, bag, ctx):
         values = [f.value for f in found]
+        shape = torch.broadcast_shapes(*(v.shape for v in values))
+        if R_shape(R) != shape and math.prod(R_shape(R)) == math.prod(shape):
+            R = rmap(lambda r: r.reshape(shape), R)  # ``(a + b).reshape(...)`` returned
         res = op.result.find(rec, {}) if not isinstance(op.result, Tmp) else None
         if res is not None and res.value is not None:
             total = values[0]
             for v in values[1:]:
                 total = total + v
-            if not _close(total, res.value):
+            if not _close(total.reshape(res.value.shape), res.value):
                 raise DLBError(
                     f"composite rule for {rec.describe()}: the terms {list(op.terms)} do not add "
                     "up to the recorded result; the model's forward differs from the rule's spec"
@@ -421,6 +441,8 @@ class Functional:
         if cos is None:
             raise UnsupportedModuleError(f"{rec.describe()}: no rotary (cos, sin) recorded")
         xv = x.value
+        if op.half_cos:
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         rot = cos.shape[-1]
         c = cos.unsqueeze(1).to(xv.dtype) if cos.dim() == 3 else cos.to(xv.dtype)
         s = sin.unsqueeze(1).to(xv.dtype) if sin.dim() == 3 else sin.to(xv.dtype)
@@ -447,6 +469,10 @@ class Functional:
         R_x = rmap(lambda r_rot, r: torch.cat((r_rot, r[..., rot:]), dim=-1), R_rot, R)
         bag.add(x.tensor, R_x, rec, base=x.base)
         return absorbed
+
+
+def R_shape(R: Rel) -> tuple:
+    return tuple((R.pos if isinstance(R, Streams) else R).shape)
 
 
 def _close(computed: Tensor, recorded: Tensor) -> bool:

@@ -1,0 +1,279 @@
+"""Explain a generated continuation, token by token: ``dlb.explain_generation``.
+
+A decoder-only language model generates ``n`` tokens after a prompt of ``T`` tokens. The
+token generated at sequence position ``T + k`` is predicted by the logits at position
+``T + k - 1``, and by causality those logits depend only on positions ``0 .. T + k - 1``.
+So one recorded forward over ``prompt + generated[:-1]`` holds everything needed: each
+generated token is one reverse pass (``tape.explain(target=token, position=T + k - 1)``)
+over that same tape. Row ``k`` of the result's ``matrix`` is the relevance of every earlier
+token for generated token ``k``; the entries after position ``T + k - 1`` are exactly 0.
+
+Why one reverse pass per token and not one batched pass for all of them: every rule takes
+one seed per batch row and splits it against that row's recorded activations. Explaining
+``k`` targets of one row at once would mean replicating the row ``k`` times in every rule
+(the activations, the denominators, the attention recomputation), so the arithmetic and the
+memory grow ``k``-fold anyway; only the per-call Python overhead would be saved. Sharing the
+forward is what saves real work: ``1 + k`` passes' worth instead of ``2k``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .results import Explanation
+from .trace import trace
+
+
+@dataclass
+class GenerationExplanation:
+    """Relevance of the context for each generated token.
+
+    ``ids``: the full sequence ``[T + n]`` (prompt then generated). ``generated``: the ``n``
+    generated ids. ``matrix``: ``[n, T + n - 1]``, row ``k`` = relevance of each position
+    for generated token ``k`` (``pos - neg`` in contrastive mode; the streams are
+    ``positive`` / ``negative``); columns after ``T + k - 1`` are 0. ``absorbed``: ``[n]``,
+    what each explanation's rules absorbed (bias shares, guards), so that
+    ``matrix[k].sum() + absorbed[k] == multiplier`` in default mode (``0`` in contrastive
+    mode, where each stream conserves ``multiplier``). ``tokens``: the decoded tokens of
+    ``ids`` when a tokenizer was given. ``explanations``: the full per-token
+    :class:`~dlbhooks.Explanation` objects (only with ``keep=True``).
+    """
+
+    ids: Tensor
+    generated: Tensor
+    matrix: Tensor
+    absorbed: Tensor
+    prompt_length: int
+    mode: str = "default"
+    multiplier: float = 100.0
+    tokens: list[str] | None = None
+    positive: Tensor | None = None
+    negative: Tensor | None = None
+    explanations: list[Explanation] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        """Number of generated (explained) tokens."""
+        return int(self.generated.numel())
+
+    def row(self, k: int) -> Tensor:
+        """Relevance of positions ``0 .. T + k - 1`` (the only non-zero ones) for token k."""
+        return self.matrix[k, : self.prompt_length + k]
+
+    # -- display --------------------------------------------------------------------------
+    def _label(self, pos: int, width: int = 10) -> str:
+        if self.tokens is not None:
+            s = self.tokens[pos].replace("\n", "\\n")
+        else:
+            s = str(int(self.ids[pos]))
+        return s if len(s) <= width else s[: width - 1] + "~"
+
+    def to_text(self, top: int = 5, full: bool | None = None) -> str:
+        """A compact table: per generated token, its ``top`` most relevant earlier tokens
+        (by |relevance|). With ``full=True`` (default when at most 12 columns) the whole
+        matrix is printed instead."""
+        T, n = self.prompt_length, self.n
+        cols = self.matrix.shape[1]
+        if full is None:
+            full = cols <= 12
+        head = (f"{n} generated token(s) after a {T}-token prompt; mode={self.mode}, "
+                f"multiplier={self.multiplier:g}")
+        lines = [head]
+        if full:
+            labels = [self._label(j, 8) for j in range(cols)]
+            w = max(8, *(len(s) for s in labels))
+            lines.append(f"{'k':>3} {'token':<10}|" + "".join(f"{s:>{w + 1}}" for s in labels)
+                         + f" |{'absorbed':>10}")
+            for k in range(n):
+                vals = "".join(
+                    f"{float(self.matrix[k, j]):>{w + 1}.3g}" if j < T + k else f"{'.':>{w + 1}}"
+                    for j in range(cols))
+                lines.append(f"{k:>3} {self._label(T + k):<10}|{vals} |"
+                             f"{float(self.absorbed[k]):>10.3g}")
+            return "\n".join(lines)
+        lines.append(f"{'k':>3} {'token':<10}| top {top} context tokens (position: relevance)"
+                     f"{'':>4}| absorbed")
+        for k in range(n):
+            r = self.row(k)
+            idx = r.abs().argsort(descending=True)[:top].tolist()
+            cells = "  ".join(f"{self._label(j)}@{j}: {float(r[j]):.3g}" for j in idx)
+            lines.append(f"{k:>3} {self._label(T + k):<10}| {cells} | "
+                         f"{float(self.absorbed[k]):.3g}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    # -- persistence ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python data (lists and numbers), e.g. for JSON."""
+        d: dict[str, Any] = {
+            "ids": self.ids.tolist(), "generated": self.generated.tolist(),
+            "matrix": self.matrix.tolist(), "absorbed": self.absorbed.tolist(),
+            "prompt_length": self.prompt_length, "mode": self.mode,
+            "multiplier": self.multiplier, "tokens": self.tokens,
+        }
+        if self.positive is not None:
+            d["positive"], d["negative"] = self.positive.tolist(), self.negative.tolist()
+        return d
+
+    def save(self, path: str | Path) -> None:
+        """Tensors to a safetensors file; tokens, mode and sizes as its JSON metadata
+        (the per-token explanations are not saved: save them one by one if needed)."""
+        from safetensors.torch import save_file
+
+        tensors = {"ids": self.ids, "generated": self.generated, "matrix": self.matrix,
+                   "absorbed": self.absorbed}
+        if self.positive is not None:
+            tensors.update(positive=self.positive, negative=self.negative)
+        meta = {"prompt_length": self.prompt_length, "mode": self.mode,
+                "multiplier": self.multiplier, "tokens": self.tokens, "info": self.info}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
+                  metadata={"dlbhooks_generation": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> GenerationExplanation:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("dlbhooks_generation")
+            if raw is None:
+                raise ValueError(f"{path} is not a dlbhooks generation explanation")
+            meta = json.loads(raw)
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(ids=t["ids"], generated=t["generated"], matrix=t["matrix"],
+                   absorbed=t["absorbed"], prompt_length=meta["prompt_length"],
+                   mode=meta["mode"], multiplier=meta["multiplier"], tokens=meta["tokens"],
+                   positive=t.get("positive"), negative=t.get("negative"),
+                   info=meta.get("info", {}))
+
+
+def _prompt_ids(tokenizer_or_ids: Any, prompt: str | None, attention_mask: Tensor | None):
+    """(ids [1, T], attention mask [1, T] or None, tokenizer or None)."""
+    if isinstance(tokenizer_or_ids, Tensor):
+        if prompt is not None:
+            raise TypeError("pass either prompt ids, or a tokenizer and prompt=..., not both")
+        ids = tokenizer_or_ids
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2 or ids.is_floating_point():
+            raise TypeError(f"prompt ids must be a LongTensor [1, T], got {ids.dtype} "
+                            f"{tuple(tokenizer_or_ids.shape)}")
+        tok = None
+    else:
+        if prompt is None or not isinstance(prompt, str):
+            raise TypeError("with a tokenizer, pass the prompt text: prompt='...'")
+        tok = tokenizer_or_ids
+        enc = tok(prompt, return_tensors="pt")
+        ids = enc["input_ids"]
+        if attention_mask is None:
+            attention_mask = enc.get("attention_mask")
+    if ids.shape[0] != 1:
+        raise ValueError(f"explain_generation explains one sequence (batch 1); got batch "
+                         f"{ids.shape[0]}. Call it once per prompt.")
+    if ids.shape[1] == 0:
+        raise ValueError("the prompt is empty")
+    if attention_mask is not None:
+        attention_mask = attention_mask.reshape(1, -1)
+        if attention_mask.shape != ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match the "
+                             f"prompt {tuple(ids.shape)}")
+    return ids.long(), attention_mask, tok
+
+
+def explain_generation(
+    model: nn.Module,
+    tokenizer_or_ids: Any,
+    prompt: str | None = None,
+    *,
+    max_new_tokens: int = 8,
+    mode: str = "default",
+    multiplier: float = 100.0,
+    saturation: bool = True,
+    attention_mask: Tensor | None = None,
+    generated_ids: Tensor | None = None,
+    keep: bool = False,
+    **generate_kwargs: Any,
+) -> GenerationExplanation:
+    """Generate up to ``max_new_tokens`` tokens after a prompt and explain each of them.
+
+    ``tokenizer_or_ids``: a tokenizer (then ``prompt`` is the text) or a LongTensor of
+    prompt ids ``[1, T]`` (or ``[T]``). One sequence only (batch 1): call once per prompt.
+    The model is a decoder-only causal LM returning ``logits`` [batch, positions, vocab].
+
+    Generation is ``model.generate(ids, do_sample=False, max_new_tokens=...)`` (greedy; any
+    ``generate_kwargs`` are passed on, e.g. ``eos_token_id`` or ``repetition_penalty``),
+    run outside any trace. It may stop early at an end-of-sequence token. Pass
+    ``generated_ids`` (``[n]`` or ``[1, n]``) to explain a given continuation instead.
+
+    Then one traced forward over ``prompt + generated[:-1]`` and one reverse pass per
+    generated token (module docstring: why not one batched pass). ``keep=True`` also
+    returns each token's full :class:`~dlbhooks.Explanation` (with per-module tensors).
+    """
+    ids, mask, tok = _prompt_ids(tokenizer_or_ids, prompt, attention_mask)
+    device = next((p.device for p in model.parameters()), ids.device)
+    ids = ids.to(device)
+    mask = None if mask is None else mask.to(device)
+    T = ids.shape[1]
+    if generated_ids is None:
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        if "pad_token_id" not in kwargs and tok is not None:
+            pad = getattr(tok, "pad_token_id", None)
+            kwargs["pad_token_id"] = pad if pad is not None else getattr(tok, "eos_token_id",
+                                                                         None)
+        with torch.no_grad():
+            out = model.generate(ids, **kwargs)
+        out = out.sequences if hasattr(out, "sequences") else out
+        gen = out[0, T:]
+    else:
+        if generate_kwargs:
+            raise TypeError(f"generate kwargs {sorted(generate_kwargs)} given with "
+                            "generated_ids: nothing is generated")
+        gen = torch.as_tensor(generated_ids).to(device).long().reshape(-1)
+    n = int(gen.numel())
+    if n == 0:
+        raise ValueError("nothing was generated (the model stopped at once): nothing to explain")
+    seq = torch.cat([ids[0], gen])
+    inp = seq[:-1].unsqueeze(0)
+    fwd: dict[str, Tensor] = {"input_ids": inp}
+    if mask is not None:
+        fwd["attention_mask"] = torch.cat([mask, mask.new_ones(1, n - 1)], dim=1)
+
+    with trace(model) as tape:
+        model(**fwd)
+    rows, pos_rows, neg_rows, absorbed, kept = [], [], [], [], []
+    for k in range(n):
+        exp = tape.explain(target=int(gen[k]), position=T + k - 1, mode=mode,
+                           multiplier=multiplier, saturation=saturation, keep=keep)
+        rows.append(exp.inputs["input_ids"][0])
+        if exp.positive is not None:
+            pos_rows.append(exp.positive["input_ids"][0])
+            neg_rows.append(exp.negative["input_ids"][0])
+        absorbed.append(exp.total_absorbed)
+        if keep:
+            kept.append(exp)
+    del tape
+    tokens = None
+    if tok is not None:
+        tokens = [tok.decode([int(i)]) for i in seq.tolist()]
+    matrix = torch.stack(rows)
+    return GenerationExplanation(
+        ids=seq.cpu(), generated=gen.cpu(), matrix=matrix.cpu(),
+        absorbed=torch.tensor(absorbed, dtype=torch.float64), prompt_length=T, mode=mode,
+        multiplier=float(multiplier), tokens=tokens,
+        positive=torch.stack(pos_rows).cpu() if pos_rows else None,
+        negative=torch.stack(neg_rows).cpu() if neg_rows else None,
+        explanations=kept if keep else None,
+        info={"saturation": saturation, "generated_here": generated_ids is None},
+    )
