@@ -93,7 +93,7 @@ def attention_call_rule(rec, R_out, ctx):
     R = rmap(lambda r: r.transpose(1, 2), R_out[0])  # [b, s, h, d] -> [b, h, s, d]
     res = attention_relevance(R, q, k, v, scale=a["scaling"], mask=mask, sinks=sinks,
                               softcap=a.get("softcap"))
-    parent = rec.key.rsplit(".", 1)[0]
+    parent = rec.parent.key if rec.parent is not None else rec.key
     ctx.keep_tensor("heads", parent, rmap(lambda r: r.sum(dim=(-2, -1)), R))
     return [res[0], res[1], res[2]], res[3]
 

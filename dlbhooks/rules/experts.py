@@ -140,7 +140,7 @@ def experts_rule_for(layout: ExpertsLayout):
                                     fwd_gu, adj_gu, bounds=gu_bounds, output=gu)
             absorbed = radd(absorbed, ab)
             R_x = rmap(lambda acc, r: acc.index_add_(0, tok, r), R_x, R_xe)
-        block = rec.key.rsplit(".", 1)[0] if "." in rec.key else rec.key
+        block = rec.parent.key if rec.parent is not None else rec.key
         shape = rec.input_views[0].shape[:-1] if 0 in rec.input_views else (1, T)
         ctx.keep_tensor("experts", block, rmap(lambda p: p.reshape(*shape, E), per_expert))
         ctx.reports.setdefault("routing", {})[block] = (

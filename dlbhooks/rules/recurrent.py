@@ -156,7 +156,7 @@ def lstm_steps(X: Tensor, Hp: Tensor, c0: Tensor, w: _Weights, reverse: bool) ->
     for t in _order(T, reverse):  # c = f c' + i g, element-wise
         c = torch.addcmul(ig[t], f[t], c, out=C[t])
     return {"X": X, "Hp": Hp, "Cp": _shift(C, c0, reverse), "C": C, "gates": gates,
-            "signed": signed}
+            "ig": ig, "signed": signed}
 
 
 def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
@@ -165,119 +165,132 @@ def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
     ``R_seq`` per stream [T, B, H] (relevance on each step's hidden output), ``R_h``/``R_c``
     per stream [B, H] (on the final states). ``absorbed`` (per stream) is added to in place.
     """
-    X, Hp = st["X"], st["Hp"]
+    X, Hp, signed = st["X"], st["Hp"], st["signed"]
     T, B = X.shape[:2]
     H = w.W_hh.shape[1]
     b = _bias(w.b_ih, w.b_hh)
-    absW_ih, absW_hh = w.W_ih.abs(), w.W_hh.abs()
+    absW_ih = w.W_ih.abs()
     absHp = Hp.abs()
     # |contributions| with the same operations as the signed sums, so that a unit whose
     # contributions all share one sign gets P or N exactly 0
-    abs_total = _mm2(X.abs(), absW_ih, absHp, absW_hh)
-    signed = st["signed"]
+    abs_total = _mm2(X.abs(), absW_ih, absHp, w.W_hh.abs())
     bounds = _gate_bounds([SIGMOID, SIGMOID, TANH, SIGMOID], H, X, saturate)
-    i, f, g, _ = st["gates"].chunk(4, dim=-1)
-    terms = [f * st["Cp"], i * g]
+    terms = [st["gates"][..., H:2 * H] * st["Cp"], st["ig"]]  # c = f c' + i g
     (a_fc, a_ig), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
     n = len(R_seq)
     order = _order(T, not reverse)  # against the recurrence
-    RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it) ...
-    RC = [X.new_empty(T, B, H) for _ in range(n)]  # ... and on c_t, filled by the loop
-    loop = _lstm_loop if n == 1 else _lstm_loop_streams
-    coefs, R_h, R_c = loop(st, w, R_seq, R_h, R_c, RH, RC, order, a_fc, a_ig, abs_total,
-                           b, bounds, absorbed)
-    G = []  # relevance of the gates, all steps at once (as the loop split it)
+    U = [X.new_empty(T, B, H) for _ in range(n)]  # half the relevance on h_t ...
+    RC = [X.new_empty(T, B, H) for _ in range(n)]  # ... and all of it on c_t
+    if n == 1:
+        coefs, R_h, R_c = _lstm_loop(st, w, R_seq[0], R_h[0], R_c[0], U[0], RC[0], order,
+                                     a_fc, a_ig, abs_total, b, bounds, absHp)
+    else:
+        coefs, R_h, R_c = _lstm_loop_streams(st, w, R_seq, R_h, R_c, U, RC, order, a_fc,
+                                             a_ig, abs_total, b, absHp, absorbed)
+    G = []  # relevance of the gates i, f, g, o of every step, as the loop split it
     for k in range(n):
         (r_fc, r_ig), lost = add_rule(RC[k], terms)
         absorbed[k] = absorbed[k] + lost
-        G.append(torch.cat([r_ig, r_fc, r_ig, RH[k]], dim=-1).mul_(0.5))
+        r_ig = r_ig * 0.5
+        G.append(torch.cat([r_ig, r_fc * 0.5, r_ig, U[k]], dim=-1))
     if n == 1:  # what the biases and guards absorb (the loop only needed the factors)
         _acc(absorbed, coefficients(G[0], abs_total, signed, b, bounds=bounds)[1])
     return _apply(coefs, X, w.W_ih, absW_ih), R_h, R_c
 
 
-def _lstm_loop(st, w, R_seq, R_h, R_c, RH, RC, order, a_fc, a_ig, abs_total, b, bounds,
-               absorbed):
+def _lstm_loop(st, w, R_seq, R_h, R_c, U, RC, order, a_fc, a_ig, abs_total, b, bounds,
+               absHp):
     """Default mode: the reverse walk as a linear recurrence with precomputed factors.
 
-    Returns the §2 coefficients of every step ([(c_abs, c_sgn)], [T, B, 4H]) and the
-    relevance of the initial ``h``/``c``."""
-    T, B, H = a_fc.shape[0], a_fc.shape[1], a_fc.shape[2]
-    Hp = st["Hp"]
-    # coefficient of gate unit j = (its relevance) * K_j; the gate relevances are
-    # (rc a_ig, rc a_fc, rc a_ig, rh) / 2 for the relevance rh on h and rc on c
+    Fills ``U`` (half of h_t's relevance) and ``RC`` (c_t's); returns the §2 coefficients of
+    every step ([(c_abs, c_sgn)], [T, B, 4H]) and the relevance of the initial h and c."""
+    T, B, H = a_fc.shape
+    # The gates' relevances are (rc a_ig, rc a_fc, rc a_ig, rh) / 2 for the relevance rh on
+    # h and rc on c; their coefficients are those times the coefficients K of unit
+    # relevance. With u = rh / 2 (halving is exact): c_i,f,g = rc M, c_o = u M.
     (K, K_sgn), = coefficients(a_fc.new_ones(()), abs_total, st["signed"], b,
                                bounds=bounds)[0]
-    half = torch.stack([a_ig, a_fc, a_ig, torch.ones_like(a_ig)], dim=2).mul_(0.5)
+    half_fc = a_fc * 0.5
+    fac = torch.stack([a_ig, a_fc, a_ig], dim=2).mul_(0.5)
 
-    def factors(K):
-        M = K.view(T, B, 4, H) * half
-        return M[:, :, :3].unbind(0), M[:, :, 3].unbind(0)
+    def factors(K):  # K is ours (a fresh result): scale it in place
+        M = K.view(T, B, 4, H)
+        M[:, :, :3] *= fac
+        return M[:, :, :3].unbind(0), M[:, :, 3:].unbind(0)
 
     def buffer():
-        Cb = a_fc.new_empty(T, B, 4, H)
-        return Cb, Cb[:, :, :3].unbind(0), Cb[:, :, 3].unbind(0), Cb.view(T, B, 4 * H).unbind(0)
+        C = a_fc.new_empty(T, B, 4, H)
+        return C, C[:, :, :3].unbind(0), C[:, :, 3:].unbind(0), C.view(T, B, 4 * H).unbind(0)
 
+    # every per-step tensor is [B, 1, H] or [B, 3, H], the buffers are written in place
     M3, M1 = factors(K)
     C, C3, C1, Cf = buffer()
+    back = a_fc.new_empty(B, 1, H)
     signed = K_sgn is not None
     if signed:
         S3, S1 = factors(K_sgn)
         S, T3, T1, Sf = buffer()
-        Hpu = Hp.unbind(0)
+        back_s = a_fc.new_empty(B, 1, H)
+        Hp_half = (st["Hp"] * 0.5).unsqueeze(2).unbind(0)
     W, absW = w.W_hh, w.W_hh.abs()
-    Fc = (a_fc * 0.5).unbind(0)
-    aHp = Hp.abs().unbind(0)
-    Rs, RHu, RCu = R_seq[0].unbind(0), RH[0].unbind(0), RC[0].unbind(0)
-    rh = torch.add(R_h[0], Rs[order[0]], out=RHu[order[0]])
-    rc_next = R_c[0]
+    Fc = half_fc.unsqueeze(2).unbind(0)  # f c': half to c'
+    aHp_half = (absHp * 0.5).unsqueeze(2).unbind(0)
+    Rs_half = (R_seq * 0.5).unsqueeze(2).unbind(0)
+    Uu, RCu = U.unsqueeze(2).unbind(0), RC.unsqueeze(2).unbind(0)
+    u = torch.add(Rs_half[order[0]], R_h.unsqueeze(1), alpha=0.5, out=Uu[order[0]])
+    rc, fc = R_c.unsqueeze(1), None
     for j, t in enumerate(order):
-        rc = torch.add(rc_next, rh, alpha=0.5, out=RCu[t])  # h = o tanh(c): half to c
-        torch.mul(M3[t], rc.unsqueeze(1), out=C3[t])
-        torch.mul(M1[t], rh, out=C1[t])
-        back = Cf[t] @ absW
+        # h = o tanh(c): half to o, half to c (plus what c_{t+1} passes back)
+        rc = torch.add(u, rc, out=RCu[t]) if fc is None else torch.addcmul(u, rc, fc,
+                                                                           out=RCu[t])
+        fc = Fc[t]
+        torch.mul(M3[t], rc, out=C3[t])
+        torch.mul(M1[t], u, out=C1[t])
+        torch.mm(Cf[t], absW, out=back.view(B, H))
         if signed:
-            torch.mul(S3[t], rc.unsqueeze(1), out=T3[t])
-            torch.mul(S1[t], rh, out=T1[t])
-            back_s = Sf[t] @ W
-        rc_next = rc * Fc[t]  # f c': half to c'
+            torch.mul(S3[t], rc, out=T3[t])
+            torch.mul(S1[t], u, out=T1[t])
+            torch.mm(Sf[t], W, out=back_s.view(B, H))
         if j + 1 < len(order):
-            rh = torch.addcmul(Rs[order[j + 1]], aHp[t], back, out=RHu[order[j + 1]])
-        else:
-            rh = aHp[t] * back
-        if signed:
-            rh.addcmul_(Hpu[t], back_s)
+            u = torch.addcmul(Rs_half[order[j + 1]], aHp_half[t], back, out=Uu[order[j + 1]])
+            if signed:
+                u.addcmul_(Hp_half[t], back_s)
+    t = order[-1]
+    R_h0 = absHp[t] * back.view(B, H)
+    if signed:
+        R_h0.addcmul_(st["Hp"][t], back_s.view(B, H))
     coefs = [(C.view(T, B, 4 * H), S.view(T, B, 4 * H) if signed else None)]
-    return coefs, [rh], [rc_next]
+    return coefs, [R_h0], [(rc * fc).view(B, H)]
 
 
-def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RH, RC, order, a_fc, a_ig, abs_total, b,
-                       bounds, absorbed):
+def _lstm_loop_streams(st, w, R_seq, R_h, R_c, U, RC, order, a_fc, a_ig, abs_total, b, absHp,
+                       absorbed):
     """Contrastive mode: ``coefficients`` once per step (both streams)."""
     T, B, H = a_fc.shape
     Hp, signed = st["Hp"], st["signed"]
     n = len(R_seq)
     W, absW = w.W_hh, w.W_hh.abs()
     C = [[a_fc.new_empty(T, B, 4 * H) for _ in range(2)] for _ in range(n)]
-    rh = [torch.add(R_h[k], R_seq[k][order[0]], out=RH[k][order[0]]) for k in range(n)]
+    rh = [R_h[k] + R_seq[k][order[0]] for k in range(n)]
     rc_next = list(R_c)
     for j, t in enumerate(order):
         G = []
         for k in range(n):
-            rc = torch.add(rc_next[k], rh[k], alpha=0.5, out=RC[k][t])
+            torch.mul(rh[k], 0.5, out=U[k][t])
+            rc = torch.add(rc_next[k], U[k][t], out=RC[k][t])
             r_fc, r_ig = rc * a_fc[t], rc * a_ig[t]
             rc_next[k] = r_fc * 0.5
-            G.append(torch.cat([r_ig, r_fc, r_ig, rh[k]], dim=-1).mul_(0.5))
-        coefs, ab = coefficients(_join(G), abs_total[t], signed[t], b, bounds=bounds)
+            r_ig = r_ig * 0.5
+            G.append(torch.cat([r_ig, rc_next[k], r_ig, U[k][t]], dim=-1))
+        coefs, ab = coefficients(_join(G), abs_total[t], signed[t], b)
         _acc(absorbed, ab)
-        back = _apply(coefs, Hp[t], W, absW)
         for k, (c_abs, c_sgn) in enumerate(coefs):
             C[k][0][t] = c_abs
             C[k][1][t] = 0.0 if c_sgn is None else c_sgn
-            if j + 1 < len(order):
-                rh[k] = torch.add(back[k], R_seq[k][order[j + 1]], out=RH[k][order[j + 1]])
-            else:
-                rh[k] = back[k]
+            back = absHp[t] * (c_abs @ absW)
+            if c_sgn is not None:
+                back.addcmul_(Hp[t], c_sgn @ W)
+            rh[k] = back + R_seq[k][order[j + 1]] if j + 1 < len(order) else back
     return [tuple(c) for c in C], rh, rc_next
 
 
@@ -305,6 +318,11 @@ def gru_steps(X: Tensor, Hp: Tensor, w: _Weights) -> dict:
     return {"X": X, "Hp": Hp, "XW": XW, "HW": HW, "z": z, "q": q, "n": n}
 
 
+def _coefs(spec, R):
+    abs_total, signed, bias, bounds = spec
+    return coefficients(R, abs_total, signed, bias, bounds=bounds)
+
+
 def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     """Relevance of one GRU layer/direction: returns per-stream (R_X, R_h0)."""
     X, Hp, Q, Z = st["X"], st["Hp"], st["q"], st["z"]
@@ -312,86 +330,91 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     H = w.W_hh.shape[1]
     b_rz, b_in, b_hn = _gru_biases(w, H)
     absW_ih = w.W_ih.abs()
+    absHp = Hp.abs()
     # |contributions| and signed sums with the same operations (see lstm_reverse)
-    absXW, absHW = _mm(X.abs(), absW_ih), _mm(Hp.abs(), w.W_hh.abs())
+    absXW, absHW = _mm(X.abs(), absW_ih), _mm(absHp, w.W_hh.abs())
     XW, HW = st["XW"], st["HW"]
-    sums = {
+    sums = {  # (abs total, signed total, bias, bounds) of each weighted sum
         "rz": (absXW[..., :2 * H] + absHW[..., :2 * H], XW[..., :2 * H] + HW[..., :2 * H],
                b_rz, _gate_bounds([SIGMOID, SIGMOID], H, X, saturate)),
         "n": (absXW[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q, b_in,
               _gate_bounds([TANH], H, X, saturate)),
         "hn": (absHW[..., 2 * H:], HW[..., 2 * H:], b_hn, None),
     }
-    terms = [(1 - Z) * st["n"], Z * Hp]
+    terms = [(1 - Z) * st["n"], Z * Hp]  # h = (1-z) n + z h'
     (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
     n = len(R_seq)
     order = _order(T, not reverse)
     RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it)
-    loop = _gru_loop if n == 1 else _gru_loop_streams
-    coefs_rz, coefs_n, R_h = loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed)
-    if n == 1:  # the n gate's coefficients, and what the biases and guards absorb
-        (r_a, r_b), lost = add_rule(RH[0], terms)
-        absorbed[0] = absorbed[0] + lost
-        coefs_n, ab = _coefs(sums["n"], r_a * 0.5)
-        _acc(absorbed, ab)
-        c_abs, c_sgn = coefs_n[0]
-        R_q = c_abs * Q.abs() if c_sgn is None else c_abs * Q.abs() + c_sgn * Q
-        _acc(absorbed, _coefs(sums["hn"], R_q * 0.5)[1])
-        R_rz = torch.cat([R_q * 0.5, (r_a + r_b) * 0.5], dim=-1)
-        _acc(absorbed, _coefs(sums["rz"], R_rz)[1])
-    coefs = []
-    for (rz_abs, rz_sgn), (n_abs, n_sgn) in zip(coefs_rz, coefs_n):
-        c_abs = torch.cat([rz_abs, n_abs], dim=-1)
-        c_sgn = None
-        if rz_sgn is not None or n_sgn is not None:
-            c_sgn = torch.cat([torch.zeros_like(rz_abs) if rz_sgn is None else rz_sgn,
-                               torch.zeros_like(n_abs) if n_sgn is None else n_sgn], dim=-1)
-        coefs.append((c_abs, c_sgn))
+    if n > 1:
+        coefs, R_h = _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp,
+                                       absorbed)
+        for k in range(n):  # the add rule's guard losses, all steps at once
+            absorbed[k] = absorbed[k] + add_rule(RH[k], terms)[1]
+        return _apply(coefs, X, w.W_ih, absW_ih), R_h
+    C, S, R_h = _gru_loop(st, w, R_seq[0], R_h[0], RH[0], order, a_a, a_b, sums, absHp)
+    # the n gate's coefficients, and what the biases and guards absorb
+    (r_a, r_b), lost = add_rule(RH[0], terms)
+    absorbed[0] = absorbed[0] + lost
+    ((n_abs, n_sgn),), ab = _coefs(sums["n"], r_a * 0.5)
+    _acc(absorbed, ab)
+    R_q = n_abs * Q.abs() if n_sgn is None else n_abs * Q.abs() + n_sgn * Q
+    R_q *= 0.5  # half to r, half to W_hn h' + b_hn
+    _acc(absorbed, _coefs(sums["hn"], R_q)[1])
+    _acc(absorbed, _coefs(sums["rz"], torch.cat([R_q, (r_a + r_b) * 0.5], dim=-1))[1])
+    # the input part: coefficients of the r, z, n units (the W_hn h' slot is done with)
+    C[:, :, 2] = n_abs
+    if n_sgn is not None:
+        S = S if S is not None else X.new_zeros(T, B, 3, H)
+        S[:, :, 2] = n_sgn
+    elif S is not None:
+        S[:, :, 2] = 0.0
+    coefs = [(C.view(T, B, 3 * H), None if S is None else S.view(T, B, 3 * H))]
     return _apply(coefs, X, w.W_ih, absW_ih), R_h
 
 
-def _coefs(spec, R):
-    abs_total, signed, bias, bounds = spec
-    return coefficients(R, abs_total, signed, bias, bounds=bounds)
-
-
-def _gru_loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed):
+def _gru_loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp):
     """Default mode: the reverse walk as a linear recurrence with precomputed factors.
 
-    Returns the §2 coefficients of the r, z gates of every step, ``None`` for the n gate's
-    (computed after the loop) and the relevance of the initial ``h``."""
+    Fills ``RH``; returns the §2 coefficients of every step ([T, B, 3, H]: the r, z and
+    ``W_hn h'`` units; the signed ones of r, z or ``None``) and the relevance of the
+    initial h."""
     T, B, H = a_a.shape
     Hp, Q = st["Hp"], st["q"]
     one = a_a.new_ones(())
-    (Kn, Kn_sgn), = _coefs(sums["n"], one)[0]
-    (Khn, _), = _coefs(sums["hn"], one)[0]
-    (Krz, Krz_sgn), = _coefs(sums["rz"], one)[0]
+    ((Kn, Kn_sgn),), _ = _coefs(sums["n"], one)
+    ((Khn, _),), _ = _coefs(sums["hn"], one)
+    ((Krz, Krz_sgn),), _ = _coefs(sums["rz"], one)
     # per unit of relevance rh on h: R_n = rh a_a / 2, R_q = R_n (Kn |q| + Kn_sgn q), half
     # of R_q to r and half to W_hn h' + b_hn, R_z = rh (a_a + a_b) / 2
     Qf = Kn * Q.abs() if Kn_sgn is None else Kn * Q.abs() + Kn_sgn * Q
     q4 = a_a * Qf * 0.25
     z2 = (a_a + a_b) * 0.5
     M = torch.stack([q4 * Krz[..., :H], z2 * Krz[..., H:], q4 * Khn], dim=2).unbind(0)
-    signed = Krz_sgn is not None
     C = a_a.new_empty(T, B, 3, H)  # coefficients of the r, z and W_hn h' units
     Cu, Cf = C.unbind(0), C.view(T, B, 3 * H).unbind(0)
+    back = a_a.new_empty(B, 1, H)
+    signed = Krz_sgn is not None
+    S = None
     if signed:
         Ms = torch.stack([q4 * Krz_sgn[..., :H], z2 * Krz_sgn[..., H:]], dim=2).unbind(0)
-        S = a_a.new_empty(T, B, 2, H)
-        Su, Sf = S.unbind(0), S.view(T, B, 2 * H).unbind(0)
+        S = a_a.new_empty(T, B, 3, H)  # the last slot is filled after the loop
+        Su = S[:, :, :2].unbind(0)
+        Sf = [s.flatten(1) for s in Su]  # [B, 2H] views (row stride 3H)
+        back_s = a_a.new_empty(B, 1, H)
         W_rz = w.W_hh[:2 * H]
-        Hpu = Hp.unbind(0)
+        Hpu = Hp.unsqueeze(2).unbind(0)
     absW = w.W_hh.abs()
-    direct = (a_b * 0.5).unbind(0)  # z h': half to h'
-    aHp = Hp.abs().unbind(0)
-    Rs, RHu = R_seq[0].unbind(0), RH[0].unbind(0)
-    rh = torch.add(R_h[0], Rs[order[0]], out=RHu[order[0]])
+    direct = (a_b * 0.5).unsqueeze(2).unbind(0)  # z h': half to h'
+    aHp = absHp.unsqueeze(2).unbind(0)
+    Rs, RHu = R_seq.unsqueeze(2).unbind(0), RH.unsqueeze(2).unbind(0)
+    rh = torch.add(Rs[order[0]], R_h.unsqueeze(1), out=RHu[order[0]])
     for j, t in enumerate(order):
-        torch.mul(M[t], rh.unsqueeze(1), out=Cu[t])
-        back = Cf[t] @ absW
+        torch.mul(M[t], rh, out=Cu[t])
+        torch.mm(Cf[t], absW, out=back.view(B, H))
         if signed:
-            torch.mul(Ms[t], rh.unsqueeze(1), out=Su[t])
-            back_s = Sf[t] @ W_rz
+            torch.mul(Ms[t], rh, out=Su[t])
+            torch.mm(Sf[t], W_rz, out=back_s.view(B, H))
         if j + 1 < len(order):
             nxt = torch.addcmul(Rs[order[j + 1]], rh, direct[t], out=RHu[order[j + 1]])
         else:
@@ -399,20 +422,19 @@ def _gru_loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed):
         rh = nxt.addcmul_(aHp[t], back)
         if signed:
             rh.addcmul_(Hpu[t], back_s)
-    coefs_rz = [(C[:, :, :2].reshape(T, B, 2 * H),
-                 S.view(T, B, 2 * H) if signed else None)]
-    return coefs_rz, None, [rh]
+    return C, S, [rh.view(B, H)]
 
 
-def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed):
-    """Contrastive mode: ``coefficients`` once per step and weighted sum (both streams)."""
+def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absorbed):
+    """Contrastive mode: ``coefficients`` once per step and weighted sum (both streams).
+
+    Fills ``RH``; returns the §2 coefficients of the input part and the relevance of the
+    initial h, per stream."""
     T, B, H = a_a.shape
     Hp, Q = st["Hp"], st["q"]
     n = len(R_seq)
-    W_hrz, W_hn = w.W_hh[:2 * H], w.W_hh[2 * H:]
-    abs_hrz, abs_hn = W_hrz.abs(), W_hn.abs()
-    C_rz = [[a_a.new_empty(T, B, 2 * H) for _ in range(2)] for _ in range(n)]
-    C_n = [[a_a.new_empty(T, B, H) for _ in range(2)] for _ in range(n)]
+    W, absW = w.W_hh, w.W_hh.abs()
+    C = [[a_a.new_empty(T, B, 3 * H) for _ in range(2)] for _ in range(n)]
     rh = [torch.add(R_h[k], R_seq[k][order[0]], out=RH[k][order[0]]) for k in range(n)]
 
     def at(spec, t):
@@ -432,24 +454,23 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absorbed):
                for c_abs, c_sgn in coefs_n]
         coefs_hn, ab = _coefs(at(sums["hn"], t), _join([r * 0.5 for r in R_q]))
         _acc(absorbed, ab)
-        R_from_hn = _apply(coefs_hn, hp, W_hn, abs_hn)
         R_rz = [torch.cat([r * 0.5, rz], dim=-1) for r, rz in zip(R_q, R_z)]
         coefs_rz, ab = _coefs(at(sums["rz"], t), _join(R_rz))
         _acc(absorbed, ab)
-        R_from_rz = _apply(coefs_rz, hp, W_hrz, abs_hrz)
         for k in range(n):
-            for dst, (c_abs, c_sgn) in ((C_rz[k], coefs_rz[k]), (C_n[k], coefs_n[k])):
-                dst[0][t] = c_abs
-                dst[1][t] = 0.0 if c_sgn is None else c_sgn
-            back = R_direct[k] + R_from_hn[k] + R_from_rz[k]
+            (rz_abs, rz_sgn), (hn_abs, hn_sgn), (n_abs, n_sgn) = (coefs_rz[k], coefs_hn[k],
+                                                                  coefs_n[k])
+            C[k][0][t] = torch.cat([rz_abs, n_abs], dim=-1)  # the input part
+            C[k][1][t] = torch.cat([rz_sgn, n_sgn], dim=-1)
+            # h' part: one product with [W_hr; W_hz; W_hn] for each of |.| and signed
+            back = absHp[t] * (torch.cat([rz_abs, hn_abs], dim=-1) @ absW)
+            back.addcmul_(hp, torch.cat([rz_sgn, hn_sgn], dim=-1) @ W)
+            back += R_direct[k]
             if j + 1 < len(order):
                 rh[k] = torch.add(back, R_seq[k][order[j + 1]], out=RH[k][order[j + 1]])
             else:
                 rh[k] = back
-    # the add rule's guard losses, all steps at once
-    for k in range(n):
-        absorbed[k] = absorbed[k] + add_rule(RH[k], [(1 - st["z"]) * st["n"], st["z"] * Hp])[1]
-    return [tuple(c) for c in C_rz], [tuple(c) for c in C_n], rh
+    return [tuple(c) for c in C], rh
 
 
 # -- whole modules ----------------------------------------------------------------------------
