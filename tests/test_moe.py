@@ -107,7 +107,7 @@ def slow_experts(R, x, idx, w, Wgu, Wd, act, I):
             outs.append((e, gu, h, o * w[tok, s]))
         for hh in range(H):
             den = sum(abs(float(y[hh])) for *_, y in outs)
-            for e, gu, h, y in outs:
+            for e, _gu, h, y in outs:
                 share = float(R[tok, hh]) * abs(float(y[hh])) / den if den else 0.0
                 carried[tok, e] += share
                 # down_proj unit hh: contributions Wd[e][hh, j] * h[j]
