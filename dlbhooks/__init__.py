@@ -7,6 +7,7 @@
 """
 
 from . import models, rules  # noqa: F401  (registers every rule)
+from .analysis import ExpertStats
 from .api import explain
 from .coverage import coverage
 from .errors import (
@@ -29,7 +30,7 @@ from .trace import trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "DLBError", "Explanation", "FunctionalGapError", "NonFiniteError", "Record",
+    "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "NonFiniteError", "Record",
     "RecordModifiedError", "Streams", "Tape", "TargetError", "TraceError",
     "UnsupportedModuleError", "coverage", "explain", "explain_generation", "register_rule",
     "register_saturation", "trace", "unregister_rule",

@@ -141,3 +141,39 @@ def test_experts_rule_matches_slow_reference():
     assert torch.allclose(exp.inputs["hidden_states"].reshape(3, 32), want, rtol=1e-9,
                           atol=1e-10)
     assert torch.allclose(exp.experts["<root>"].reshape(3, -1), carried, rtol=1e-9, atol=1e-10)
+
+
+def test_expert_stats_accumulate_merge_save(tmp_path):
+    model = build("qwen3_moe")
+    exps = []
+    for seed in range(3):
+        ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(seed))
+        exps.append(dlb.explain(model, {"input_ids": ids}))
+    whole = dlb.ExpertStats()
+    for e in exps:
+        whole.add(e)
+    a = dlb.ExpertStats().add(exps[0])
+    b = dlb.ExpertStats().add(exps[1]).add(exps[2])
+    merged = a.merge(b)
+    for layer in whole.layers:
+        assert torch.allclose(merged.layers[layer].abs_relevance, whole.layers[layer].abs_relevance)
+        assert torch.equal(merged.layers[layer].routed, whole.layers[layer].routed)
+        # every token selects k=2 experts
+        assert float(whole.layers[layer].routed.sum()) == 2 * whole.layers[layer].tokens == 60
+        total = sum(float(e.experts[layer].sum()) for e in exps)
+        assert float(whole.layers[layer].relevance.sum()) == pytest.approx(total)
+        ranking = whole.ranking(layer)
+        scores = whole.score(layer)
+        assert sorted(ranking) == list(range(4))
+        assert all(scores[ranking[i]] <= scores[ranking[i + 1]] for i in range(3))
+    path = tmp_path / "stats.safetensors"
+    whole.save(path)
+    back = dlb.ExpertStats.load(path)
+    assert back.explanations == 3
+    for layer in whole.layers:
+        assert torch.equal(back.layers[layer].weight, whole.layers[layer].weight)
+    assert len(whole.least(0.5)["model.layers.0.mlp"]) == 2
+    mask = torch.ones(2, 5)
+    mask[0, :2] = 0
+    partial = dlb.ExpertStats().add(exps[0], mask=mask)
+    assert partial.layers["model.layers.0.mlp"].tokens == 8

@@ -1,0 +1,141 @@
+"""``ExpertStats``: per MoE layer and expert, over many explanations (a corpus)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _Layer:
+    relevance: Tensor  # [E] total relevance carried (float64)
+    abs_relevance: Tensor  # [E] total |relevance|
+    routed: Tensor  # [E] tokens that selected the expert
+    weight: Tensor  # [E] sum of routing weights given to the expert
+    tokens: int = 0  # tokens seen (padding excluded)
+
+    def merge(self, other: _Layer) -> None:
+        self.relevance += other.relevance
+        self.abs_relevance += other.abs_relevance
+        self.routed += other.routed
+        self.weight += other.weight
+        self.tokens += other.tokens
+
+
+@dataclass
+class ExpertStats:
+    """Accumulates expert relevance and routing statistics.
+
+    ``stats.add(exp, mask=attention_mask)`` after each explanation; ``merge`` another
+    (e.g. from another process); ``save`` / ``ExpertStats.load`` (safetensors);
+    ``ranking(layer, by="relevance" | "frequency" | "weight")`` least to most important.
+    """
+
+    layers: dict[str, _Layer] = field(default_factory=dict)
+    explanations: int = 0
+
+    def add(self, exp, mask: Tensor | None = None) -> ExpertStats:
+        if not exp.experts:
+            raise ValueError("the explanation holds no expert relevance (not an MoE model?)")
+        for layer, rel in exp.experts.items():
+            idx, w = exp.routing[layer]
+            E = rel.shape[-1]
+            keep = torch.ones(rel.shape[:-1], dtype=torch.bool, device=rel.device)
+            if mask is not None:
+                keep = mask.to(rel.device).bool().reshape(keep.shape)
+            r = rel.detach().double()[keep]  # [tokens, E]
+            sel = idx.long()[keep]  # [tokens, k]
+            wt = w.detach().double()[keep]
+            routed = torch.zeros(E, dtype=torch.float64).index_add_(
+                0, sel.reshape(-1).cpu(), torch.ones(sel.numel(), dtype=torch.float64))
+            weight = torch.zeros(E, dtype=torch.float64).index_add_(
+                0, sel.reshape(-1).cpu(), wt.reshape(-1).cpu())
+            new = _Layer(r.sum(0).cpu(), r.abs().sum(0).cpu(), routed, weight, int(keep.sum()))
+            if layer in self.layers:
+                self.layers[layer].merge(new)
+            else:
+                self.layers[layer] = new
+        self.explanations += 1
+        return self
+
+    def merge(self, other: ExpertStats) -> ExpertStats:
+        for layer, st in other.layers.items():
+            if layer in self.layers:
+                self.layers[layer].merge(st)
+            else:
+                self.layers[layer] = _Layer(st.relevance.clone(), st.abs_relevance.clone(),
+                                            st.routed.clone(), st.weight.clone(), st.tokens)
+        self.explanations += other.explanations
+        return self
+
+    # -- views --------------------------------------------------------------------------
+    def frequency(self, layer: str) -> Tensor:
+        """Fraction of tokens that selected each expert."""
+        st = self.layers[layer]
+        return st.routed / max(st.tokens, 1)
+
+    def mean_weight(self, layer: str) -> Tensor:
+        """Mean routing weight of each expert when selected."""
+        st = self.layers[layer]
+        return st.weight / st.routed.clamp_min(1)
+
+    def score(self, layer: str, by: str = "relevance") -> Tensor:
+        st = self.layers[layer]
+        if by == "relevance":
+            return st.abs_relevance
+        if by == "signed":
+            return st.relevance
+        if by == "frequency":
+            return st.routed
+        if by == "weight":
+            return st.weight
+        raise ValueError(f"unknown ranking {by!r}: relevance, signed, frequency or weight")
+
+    def ranking(self, layer: str, by: str = "relevance") -> list[int]:
+        """Experts of ``layer`` from least to most important."""
+        return torch.argsort(self.score(layer, by), stable=True).tolist()
+
+    def least(self, fraction: float, by: str = "relevance") -> dict[str, list[int]]:
+        """The ``fraction`` least important experts of every layer."""
+        out = {}
+        for layer, st in self.layers.items():
+            n = int(round(fraction * st.relevance.numel()))
+            out[layer] = sorted(self.ranking(layer, by)[:n])
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"ExpertStats over {self.explanations} explanations"]
+        for layer, st in self.layers.items():
+            rel = st.abs_relevance / st.abs_relevance.sum().clamp_min(1e-300)
+            cells = " ".join(f"{v:5.1%}" for v in rel.tolist())
+            lines.append(f"  {layer}: relevance share {cells}")
+        return "\n".join(lines)
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {"explanations": self.explanations, "tokens": {}}
+        for layer, st in self.layers.items():
+            for name in ("relevance", "abs_relevance", "routed", "weight"):
+                tensors[f"{name}/{layer}"] = getattr(st, name).contiguous()
+            meta["tokens"][layer] = st.tokens
+        save_file(tensors, str(path), metadata={"dlbhooks_expert_stats": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertStats:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["dlbhooks_expert_stats"])
+            stats = cls(explanations=meta["explanations"])
+            for layer, tokens in meta["tokens"].items():
+                stats.layers[layer] = _Layer(
+                    *(f.get_tensor(f"{n}/{layer}")
+                      for n in ("relevance", "abs_relevance", "routed", "weight")),
+                    tokens=tokens)
+        return stats
