@@ -177,3 +177,23 @@ def test_expert_stats_accumulate_merge_save(tmp_path):
     mask[0, :2] = 0
     partial = dlb.ExpertStats().add(exps[0], mask=mask)
     assert partial.layers["model.layers.0.mlp"].tokens == 8
+
+
+def test_pruned_experts_are_never_routed_and_restored():
+    from dlbhooks.analysis.pruning import pruned
+
+    model = build("qwen3_moe")
+    ref = model(input_ids=IDS).logits
+    plan = {"model.layers.0.mlp": [0, 1], "model.layers.1.mlp": [3]}
+    with pruned(model, plan):
+        exp = dlb.explain(model, {"input_ids": IDS})
+        changed = model(input_ids=IDS).logits
+    for block, drop in plan.items():
+        idx, _ = exp.routing[block]
+        assert not bool(torch.isin(idx, torch.tensor(drop)).any())
+        assert float(exp.experts[block][..., drop].abs().sum()) == 0.0
+    assert not torch.equal(changed, ref)
+    assert torch.equal(model(input_ids=IDS).logits, ref)
+    with pytest.raises(ValueError):
+        with pruned(model, {"model.layers.0.mlp": [0, 1, 2]}):
+            pass
