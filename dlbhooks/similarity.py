@@ -166,9 +166,10 @@ def explain_similarity(
 ) -> SimilarityExplanation:
     """Explain the cosine similarity of sentences ``a`` and ``b`` under a mean-pooling
     encoder ``model`` (a transformers encoder returning ``last_hidden_state``, in eval
-    mode) with its ``tokenizer``. ``max_length`` truncates like sentence-transformers'
-    ``max_seq_length`` (256 for all-MiniLM-L6-v2). Extra keyword arguments go to
-    ``tape.explain`` (e.g. ``saturation``)."""
+    mode) with its ``tokenizer``. ``mode``: ``"default"`` (net token scores) or
+    ``"contrastive"`` (also ``positive``/``negative`` per token). ``max_length`` truncates
+    like sentence-transformers' ``max_seq_length`` (256 for all-MiniLM-L6-v2). Extra
+    keyword arguments go to ``tape.explain`` (e.g. ``saturation``)."""
     if mode not in ("default", "contrastive"):
         raise TargetError(f"unknown mode {mode!r}; choose 'default' or 'contrastive'")
     if model.training:
