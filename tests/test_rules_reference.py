@@ -1283,7 +1283,9 @@ def test_seed_errors() -> None:
         with pytest.raises(dlb.TargetError):
             make_seed(out, **kw)
     with pytest.raises(dlb.TargetError):
-        make_seed(torch.randn(2, 3, 4, dtype=D), 0)  # multiclass on a 3-D output
+        make_seed(torch.randn(2, 3, 4, 5, dtype=D), 0)  # multiclass on a 4-D output
+    with pytest.raises(dlb.TargetError):  # 3-D is a sequence: position out of range
+        make_seed(torch.randn(2, 3, 4, dtype=D), 0, position=3)
     with pytest.raises(dlb.TargetError):
         make_seed(torch.randn(2, 3, 4, 4, dtype=D), 3, task="segmentation")
     with pytest.raises(dlb.TargetError):
