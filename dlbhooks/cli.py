@@ -24,6 +24,44 @@ def _heatmap(rel: torch.Tensor) -> list[str]:
 
 
 def demo(args: argparse.Namespace) -> int:
+    return demo_moe(args) if args.model == "moe" else demo_digits(args)
+
+
+def demo_moe(args: argparse.Namespace) -> int:
+    """Explain the shipped tiny MoE's next byte after a code prompt: relevance per prompt
+    byte and per expert."""
+    import dlbhooks as dlb
+    from dlbhooks.tiny_moe import decode, encode, load_tiny_moe
+
+    model, meta = load_tiny_moe()
+    res = meta["results"]
+    print(f"dlbhooks {dlb.__version__} demo: {meta['model']}, {meta['parameters']:,} parameters,")
+    print("trained on the standard library's sources (code) and pydoc topics (prose); held-out "
+          + ", ".join(f"{d} {r['heldout_loss']:.2f} nats/byte (unigram "
+                      f"{r['unigram_crossentropy_heldout']:.2f})" for d, r in res.items()))
+    ids = encode(args.prompt, bos=True)[None]
+    with dlb.trace(model) as tape:
+        logits = model(input_ids=ids).logits
+    nxt = int(logits[0, -1].argmax())
+    exp = tape.explain(mode=args.mode)
+    print(f"\nprompt {args.prompt!r} -> next byte {decode([nxt])!r} "
+          f"(p={float(logits[0, -1].softmax(-1)[nxt]):.2f}), {args.mode} mode\n")
+    rel = exp.inputs["input_ids"][0]
+    peak = float(rel.abs().max()) or 1.0
+    for i, r in zip(ids[0].tolist(), rel.tolist()):
+        tok = decode([i], specials=True)
+        bar = ("+" if r >= 0 else "-") * int(round(abs(r) / peak * 30))
+        print(f"  {tok!r:>10} {r:8.3f} {bar}")
+    print("\nrelevance per expert (summed over tokens):")
+    for layer, t in sorted(exp.experts.items()):
+        cells = " ".join(f"{v:6.2f}" for v in t[0].sum(0).tolist())
+        print(f"  {layer:<22} {cells}")
+    print(f"\ninputs {exp.total_input:.3f} + absorbed {exp.total_absorbed:.3f} "
+          f"= seeded {exp.ledger[0].relevance_out if args.mode == 'default' else '(per stream)'}")
+    return 0
+
+
+def demo_digits(args: argparse.Namespace) -> int:
     import dlbhooks as dlb
     from dlbhooks.demo import load_digits_model
 
@@ -61,7 +99,10 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlbhooks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="explain the digits CNN that ships with dlbhooks")
+    p = sub.add_parser("demo", help="explain a small model that ships with dlbhooks")
+    p.add_argument("--model", choices=["moe", "digits"], default="moe",
+                   help="the tiny byte-level MoE LM (default) or the digits CNN")
+    p.add_argument("--prompt", default="def __init__(self")
     p.add_argument("--mode", choices=["default", "contrastive"], default="default")
     p.add_argument("--samples", type=int, default=3)
     p.set_defaults(func=demo)
