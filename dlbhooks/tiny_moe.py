@@ -40,14 +40,23 @@ def asset_path() -> Path:
     return Path(str(resources.files("dlbhooks") / "assets" / ASSET_DIR))
 
 
-def load_tiny_moe(path: str | os.PathLike | None = None) -> tuple[torch.nn.Module, dict]:
-    """The trained ``Qwen3MoeForCausalLM`` (float32, eval mode, loaded offline) and the training
-    metadata (corpus description, measured losses, settings) from ``corpus_meta.json``."""
+def load_tiny_moe(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+                  experts_implementation: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """The trained ``Qwen3MoeForCausalLM`` (eval mode, loaded offline with ``from_pretrained``)
+    and the training metadata (corpus, settings, measured losses) from ``corpus_meta.json``.
+
+    ``experts_implementation`` defaults to transformers' default (``"grouped_mm"``), except for
+    float64, which ``grouped_mm`` does not support on CPU: there it is ``"eager"``. Keep prompt +
+    generated tokens within the trained context (``config.max_position_embeddings`` = 128)."""
     from transformers import Qwen3MoeForCausalLM
 
     folder = Path(path) if path is not None else asset_path()
-    model = Qwen3MoeForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                dtype=torch.float32)
+    if experts_implementation is None and dtype == torch.float64:
+        experts_implementation = "eager"
+    kwargs = {} if experts_implementation is None else \
+        {"experts_implementation": experts_implementation}
+    model = Qwen3MoeForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                **kwargs)
     meta = json.loads((folder / "corpus_meta.json").read_text())
     return model.eval(), meta
 
