@@ -460,6 +460,27 @@ def test_saturation_fires(kind):
     assert float((on - off).abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_float32_matches_float64(kind):
+    """The float32 path (fused-kernel states, the recorded output reused) agrees with the
+    float64 one."""
+    x = sequence(False, T=6)
+    runs = []
+    for dt in (torch.float32, DT):
+        m = make_rnn(kind, num_layers=2, bidirectional=True, scale=1.5).to(dt)
+        with dlb.trace(m) as tape:
+            m(x.to(dt))
+        rec = tape.roots[-1]
+        g = torch.Generator().manual_seed(3)
+        R_out = [(torch.randn(o.shape, generator=g, dtype=DT) * 3).to(dt) for o in rec.outputs]
+        engine = Engine(tape, mode="default", saturation=True)
+        runs.append((engine.propagate(rec, R_out)[0], engine.ledger[0].absorbed))
+    (got, got_abs), (want, want_abs) = runs
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    assert abs(got_abs - want_abs) <= 1e-4 * (abs(want_abs) + 1)
+
+
 # -- (4) initial states as inputs -------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_initial_state_receives_relevance(kind):

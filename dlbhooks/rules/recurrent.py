@@ -23,14 +23,17 @@ b_hn)`` is a weighted sum whose contributions are the ``W_in x`` terms and ``q``
 
 In default mode every split above is linear in the relevance (the §2 denominators and
 saturation masks depend on the forward values only), so the reverse loop multiplies by
-per-unit factors precomputed for all steps — the add-rule fractions and the §2
-coefficients that ``add_rule``/``coefficients`` give for unit relevance — and what the
-biases and guards absorb is computed afterwards, for all steps at once, by those same
-functions. Contrastive mode is not linear in the relevance (which side is "aligned"
-depends on it), so there ``coefficients`` runs once per step; the add and product steps
-act on each stream. Relevance that reaches an implicit zero initial state (it is zero
-unless something degenerate happens) is reported absorbed, as are bias shares and guard
-losses, so every call conserves to float precision.
+per-unit factors precomputed for all steps: the add-rule fractions and the §2
+coefficients that ``add_rule``/``coefficients`` give for unit relevance. What a unit
+keeps (bias share, guard) is then, per unit of relevance, one minus what its
+contributions receive from those coefficients (:func:`_kept`), summed against the
+relevance of every step after the loop. Contrastive mode is not linear in the relevance
+(which side is "aligned" depends on it), so there ``coefficients`` runs once per step;
+the add and product steps act on each stream.
+
+Relevance that reaches an implicit zero initial state (it is zero unless something
+degenerate happens) is reported absorbed, as are bias shares and guard losses, so every
+call conserves to float precision.
 """
 
 from __future__ import annotations
@@ -133,30 +136,43 @@ def _bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     return b_ih if b_hh is None else b_ih + b_hh
 
 
-def _first(T: int, reverse: bool) -> int:
+def _last(T: int, reverse: bool) -> int:
     """Index of the last step of the recurrence (where the reverse walk starts)."""
     return 0 if reverse else T - 1
 
 
 # -- LSTM -------------------------------------------------------------------------------------
-def lstm_steps(X: Tensor, Hp: Tensor, c0: Tensor, w: _Weights, reverse: bool) -> dict:
+def lstm_steps(X: Tensor, Hp: Tensor, c0: Tensor, w: _Weights, reverse: bool, *,
+               keep_signed: bool = True, keep_o: bool = False) -> dict:
     """Gates and cell states of every step of one layer/direction, given the input ``X``
-    [T, B, in] and the previous hidden state of every step ``Hp`` [T, B, H]."""
+    [T, B, in] and the previous hidden state of every step ``Hp`` [T, B, H]. Keeps what
+    the reverse pass needs (``signed``, the sums ``W_ih x + W_hh h'``, only if asked)."""
     T = X.shape[0]
     H = w.W_hh.shape[1]
     signed = _mm2(X, w.W_ih, Hp, w.W_hh)  # W_ih x + W_hh h' of every step
     b = _bias(w.b_ih, w.b_hh)
-    pre = signed + b if b is not None else signed
-    gates = torch.sigmoid(pre)  # i, f, g, o
-    gates[..., 2 * H:3 * H] = torch.tanh(pre[..., 2 * H:3 * H])
-    i, f, g, _ = gates.chunk(4, dim=-1)
+    if keep_signed:
+        gates = signed + b if b is not None else signed.clone()  # pre-activations ...
+    else:
+        gates, signed = (signed.add_(b) if b is not None else signed), None
+    g = torch.tanh(gates[..., 2 * H:3 * H])
+    gates.sigmoid_()[..., 2 * H:3 * H] = g  # ... to the gates i, f, g, o, in place
+    i, f, g, o = gates.chunk(4, dim=-1)
     ig = i * g
     C = torch.empty_like(ig)
     c = c0
     for t in _order(T, reverse):  # c = f c' + i g, element-wise
         c = torch.addcmul(ig[t], f[t], c, out=C[t])
-    return {"X": X, "Hp": Hp, "Cp": _shift(C, c0, reverse), "C": C, "gates": gates,
-            "ig": ig, "signed": signed}
+    fc = torch.empty_like(ig)  # f c' of every step
+    prev, cur = (slice(1, None), slice(None, -1)) if reverse else (slice(None, -1),
+                                                                    slice(1, None))
+    torch.mul(f[cur], C[prev], out=fc[cur])
+    start = _last(T, not reverse)
+    torch.mul(f[start], c0, out=fc[start])
+    st = {"X": X, "Hp": Hp, "C": C, "fc": fc, "ig": ig, "signed": signed}
+    if keep_o:
+        st["o"] = o
+    return st
 
 
 def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
@@ -165,66 +181,83 @@ def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
     ``R_seq`` per stream [T, B, H] (relevance on each step's hidden output), ``R_h``/``R_c``
     per stream [B, H] (on the final states). ``absorbed`` (per stream) is added to in place.
     """
-    X, Hp, signed = st["X"], st["Hp"], st["signed"]
+    X, Hp = st["X"], st["Hp"]
     T, B = X.shape[:2]
     H = w.W_hh.shape[1]
     b = _bias(w.b_ih, w.b_hh)
     absW_ih = w.W_ih.abs()
     absHp = Hp.abs()
     # |contributions| with the same operations as the signed sums, so that a unit whose
-    # contributions all share one sign gets P or N exactly 0
-    abs_total = _mm2(X.abs(), absW_ih, absHp, w.W_hh.abs())
+    # contributions all share one sign gets P or N exactly 0 (made where used and
+    # dropped as soon as possible: big temporaries are what costs here)
+    def abs_total():
+        return _mm2(X.abs(), absW_ih, absHp, w.W_hh.abs())
+
     bounds = _gate_bounds([SIGMOID, SIGMOID, TANH, SIGMOID], H, X, saturate)
-    terms = [st["gates"][..., H:2 * H] * st["Cp"], st["ig"]]  # c = f c' + i g
+    terms = [st["fc"], st["ig"]]  # c = f c' + i g
     (a_fc, a_ig), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
     n = len(R_seq)
     order = _order(T, not reverse)  # against the recurrence
-    U = [X.new_empty(T, B, H) for _ in range(n)]  # half the relevance on h_t ...
-    RC = [X.new_empty(T, B, H) for _ in range(n)]  # ... and all of it on c_t
     if n == 1:
-        coefs, R_h, R_c = _lstm_loop(st, w, R_seq[0], R_h[0], R_c[0], U[0], RC[0], order,
-                                     a_fc, a_ig, abs_total, b, bounds, absHp)
+        coefs, R_h, R_c, kept = _lstm_loop(st, w, R_seq[0], R_h[0], R_c[0], order, a_fc,
+                                           a_ig, abs_total(), b, bounds, absHp)
+        absorbed[0] = absorbed[0] + kept
     else:
-        coefs, R_h, R_c = _lstm_loop_streams(st, w, R_seq, R_h, R_c, U, RC, order, a_fc,
-                                             a_ig, abs_total, b, absHp, absorbed)
-    G = []  # relevance of the gates i, f, g, o of every step, as the loop split it
-    for k in range(n):
-        (r_fc, r_ig), lost = add_rule(RC[k], terms)
-        absorbed[k] = absorbed[k] + lost
-        r_ig = r_ig * 0.5
-        G.append(torch.cat([r_ig, r_fc * 0.5, r_ig, U[k]], dim=-1))
-    if n == 1:  # what the biases and guards absorb (the loop only needed the factors)
-        _acc(absorbed, coefficients(G[0], abs_total, signed, b, bounds=bounds)[1])
+        RC = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on c_t
+        coefs, R_h, R_c = _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig,
+                                             abs_total(), b, absHp, absorbed)
+        for k in range(n):  # the add rule's guard losses, all steps at once
+            absorbed[k] = absorbed[k] + add_rule(RC[k], terms)[1]
     return _apply(coefs, X, w.W_ih, absW_ih), R_h, R_c
 
 
-def _lstm_loop(st, w, R_seq, R_h, R_c, U, RC, order, a_fc, a_ig, abs_total, b, bounds,
-               absHp):
+def _kept(K: Tensor, K_sgn: Tensor | None, abs_total: Tensor, signed: Tensor | None,
+          out: Tensor | None = None) -> Tensor:
+    """Per unit, the part of unit relevance that its contributions do not receive given
+    the §2 coefficients ``(K, K_sgn)`` of unit relevance (what the bias and the guard keep):
+    contribution i receives ``K |w a_i| + K_sgn w a_i``, which sum to
+    ``K abs_total + K_sgn signed_total``. ``out`` may be ``abs_total`` itself."""
+    kept = torch.addcmul(K.new_ones(()), K, abs_total, value=-1.0, out=out)
+    if K_sgn is not None:
+        kept.addcmul_(K_sgn, signed, value=-1.0)
+    return kept
+
+
+def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, absHp):
     """Default mode: the reverse walk as a linear recurrence with precomputed factors.
 
-    Fills ``U`` (half of h_t's relevance) and ``RC`` (c_t's); returns the §2 coefficients of
-    every step ([(c_abs, c_sgn)], [T, B, 4H]) and the relevance of the initial h and c."""
+    Returns the §2 coefficients of every step ([(c_abs, c_sgn)], [T, B, 4H]), the relevance
+    of the initial h and c, and what the biases and guards absorbed."""
     T, B, H = a_fc.shape
     # The gates' relevances are (rc a_ig, rc a_fc, rc a_ig, rh) / 2 for the relevance rh on
     # h and rc on c; their coefficients are those times the coefficients K of unit
     # relevance. With u = rh / 2 (halving is exact): c_i,f,g = rc M, c_o = u M.
     (K, K_sgn), = coefficients(a_fc.new_ones(()), abs_total, st["signed"], b,
                                bounds=bounds)[0]
-    half_fc = a_fc * 0.5
-    fac = torch.stack([a_ig, a_fc, a_ig], dim=2).mul_(0.5)
+    # absorbed = sum(rc w_rc + u w_u): the add rule's guard (1 - a_fc - a_ig) and what the
+    # gates keep of their relevance (rc a / 2 for i, f, g; u for o)
+    kept = _kept(K, K_sgn, abs_total, st["signed"], out=abs_total).view(T, B, 4, H)
+    del abs_total
+    w_rc = (1.0 - a_fc - a_ig).addcmul_(a_ig, kept[:, :, 0] + kept[:, :, 2], value=0.5)
+    w_rc.addcmul_(a_fc, kept[:, :, 1], value=0.5)
+    w_u = kept[:, :, 3].clone()
+    half_fc, half_ig = a_fc.mul_(0.5), a_ig.mul_(0.5)  # (in place: few big temporaries)
+    U, RC = a_fc.new_empty(T, B, H), a_fc.new_empty(T, B, H)  # u and rc of every step
 
     def factors(K):  # K is ours (a fresh result): scale it in place
         M = K.view(T, B, 4, H)
-        M[:, :, :3] *= fac
+        M[:, :, 0::2] *= half_ig.unsqueeze(2)
+        M[:, :, 1] *= half_fc
         return M[:, :, :3].unbind(0), M[:, :, 3:].unbind(0)
 
-    def buffer():
-        C = a_fc.new_empty(T, B, 4, H)
+    def buffer(C=None):
+        C = a_fc.new_empty(T, B, 4, H) if C is None else C
         return C, C[:, :, :3].unbind(0), C[:, :, 3:].unbind(0), C.view(T, B, 4 * H).unbind(0)
 
     # every per-step tensor is [B, 1, H] or [B, 3, H], the buffers are written in place
     M3, M1 = factors(K)
-    C, C3, C1, Cf = buffer()
+    C, C3, C1, Cf = buffer(kept)  # the coefficients of every step (kept is done with)
+    del kept
     back = a_fc.new_empty(B, 1, H)
     signed = K_sgn is not None
     if signed:
@@ -234,7 +267,7 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, U, RC, order, a_fc, a_ig, abs_total, b, b
         Hp_half = (st["Hp"] * 0.5).unsqueeze(2).unbind(0)
     W, absW = w.W_hh, w.W_hh.abs()
     Fc = half_fc.unsqueeze(2).unbind(0)  # f c': half to c'
-    aHp_half = (absHp * 0.5).unsqueeze(2).unbind(0)
+    aHp_half = absHp.mul_(0.5).unsqueeze(2).unbind(0)  # (absHp is ours)
     Rs_half = (R_seq * 0.5).unsqueeze(2).unbind(0)
     Uu, RCu = U.unsqueeze(2).unbind(0), RC.unsqueeze(2).unbind(0)
     u = torch.add(Rs_half[order[0]], R_h.unsqueeze(1), alpha=0.5, out=Uu[order[0]])
@@ -256,14 +289,15 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, U, RC, order, a_fc, a_ig, abs_total, b, b
             if signed:
                 u.addcmul_(Hp_half[t], back_s)
     t = order[-1]
-    R_h0 = absHp[t] * back.view(B, H)
+    R_h0 = (aHp_half[t] * back).mul_(2.0).view(B, H)
     if signed:
         R_h0.addcmul_(st["Hp"][t], back_s.view(B, H))
     coefs = [(C.view(T, B, 4 * H), S.view(T, B, 4 * H) if signed else None)]
-    return coefs, [R_h0], [(rc * fc).view(B, H)]
+    kept = (RC.view(-1).dot(w_rc.view(-1)) + U.view(-1).dot(w_u.view(-1))).double()
+    return coefs, [R_h0], [(rc * fc).view(B, H)], kept
 
 
-def _lstm_loop_streams(st, w, R_seq, R_h, R_c, U, RC, order, a_fc, a_ig, abs_total, b, absHp,
+def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total, b, absHp,
                        absorbed):
     """Contrastive mode: ``coefficients`` once per step (both streams)."""
     T, B, H = a_fc.shape
@@ -276,12 +310,12 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, U, RC, order, a_fc, a_ig, abs_tot
     for j, t in enumerate(order):
         G = []
         for k in range(n):
-            torch.mul(rh[k], 0.5, out=U[k][t])
-            rc = torch.add(rc_next[k], U[k][t], out=RC[k][t])
+            u = rh[k] * 0.5  # h = o tanh(c): half to o, half to c
+            rc = torch.add(rc_next[k], u, out=RC[k][t])
             r_fc, r_ig = rc * a_fc[t], rc * a_ig[t]
             rc_next[k] = r_fc * 0.5
             r_ig = r_ig * 0.5
-            G.append(torch.cat([r_ig, rc_next[k], r_ig, U[k][t]], dim=-1))
+            G.append(torch.cat([r_ig, rc_next[k], r_ig, u], dim=-1))
         coefs, ab = coefficients(_join(G), abs_total[t], signed[t], b)
         _acc(absorbed, ab)
         for k, (c_abs, c_sgn) in enumerate(coefs):
@@ -345,40 +379,23 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
     n = len(R_seq)
     order = _order(T, not reverse)
-    RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it)
     if n > 1:
+        RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it)
         coefs, R_h = _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp,
                                        absorbed)
         for k in range(n):  # the add rule's guard losses, all steps at once
             absorbed[k] = absorbed[k] + add_rule(RH[k], terms)[1]
         return _apply(coefs, X, w.W_ih, absW_ih), R_h
-    C, S, R_h = _gru_loop(st, w, R_seq[0], R_h[0], RH[0], order, a_a, a_b, sums, absHp)
-    # the n gate's coefficients, and what the biases and guards absorb
-    (r_a, r_b), lost = add_rule(RH[0], terms)
-    absorbed[0] = absorbed[0] + lost
-    ((n_abs, n_sgn),), ab = _coefs(sums["n"], r_a * 0.5)
-    _acc(absorbed, ab)
-    R_q = n_abs * Q.abs() if n_sgn is None else n_abs * Q.abs() + n_sgn * Q
-    R_q *= 0.5  # half to r, half to W_hn h' + b_hn
-    _acc(absorbed, _coefs(sums["hn"], R_q)[1])
-    _acc(absorbed, _coefs(sums["rz"], torch.cat([R_q, (r_a + r_b) * 0.5], dim=-1))[1])
-    # the input part: coefficients of the r, z, n units (the W_hn h' slot is done with)
-    C[:, :, 2] = n_abs
-    if n_sgn is not None:
-        S = S if S is not None else X.new_zeros(T, B, 3, H)
-        S[:, :, 2] = n_sgn
-    elif S is not None:
-        S[:, :, 2] = 0.0
-    coefs = [(C.view(T, B, 3 * H), None if S is None else S.view(T, B, 3 * H))]
+    coefs, R_h, kept = _gru_loop(st, w, R_seq[0], R_h[0], order, a_a, a_b, sums, absHp)
+    absorbed[0] = absorbed[0] + kept
     return _apply(coefs, X, w.W_ih, absW_ih), R_h
 
 
-def _gru_loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp):
+def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     """Default mode: the reverse walk as a linear recurrence with precomputed factors.
 
-    Fills ``RH``; returns the §2 coefficients of every step ([T, B, 3, H]: the r, z and
-    ``W_hn h'`` units; the signed ones of r, z or ``None``) and the relevance of the
-    initial h."""
+    Returns the §2 coefficients of the input part of every step ([(c_abs, c_sgn)],
+    [T, B, 3H]), the relevance of the initial h and what the biases and guards absorbed."""
     T, B, H = a_a.shape
     Hp, Q = st["Hp"], st["q"]
     one = a_a.new_ones(())
@@ -390,6 +407,14 @@ def _gru_loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp):
     Qf = Kn * Q.abs() if Kn_sgn is None else Kn * Q.abs() + Kn_sgn * Q
     q4 = a_a * Qf * 0.25
     z2 = (a_a + a_b) * 0.5
+    n2 = a_a * 0.5
+    # absorbed = sum(rh w_h): the add rule's guard (1 - a_a - a_b) and what each weighted
+    # sum keeps of its relevance
+    keep_rz = _kept(Krz, Krz_sgn, *sums["rz"][:2])
+    w_h = (1.0 - a_a - a_b).addcmul_(n2, _kept(Kn, Kn_sgn, *sums["n"][:2]))
+    w_h.addcmul_(q4, _kept(Khn, None, *sums["hn"][:2]) + keep_rz[..., :H])
+    w_h.addcmul_(z2, keep_rz[..., H:])
+    RH = a_a.new_empty(T, B, H)  # relevance on h_t
     M = torch.stack([q4 * Krz[..., :H], z2 * Krz[..., H:], q4 * Khn], dim=2).unbind(0)
     C = a_a.new_empty(T, B, 3, H)  # coefficients of the r, z and W_hn h' units
     Cu, Cf = C.unbind(0), C.view(T, B, 3 * H).unbind(0)
@@ -422,7 +447,16 @@ def _gru_loop(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp):
         rh = nxt.addcmul_(aHp[t], back)
         if signed:
             rh.addcmul_(Hpu[t], back_s)
-    return C, S, [rh.view(B, H)]
+    # the input part: coefficients of the r, z and n units (n's: R_n Kn, after the loop)
+    torch.mul(RH, n2 * Kn, out=C[:, :, 2])
+    if Kn_sgn is not None:
+        if S is None:
+            S = a_a.new_zeros(T, B, 3, H)
+        torch.mul(RH, n2 * Kn_sgn, out=S[:, :, 2])
+    elif S is not None:
+        S[:, :, 2] = 0.0
+    coefs = [(C.view(T, B, 3 * H), None if S is None else S.view(T, B, 3 * H))]
+    return coefs, [rh.view(B, H)], (RH * w_h).sum().double()
 
 
 def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absorbed):
@@ -485,11 +519,12 @@ def _kernel(lstm: bool, X: Tensor, hx: list[Tensor], ws: list[_Weights]) -> Tens
 
 
 def unroll(m: nn.Module, X: Tensor, states: list[Tensor | None], param,
-           top: Tensor | None = None) -> tuple:
+           top: Tensor | None = None, **keep) -> tuple:
     """Recompute every layer and direction of an ``nn.LSTM``/``nn.GRU`` (time-major ``X``
     [T, B, in], ``states`` [L*D, B, H] or ``None`` for zeros; ``top``, if given, the
-    recorded output sequence, time-major). Returns the input of each layer plus the last
-    layer's output, the per-(layer, direction) caches and weights."""
+    recorded output sequence, time-major; ``keep``: options of :func:`lstm_steps`).
+    Returns the input of each layer plus the last layer's output, the per-(layer,
+    direction) caches and weights."""
     lstm = isinstance(m, nn.LSTM)
     L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
     zeros = X.new_zeros(L * D, X.shape[1], H)
@@ -500,14 +535,14 @@ def unroll(m: nn.Module, X: Tensor, states: list[Tensor | None], param,
               for d in range(D)]
         Xl, rows = layer_in[-1], slice(layer * D, (layer + 1) * D)
         if layer == L - 1 and top is not None:
-            Y = top.contiguous()
+            Y = top
         else:
             Y = _kernel(lstm, Xl, [s[rows] for s in states], ws)
         for d in range(D):
             k = layer * D + d
             Hp = _shift(Y[..., d * H:(d + 1) * H], states[0][k], bool(d))
             if lstm:
-                caches.append(lstm_steps(Xl, Hp, states[1][k], ws[d], bool(d)))
+                caches.append(lstm_steps(Xl, Hp, states[1][k], ws[d], bool(d), **keep))
             else:
                 caches.append(gru_steps(Xl, Hp, ws[d]))
         weights.extend(ws)
@@ -518,8 +553,7 @@ def unroll(m: nn.Module, X: Tensor, states: list[Tensor | None], param,
 def _hidden(st: dict, lstm: bool) -> Tensor:
     """The hidden state of every step, from the recomputed gates."""
     if lstm:
-        H = st["C"].shape[-1]
-        return st["gates"][..., 3 * H:] * torch.tanh(st["C"])
+        return st["o"] * torch.tanh(st["C"])
     return (1 - st["z"]) * st["n"] + st["z"] * st["Hp"]
 
 
@@ -535,7 +569,7 @@ def recompute(m: nn.Module, x: Tensor, hx=None, param=fetch_param):
         states = [s.reshape(1, B, H) for s in hx] or [X.new_zeros(1, B, H)] * 2
         w = _weights(param, m, "", X.dtype)
         if lstm:
-            st = lstm_steps(X, states[0], states[1][0], w, reverse=False)
+            st = lstm_steps(X, states[0], states[1][0], w, reverse=False, keep_o=True)
             return _hidden(st, True).reshape(x.shape[:-1] + (H,)), st["C"].reshape(
                 x.shape[:-1] + (H,))
         return _hidden(gru_steps(X, states[0], w), False).reshape(x.shape[:-1] + (H,))
@@ -544,12 +578,12 @@ def recompute(m: nn.Module, x: Tensor, hx=None, param=fetch_param):
     L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
     shape = (L * D, X.shape[1], H)
     states = [s.reshape(shape) for s in hx] or [None, None]
-    _, caches, _ = unroll(m, X, states, param)
+    _, caches, _ = unroll(m, X, states, param, **({"keep_o": True} if lstm else {}))
     T = X.shape[0]
     hs = [_hidden(st, lstm) for st in caches]
     out = torch.cat(hs[-D:], dim=-1)
     out = out.squeeze(1) if not batched else out.transpose(0, 1) if m.batch_first else out
-    ends = [_first(T, bool(k % D)) for k in range(L * D)]
+    ends = [_last(T, bool(k % D)) for k in range(L * D)]
     finals = [torch.stack([h[e] for h, e in zip(hs, ends)])]
     if lstm:
         finals.append(torch.stack([st["C"][e] for st, e in zip(caches, ends)]))
@@ -638,7 +672,9 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
     states = _initial_states(rec, n_state, (L * D, B, H), dt)
     given = [s is not None for s in states]
     top = _recorded_output(rec, dt, batched, m.batch_first)
-    layer_in, caches, weights = unroll(m, X, states, ctx.param, top)
+    saturate = ctx.saturation and not ctx.contrastive
+    keep = {"keep_signed": saturate or ctx.contrastive} if lstm else {}
+    layer_in, caches, weights = unroll(m, X, states, ctx.param, top, **keep)
 
     # relevance on the outputs, per stream, time-major
     n, r_dtype = _stream_info(R_out)
@@ -647,7 +683,6 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
         R_seq = [_time_major(r.to(dt), batched, m.batch_first) for r in _split_streams(R_out[0])]
     R_final = [_stream_list(R_out, 1 + j, (L * D, B, H), n, X) for j in range(n_state)]
 
-    saturate = ctx.saturation and not ctx.contrastive
     absorbed = [X.new_zeros((), dtype=torch.float64) for _ in range(n)]
     R_init = [[X.new_zeros(L * D, B, H) for _ in range(n)] for _ in range(n_state)]
     for layer in reversed(range(L)):
@@ -717,7 +752,8 @@ def _cell_rule(rec, R_out, ctx, kind: str):
     absorbed = [X.new_zeros((), dtype=torch.float64) for _ in range(n)]
     Hp = states[0].unsqueeze(0)
     if lstm:
-        st = lstm_steps(X, Hp, states[1], w, reverse=False)
+        st = lstm_steps(X, Hp, states[1], w, reverse=False,
+                        keep_signed=saturate or ctx.contrastive)
         R_X, R_h0, R_c0 = lstm_reverse(st, w, R_seq, R_fin[0], R_fin[1], False, saturate,
                                        absorbed)
         R_init = [R_h0, R_c0]
