@@ -258,11 +258,39 @@ def base_to_view(rel: Tensor, view: Tensor, base: Tensor) -> tuple[Tensor, Tenso
     return flat[pos].view(view.shape), rest.view(base.shape)
 
 
+def _non_overlapping(t: Tensor) -> bool:
+    """Sufficient test that no two elements of ``t`` share memory."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    span = 1
+    for st, sz in dims:
+        if st < span:
+            return False
+        span = st * sz
+    return True
+
+
+def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
+    """Fast path of :func:`view_to_base` for a contiguous base and a non-overlapping view
+    inside it: one strided copy instead of index tables."""
+    if not base.is_contiguous() or not _non_overlapping(view):
+        return None
+    off = view.storage_offset() - base.storage_offset()
+    last = off + sum((s - 1) * st for s, st in zip(view.shape, view.stride()))
+    if off < 0 or last >= base.numel():
+        return None
+    out = rel.new_zeros(base.numel())
+    out.as_strided(view.shape, view.stride(), off).copy_(rel)
+    return out.view(base.shape)
+
+
 def view_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     """Move relevance from a view back onto the elements of its base (exact inverse).
 
     Returns ``None`` if some element of ``view`` is not an element of ``base``.
     """
+    fast = _strided_to_base(rel, view, base)
+    if fast is not None:
+        return fast
     pos = _positions(view, base, rel.device)
     if pos is None:
         return None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from ..relevance import Streams
+from ..relevance import Streams, rmap
 from .core import coefficients, weighted_sum
 from .registry import register_rule
 
@@ -24,15 +24,45 @@ def _linear_adj(s, W):
 
 @register_rule(nn.Linear)
 def linear_rule(rec, R_out, ctx):
-    """§2 on ``y = x Wᵀ + b``: two matrix products with |W| (three with saturation)."""
+    """§2 on ``y = x Wᵀ + b``: two matrix products with |W| (three with saturation).
+
+    Rows (positions) without relevance are skipped when they are the majority (an LM head
+    explained at one position): the result is the same, the products are much smaller."""
     m = rec.module
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     a = rec.input_value(0)
     out = rec.outputs[0] if rec.output_intact(0) else None
-    R, absorbed = weighted_sum(
-        R_out[0], a, W, b, _linear_fwd, _linear_adj, bounds=ctx.bounds_after(rec), output=out
+    R = R_out[0]
+    bounds = ctx.bounds_after(rec)
+    rows = _live_rows(R) if a.dim() > 1 else None
+    if rows is not None:
+        pick = lambda t: t.reshape(-1, t.shape[-1])[rows]  # noqa: E731
+        R_sub, absorbed = weighted_sum(
+            rmap(pick, R), pick(a), W, b, _linear_fwd, _linear_adj, bounds=bounds,
+            output=None if out is None else pick(out),
+        )
+
+        def place(r):
+            full = r.new_zeros(a.numel() // a.shape[-1], a.shape[-1])
+            full[rows] = r
+            return full.view(a.shape)
+
+        return [rmap(place, R_sub)], absorbed
+    R_in, absorbed = weighted_sum(
+        R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out
     )
-    return [R], absorbed
+    return [R_in], absorbed
+
+
+def _live_rows(R):
+    """Indices of the rows that carry relevance, if they are fewer than half of them."""
+    t = R.pos.abs() + R.neg.abs() if isinstance(R, Streams) else R.abs()
+    t = t.reshape(-1, t.shape[-1])
+    if t.shape[0] < 4:
+        return None
+    live = (t != 0).any(-1)
+    n = int(live.sum())
+    return live.nonzero().squeeze(-1) if n * 2 <= t.shape[0] else None
 
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
