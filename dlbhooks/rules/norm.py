@@ -25,6 +25,15 @@ def _channel_view(p: Tensor | None, ndim: int) -> Tensor | None:
     return None if p is None else p.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _channel_affine(R, xhat, m, ctx):
+    """``y = γ_c·x̂ + β_c`` per channel (dim 1): the §2 split with β absorbed."""
+    gamma = _channel_view(ctx.param(m, "weight"), xhat.dim())
+    beta = _channel_view(ctx.param(m, "bias"), xhat.dim())
+    scaled = xhat * gamma if gamma is not None else xhat
+    R_x, absorbed = affine_split(R, scaled, beta)
+    return [R_x], absorbed
+
+
 @register_rule(nn.LayerNorm, streamwise=True, name="layer_norm")
 def layer_norm_rule(rec, R_out, ctx):
     m = rec.module
@@ -53,11 +62,7 @@ def batch_norm_rule(rec, R_out, ctx):
         x, None if use_batch else rm, None if use_batch else rv, None, None,
         training=use_batch, momentum=0.0, eps=m.eps,
     )
-    gamma = _channel_view(ctx.param(m, "weight"), x.dim())
-    beta = _channel_view(ctx.param(m, "bias"), x.dim())
-    scaled = xhat * gamma if gamma is not None else xhat
-    R_x, absorbed = affine_split(R_out[0], scaled, beta)
-    return [R_x], absorbed
+    return _channel_affine(R_out[0], xhat, m, ctx)
 
 
 @register_rule(nn.GroupNorm, streamwise=True, name="group_norm")
@@ -65,11 +70,7 @@ def group_norm_rule(rec, R_out, ctx):
     m = rec.module
     x = rec.input_value(0)
     xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
-    gamma = _channel_view(ctx.param(m, "weight"), x.dim())
-    beta = _channel_view(ctx.param(m, "bias"), x.dim())
-    scaled = xhat * gamma if gamma is not None else xhat
-    R_x, absorbed = affine_split(R_out[0], scaled, beta)
-    return [R_x], absorbed
+    return _channel_affine(R_out[0], xhat, m, ctx)
 
 
 @register_rule(nn.modules.instancenorm._InstanceNorm, streamwise=True, name="instance_norm")
@@ -77,11 +78,7 @@ def instance_norm_rule(rec, R_out, ctx):
     m = rec.module
     x = rec.input_value(0)
     xhat = F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
-    gamma = _channel_view(ctx.param(m, "weight"), x.dim())
-    beta = _channel_view(ctx.param(m, "bias"), x.dim())
-    scaled = xhat * gamma if gamma is not None else xhat
-    R_x, absorbed = affine_split(R_out[0], scaled, beta)
-    return [R_x], absorbed
+    return _channel_affine(R_out[0], xhat, m, ctx)
 
 
 @register_rule(nn.RMSNorm, streamwise=True, name="rms_norm")
