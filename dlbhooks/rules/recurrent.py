@@ -85,13 +85,13 @@ def _apply(coefs, a: Tensor, W: Tensor, absW: Tensor) -> list[Tensor]:
     for c_abs, c_sgn in coefs:
         r = a.abs() * (c_abs @ absW)
         if c_sgn is not None:
-            r = r.addcmul_(a, c_sgn @ W)
+            r.add_(a * (c_sgn @ W))  # (no fused multiply-add: cancellations stay exact)
         out.append(r)
     return out
 
 
 def _mm2(A: Tensor, W1: Tensor, Bm: Tensor, W2: Tensor) -> Tensor:
-    """``A @ W1ᵀ + Bm @ W2ᵀ`` for [T, B, ·] operands (two matrix products, no temporaries)."""
+    """``A @ W1ᵀ + Bm @ W2ᵀ`` for [T, B, ·] operands (the second product accumulates)."""
     lead = A.shape[:-1]
     out = A.reshape(-1, A.shape[-1]) @ W1.T
     return out.addmm_(Bm.reshape(-1, Bm.shape[-1]), W2.T).view(*lead, -1)
@@ -285,13 +285,16 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
             torch.mul(S1[t], u, out=T1[t])
             torch.mm(Sf[t], W, out=back_s.view(B, H))
         if j + 1 < len(order):
-            u = torch.addcmul(Rs_half[order[j + 1]], aHp_half[t], back, out=Uu[order[j + 1]])
-            if signed:
-                u.addcmul_(Hp_half[t], back_s)
+            nt = order[j + 1]
+            if signed:  # |h'| (.) + h' (.) as separate products: cancellations stay exact
+                u = torch.add(Rs_half[nt], (aHp_half[t] * back).add_(Hp_half[t] * back_s),
+                              out=Uu[nt])
+            else:
+                u = torch.addcmul(Rs_half[nt], aHp_half[t], back, out=Uu[nt])
     t = order[-1]
     R_h0 = (aHp_half[t] * back).mul_(2.0).view(B, H)
     if signed:
-        R_h0.addcmul_(st["Hp"][t], back_s.view(B, H))
+        R_h0.add_(st["Hp"][t] * back_s.view(B, H))
     coefs = [(C.view(T, B, 4 * H), S.view(T, B, 4 * H) if signed else None)]
     kept = (RC.view(-1).dot(w_rc.view(-1)) + U.view(-1).dot(w_u.view(-1))).double()
     return coefs, [R_h0], [(rc * fc).view(B, H)], kept
@@ -323,7 +326,7 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total,
             C[k][1][t] = 0.0 if c_sgn is None else c_sgn
             back = absHp[t] * (c_abs @ absW)
             if c_sgn is not None:
-                back.addcmul_(Hp[t], c_sgn @ W)
+                back.add_(Hp[t] * (c_sgn @ W))
             rh[k] = back + R_seq[k][order[j + 1]] if j + 1 < len(order) else back
     return [tuple(c) for c in C], rh, rc_next
 
@@ -368,16 +371,18 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     # |contributions| and signed sums with the same operations (see lstm_reverse)
     absXW, absHW = _mm(X.abs(), absW_ih), _mm(absHp, w.W_hh.abs())
     XW, HW = st["XW"], st["HW"]
+    n = len(R_seq)
+    signed = saturate or n > 1  # the signed totals are needed (else None)
     sums = {  # (abs total, signed total, bias, bounds) of each weighted sum
-        "rz": (absXW[..., :2 * H] + absHW[..., :2 * H], XW[..., :2 * H] + HW[..., :2 * H],
+        "rz": (absXW[..., :2 * H] + absHW[..., :2 * H],
+               XW[..., :2 * H] + HW[..., :2 * H] if signed else None,
                b_rz, _gate_bounds([SIGMOID, SIGMOID], H, X, saturate)),
-        "n": (absXW[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q, b_in,
+        "n": (absXW[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q if signed else None, b_in,
               _gate_bounds([TANH], H, X, saturate)),
         "hn": (absHW[..., 2 * H:], HW[..., 2 * H:], b_hn, None),
     }
     terms = [(1 - Z) * st["n"], Z * Hp]  # h = (1-z) n + z h'
     (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
-    n = len(R_seq)
     order = _order(T, not reverse)
     if n > 1:
         RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it)
@@ -444,9 +449,10 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
             nxt = torch.addcmul(Rs[order[j + 1]], rh, direct[t], out=RHu[order[j + 1]])
         else:
             nxt = rh * direct[t]
-        rh = nxt.addcmul_(aHp[t], back)
-        if signed:
-            rh.addcmul_(Hpu[t], back_s)
+        if signed:  # |h'| (.) + h' (.) as separate products: cancellations stay exact
+            rh = nxt.add_((aHp[t] * back).add_(Hpu[t] * back_s))
+        else:
+            rh = nxt.addcmul_(aHp[t], back)
     # the input part: coefficients of the r, z and n units (n's: R_n Kn, after the loop)
     torch.mul(RH, n2 * Kn, out=C[:, :, 2])
     if Kn_sgn is not None:
@@ -456,11 +462,13 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     elif S is not None:
         S[:, :, 2] = 0.0
     coefs = [(C.view(T, B, 3 * H), None if S is None else S.view(T, B, 3 * H))]
-    return coefs, [rh.view(B, H)], (RH * w_h).sum().double()
+    return coefs, [rh.view(B, H)], RH.view(-1).dot(w_h.view(-1)).double()
 
 
 def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absorbed):
-    """Contrastive mode: ``coefficients`` once per step and weighted sum (both streams).
+    """Contrastive mode: ``coefficients`` per step and weighted sum (both streams): the n
+    gate, then the r, z gates and ``W_hn h' + b_hn`` together (all three take their
+    relevance from what ``q`` got).
 
     Fills ``RH``; returns the §2 coefficients of the input part and the relevance of the
     initial h, per stream."""
@@ -468,12 +476,16 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absor
     Hp, Q = st["Hp"], st["q"]
     n = len(R_seq)
     W, absW = w.W_hh, w.W_hh.abs()
+    # the r, z and W_hn h' units side by side, like the rows of W_hh
+    (abs_rz, signed_rz, b_rz, _), (abs_hn, signed_hn, b_hn, _) = sums["rz"], sums["hn"]
+    abs_h = torch.cat([abs_rz, abs_hn], dim=-1)
+    signed_h = torch.cat([signed_rz, signed_hn], dim=-1)
+    b_h = None if b_rz is None and b_hn is None else torch.cat(
+        [b_rz if b_rz is not None else abs_rz.new_zeros(2 * H),
+         b_hn if b_hn is not None else abs_rz.new_zeros(H)])
+    abs_n, signed_n, b_in, _ = sums["n"]
     C = [[a_a.new_empty(T, B, 3 * H) for _ in range(2)] for _ in range(n)]
     rh = [torch.add(R_h[k], R_seq[k][order[0]], out=RH[k][order[0]]) for k in range(n)]
-
-    def at(spec, t):
-        return tuple(x[t] for x in spec[:2]) + spec[2:]
-
     for j, t in enumerate(order):
         hp, q = Hp[t], Q[t]
         R_z, R_n, R_direct = [], [], []
@@ -482,24 +494,20 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absor
             R_z.append((r_a + r_b) * 0.5)
             R_n.append(r_a * 0.5)
             R_direct.append(r_b * 0.5)
-        coefs_n, ab = _coefs(at(sums["n"], t), _join(R_n))
+        coefs_n, ab = coefficients(_join(R_n), abs_n[t], signed_n[t], b_in)
         _acc(absorbed, ab)
-        R_q = [c_abs * q.abs() + (c_sgn * q if c_sgn is not None else 0.0)
-               for c_abs, c_sgn in coefs_n]
-        coefs_hn, ab = _coefs(at(sums["hn"], t), _join([r * 0.5 for r in R_q]))
-        _acc(absorbed, ab)
-        R_rz = [torch.cat([r * 0.5, rz], dim=-1) for r, rz in zip(R_q, R_z)]
-        coefs_rz, ab = _coefs(at(sums["rz"], t), _join(R_rz))
+        R_h_units = []  # r: half of R_q, z: R_z, W_hn h' + b_hn: the other half of R_q
+        for (c_abs, c_sgn), r_z in zip(coefs_n, R_z):
+            r_q = (c_abs * q.abs()).add_(c_sgn * q).mul_(0.5)
+            R_h_units.append(torch.cat([r_q, r_z, r_q], dim=-1))
+        coefs_h, ab = coefficients(_join(R_h_units), abs_h[t], signed_h[t], b_h)
         _acc(absorbed, ab)
         for k in range(n):
-            (rz_abs, rz_sgn), (hn_abs, hn_sgn), (n_abs, n_sgn) = (coefs_rz[k], coefs_hn[k],
-                                                                  coefs_n[k])
-            C[k][0][t] = torch.cat([rz_abs, n_abs], dim=-1)  # the input part
-            C[k][1][t] = torch.cat([rz_sgn, n_sgn], dim=-1)
-            # h' part: one product with [W_hr; W_hz; W_hn] for each of |.| and signed
-            back = absHp[t] * (torch.cat([rz_abs, hn_abs], dim=-1) @ absW)
-            back.addcmul_(hp, torch.cat([rz_sgn, hn_sgn], dim=-1) @ W)
-            back += R_direct[k]
+            (h_abs, h_sgn), (n_abs, n_sgn) = coefs_h[k], coefs_n[k]
+            for dst, rz, nn_ in ((C[k][0], h_abs, n_abs), (C[k][1], h_sgn, n_sgn)):
+                dst[t, :, :2 * H] = rz[:, :2 * H]  # the input part: r, z and n units
+                dst[t, :, 2 * H:] = nn_
+            back = (absHp[t] * (h_abs @ absW)).add_(hp * (h_sgn @ W)).add_(R_direct[k])
             if j + 1 < len(order):
                 rh[k] = torch.add(back, R_seq[k][order[j + 1]], out=RH[k][order[j + 1]])
             else:
