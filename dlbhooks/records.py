@@ -272,15 +272,16 @@ def _non_overlapping(t: Tensor) -> bool:
 def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     """Fast path of :func:`view_to_base` for a contiguous base and a non-overlapping view
     inside it: one strided copy instead of index tables."""
-    if not base.is_contiguous() or not _non_overlapping(view):
-        return None
+    base_span = 1 + sum((s - 1) * st for s, st in zip(base.shape, base.stride()))
+    if base_span != base.numel() or not _non_overlapping(base) or not _non_overlapping(view):
+        return None  # the base must be dense (contiguous or permuted), the view distinct
     off = view.storage_offset() - base.storage_offset()
     last = off + sum((s - 1) * st for s, st in zip(view.shape, view.stride()))
     if off < 0 or last >= base.numel():
         return None
-    out = rel.new_zeros(base.numel())
-    out.as_strided(view.shape, view.stride(), off).copy_(rel)
-    return out.view(base.shape)
+    out = torch.zeros_like(base, dtype=rel.dtype)  # same (dense) strides as the base
+    out.as_strided(view.shape, view.stride(), out.storage_offset() + off).copy_(rel)
+    return out
 
 
 def view_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
