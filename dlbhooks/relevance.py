@@ -54,11 +54,6 @@ def radd(a: Rel | None, b: Rel | None) -> Rel | None:
     return rmap(torch.add, a, b)
 
 
-def rzeros_like(like: Rel, shape_of: Tensor) -> Rel:
-    """Zeros shaped like ``shape_of`` in the dtype/device (and streams) of ``like``."""
-    return rmap(lambda t: t.new_zeros(shape_of.shape), like)
-
-
 def net(rel: Rel) -> Tensor:
     """The explanation map: the tensor itself, or ``pos - neg``."""
     return rel.pos - rel.neg if isinstance(rel, Streams) else rel

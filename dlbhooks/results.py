@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .errors import TraceError
@@ -149,9 +148,3 @@ def _jsonable(x: Any) -> Any:
         return x
     return repr(x)
 
-
-def tensors_equal(a: Explanation, b: Explanation) -> bool:
-    """True if two explanations hold bit-identical input relevance."""
-    return a.inputs.keys() == b.inputs.keys() and all(
-        torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs
-    )

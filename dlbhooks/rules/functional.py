@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
 from ..records import Record
-from ..relevance import Rel, Streams, radd, rmap
+from ..relevance import Rel, Streams, radd, rmap, rmap_multi
 from .core import coefficients
 from .elementwise import add_rule, product_rule
 
@@ -370,7 +370,7 @@ class Functional:
         if isinstance(op, Add):
             return self._add(op, rec, R, found, bag, ctx)
         if isinstance(op, Mul):
-            parts = _per_stream(lambda r: product_rule(r, [f.value for f in found]), R)
+            parts = rmap_multi(lambda r: product_rule(r, [f.value for f in found]), R)
             for f, part in zip(found, parts):
                 bag.add(f.tensor, part, rec, base=f.base)
             return None
@@ -402,7 +402,7 @@ class Functional:
                     f"composite rule for {rec.describe()}: the terms {list(op.terms)} do not add "
                     "up to the recorded result; the model's forward differs from the rule's spec"
                 )
-        outs = _per_stream(lambda r: add_rule(r, values), R, pairs=True)
+        outs = _add_per_stream(lambda r: add_rule(r, values), R)
         parts, lost = outs
         absorbed = lost
         for n, (f, part) in enumerate(zip(found, parts)):
@@ -482,11 +482,9 @@ def _close(computed: Tensor, recorded: Tensor) -> bool:
     return torch.allclose(computed.to(recorded.dtype), recorded, rtol=1e-3, atol=1e-3 * scale)
 
 
-def _per_stream(fn, R: Rel, pairs: bool = False):
-    """Apply a helper returning a list (or a (list, lost) pair) to each stream."""
+def _add_per_stream(fn, R: Rel):
+    """Apply a helper returning ``(parts, lost)`` to each stream."""
     if not isinstance(R, Streams):
         return fn(R)
     a, b = fn(R.pos), fn(R.neg)
-    if pairs:
-        return ([Streams(x, y) for x, y in zip(a[0], b[0])], Streams(a[1], b[1]))
-    return [Streams(x, y) for x, y in zip(a, b)]
+    return [Streams(x, y) for x, y in zip(a[0], b[0])], Streams(a[1], b[1])
