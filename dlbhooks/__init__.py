@@ -14,6 +14,7 @@ from .errors import (
     DLBError,
     FunctionalGapError,
     NonFiniteError,
+    OffloadError,
     RecordModifiedError,
     TargetError,
     TraceError,
@@ -30,7 +31,8 @@ from .trace import trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "NonFiniteError", "Record",
+    "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "NonFiniteError", "OffloadError",
+    "Record",
     "RecordModifiedError", "Streams", "Tape", "TargetError", "TraceError",
     "UnsupportedModuleError", "coverage", "explain", "explain_generation", "register_rule",
     "register_saturation", "trace", "unregister_rule",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .errors import FunctionalGapError, UnsupportedModuleError
+from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
 from .records import Record, Tape, base_to_view, fetch_param, view_to_base
 from .relevance import Rel, Streams, radd, rmap, rsum, to_float
 from .rules import registry
@@ -104,6 +104,8 @@ class Engine:
     _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # composite rules' reports: {"blocks": {layer key: {path name: total}}, "heads": ...}
     reports: dict[str, dict] = field(default_factory=dict)
+    _param_owner: nn.Module | None = None
+    _param_cache: dict[str, Tensor | None] = field(default_factory=dict)
 
     # -- services for rules --------------------------------------------------------------
     @property
@@ -111,8 +113,20 @@ class Engine:
         return self.mode == "contrastive"
 
     def param(self, module: nn.Module, name: str) -> Tensor | None:
-        """A module's parameter or buffer, fetched through the one weight-access function."""
-        return fetch_param(module, name)
+        """A module's parameter or buffer, fetched through the one weight-access function.
+
+        The weights of the module asked for last are kept until another module is asked
+        for, so a rule reading ``weight`` then ``bias`` of an offloaded module loads it once.
+        """
+        if self._param_owner is not module:
+            self._param_owner, self._param_cache = module, {}
+        if name not in self._param_cache:
+            try:
+                self._param_cache[name] = fetch_param(module, name)
+            except OffloadError as err:
+                path = next((p for p, m in self.tape.model.named_modules() if m is module), "?")
+                raise OffloadError(f"module '{path}': {err}") from None
+        return self._param_cache[name]
 
     def bounds_after(self, rec: Record):
         """Saturation bounds of the activation that alone consumed ``rec``'s output."""
@@ -266,6 +280,12 @@ class Engine:
         return R_in
 
     def _fill(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
+        # relevance lives on the device of the record it belongs to (models split over
+        # devices by a device map): move what arrives from a record on another device
+        R_out = [
+            R if R is None or _device(R) == o.device else rmap(lambda r, o=o: r.to(o.device), R)
+            for o, R in zip(rec.outputs, R_out)
+        ]
         like = next((r for r in R_out if r is not None), None)
         if like is None:
             return R_out
@@ -274,6 +294,10 @@ class Engine:
              if R is None and o.is_floating_point() else R)
             for o, R in zip(rec.outputs, R_out)
         ]
+
+
+def _device(R: Rel) -> torch.device:
+    return R.pos.device if isinstance(R, Streams) else R.device
 
 
 def _split_result(res):

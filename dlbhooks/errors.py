@@ -29,3 +29,7 @@ class RecordModifiedError(DLBError):
 
 class TraceError(DLBError):
     """The tape is empty or was used the wrong way."""
+
+
+class OffloadError(DLBError):
+    """A weight is on the meta device and nothing can load it."""

@@ -71,12 +71,20 @@ def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, An
 def fetch_param(module: nn.Module, name: str) -> Tensor | None:
     """The single place rules read a parameter or buffer (``None`` if the module has none).
 
-    Integrations (e.g. accelerate offloading) extend this to bring weights onto a device.
+    A weight on the meta device (offloaded by accelerate) is loaded for the caller only,
+    through :func:`dlbhooks.integrations.accelerate.materialise`; the module keeps it
+    offloaded.
     """
     value = getattr(module, name, None)
     if value is None:
         return None
-    return value.detach() if isinstance(value, Tensor) else value
+    if not isinstance(value, Tensor):
+        return value
+    if value.device.type == "meta":  # offloaded by accelerate: load it for this rule only
+        from .integrations.accelerate import materialise
+
+        return materialise(module, name)
+    return value.detach()
 
 
 @dataclass(eq=False, repr=False)

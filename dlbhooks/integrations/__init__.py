@@ -1,0 +1,1 @@
+"""Integrations with other libraries (accelerate offloading and device maps)."""

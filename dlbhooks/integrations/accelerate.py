@@ -1,0 +1,50 @@
+"""Weights offloaded by accelerate (device maps with "cpu" or "disk", ``init_empty_weights``).
+
+accelerate keeps an offloaded module's parameters on the meta device outside its forward
+and loads them (from CPU memory or disk) inside it. The reverse pass reads weights through
+:func:`dlbhooks.records.fetch_param`, which calls :func:`materialise` for a meta tensor: the
+module's weights are brought to its execution device with accelerate's own
+``align_module_device`` only while the rule that asked for them runs, then dropped, so the
+whole model is never held in memory.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..errors import OffloadError
+
+
+def _has_offloaded_params(module: nn.Module) -> bool:
+    if getattr(module, "_hf_hook", None) is None:
+        return False
+    from accelerate.utils import has_offloaded_params
+
+    return has_offloaded_params(module)
+
+
+def materialise(module: nn.Module, name: str) -> Tensor:
+    """The real value of ``module.<name>``, which is on the meta device.
+
+    Raises :class:`~dlbhooks.errors.OffloadError` when no accelerate offload hook can load
+    it (e.g. a model built under ``init_empty_weights`` whose weights were never loaded).
+    """
+    if _has_offloaded_params(module):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module):
+            value = getattr(module, name)
+            if value is not None and value.device.type != "meta":
+                return value.detach()
+    raise OffloadError(
+        f"{type(module).__module__}.{type(module).__name__}.{name} is on the meta device and "
+        "no accelerate offload hook loads it, so its values are unknown. Load the weights "
+        "before explaining: accelerate.load_checkpoint_and_dispatch(model, checkpoint, "
+        "device_map=...) or from_pretrained(..., device_map=..., offload_folder=...)."
+    )
+
+
+def execution_device(module: nn.Module):
+    """The device accelerate runs ``module`` on, or ``None`` if no hook says."""
+    hook = getattr(module, "_hf_hook", None)
+    return getattr(hook, "execution_device", None)

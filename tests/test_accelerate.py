@@ -1,0 +1,116 @@
+"""Models loaded by accelerate with offloaded weights explain like the in-memory model.
+
+Tiny Llama and Qwen3-MoE models are saved as safetensors and reloaded (a) with every
+layer on disk, (b) with a device map mixing "cpu" and "disk", (c) with
+``init_empty_weights`` + ``load_checkpoint_and_dispatch``. On this CPU machine accelerate
+keeps the offloaded weights on the meta device and loads them inside each forward; the
+reverse pass must load them again, one module at a time, through ``fetch_param``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dlbhooks as dlb
+from dlbhooks.records import fetch_param
+
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+from accelerate import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
+from safetensors.torch import save_model  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig  # noqa: E402
+
+TOL = 1e-5
+
+
+def _config(kind: str):
+    common = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if kind == "llama":
+        return LlamaConfig(intermediate_size=64, **common)
+    return Qwen3MoeConfig(intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                          num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1,
+                          mlp_only_layers=[], **common)
+
+
+def _device_map(how: str) -> dict[str, str]:
+    if how == "disk":
+        return {"": "disk"}
+    # a map mixing "cpu" and "disk" (and, for (c), the form load_checkpoint_and_dispatch takes)
+    return {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+            "model.layers.1": "cpu", "model.norm": "disk", "lm_head": "disk"}
+
+
+@pytest.fixture(scope="module", params=["llama", "moe"])
+def saved(request, tmp_path_factory):
+    torch.manual_seed(0)
+    kind = request.param
+    model = AutoModelForCausalLM.from_config(_config(kind)).eval()
+    root = tmp_path_factory.mktemp(kind)
+    model.save_pretrained(root / "hf")  # the Hugging Face layout from_pretrained reads
+    (root / "native").mkdir()
+    save_model(model, str(root / "native" / "model.safetensors"))  # the module's own keys
+    ids = torch.randint(0, 61, (2, 7))
+    refs = {mode: dlb.explain(model, ids, mode=mode) for mode in ("default", "contrastive")}
+    with dlb.trace(model):  # dlbhooks' attention: compare like with like
+        logits = model(ids).logits
+    return kind, model.config, root, ids, refs, logits
+
+
+def _load(how: str, config, root, tmp_path):
+    if how in ("disk", "mixed"):
+        return AutoModelForCausalLM.from_pretrained(
+            root / "hf", device_map=_device_map(how), offload_folder=str(tmp_path / "off"))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return load_checkpoint_and_dispatch(
+        model, str(root / "native" / "model.safetensors"), device_map=_device_map("mixed"),
+        offload_folder=str(tmp_path / "off"))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("how", ["disk", "mixed", "dispatch"])
+def test_offloaded_model_explains_like_in_memory(saved, how, tmp_path):
+    kind, config, root, ids, refs, logits = saved
+    model = _load(how, config, root, tmp_path).eval()
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    assert meta, "the loader offloaded nothing: the test would not test offloading"
+    for mode, ref in refs.items():
+        with dlb.trace(model) as tape:
+            out = model(ids)
+        exp = tape.explain(mode=mode)
+        assert torch.equal(out.logits, logits)
+        if mode == "default":
+            assert _close(exp.inputs["input_ids"], ref.inputs["input_ids"]) < TOL
+        else:
+            for stream in ("positive", "negative"):
+                got = getattr(exp, stream)["input_ids"]
+                assert _close(got, getattr(ref, stream)["input_ids"]) < TOL
+        assert exp.layers.keys() == ref.layers.keys()
+        if kind == "moe" and mode == "default":
+            assert exp.experts.keys() == ref.experts.keys()
+            for layer, rel in ref.experts.items():
+                assert _close(exp.experts[layer], rel) < TOL
+    # the weights went back where accelerate keeps them
+    still = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    assert still == meta
+
+
+def test_meta_weights_without_loader_raise_naming_the_module():
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(_config("llama"))
+    lin = model.model.layers[0].mlp.up_proj
+    with pytest.raises(dlb.OffloadError, match="meta device"):
+        fetch_param(lin, "weight")
+    # a tape over such a model cannot even run its forward; the engine names the module
+    from dlbhooks.engine import Engine
+    from dlbhooks.records import Tape
+
+    engine = Engine(Tape(model))
+    with pytest.raises(dlb.OffloadError, match="model.layers.0.mlp.up_proj"):
+        engine.param(lin, "weight")
