@@ -59,13 +59,17 @@ def explain_tape(
                 "Clean the input (torch.nan_to_num) before explaining."
             )
     k = select_output(root, output)
-    seed = make_seed(
-        root.outputs[k], target, task=task, multiplier=multiplier, mode=mode,
-        thresholding=thresholding, position=position,
-    )
+    with tape.store.loaded([root.outputs[k]]):  # the output's own device and dtype
+        seed = make_seed(
+            root.outputs[k], target, task=task, multiplier=multiplier, mode=mode,
+            thresholding=thresholding, position=position,
+        )
+        resolved = _resolved_target(root.outputs[k], target, task, position)
+        seed_like = seed.pos if isinstance(seed, Streams) else seed
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep)
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
-    R_in = engine.propagate(root, R_out)
+    with tape.store.checks():
+        R_in = engine.propagate(root, R_out)
 
     inputs, pos, neg = {}, {}, {}
     for name, t, R in zip(root.input_names, root.inputs, R_in):
@@ -75,7 +79,7 @@ def explain_tape(
                 "meaningless. Clean the input (torch.nan_to_num) before explaining."
             )
         if R is None:
-            R = torch.zeros(t.shape, dtype=root.outputs[k].dtype, device=t.device)
+            R = torch.zeros(t.shape, dtype=seed_like.dtype, device=tape.store.device_of(t))
             R = Streams(R, R.clone()) if mode == "contrastive" else R
         inputs[name] = net(R)
         if isinstance(R, Streams):
@@ -93,7 +97,7 @@ def explain_tape(
     return Explanation(
         inputs=inputs, layers=layers, absorbed=absorbed, mode=mode,
         multiplier=float(multiplier), positive=pos or None, negative=neg or None,
-        target=_resolved_target(root.outputs[k], target, task, position), ledger=ledger,
+        target=resolved, ledger=ledger,
         tensors=tensors, scaler=scaler,
         info={"task": task, "saturation": saturation, "output": root.output_names[k]},
         heads={k2: net(v) for k2, v in engine.reports.get("heads", {}).items()},
@@ -122,12 +126,15 @@ def _resolved_target(out: Tensor, target: Any, task: str, position: Any = None) 
     return target
 
 
-def explain(model: nn.Module, inputs: Any, target: Any = None, **kwargs) -> Explanation:
+def explain(
+    model: nn.Module, inputs: Any, target: Any = None, *, storage: Any = None, **kwargs
+) -> Explanation:
     """One call: trace ``model`` on ``inputs`` (a tensor, a tuple of positional arguments
-    or a dict of keyword arguments) and explain ``target``; kwargs go to ``tape.explain``."""
+    or a dict of keyword arguments) and explain ``target``; ``storage`` goes to
+    :func:`dlbhooks.trace`, the other kwargs to ``tape.explain``."""
     from .trace import trace
 
-    with trace(model) as tape:
+    with trace(model, storage=storage) as tape:
         if isinstance(inputs, dict):
             model(**inputs)
         elif isinstance(inputs, (tuple, list)):

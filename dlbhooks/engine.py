@@ -21,6 +21,7 @@ from .records import Record, Tape, base_to_view, fetch_param, view_to_base
 from .relevance import Rel, Streams, radd, rmap, rsum, to_float
 from .rules import registry
 from .rules.elementwise import saturation_bounds
+from .storage import record_tensors
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Engine:
         self.ledger.append(None)  # filled below: keeps output->input order
         rule = registry.lookup(type(rec.module))
         if rule is not None:
-            R_in, absorbed = self._apply(rule, rec, R_out)
+            R_in, absorbed = self._apply_loaded(rule, rec, R_out)
         elif rec.children:
             R_in, absorbed = self._transparent(rec, R_out), None
         else:
@@ -248,6 +249,14 @@ class Engine:
         R_in, absorbed = _split_result(rule.fn(rec, R_out, self))
         return R_in, None if absorbed is None else rsum(absorbed)
 
+    def _apply_loaded(self, rule, rec, R_out):
+        """Apply ``rule`` with ``rec``'s stored tensors back on their device and dtype."""
+        store = self.tape.store
+        if not store.active:
+            return self._apply(rule, rec, R_out)
+        with store.loaded(record_tensors(rec)):
+            return self._apply(rule, rec, R_out)
+
     def _transparent(self, rec: Record, R_out: list[Rel]) -> list[Rel | None]:
         """A container with no rule: walk its children, routing by tensor identity."""
         bag = self.seed_outputs(rec, R_out)
@@ -282,15 +291,16 @@ class Engine:
     def _fill(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
         # relevance lives on the device of the record it belongs to (models split over
         # devices by a device map): move what arrives from a record on another device
+        device_of = self.tape.store.device_of
         R_out = [
-            R if R is None or _device(R) == o.device else rmap(lambda r, o=o: r.to(o.device), R)
+            R if R is None or _device(R) == (d := device_of(o)) else rmap(lambda r, d=d: r.to(d), R)
             for o, R in zip(rec.outputs, R_out)
         ]
         like = next((r for r in R_out if r is not None), None)
         if like is None:
             return R_out
         return [
-            (rmap(lambda r, o=o: torch.zeros_like(o, dtype=r.dtype), like)
+            (rmap(lambda r, o=o: torch.zeros(o.shape, dtype=r.dtype, device=device_of(o)), like)
              if R is None and o.is_floating_point() else R)
             for o, R in zip(rec.outputs, R_out)
         ]

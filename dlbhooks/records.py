@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import RecordModifiedError
+from .storage import Storage, Store
 
 
 def tensor_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
@@ -171,6 +172,7 @@ class Tape:
     """All records of the forwards run inside one :func:`dlbhooks.trace` block."""
 
     model: nn.Module
+    store: Store = field(default_factory=lambda: Store(Storage()))
     records: list[Record] = field(default_factory=list)
     roots: list[Record] = field(default_factory=list)
     # id(tensor) -> (view tensor, base tensor): inputs that are views of a produced tensor

@@ -10,6 +10,7 @@ from torch import nn
 
 from .records import Record, Tape, bind_arguments, tensor_leaves
 from .rules import registry
+from .storage import Storage, Store
 
 #: Traces whose block is running (innermost last): functions that are not modules (the
 #: attention function) record themselves through these.
@@ -27,13 +28,22 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     ``with dlb.trace(model) as tape: out = model(x)`` then ``tape.explain(...)``. Inside
     the block gradients are off unless ``grad=True``. On exit every hook is removed and
     the grad mode restored, even if the forward raised; the model is never modified.
+
+    ``storage`` chooses where records keep tensors (:class:`~dlbhooks.storage.Storage`):
+    ``None`` (by reference, on the computing device), ``"cpu"`` (copies in CPU memory),
+    ``"bf16"``/``"fp16"``/``"fp32"`` (cast copies), or ``"cpu+bf16"``. The reverse pass
+    always computes on the original device and dtype.
     """
 
-    def __init__(self, model: nn.Module, *, grad: bool = False):
+    def __init__(
+        self, model: nn.Module, *, grad: bool = False,
+        storage: Storage | str | torch.dtype | None = None,
+    ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"dlb.trace expects an nn.Module, got {type(model).__name__}")
         self.model = model
         self.grad = grad
+        self.storage = Storage.parse(storage)
         self.tape: Tape | None = None
         self._handles: list[Any] = []
         self._stack: list[Record] = []
@@ -45,7 +55,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> Tape:
-        self.tape = Tape(self.model)
+        self.tape = Tape(self.model, store=Store(self.storage))
         self._restore = []
         self._paths = {}
         for path, m in self.model.named_modules():
@@ -95,6 +105,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     def _open(self, module: nn.Module, arguments: dict, path: str) -> Record:
         tape = self.tape
+        arguments = tape.store.keep_all(arguments)
         parent = self._stack[-1] if self._stack else None
         leaves = list(tensor_leaves(arguments))
         if parent is None:
@@ -133,6 +144,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     def _close(self, rec: Record, output: Any) -> None:
         tape = self.tape
         module = rec.module
+        output = tape.store.keep_all(output)
         leaves = list(tensor_leaves(output))
         rec.output = output
         rec.output_names = [n for n, _ in leaves]
@@ -143,7 +155,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             if base is not None:
                 rec.output_views[i] = base
             tape.produce(t)
-        if id(module) in self._snap:
+        if id(module) in self._snap and not tape.store.active:  # copies are snapshots
             rec.snapshots = {i: t.clone() for i, t in enumerate(rec.outputs)}
         rec.done = True
 
@@ -159,7 +171,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             return None
         parent_path = self._stack[-1].path
         rec = self._open(stand_in, dict(inputs), f"{parent_path}.{name}" if parent_path else name)
-        rec.arguments.update(extras or {})
+        rec.arguments.update(self.tape.store.keep_all(extras or {}))
         self._stack.pop()
         self._close(rec, output)
         return rec

@@ -78,7 +78,21 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         for tr in ACTIVE:
             tr.record_call(module, ATTENTION_CALL, CHILD,
                            {"query": query, "key": key, "value": value}, out, extras)
-    return out, weights
+    # records would keep every layer's [batch, heads, T, T] probabilities alive through the
+    # attention module's output; the rule recomputes them in chunks, so hand them on only
+    # when the caller collects attentions (output_attentions=True)
+    return out, weights if _attentions_wanted() else None
+
+
+def _attentions_wanted() -> bool:
+    """Whether transformers' output collector asks for attention weights (``True`` when
+    no collector is active, e.g. an attention module called on its own)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - other transformers versions: keep them
+        return True
+    collected = _active_collector.get()
+    return collected is None or any("attention" in key for key in collected)
 
 
 @register_rule(AttentionCall, name="attention")

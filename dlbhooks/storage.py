@@ -1,0 +1,265 @@
+"""Where records keep their tensors: the storage policy of :func:`dlbhooks.trace`.
+
+By default a record keeps the tensors a module saw and returned by reference, on the
+device that computed them. ``dlb.trace(model, storage=...)`` can instead keep a copy in
+CPU memory, cast to a smaller float type, or both (:class:`Storage`), so that long inputs
+and big models fit: the device only holds what the forward itself needs.
+
+The copies keep the routing of relevance intact: a tensor passed from one module to the
+next is copied once (the same copy goes into both records, found through a weak
+reference to the original), a tensor modified in place is copied again, and a view of a
+copied tensor is stored as the same view of the copy. During the reverse pass each
+record's tensors are brought back, as the *same Python objects*, to the device and dtype
+that computed them, only while the rule for that record runs (:meth:`Store.loaded`), so
+rules always compute in the model's own precision on the model's own device.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+           "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where records keep tensors: ``device`` (``None``: where they were computed) and
+    ``dtype`` for floating-point tensors (``None``: as computed)."""
+
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    @property
+    def default(self) -> bool:
+        return self.device is None and self.dtype is None
+
+    def __str__(self) -> str:
+        parts = [str(self.device) if self.device is not None else "",
+                 str(self.dtype).replace("torch.", "") if self.dtype is not None else ""]
+        return "+".join(p for p in parts if p) or "device"
+
+    @classmethod
+    def parse(cls, spec: Storage | str | torch.dtype | None) -> Storage:
+        """``None``/``"device"``: by reference (default); ``"cpu"``: copies in CPU memory;
+        ``"bf16"``/``"fp16"``/``"fp32"`` or a dtype: cast copies on the device;
+        ``"cpu+bf16"``: both; or a :class:`Storage`."""
+        if spec is None or isinstance(spec, Storage):
+            return spec or cls()
+        if isinstance(spec, torch.dtype):
+            return cls(dtype=_float_dtype(spec))
+        if not isinstance(spec, str):
+            raise TypeError(f"storage must be a string, a torch.dtype or dlb.Storage, got {spec!r}")
+        device, dtype = None, None
+        for part in spec.replace(",", "+").split("+"):
+            part = part.strip().lower()
+            if part in ("", "device"):
+                continue
+            if part in _DTYPES:
+                dtype = _DTYPES[part]
+            else:
+                try:
+                    device = torch.device(part)
+                except RuntimeError:
+                    raise ValueError(
+                        f"unknown storage {spec!r}: use 'device' (default), 'cpu', 'bf16', "
+                        "'fp16', 'fp32', a device name, or a combination such as 'cpu+bf16'"
+                    ) from None
+        return cls(device=device, dtype=dtype)
+
+
+#: Relative tolerance of composite rules' sanity checks (recomputed vs recorded values);
+#: looser while an explanation reads records cast to a low-precision dtype.
+_CHECK_RTOL: ContextVar[float] = ContextVar("dlbhooks_check_rtol", default=1e-3)
+
+
+def check_tolerance() -> float:
+    """Relative tolerance for comparing recomputed values with recorded ones."""
+    return _CHECK_RTOL.get()
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not dtype.is_floating_point:
+        raise ValueError(f"records can only be cast to a floating-point dtype, not {dtype}")
+    return dtype
+
+
+class Store:
+    """Copies tensors into records under a :class:`Storage` policy and loads them back."""
+
+    def __init__(self, policy: Storage):
+        self.policy = policy
+        # id(original) -> (weak ref to original, its _version, the copy)
+        self._live: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+        # storage pointer of originals -> [(weak ref to original, copy)], to store views
+        self._by_storage: dict[int, list[tuple[weakref.ref, Tensor]]] = {}
+        # id(copy) -> (copy, device and dtype of the original)
+        self._origin: dict[int, tuple[Tensor, torch.device, torch.dtype]] = {}
+        # id(copy) -> (stored data, how many `loaded` blocks hold it)
+        self._loaded: dict[int, list] = {}
+
+    @property
+    def active(self) -> bool:
+        return not self.policy.default
+
+    # -- while recording --------------------------------------------------------------------
+    def keep(self, t: Tensor) -> Tensor:
+        """The tensor a record keeps for ``t`` (``t`` itself under the default policy)."""
+        if not self.active:
+            return t
+        hit = self._live.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == t._version:
+            return hit[2]
+        copy = self._view_of_kept(t)
+        if copy is None:
+            copy = self._copy(t)
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                ptr = 0
+            if ptr:
+                self._by_storage.setdefault(ptr, []).append((weakref.ref(t), copy))
+        self._live[id(t)] = (weakref.ref(t), t._version, copy)
+        self._origin[id(copy)] = (copy, t.device, t.dtype)
+        return copy
+
+    def keep_all(self, obj: Any) -> Any:
+        """``obj`` with every tensor inside tuples, lists and dicts replaced by its copy."""
+        if not self.active:
+            return obj
+        if isinstance(obj, Tensor):
+            return self.keep(obj)
+        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+            return tuple(self.keep_all(o) for o in obj)
+        if isinstance(obj, list):
+            return [self.keep_all(o) for o in obj]
+        if isinstance(obj, dict):
+            return {k: self.keep_all(v) for k, v in obj.items()}
+        return obj
+
+    def _copy(self, t: Tensor) -> Tensor:
+        dtype = self.policy.dtype if self.policy.dtype is not None and t.is_floating_point() \
+            else t.dtype
+        device = self.policy.device if self.policy.device is not None else t.device
+        out = torch.empty_like(t, dtype=dtype, device=device)  # keeps a dense tensor's strides
+        out.copy_(t.detach())
+        return out
+
+    def _view_of_kept(self, t: Tensor) -> Tensor | None:
+        """The same view of a stored copy, if ``t`` is a view of a tensor already kept."""
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):
+            return None
+        from .records import _may_be_view_of
+
+        for ref, copy in reversed(self._by_storage.get(ptr, [])):
+            base = ref()
+            if base is None or base is t or not _may_be_view_of(t, base):
+                continue
+            if not _dense(base) or copy.stride() != base.stride() or copy._base is not None:
+                continue
+            offset = t.storage_offset() - base.storage_offset()
+            return copy.as_strided(t.shape, t.stride(), offset)
+        return None
+
+    # -- during the reverse pass -------------------------------------------------------------
+    @contextmanager
+    def checks(self):
+        """Loosen sanity checks to the precision records were stored in, for a block."""
+        dtype = self.policy.dtype
+        rtol = 1e-3 if dtype is None else max(1e-3, 8 * torch.finfo(dtype).eps)
+        token = _CHECK_RTOL.set(rtol)
+        try:
+            yield
+        finally:
+            _CHECK_RTOL.reset(token)
+
+    def device_of(self, t: Tensor) -> torch.device:
+        """The device that computed ``t`` (for a stored copy: its original's device)."""
+        hit = self._origin.get(id(t)) if self.active else None
+        return t.device if hit is None or hit[0] is not t else hit[1]
+
+    @contextmanager
+    def loaded(self, tensors):
+        """Bring the stored ``tensors`` back to their original device and dtype (same
+        objects) for the duration of the block."""
+        if not self.active:
+            yield
+            return
+        held: list[Tensor] = []
+        try:
+            for t in tensors:
+                if isinstance(t, Tensor) and id(t) in self._origin:
+                    self._load(t, held)
+            yield
+        finally:
+            for t in reversed(held):
+                self._unload(t)
+
+    def _load(self, t: Tensor, held: list[Tensor]) -> None:
+        entry = self._loaded.get(id(t))
+        if entry is not None:
+            entry[1] += 1
+            held.append(t)
+            return
+        _, device, dtype = self._origin[id(t)]
+        stored = t.data
+        base = t._base
+        if base is not None and id(base) in self._origin:
+            self._load(base, held)
+            data = base.data.as_strided(t.shape, t.stride(), t.storage_offset())
+        else:
+            data = torch.empty_like(stored, dtype=dtype, device=device)
+            data.copy_(stored)
+        t.data = data
+        self._loaded[id(t)] = [stored, 1]
+        held.append(t)
+
+    def _unload(self, t: Tensor) -> None:
+        entry = self._loaded[id(t)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            t.data = entry[0]
+            del self._loaded[id(t)]
+
+    def stored_bytes(self) -> int:
+        """Bytes held by the stored copies (each storage counted once)."""
+        seen: dict[int, int] = {}
+        for copy, _, _ in self._origin.values():
+            st = copy.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return sum(seen.values())
+
+
+def _dense(t: Tensor) -> bool:
+    from .records import _non_overlapping
+
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return t.numel() > 0 and span == t.numel() and _non_overlapping(t)
+
+
+def record_tensors(rec) -> list[Tensor]:
+    """Every tensor a record (and its descendants) holds: what a rule for it may read."""
+    out: list[Tensor] = []
+    stack = [rec]
+    while stack:
+        r = stack.pop()
+        out.extend(r.inputs)
+        out.extend(r.outputs)
+        out.extend(r.snapshots.values())
+        out.extend(r.input_views.values())
+        out.extend(r.output_views.values())
+        from .records import tensor_leaves
+
+        out.extend(t for _, t in tensor_leaves(r.arguments))
+        stack.extend(r.children)
+    return out
