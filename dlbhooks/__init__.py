@@ -9,6 +9,7 @@
 from . import models, rules  # noqa: F401  (registers every rule)
 from .analysis import ExpertStats
 from .api import explain
+from .corpus import corpus_expert_stats, corpus_map, corpus_token_relevance
 from .coverage import coverage
 from .errors import (
     DLBError,
@@ -21,19 +22,22 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .generation import explain_generation
+from .memory import MemoryEstimate, estimate_memory, record_bytes
 from .records import Record, Tape
 from .relevance import Streams
 from .results import Explanation
 from .rules.elementwise import register_saturation
 from .rules.registry import register_rule, unregister_rule
+from .storage import Storage
 from .trace import trace
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "NonFiniteError", "OffloadError",
-    "Record",
-    "RecordModifiedError", "Streams", "Tape", "TargetError", "TraceError",
-    "UnsupportedModuleError", "coverage", "explain", "explain_generation", "register_rule",
-    "register_saturation", "trace", "unregister_rule",
+    "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "MemoryEstimate",
+    "NonFiniteError", "OffloadError", "Record", "RecordModifiedError", "Storage", "Streams",
+    "Tape", "TargetError", "TraceError", "UnsupportedModuleError", "coverage", "estimate_memory",
+    "explain", "explain_generation", "record_bytes", "register_rule", "register_saturation",
+    "trace", "unregister_rule",
 ]
+__all__ += ["corpus_expert_stats", "corpus_map", "corpus_token_relevance"]

@@ -96,6 +96,114 @@ def demo_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def corpus_stats(args: argparse.Namespace) -> int:
+    """ExpertStats of the tiny MoE (or ``--model``) over windows of a tiny_moe domain's text,
+    on one process or several (``accelerate launch``); see docs/corpus_runs.md."""
+    import time
+
+    from dlbhooks.corpus import (
+        batch_expert_stats,
+        batch_token_relevance,
+        chunk,
+        corpus_map,
+        default_state,
+        explain_batch,
+        merge_in_order,
+        windows,
+    )
+    from dlbhooks.tiny_moe import VOCAB_SIZE, corpus_ids, load_tiny_moe
+
+    t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = default_state(cpu=True if args.cpu else None)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                     dtype=dtype).eval()
+        if model.config.vocab_size < VOCAB_SIZE:
+            raise SystemExit(f"{args.model}: vocabulary of {model.config.vocab_size} ids; the "
+                             f"corpus is byte-level ({VOCAB_SIZE} ids, dlbhooks.tiny_moe)")
+    else:
+        model, _ = load_tiny_moe(dtype=dtype)
+    if args.experts_implementation:
+        model.set_experts_implementation(args.experts_implementation)
+    model.to(state.device)
+    nxt = args.target == "next"
+    rows = windows(corpus_ids(args.domain, args.split), args.sequences,
+                   args.length + int(nxt), seed=args.seed)
+    batches = chunk(rows, args.batch_size)
+    L = args.length
+    positions = [-1] if args.positions == 1 else \
+        torch.linspace(L // 4, L - 1, args.positions).long().tolist()
+
+    def per_batch(batch: torch.Tensor):
+        exps, mask = explain_batch(model, batch, target="next" if nxt else None,
+                                   positions=positions, mode=args.mode)
+        rel = batch_token_relevance(exps, "input_ids", single=False) if args.tokens else None
+        return batch_expert_stats(exps, mask), rel
+
+    parts, rels = [], []
+    for stats, rel in corpus_map(per_batch, batches, state=state, progress=not args.quiet,
+                                 sync_every=args.sync_every, desc="corpus stats"):
+        parts.append(stats)
+        if rel is not None:
+            rels.append(rel)
+    stats = merge_in_order(parts)
+    if state.is_main_process:
+        stats.save(args.out)
+        if args.tokens:
+            from safetensors.torch import save_file
+
+            save_file({"relevance": torch.cat(rels).contiguous(),
+                       "input_ids": rows[:, :L].contiguous()}, args.tokens)
+        print(f"{args.sequences} windows of {L} bytes of {args.domain}/{args.split}, "
+              f"{len(batches)} batches, positions {positions}, target {args.target}, "
+              f"{args.mode} mode; {state.num_processes} process(es), "
+              f"{time.time() - t0:.1f} s")
+        print(stats)
+        print("experts from least to most relevant (|relevance|), and by routing frequency:")
+        for layer in stats.layers:
+            print(f"  {layer}: {stats.ranking(layer)}  "
+                  f"frequency {stats.ranking(layer, 'frequency')}")
+        print(f"saved {args.out}" + (f" and {args.tokens}" if args.tokens else ""))
+    state.destroy_process_group()
+    return 0
+
+
+def add_corpus_stats_arguments(p: argparse.ArgumentParser) -> None:
+    from dlbhooks.tiny_moe import DOMAINS, SPLITS
+
+    p.add_argument("--model", default=None,
+                   help="a local HF causal-LM folder with the byte vocabulary of "
+                        "dlbhooks.tiny_moe (default: the shipped tiny MoE)")
+    p.add_argument("--domain", choices=DOMAINS, default="prose")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument("--sequences", type=int, default=64, help="random windows (seeded)")
+    p.add_argument("--length", type=int, default=64, help="bytes the model reads per window")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--positions", type=int, default=1,
+                   help="explained positions per window (1: the last; k: spread over the "
+                        "last three quarters)")
+    p.add_argument("--target", choices=["next", "argmax"], default="next",
+                   help="the true next byte (default) or the model's prediction")
+    p.add_argument("--mode", choices=["default", "contrastive"], default="default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--experts-implementation", default=None,
+                   help="eager, grouped_mm, batched_mm (default: the model's)")
+    p.add_argument("--out", default="expert_stats.safetensors", help="ExpertStats file")
+    p.add_argument("--tokens", default=None,
+                   help="also save the token relevance [windows, positions, bytes] here")
+    p.add_argument("--sync-every", type=int, default=16,
+                   help="batches per process between two gathers")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if GPUs exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlbhooks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["default", "contrastive"], default="default")
     p.add_argument("--samples", type=int, default=3)
     p.set_defaults(func=demo)
+    p = sub.add_parser("corpus-stats", help="ExpertStats over a corpus, on one or several "
+                       "processes (accelerate launch -m dlbhooks.cli corpus-stats ...)")
+    add_corpus_stats_arguments(p)
+    p.set_defaults(func=corpus_stats)
     args = parser.parse_args(argv)
     return args.func(args)
 

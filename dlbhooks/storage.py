@@ -99,8 +99,10 @@ class Store:
         self.policy = policy
         # id(original) -> (weak ref to original, its _version, the copy)
         self._live: dict[int, tuple[weakref.ref, int, Tensor]] = {}
-        # storage pointer of originals -> [(weak ref to original, copy)], to store views
-        self._by_storage: dict[int, list[tuple[weakref.ref, Tensor]]] = {}
+        # storage pointer -> [(weak ref to the storage, original's (shape, stride, offset,
+        # dtype), its _version, the copy)]: a later view of a kept tensor becomes the same
+        # view of the copy, even when the kept tensor object itself is gone
+        self._by_storage: dict[int, list[tuple[weakref.ref, tuple, int, Tensor]]] = {}
         # id(copy) -> (copy, device and dtype of the original)
         self._origin: dict[int, tuple[Tensor, torch.device, torch.dtype]] = {}
         # id(copy) -> (stored data, how many `loaded` blocks hold it)
@@ -122,11 +124,13 @@ class Store:
         if copy is None:
             copy = self._copy(t)
             try:
-                ptr = t.untyped_storage().data_ptr()
+                st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):
-                ptr = 0
-            if ptr:
-                self._by_storage.setdefault(ptr, []).append((weakref.ref(t), copy))
+                st = None
+            if st is not None and st.data_ptr() and _dense(t) and copy.stride() == t.stride():
+                meta = (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
+                self._by_storage.setdefault(st.data_ptr(), []).append(
+                    (weakref.ref(st), meta, t._version, copy))
         self._live[id(t)] = (weakref.ref(t), t._version, copy)
         self._origin[id(copy)] = (copy, t.device, t.dtype)
         return copy
@@ -156,19 +160,19 @@ class Store:
     def _view_of_kept(self, t: Tensor) -> Tensor | None:
         """The same view of a stored copy, if ``t`` is a view of a tensor already kept."""
         try:
-            ptr = t.untyped_storage().data_ptr()
+            st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
             return None
-        from .records import _may_be_view_of
-
-        for ref, copy in reversed(self._by_storage.get(ptr, [])):
-            base = ref()
-            if base is None or base is t or not _may_be_view_of(t, base):
+        for ref, (shape, stride, offset, dtype), version, copy in reversed(
+            self._by_storage.get(st.data_ptr(), [])
+        ):
+            # the same storage still alive (not a new one at a reused address), unchanged
+            # since the copy (views share their base's version counter), and t inside it
+            if ref() is not st or version != t._version or dtype != t.dtype:
                 continue
-            if not _dense(base) or copy.stride() != base.stride() or copy._base is not None:
+            if not _inside(t, shape, stride, offset):
                 continue
-            offset = t.storage_offset() - base.storage_offset()
-            return copy.as_strided(t.shape, t.stride(), offset)
+            return copy.as_strided(t.shape, t.stride(), t.storage_offset() - offset)
         return None
 
     # -- during the reverse pass -------------------------------------------------------------
@@ -238,6 +242,17 @@ class Store:
             st = copy.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
         return sum(seen.values())
+
+
+def _inside(t: Tensor, shape: tuple, stride: tuple, offset: int) -> bool:
+    """Every element of ``t`` lies in the dense span of a tensor ``(shape, stride, offset)``
+    of the same storage (a dense tensor owns every position of its span)."""
+    if t.numel() == 0:
+        return False
+    lo = t.storage_offset()
+    hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    end = offset + sum((s - 1) * st for s, st in zip(shape, stride))
+    return offset <= lo and hi <= end
 
 
 def _dense(t: Tensor) -> bool:
