@@ -38,7 +38,8 @@ class Explanation:
     heads: dict[str, Tensor] = field(default_factory=dict)
     #: per residual block: {layer path: {"attention": ., "mlp": ., "residual": .}} totals
     blocks: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: MoE: relevance each expert carried, {moe block path: [batch, tokens, experts]}
+    #: MoE: relevance each expert carried, {moe block path: [batch, tokens, experts]}; shared
+    #: experts are extra last columns (names: :meth:`expert_columns`)
     experts: dict[str, Tensor] = field(default_factory=dict)
     #: MoE: {moe block path: (selected experts [batch, tokens, k], weights [batch, tokens, k])}
     routing: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -58,6 +59,15 @@ class Explanation:
             total = t.sum()
             t = t * (self.scaler / total) if total != 0 else t
         return t
+
+    def expert_columns(self, block: str) -> list[str]:
+        """Names of the columns of ``experts[block]``: the routed experts' ids (``"0"``,
+        ``"1"``, ...), then the block's shared experts, if any (e.g. ``"shared"``; a
+        block with shared experts reports them next to ``"routed"`` in ``blocks[block]``)."""
+        shares = self.blocks.get(block, {})
+        extra = [name for name in shares if name != "routed"] if "routed" in shares else []
+        n = self.experts[block].shape[-1] - len(extra)
+        return [str(i) for i in range(n)] + extra
 
     @property
     def total_input(self) -> float:

@@ -4,8 +4,12 @@ For each domain of the shipped tiny MoE (or ``--model`` folder with the same byt
 vocabulary): build ExpertStats from explanations of that domain's training text, remove
 25 % and 50 % of the experts of every MoE layer from routing by (a) relevance, (b) routing
 frequency, (c) at random (several seeds), and report the held-out loss of every domain.
+With ``--write-checkpoint DIR``, each domain's relevance-based plan is also written as a
+smaller checkpoint (the experts physically removed) to ``DIR/<domain>-<percent>pct``, reloaded
+and evaluated: its held-out loss must equal the masked-routing loss.
 
     python scripts/prune_experts.py --out docs/pruning_report.md [--sequences 48]
+        [--write-checkpoint checkpoints/]
 """
 
 from __future__ import annotations
@@ -14,11 +18,12 @@ import argparse
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 
 import dlbhooks as dlb
-from dlbhooks.analysis.pruning import pruned
+from dlbhooks.analysis.pruning import pruned, write_pruned_checkpoint
 from dlbhooks.tiny_moe import DOMAINS, corpus_ids, load_tiny_moe
 
 
@@ -60,6 +65,26 @@ def expert_stats(model, ids: torch.Tensor, sequences: int, length: int, position
     return stats
 
 
+def write_checkpoint(model, plan, out: Path, held: torch.Tensor, masked_loss: float, args,
+                     n_params: int) -> dict:
+    """Write the smaller checkpoint, reload it and evaluate it on its domain's held-out text."""
+    from transformers import AutoModelForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_pruned_checkpoint(model, plan, out)
+    small = AutoModelForCausalLM.from_pretrained(
+        out, local_files_only=True, dtype=next(model.parameters()).dtype,
+        experts_implementation=model.config._experts_implementation).eval()
+    loss = heldout_loss(small, held, args.length, args.eval_windows)
+    params = sum(p.numel() for p in small.parameters())
+    if not math.isclose(loss, masked_loss, rel_tol=1e-5, abs_tol=1e-6):
+        raise SystemExit(f"{out}: the smaller checkpoint's loss {loss} differs from the "
+                         f"masked-routing loss {masked_loss}")
+    print(f"wrote {out}: {params:,} parameters (was {n_params:,}), loss {loss:.6f}")
+    return {"dir": str(out), "params": params, "masked": masked_loss, "loss": loss,
+            "bytes": (out / "model.safetensors").stat().st_size}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/pruning_report.md")
@@ -70,6 +95,9 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write-checkpoint", metavar="DIR", default=None,
+                    help="write each domain's relevance-pruned model (experts removed) to "
+                         "DIR/<domain>-<percent>pct and check it against masked routing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, meta = load_tiny_moe()
@@ -77,7 +105,8 @@ def main() -> None:
     t0 = time.time()
     held = {d: corpus_ids(d, "heldout") for d in DOMAINS}
     base = {d: heldout_loss(model, held[d], args.length, args.eval_windows) for d in DOMAINS}
-    rows = []
+    rows, checkpoints = [], []
+    n_params = sum(p.numel() for p in model.parameters())
     for domain in DOMAINS:
         stats = expert_stats(model, corpus_ids(domain, "train"), args.sequences, args.length,
                              args.positions, seed=0)
@@ -91,6 +120,10 @@ def main() -> None:
                     losses = {d: heldout_loss(model, held[d], args.length, args.eval_windows)
                               for d in DOMAINS}
                 rows.append((domain, frac, name, losses, plan))
+                if args.write_checkpoint and name == "relevance":
+                    out = Path(args.write_checkpoint) / f"{domain}-{round(frac * 100)}pct"
+                    checkpoints.append(write_checkpoint(model, plan, out, held[domain],
+                                                        losses[domain], args, n_params))
             rnd = {d: [] for d in DOMAINS}
             for s in range(args.random_seeds):
                 r = random.Random(s)
@@ -122,6 +155,14 @@ def main() -> None:
     for domain, frac, name, losses, _plan in rows:
         cells = " | ".join(f"{losses[d]:.4f} ({losses[d] - base[d]:+.4f})" for d in DOMAINS)
         lines.append(f"| {domain} | {frac:.0%} | {name} | {cells} |")
+    if checkpoints:
+        lines += ["", "## Smaller checkpoints (relevance-based plans, experts removed)", "",
+                  f"Unpruned: {n_params:,} parameters.", "",
+                  "| checkpoint | parameters | safetensors bytes | masked-routing loss | "
+                  "checkpoint loss |", "|---|---|---|---|---|"]
+        for c in checkpoints:
+            lines.append(f"| `{c['dir']}` | {c['params']:,} | {c['bytes']:,} | "
+                         f"{c['masked']:.6f} | {c['loss']:.6f} |")
     lines += ["", "## Verdict", ""]
     for domain in DOMAINS:
         for frac in args.fractions:

@@ -62,17 +62,34 @@ def test_family_conserves_and_reports_experts(name):
         assert_conserved(exp)
         assert len(exp.experts) == 2 and len(exp.routing) == 2
         for block, rel in exp.experts.items():
-            assert rel.shape == (2, 6, 4)
+            shared = name == "qwen2_moe"  # the shared expert is an extra last column
+            assert rel.shape == (2, 6, 5 if shared else 4)
+            names = exp.expert_columns(block)
+            assert names == ["0", "1", "2", "3"] + (["shared"] if shared else [])
             idx, w = exp.routing[block]
             assert idx.shape == (2, 6, 2) and w.shape == (2, 6, 2)
             # experts not selected for a token carry nothing
             chosen = torch.zeros(2, 6, 4, dtype=torch.bool).scatter_(2, idx.long(), True)
-            assert float(rel[~chosen].abs().sum()) == 0.0
-            # summing over experts gives the relevance that went through the experts
-            entry = next(e for e in exp.ledger if e.path == f"{block}.experts")
-            out = entry.relevance_out
-            total = out[0] - out[1] if isinstance(out, tuple) else out
-            assert float(rel.sum()) == pytest.approx(total, rel=1e-9, abs=1e-9)
+            assert float(rel[..., :4][~chosen].abs().sum()) == 0.0
+            # summing over the routed experts gives the relevance that went through them
+            total = _net(_entry(exp, f"{block}.experts").relevance_out)
+            assert float(rel[..., :4].sum()) == pytest.approx(total, rel=1e-9, abs=1e-9)
+            if shared:
+                # ... and over all columns, the relevance through the whole MoE block
+                entry = _entry(exp, block)
+                total = _net(entry.relevance_out) - _net(entry.absorbed)
+                assert float(rel.sum()) == pytest.approx(total, rel=1e-9, abs=1e-9)
+                sh = _net(_entry(exp, f"{block}.shared_expert").relevance_out)
+                assert float(rel[..., 4].sum()) == pytest.approx(sh, rel=1e-9, abs=1e-9)
+                assert float(rel[..., 4].abs().sum()) > 0
+
+
+def _entry(exp, path):
+    return next(e for e in exp.ledger if e.path == path)
+
+
+def _net(v):
+    return v[0] - v[1] if isinstance(v, tuple) else v
 
 
 @pytest.mark.parametrize("experts", ["eager", "grouped_mm", "batched_mm"])
@@ -93,33 +110,21 @@ def slow_experts(R, x, idx, w, Wgu, Wd, act, I):
     """Per token, per selected expert, per unit: METHOD.md §5 with explicit loops (default
     mode, no saturation, no biases)."""
     T, H = x.shape
-    k = idx.shape[1]
     R_x = torch.zeros_like(x)
     carried = torch.zeros(T, Wgu.shape[0], dtype=x.dtype)
     for tok in range(T):
         outs = []
-        for s in range(k):
+        for s in range(idx.shape[1]):
             e = int(idx[tok, s])
-            gu = Wgu[e] @ x[tok]
-            gate, up = gu[:I], gu[I:]
-            h = act(gate) * up
-            o = Wd[e] @ h
-            outs.append((e, gu, h, o * w[tok, s]))
-        for hh in range(H):
-            den = sum(abs(float(y[hh])) for *_, y in outs)
-            for e, _gu, h, y in outs:
-                share = float(R[tok, hh]) * abs(float(y[hh])) / den if den else 0.0
-                carried[tok, e] += share
-                # down_proj unit hh: contributions Wd[e][hh, j] * h[j]
-                contrib = [float(Wd[e][hh, j] * h[j]) for j in range(I)]
-                tot = sum(abs(c) for c in contrib)
-                for j in range(I):
-                    r_h = share * abs(contrib[j]) / tot if tot else 0.0
-                    for unit in (j, I + j):  # half to act(gate_j), half to up_j
-                        c_in = [float(Wgu[e][unit, i] * x[tok, i]) for i in range(H)]
-                        t_in = sum(abs(c) for c in c_in)
-                        for i in range(H):
-                            R_x[tok, i] += 0.5 * r_h * abs(c_in[i]) / t_in if t_in else 0.0
+            h = act(Wgu[e][:I] @ x[tok]) * (Wgu[e][I:] @ x[tok])
+            outs.append((e, (Wd[e] @ h) * w[tok, s]))
+        for e, y in outs:
+            share = torch.zeros(H, dtype=x.dtype)
+            for hh in range(H):
+                den = sum(abs(float(yy[hh])) for _, yy in outs)
+                share[hh] = float(R[tok, hh]) * abs(float(y[hh])) / den if den else 0.0
+            carried[tok, e] += float(share.sum())
+            R_x[tok] += slow_mlp(share, x[tok], Wgu[e][:I], Wgu[e][I:], Wd[e], act)
     return R_x, carried
 
 
@@ -141,6 +146,86 @@ def test_experts_rule_matches_slow_reference():
     assert torch.allclose(exp.inputs["hidden_states"].reshape(3, 32), want, rtol=1e-9,
                           atol=1e-10)
     assert torch.allclose(exp.experts["<root>"].reshape(3, -1), carried, rtol=1e-9, atol=1e-10)
+
+
+def slow_mlp(share, x, W_gate, W_up, W_down, act):
+    """Relevance on ``x`` of ``down(act(gate x) * up x)`` given relevance ``share`` on its
+    output units: §2 through down (no bias), half to each factor, §2 through gate and up."""
+    H, I = x.shape[0], W_gate.shape[0]
+    h = (act(W_gate @ x) * (W_up @ x)).tolist()
+    xs, Wg, Wu, Wdn, sh = x.tolist(), W_gate.tolist(), W_up.tolist(), W_down.tolist(), \
+        share.tolist()
+    r_h = [0.0] * I
+    for hh in range(len(Wdn)):
+        contrib = [Wdn[hh][j] * h[j] for j in range(I)]
+        tot = sum(abs(c) for c in contrib)
+        for j in range(I):
+            r_h[j] += sh[hh] * abs(contrib[j]) / tot if tot else 0.0
+    R_x = [0.0] * H
+    for j in range(I):
+        for W in (Wg, Wu):  # half to act(gate_j), half to up_j
+            c_in = [W[j][i] * xs[i] for i in range(H)]
+            t_in = sum(abs(c) for c in c_in)
+            for i in range(H):
+                R_x[i] += 0.5 * r_h[j] * abs(c_in[i]) / t_in if t_in else 0.0
+    return torch.tensor(R_x, dtype=x.dtype)
+
+
+def slow_shared_moe(R, x, idx, w, experts, shared, gate_w):
+    """Per token and unit: R[t, h] split over the selected experts' g·E(x) and the gated shared
+    expert σ(gate·x)·S(x) in one step ∝ |contribution| (METHOD.md §5), then through each MLP.
+    Returns relevance on x and the relevance each column (experts..., shared) carried."""
+    T, H = x.shape
+    Wgu, Wd, act = experts.gate_up_proj.detach(), experts.down_proj.detach(), experts.act_fn
+    I, E = Wgu.shape[1] // 2, Wgu.shape[0]
+    S = (shared.gate_proj.weight.detach(), shared.up_proj.weight.detach(),
+         shared.down_proj.weight.detach())
+    R_x = torch.zeros_like(x)
+    carried = torch.zeros(T, E + 1, dtype=x.dtype)
+    for t in range(T):
+        terms = []  # (column, contribution g·f(x), (W_gate, W_up, W_down))
+        for s in range(idx.shape[1]):
+            e = int(idx[t, s])
+            mats = (Wgu[e][:I], Wgu[e][I:], Wd[e])
+            y = mats[2] @ (act(mats[0] @ x[t]) * (mats[1] @ x[t]))
+            terms.append((e, w[t, s] * y, mats))
+        y = S[2] @ (act(S[0] @ x[t]) * (S[1] @ x[t]))
+        terms.append((E, torch.sigmoid(gate_w @ x[t])[0] * y, S))
+        for col, y, mats in terms:
+            share = torch.zeros(H, dtype=x.dtype)
+            for hh in range(H):
+                den = sum(abs(float(yy[hh])) for _, yy, _ in terms)
+                share[hh] = float(R[t, hh]) * abs(float(y[hh])) / den if den else 0.0
+            carried[t, col] += float(share.sum())
+            R_x[t] += slow_mlp(share, x[t], *mats, act)
+    return R_x, carried
+
+
+def test_shared_expert_block_matches_slow_reference():
+    model = build("qwen2_moe")
+    block = model.model.layers[1].mlp
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 32, dtype=torch.float64)
+    with dlb.trace(block) as tape:
+        out = block(x)
+    seed = torch.randn_like(out).abs()
+    exp = tape.explain(target=seed, task="regression", saturation=False)
+    assert_conserved(exp)
+    rec = next(r for r in tape.records if r.path == "experts")
+    x2, idx, w = rec.inputs
+    want, carried = slow_shared_moe(seed.reshape(3, 32), x2, idx, w, block.experts,
+                                    block.shared_expert, block.shared_expert_gate.weight.detach())
+    got = exp.inputs["hidden_states"].reshape(3, 32)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(exp.experts["<root>"].reshape(3, -1), carried, rtol=1e-9, atol=1e-10)
+    assert exp.expert_columns("<root>") == ["0", "1", "2", "3", "shared"]
+    # one step, which differs from a two-stage split (|routed sum| vs |shared| first)
+    routed = rec.outputs[0]
+    gated = torch.sigmoid(next(r for r in tape.records if r.path == "shared_expert_gate")
+                          .outputs[0]) * next(r for r in tape.records
+                                              if r.path == "shared_expert").outputs[0]
+    two_stage = seed.reshape(3, 32) * gated.abs() / (routed.abs() + gated.abs())
+    assert not torch.allclose(two_stage.sum(-1), carried[:, -1], rtol=1e-3)
 
 
 def test_expert_stats_accumulate_merge_save(tmp_path):

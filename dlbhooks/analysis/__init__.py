@@ -1,5 +1,6 @@
-"""Analyses built on explanations (expert statistics over a corpus)."""
+"""Analyses built on explanations (expert statistics over a corpus, expert pruning)."""
 
 from .experts import ExpertStats
+from .pruning import drop_experts, pruned, write_pruned_checkpoint
 
-__all__ = ["ExpertStats"]
+__all__ = ["ExpertStats", "drop_experts", "pruned", "write_pruned_checkpoint"]

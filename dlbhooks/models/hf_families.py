@@ -12,13 +12,13 @@ from __future__ import annotations
 from ..relevance import Streams
 from ..rules.core import weighted_sum
 from ..rules.elementwise import passthrough_rule
+from ..rules.experts import SharedExpert, router_rule, shared_expert_moe
 from ..rules.functional import (
     Add,
     Arg,
     Chunk,
     First,
     Functional,
-    Gate,
     Gather,
     Heads,
     In,
@@ -33,6 +33,13 @@ from ..rules.functional import (
 from ..rules.norm import rms_norm_rule
 from ..rules.registry import register_rule
 from .hf_attention import CHILD as ATTN
+from .jetmoe import (
+    MixtureOfAttention,
+    ScatteredExperts,
+    mixture_of_attention,
+    parallel_experts_rule,
+    scattered_moe,
+)
 
 M = "transformers.models"
 
@@ -136,11 +143,28 @@ COMPOSITES[f"{M}.olmoe.modeling_olmoe.OlmoeAttention"] = rope_attention(
 COMPOSITES[f"{M}.gpt_oss.modeling_gpt_oss.GptOssAttention"] = Functional(
     Rope(In(ATTN, 0), _heads("q_proj", 0), half_cos=True),
     Rope(In(ATTN, 1), _heads("k_proj", 1), half_cos=True), name="rope_attention")
-# Qwen2-MoE: routed experts + a sigmoid-gated shared expert (its gate is a routing weight)
-COMPOSITES[f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock"] = Functional(
-    Add(Ret(0), (Out("experts"), Tmp("shared")), names=("routed", "shared")),
-    Gate(Tmp("shared"), Out("shared_expert"), Out("shared_expert_gate")),
-    name="shared_expert_moe")
+# Qwen2-MoE: routed experts + a sigmoid-gated shared expert (its gate is a routing weight),
+# split in one step (rules/experts.py)
+COMPOSITES[f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock"] = shared_expert_moe(
+    SharedExpert(experts="experts", shared="shared_expert", gate="shared_expert_gate",
+                 label="shared"))
+# JetMoE: scattered experts (JetMoeParallelExperts) in the MLP and in attention (mixture of
+# attention heads: the MoA's map/reduce are plain methods; models/jetmoe.py)
+_J = f"{M}.jetmoe.modeling_jetmoe.JetMoe"
+register_rule(f"{_J}RMSNorm", rms_norm_rule, streamwise=True, name="rms_norm")
+register_rule(f"{_J}RotaryEmbedding", constant_rule, name="constant")
+register_rule(f"{_J}ParallelExperts", parallel_experts_rule, name="parallel_experts")
+register_rule(f"{_J}TopKGating", router_rule, name="router")
+COMPOSITES[f"{_J}MoE"] = scattered_moe(ScatteredExperts(
+    router="router", input_linear="input_linear", output_linear="output_linear",
+    activation="activation", bias="bias"))
+COMPOSITES[f"{_J}Attention"] = mixture_of_attention(MixtureOfAttention(
+    experts=ScatteredExperts(router="experts.router", input_linear="experts.input_linear",
+                             output_linear="experts.output_linear", activation=None,
+                             bias="bias", owner="experts"),
+    kv_proj="kv_proj"))
+COMPOSITES[f"{_J}DecoderLayer"] = pre_norm_layer(
+    "input_layernorm", "self_attention", "post_attention_layernorm", "mlp")
 # Gemma: sandwich norms; Gemma 3 also normalises q/k per head, on [b, h, s, d]
 for _mod, _cls in (("gemma2", "Gemma2"), ("gemma3", "Gemma3")):
     COMPOSITES[f"{M}.{_mod}.modeling_{_mod}.{_cls}DecoderLayer"] = pre_norm_layer(

@@ -10,7 +10,9 @@ per token). The rule recomputes each expert's intermediates from the recorded in
 implementation (grouped_mm, eager, ...) ran the forward.
 
 Relevance per expert is reported as ``exp.experts[moe block path]`` = [batch, tokens,
-experts] and the routing as ``exp.routing[moe block path]`` = (indices, weights).
+experts] and the routing as ``exp.routing[moe block path]`` = (indices, weights). A block
+with a shared expert (:func:`shared_expert_moe`) splits its output relevance over the routed
+experts and the shared expert in one step; the shared expert is an extra last column.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import DLBError, UnsupportedModuleError
 from ..relevance import Streams, radd, rmap
 from .core import weighted_sum
 from .elementwise import add_rule, saturation_bounds
-from .registry import register_rule
+from .registry import lookup, register_rule
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,77 @@ def _activation(module, gate: Tensor, layout: ExpertsLayout) -> Tensor:
     return module.act_fn(gate)
 
 
+@dataclass
+class _Group:
+    """One expert's tokens and its recomputed intermediates (the forward, in ``dt``)."""
+
+    e: int
+    tok: Tensor
+    slot: Tensor
+    W_gu: Tensor
+    W_d: Tensor
+    b_gu: Tensor | None
+    b_d: Tensor | None
+    gu: Tensor
+    upv: Tensor
+    h: Tensor
+    o: Tensor
+
+
+def _fwd(layout: ExpertsLayout):
+    return (lambda a, W: a @ W) if layout.transposed else (lambda a, W: a @ W.T)
+
+
+def _adj(layout: ExpertsLayout):
+    return (lambda s, W: s @ W.T) if layout.transposed else (lambda s, W: s @ W)
+
+
+def _recompute(rec, ctx, layout: ExpertsLayout, dt) -> tuple[Tensor, list[_Group]]:
+    """Every selected expert's weighted output ``g·E(x)`` as [T, k, H], grouped per expert."""
+    m = rec.module
+    x, idx, w = rec.inputs[0], rec.inputs[1], rec.inputs[2]
+    Wgu, Wd = ctx.param(m, layout.gate_up), ctx.param(m, layout.down)
+    bgu = ctx.param(m, layout.gate_up_bias) if layout.gate_up_bias else None
+    bd = ctx.param(m, layout.down_bias) if layout.down_bias else None
+    T, k = idx.shape
+    E = Wgu.shape[0]
+    xs = x.to(dt)
+    fwd = _fwd(layout)
+    groups = []
+    Y = xs.new_zeros(T, k, x.shape[-1])
+    for e in torch.unique(idx).tolist():
+        if not 0 <= e < E:
+            continue  # masked slot (some routers use E as "no expert")
+        tok, slot = torch.where(idx == e)
+        W_gu, W_d = Wgu[e].to(dt), Wd[e].to(dt)
+        b_gu = bgu[e].to(dt) if bgu is not None else None
+        b_d = bd[e].to(dt) if bd is not None else None
+        gu = fwd(xs[tok], W_gu) + (b_gu if b_gu is not None else 0)
+        gate, up = _split(gu, layout)
+        act = _activation(m, gate, layout)
+        upv = up.clamp(-m.limit, m.limit) + 1 if layout.up_plus_one else up
+        h = act * upv
+        o = fwd(h, W_d) + (b_d if b_d is not None else 0)
+        Y[tok, slot] = o * w[tok, slot, None].to(dt)
+        groups.append(_Group(e, tok, slot, W_gu, W_d, b_gu, b_d, gu, upv, h, o))
+    return Y, groups
+
+
+def _rel_dtype(R) -> torch.dtype:
+    return R.pos.dtype if isinstance(R, Streams) else R.dtype
+
+
+def routed_contributions(rec, ctx, dt: torch.dtype) -> Tensor:
+    """``g_te · E_e(x_t)`` of every token's selected experts, [T, k, H], for a recorded call
+    of a fused experts module with a registered §5 rule (used by shared-expert blocks)."""
+    rule = lookup(type(rec.module))
+    layout = getattr(rule.fn, "layout", None) if rule is not None else None
+    if layout is None:
+        raise UnsupportedModuleError(
+            f"{rec.describe()} is not a fused experts module with a registered experts rule")
+    return _recompute(rec, ctx, layout, dt)[0]
+
+
 def experts_rule_for(layout: ExpertsLayout):
     """The §5 rule for an experts module with this layout."""
 
@@ -70,32 +144,11 @@ def experts_rule_for(layout: ExpertsLayout):
         m = rec.module
         x, idx, w = rec.inputs[0], rec.inputs[1], rec.inputs[2]
         R = R_out[0]
-        Wgu, Wd = ctx.param(m, layout.gate_up), ctx.param(m, layout.down)
-        bgu = ctx.param(m, layout.gate_up_bias) if layout.gate_up_bias else None
-        bd = ctx.param(m, layout.down_bias) if layout.down_bias else None
         T, k = idx.shape
-        E = Wgu.shape[0]
-        dt = R.pos.dtype if isinstance(R, Streams) else R.dtype
+        E = ctx.param(m, layout.gate_up).shape[0]
+        dt = _rel_dtype(R)
         xs = x.to(dt)
-        # 1. every selected expert's weighted output g·E(x), grouped per expert
-        groups = []
-        Y = xs.new_zeros(T, k, x.shape[-1])
-        for e in torch.unique(idx).tolist():
-            if not 0 <= e < E:
-                continue  # masked slot (some routers use E as "no expert")
-            tok, slot = torch.where(idx == e)
-            We_gu = Wgu[e].to(dt)
-            We_d = Wd[e].to(dt)
-            fwd_gu = (lambda a, W: a @ W) if layout.transposed else (lambda a, W: a @ W.T)
-            gu = fwd_gu(xs[tok], We_gu) + (bgu[e].to(dt) if bgu is not None else 0)
-            gate, up = _split(gu, layout)
-            act = _activation(m, gate, layout)
-            upv = up.clamp(-m.limit, m.limit) + 1 if layout.up_plus_one else up
-            h = act * upv
-            fwd_d = (lambda a, W: a @ W) if layout.transposed else (lambda a, W: a @ W.T)
-            o = fwd_d(h, We_d) + (bd[e].to(dt) if bd is not None else 0)
-            Y[tok, slot] = o * w[tok, slot, None].to(dt)
-            groups.append((e, tok, slot, We_gu, We_d, gu, upv, h, o, fwd_gu, fwd_d))
+        Y, groups = _recompute(rec, ctx, layout, dt)
         # 2. the add rule over each token's selected experts
         absorbed = None
         shares = rmap(lambda r: _add_slots(r, Y), R)
@@ -111,16 +164,15 @@ def experts_rule_for(layout: ExpertsLayout):
             b = saturation_bounds(m.act_fn)
             if b is not None:
                 bounds = b
-        for (e, tok, slot, We_gu, We_d, gu, upv, h, o, fwd_gu, fwd_d) in groups:
-            R_o = rmap(lambda s: s[tok, slot], share_of)  # g is a constant: all to E(x)
-            adj_d = (lambda s, W: s @ W.T) if layout.transposed else (lambda s, W: s @ W)
-            R_h, ab = weighted_sum(R_o, h, We_d, bd[e].to(dt) if bd is not None else None,
-                                   fwd_d, adj_d, output=o)
+        fwd, adj = _fwd(layout), _adj(layout)
+        for g in groups:
+            R_o = rmap(lambda s: s[g.tok, g.slot], share_of)  # g is a constant: all to E(x)
+            R_h, ab = weighted_sum(R_o, g.h, g.W_d, g.b_d, fwd, adj, output=g.o)
             absorbed = radd(absorbed, ab)
             r_act = rmap(lambda r: r * 0.5, R_h)  # product rule: half to each factor
             r_up = rmap(lambda r: r * 0.5, R_h)
             if layout.up_plus_one:  # (up + 1): the constant keeps |1| / (|up| + 1)
-                upc = upv - 1
+                upc = g.upv - 1
                 frac = upc.abs() / (upc.abs() + 1)
                 kept = rmap(lambda r: r * frac, r_up)
                 absorbed = radd(absorbed, rmap(lambda r, q: (r - q).sum(), r_up, kept))
@@ -128,18 +180,15 @@ def experts_rule_for(layout: ExpertsLayout):
             R_gu = rmap(lambda a, u: _merge(a, u, layout), r_act, r_up)
             gu_bounds = None
             if bounds is not None:
-                lo = torch.full_like(gu[0], -torch.inf)
-                hi = torch.full_like(gu[0], torch.inf)
-                g_lo, g_hi = _split(lo, layout)
-                g_lo.fill_(bounds[0] if bounds[0] is not None else -torch.inf)
+                lo = torch.full_like(g.gu[0], -torch.inf)
+                hi = torch.full_like(g.gu[0], torch.inf)
+                _split(lo, layout)[0].fill_(bounds[0] if bounds[0] is not None else -torch.inf)
                 _split(hi, layout)[0].fill_(bounds[1] if bounds[1] is not None else torch.inf)
                 gu_bounds = (lo, hi)
-            adj_gu = (lambda s, W: s @ W.T) if layout.transposed else (lambda s, W: s @ W)
-            R_xe, ab = weighted_sum(R_gu, xs[tok], We_gu,
-                                    bgu[e].to(dt) if bgu is not None else None,
-                                    fwd_gu, adj_gu, bounds=gu_bounds, output=gu)
+            R_xe, ab = weighted_sum(R_gu, xs[g.tok], g.W_gu, g.b_gu, fwd, adj,
+                                    bounds=gu_bounds, output=g.gu)
             absorbed = radd(absorbed, ab)
-            R_x = rmap(lambda acc, r: acc.index_add_(0, tok, r), R_x, R_xe)
+            R_x = rmap(lambda acc, r: acc.index_add_(0, g.tok, r), R_x, R_xe)
         block = rec.parent.key if rec.parent is not None else rec.key
         shape = rec.input_views[0].shape[:-1] if 0 in rec.input_views else (1, T)
         ctx.keep_tensor("experts", block, rmap(lambda p: p.reshape(*shape, E), per_expert))
@@ -147,6 +196,7 @@ def experts_rule_for(layout: ExpertsLayout):
             idx.reshape(*shape, k).detach(), w.reshape(*shape, k).detach())
         return [R_x, None, None], absorbed
 
+    experts_rule.layout = layout
     return experts_rule
 
 
@@ -154,6 +204,76 @@ def _add_slots(R: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
     """Add rule over the k selected experts of each token: ([T, k, H] shares, lost)."""
     parts, lost = add_rule(R, list(Y.unbind(1)))
     return torch.stack(parts, dim=1), lost
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """An MoE block ``y = experts(x, idx, g) + σ(gate(x)) · shared(x)`` (Qwen2-MoE): the
+    child names of the routed experts, the shared expert and its sigmoid gate (or None);
+    ``label`` names the shared expert's column and its share in ``exp.blocks[block]``."""
+
+    experts: str = "experts"
+    shared: str = "shared_expert"
+    gate: str | None = "shared_expert_gate"
+    label: str = "shared"
+
+
+def shared_expert_moe(spec: SharedExpert):
+    """§5 with a shared expert: the block's output relevance is split in one step over the k
+    selected routed experts and the (gated) shared expert, ∝ |contribution|. The gate is a
+    constant like the routing weights. The shared expert is the last column of
+    ``exp.experts[block]`` (named by :meth:`~dlbhooks.Explanation.expert_columns`)."""
+
+    def rule(rec, R_out, ctx):
+        er, sr = rec.child(spec.experts), rec.child(spec.shared)
+        gr = rec.child(spec.gate) if spec.gate else None
+        if er is None or sr is None or (spec.gate and gr is None):
+            raise UnsupportedModuleError(
+                f"composite rule for {rec.describe()}: expected recorded calls of "
+                f"{[n for n in (spec.experts, spec.shared, spec.gate) if n]}")
+        R = R_out[0]
+        dt = _rel_dtype(R)
+        H = rec.outputs[0].shape[-1]
+        routed = routed_contributions(er, ctx, dt).abs().sum(1)  # Σ_slots |g·E(x)|, [T, H]
+        shared = sr.output_value(0).to(dt)
+        if gr is not None:
+            shared = shared * torch.sigmoid(gr.output_value(0).to(dt))
+        shared = shared.reshape(routed.shape)
+        total = er.output_value(0).to(dt).reshape(routed.shape) + shared
+        out = rec.outputs[0].to(dt).reshape(routed.shape)
+        scale = float(out.abs().max().clamp_min(1))
+        if not torch.allclose(total, out, rtol=1e-3, atol=1e-3 * scale):
+            raise DLBError(f"composite rule for {rec.describe()}: experts + gated shared expert "
+                           "do not add up to the block's output; the spec does not fit")
+        # one add rule over (slot 1, ..., slot k, shared): the routed slots' parts sum to
+        # R·Σ|g·E(x)| / (Σ|g·E(x)| + |shared|); the experts rule then splits that part over
+        # the slots ∝ |g·E(x)|, which gives each slot exactly R·|g·E(x)| / (Σ... + |shared|)
+        split = rmap(lambda r: _add_two(r.reshape(-1, H), routed, shared), R)
+        R_routed = rmap(lambda p: p[0], split)
+        R_shared = rmap(lambda p: p[1], split)
+        lost = rmap(lambda p: p[2], split)
+        bag = ctx.new_bag(rec)
+        bag.add(er.outputs[0], rmap(lambda r: r.reshape(er.outputs[0].shape), R_routed), rec)
+        bag.add(sr.outputs[0], rmap(lambda r: r.reshape(sr.outputs[0].shape), R_shared), rec)
+        ctx.report("blocks", rec.key, "routed", R_routed)
+        ctx.report("blocks", rec.key, spec.label, R_shared)
+        kept = ctx.reports.setdefault("experts", {})
+        before = kept.pop(rec.key, None)  # earlier calls of the block (summed over calls)
+        ctx.walk(rec.children, bag)
+        routed_cols = kept.pop(rec.key)  # [..., E] written by the experts rule just now
+        col = rmap(lambda s, c: s.detach().sum(-1).reshape(*c.shape[:-1], 1).to(c.dtype),
+                   R_shared, routed_cols)
+        kept[rec.key] = radd(before, rmap(lambda c, s: torch.cat((c, s), -1), routed_cols, col))
+        return ctx.collect(rec, bag), lost
+
+    rule.__name__ = "shared_expert_moe"
+    rule.spec = spec
+    return rule
+
+
+def _add_two(R: Tensor, routed_abs: Tensor, shared: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    (r_routed, r_shared), lost = add_rule(R, [routed_abs, shared])
+    return r_routed, r_shared, lost
 
 
 def router_rule(rec, R_out, ctx):
