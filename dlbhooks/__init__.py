@@ -16,6 +16,7 @@ from .errors import (
     FunctionalGapError,
     NonFiniteError,
     OffloadError,
+    OutOfMemoryError,
     RecordModifiedError,
     TargetError,
     TraceError,
@@ -35,8 +36,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "MemoryEstimate",
-    "NonFiniteError", "OffloadError", "Record", "RecordModifiedError", "Storage", "Streams",
-    "Tape", "TargetError", "TraceError", "UnsupportedModuleError", "coverage", "estimate_memory",
+    "NonFiniteError", "OffloadError", "OutOfMemoryError", "Record", "RecordModifiedError",
+    "Storage", "Streams", "Tape", "TargetError", "TraceError", "UnsupportedModuleError",
+    "coverage", "estimate_memory",
     "explain", "explain_generation", "record_bytes", "register_rule", "register_saturation",
     "trace", "unregister_rule",
 ]

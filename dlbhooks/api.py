@@ -8,7 +8,13 @@ import torch
 from torch import Tensor, nn
 
 from .engine import Engine
-from .errors import NonFiniteError, TargetError
+from .errors import (
+    NonFiniteError,
+    OutOfMemoryError,
+    TargetError,
+    is_out_of_memory,
+    memory_advice,
+)
 from .records import Record, Tape
 from .relevance import Streams, net, to_float
 from .results import Explanation
@@ -68,8 +74,19 @@ def explain_tape(
         seed_like = seed.pos if isinstance(seed, Streams) else seed
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep)
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
-    with tape.store.checks():
-        R_in = engine.propagate(root, R_out)
+    try:
+        with tape.store.checks():
+            R_in = engine.propagate(root, R_out)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        from .memory import record_bytes
+
+        where = f"while explaining {engine.current.describe()}" if engine.current else ""
+        raise OutOfMemoryError(
+            memory_advice(where or "while explaining", str(tape.store.policy),
+                          record_bytes(tape))
+        ) from err
 
     inputs, pos, neg = {}, {}, {}
     for name, t, R in zip(root.input_names, root.inputs, R_in):

@@ -105,6 +105,7 @@ class Engine:
     _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # composite rules' reports: {"blocks": {layer key: {path name: total}}, "heads": ...}
     reports: dict[str, dict] = field(default_factory=dict)
+    current: Record | None = None  # the record whose rule runs (for error messages)
     _param_owner: nn.Module | None = None
     _param_cache: dict[str, Tensor | None] = field(default_factory=dict)
 
@@ -237,6 +238,7 @@ class Engine:
         return total
 
     def _apply(self, rule, rec, R_out):
+        self.current = rec
         if rule.streamwise and self.contrastive:
             outs = []
             for stream in (0, 1):

@@ -33,3 +33,30 @@ class TraceError(DLBError):
 
 class OffloadError(DLBError):
     """A weight is on the meta device and nothing can load it."""
+
+
+class OutOfMemoryError(DLBError, MemoryError):
+    """The device ran out of memory while recording or explaining; says which policy to try."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a device or host allocation failure."""
+    import torch
+
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def memory_advice(where: str, storage: str, record_bytes: int | None) -> str:
+    held = f"the records hold {record_bytes / 2**20:.1f} MiB" if record_bytes is not None else ""
+    return (
+        f"out of memory {where} ({held}{', ' if held else ''}record storage: {storage}). "
+        "Try: dlb.trace(model, storage='cpu') to keep records in CPU memory (loaded back one "
+        "layer at a time), storage='bf16' (or 'cpu+bf16') to halve them, fewer tokens or "
+        "batch rows per explanation, or a device_map that offloads weights; "
+        "dlb.estimate_memory(model, seq_len) predicts the record size before running."
+    )

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import OutOfMemoryError, is_out_of_memory, memory_advice
 from .records import Record, Tape, bind_arguments, tensor_leaves
 from .rules import registry
 from .storage import Storage, Store
@@ -81,12 +82,20 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         ACTIVE.append(self)
         return self.tape
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self in ACTIVE:
             ACTIVE.remove(self)
         self._undo()
         torch.set_grad_enabled(self._grad_before)
+        inside = self._stack[-1].describe() if self._stack else None
         self._stack.clear()
+        if exc is not None and is_out_of_memory(exc):
+            from .memory import record_bytes
+
+            where = f"while recording {inside}" if inside else "in the traced block"
+            raise OutOfMemoryError(
+                memory_advice(where, str(self.storage), record_bytes(self.tape))
+            ) from exc
         return None
 
     def _undo(self) -> None:

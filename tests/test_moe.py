@@ -282,3 +282,24 @@ def test_pruned_experts_are_never_routed_and_restored():
     with pytest.raises(ValueError):
         with pruned(model, {"model.layers.0.mlp": [0, 1, 2]}):
             pass
+
+
+def test_expert_stats_keep_shared_experts_out_of_rankings(tmp_path):
+    model = build("qwen2_moe")
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    exp = dlb.explain(model, {"input_ids": ids})
+    stats = dlb.ExpertStats().add(exp)
+    for layer, rel in exp.experts.items():
+        st = stats.layers[layer]
+        assert st.relevance.numel() == rel.shape[-1] - 1  # routed experts only
+        assert set(stats.ranking(layer)) == set(range(rel.shape[-1] - 1))
+        want = float(rel[..., -1].double().sum())
+        assert abs(st.shared["shared"] - want) <= 1e-9 * max(1.0, abs(want))
+        total = float(rel.double().sum())
+        assert abs(float(st.relevance.sum()) + st.shared["shared"] - total) <= 1e-6 * abs(total)
+    path = tmp_path / "s.safetensors"
+    stats.save(path)
+    back = dlb.ExpertStats.load(path)
+    assert back.layers[layer].shared == stats.layers[layer].shared
+    plan = stats.least(0.5)
+    assert all(max(v) < rel.shape[-1] - 1 for v in plan.values())

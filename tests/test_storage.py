@@ -168,3 +168,39 @@ def test_estimate_memory_needs_inputs_for_plain_modules():
     model, _, _ = MODELS["net"]
     with pytest.raises(ValueError, match="make_inputs"):
         estimate_memory(model, 16)
+
+
+class _Hungry(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class _Greedy(nn.Module):
+    def forward(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_while_explaining_says_which_policy_to_try():
+    model = nn.Sequential(nn.Linear(3, 4), _Hungry(), nn.Linear(4, 2)).eval()
+
+    def rule(rec, R_out, ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    dlb.register_rule(_Hungry)(rule)
+    try:
+        with dlb.trace(model) as tape:
+            model(torch.randn(2, 3))
+        with pytest.raises(dlb.OutOfMemoryError, match=r"storage='cpu'.*estimate_memory") as e:
+            tape.explain()
+        assert "'1'" in str(e.value) and "record storage: device" in str(e.value)
+        assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+    finally:
+        dlb.unregister_rule(_Hungry)
+
+
+def test_out_of_memory_while_recording_names_the_module_and_removes_hooks():
+    model = nn.Sequential(nn.Linear(3, 4), _Greedy()).eval()
+    with pytest.raises(dlb.OutOfMemoryError, match=r"while recording '1'.*storage='bf16'"):
+        with dlb.trace(model, storage="cpu"):
+            model(torch.randn(2, 3))
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks

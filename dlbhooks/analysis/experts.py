@@ -17,6 +17,9 @@ class _Layer:
     routed: Tensor  # [E] tokens that selected the expert
     weight: Tensor  # [E] sum of routing weights given to the expert
     tokens: int = 0  # tokens seen (padding excluded)
+    # shared experts (always active, e.g. Qwen2-MoE): total relevance each carried; they
+    # are not routed, so rankings and pruning plans cover the routed experts only
+    shared: dict[str, float] = field(default_factory=dict)
 
     def merge(self, other: _Layer) -> None:
         self.relevance += other.relevance
@@ -24,6 +27,8 @@ class _Layer:
         self.routed += other.routed
         self.weight += other.weight
         self.tokens += other.tokens
+        for name, value in other.shared.items():
+            self.shared[name] = self.shared.get(name, 0.0) + value
 
 
 @dataclass
@@ -43,18 +48,22 @@ class ExpertStats:
             raise ValueError("the explanation holds no expert relevance (not an MoE model?)")
         for layer, rel in exp.experts.items():
             idx, w = exp.routing[layer]
-            E = rel.shape[-1]
+            names = exp.expert_columns(layer)
+            E = sum(name.isdigit() for name in names)  # routed columns come first
             keep = torch.ones(rel.shape[:-1], dtype=torch.bool, device=rel.device)
             if mask is not None:
                 keep = mask.to(rel.device).bool().reshape(keep.shape)
-            r = rel.detach().double()[keep]  # [tokens, E]
+            r_all = rel.detach().double()[keep]  # [tokens, E + shared]
+            r = r_all[:, :E]
+            shared = {name: float(r_all[:, E + i].sum()) for i, name in enumerate(names[E:])}
             sel = idx.long()[keep]  # [tokens, k]
             wt = w.detach().double()[keep]
             routed = torch.zeros(E, dtype=torch.float64).index_add_(
                 0, sel.reshape(-1).cpu(), torch.ones(sel.numel(), dtype=torch.float64))
             weight = torch.zeros(E, dtype=torch.float64).index_add_(
                 0, sel.reshape(-1).cpu(), wt.reshape(-1).cpu())
-            new = _Layer(r.sum(0).cpu(), r.abs().sum(0).cpu(), routed, weight, int(keep.sum()))
+            new = _Layer(r.sum(0).cpu(), r.abs().sum(0).cpu(), routed, weight, int(keep.sum()),
+                         shared)
             if layer in self.layers:
                 self.layers[layer].merge(new)
             else:
@@ -68,7 +77,8 @@ class ExpertStats:
                 self.layers[layer].merge(st)
             else:
                 self.layers[layer] = _Layer(st.relevance.clone(), st.abs_relevance.clone(),
-                                            st.routed.clone(), st.weight.clone(), st.tokens)
+                                            st.routed.clone(), st.weight.clone(), st.tokens,
+                                            dict(st.shared))
         self.explanations += other.explanations
         return self
 
@@ -119,11 +129,12 @@ class ExpertStats:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
-        tensors, meta = {}, {"explanations": self.explanations, "tokens": {}}
+        tensors, meta = {}, {"explanations": self.explanations, "tokens": {}, "shared": {}}
         for layer, st in self.layers.items():
             for name in ("relevance", "abs_relevance", "routed", "weight"):
                 tensors[f"{name}/{layer}"] = getattr(st, name).contiguous()
             meta["tokens"][layer] = st.tokens
+            meta["shared"][layer] = st.shared
         save_file(tensors, str(path), metadata={"dlbhooks_expert_stats": json.dumps(meta)})
 
     @classmethod
@@ -137,5 +148,5 @@ class ExpertStats:
                 stats.layers[layer] = _Layer(
                     *(f.get_tensor(f"{n}/{layer}")
                       for n in ("relevance", "abs_relevance", "routed", "weight")),
-                    tokens=tokens)
+                    tokens=tokens, shared=dict(meta.get("shared", {}).get(layer, {})))
         return stats

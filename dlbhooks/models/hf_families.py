@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..relevance import Streams
 from ..rules.core import weighted_sum
-from ..rules.elementwise import passthrough_rule
+from ..rules.elementwise import passthrough_rule, register_saturation
 from ..rules.experts import SharedExpert, router_rule, shared_expert_moe
 from ..rules.functional import (
     Add,
@@ -79,6 +79,8 @@ ACTIVATIONS = [
 for _name in ACTIVATIONS:
     register_rule(f"transformers.activations.{_name}", passthrough_rule, streamwise=True,
                   name="passthrough")
+# transformers' SiLU saturates like torch's nn.SiLU (METHOD.md §2)
+register_saturation("transformers.activations.SiLUActivation", -6.0, None)
 
 #: family module -> class prefix, for the classes every Llama-like family defines
 LLAMA_LIKE = {

@@ -13,7 +13,7 @@ from .core import safe_div
 from .registry import register_rule
 
 #: (lower, upper) bound on the pre-activation beyond which the activation is saturated.
-SATURATION_BOUNDS: dict[type, tuple[float | None, float | None]] = {
+SATURATION_BOUNDS: dict[type | str, tuple[float | None, float | None]] = {
     nn.Tanh: (-2.0, 2.0),
     nn.Sigmoid: (-4.0, 4.0),
     nn.Softmax: (-1.0, 2.0),
@@ -22,8 +22,11 @@ SATURATION_BOUNDS: dict[type, tuple[float | None, float | None]] = {
 }
 
 
-def register_saturation(module_type: type, lower: float | None, upper: float | None) -> None:
-    """Declare the saturated range of an activation module type."""
+def register_saturation(
+    module_type: type | str, lower: float | None, upper: float | None
+) -> None:
+    """Declare the saturated range of an activation module type (or its dotted class name,
+    e.g. ``"transformers.activations.SiLUActivation"``, so no import is needed)."""
     SATURATION_BOUNDS[module_type] = (lower, upper)
 
 
@@ -31,6 +34,9 @@ def saturation_bounds(module: nn.Module) -> tuple[float | None, float | None] | 
     for cls in type(module).__mro__:
         if cls in SATURATION_BOUNDS:
             return SATURATION_BOUNDS[cls]
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in SATURATION_BOUNDS:
+            return SATURATION_BOUNDS[name]
     return None
 
 
