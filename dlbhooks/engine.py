@@ -57,6 +57,11 @@ class Bag:
         ``base`` (as the record noted when it consumed ``t``), the relevance moves onto
         ``base``'s elements. Without ``base``, a view no record produced is looked up."""
         key = id(t)
+        if key in self.tape.aliases and key not in self._keep:
+            # a device copy made by accelerate: the relevance belongs to the original
+            t = self.tape.aliases[key][1]
+            R = rmap(lambda r: r.to(t.device), R) if _device(R) != t.device else R
+            key, base = id(t), None
         if base is None and key in self.tape.views and not self.tape.is_produced(t):
             base = self.tape.views[key][1]
         if base is not None and key not in self._keep:

@@ -179,6 +179,9 @@ class Tape:
     views: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # id(tensor) -> records that consumed it (leaf records only are used for saturation)
     consumers: dict[int, list[Record]] = field(default_factory=dict)
+    # id(copy) -> (copy, original): tensors accelerate moved between devices inside a
+    # module's forward (relevance on the copy belongs to the original, on its device)
+    aliases: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     _produced: dict[int, Tensor] = field(default_factory=dict)
     _storages: dict[int, list[Tensor]] = field(default_factory=dict)
 
@@ -209,6 +212,21 @@ class Tape:
             if _may_be_view_of(t, base):
                 self.views[id(t)] = (t, base)
                 return base
+        return None
+
+    def alias(self, t: Tensor, candidates: list[Tensor]) -> Tensor | None:
+        """Note ``t`` as a device copy of the first candidate with the same shape, dtype
+        and values (not the same object); return that original, if any."""
+        if id(t) in self.aliases:
+            return self.aliases[id(t)][1]
+        for c in candidates:
+            if c is t or c.shape != t.shape or c.dtype != t.dtype:
+                continue
+            if torch.equal(c.to(t.device), t):
+                while id(c) in self.aliases:  # a copy of a copy: back to the original
+                    c = self.aliases[id(c)][1]
+                self.aliases[id(t)] = (t, c)
+                return c
         return None
 
     def is_produced(self, t: Tensor) -> bool:

@@ -132,10 +132,15 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             in_versions=[t._version for _, t in leaves],
         )
         self._calls[id(module)] += 1
+        moved_by = parent is not None and getattr(parent.module, "_hf_hook", None) is not None
         for i, t in enumerate(rec.inputs):
             base = tape.resolve(t)
             if base is not None:
                 rec.input_views[i] = base
+            elif moved_by and not tape.is_produced(t):
+                # accelerate's hook on the parent moved its inputs (to the parent's device)
+                # inside its forward: the children see copies of the parent's inputs
+                tape.alias(t, parent.inputs)
             tape.consumers.setdefault(id(t), []).append(rec)
         tape.records.append(rec)
         if parent is None:
@@ -159,10 +164,15 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         rec.output_names = [n for n, _ in leaves]
         rec.outputs = [t for _, t in leaves]
         rec.out_versions = [t._version for t in rec.outputs]
+        moved = rec.children and getattr(module, "_hf_hook", None) is not None
         for i, t in enumerate(rec.outputs):
             base = tape.resolve(t)
             if base is not None:
                 rec.output_views[i] = base
+            elif moved and not tape.is_produced(t):
+                # accelerate's hook moved the outputs back (io_same_device): copies of the
+                # outputs of the calls inside, last first
+                tape.alias(t, [o for c in reversed(rec.children) for o in c.outputs])
             tape.produce(t)
         if id(module) in self._snap and not tape.store.active:  # copies are snapshots
             rec.snapshots = {i: t.clone() for i, t in enumerate(rec.outputs)}

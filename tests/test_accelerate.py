@@ -114,3 +114,49 @@ def test_meta_weights_without_loader_raise_naming_the_module():
     engine = Engine(Tape(model))
     with pytest.raises(dlb.OffloadError, match="model.layers.0.mlp.up_proj"):
         engine.param(lin, "weight")
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple):
+        return tuple(_clone(o) for o in obj)
+    if isinstance(obj, list):
+        return [_clone(o) for o in obj]
+    if isinstance(obj, dict):
+        return type(obj)(**{k: _clone(v) for k, v in obj.items()}) if hasattr(obj, "to_tuple") \
+            else {k: _clone(v) for k, v in obj.items()}
+    return obj
+
+
+def test_inputs_and_outputs_moved_between_devices_by_accelerate_hooks(saved):
+    """Over several GPUs accelerate's hooks copy each block's inputs to the block's device
+    inside its forward and (io_same_device) the outputs back. A hook that copies on the
+    same device stands in for the move here: relevance must reach the originals."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Move(ModelHook):  # a device move, minus the device
+        def pre_forward(self, module, *args, **kwargs):
+            return _clone(args), _clone(kwargs)
+
+        def post_forward(self, module, output):
+            return _clone(output)
+
+    kind, config, root, ids, refs, logits = saved
+    model = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
+    moved = [model, *model.model.layers, model.lm_head]
+    for m in moved:
+        add_hook_to_module(m, Move())
+    try:
+        for mode, ref in refs.items():
+            with dlb.trace(model) as tape:
+                out = model(ids)
+            assert torch.equal(out.logits, logits)
+            assert tape.aliases, "the stand-in hooks copied nothing"
+            exp = tape.explain(mode=mode)
+            assert _close(exp.inputs["input_ids"], ref.inputs["input_ids"]) < TOL
+            for layer, rel in ref.experts.items():
+                assert _close(exp.experts[layer], rel) < TOL
+    finally:
+        for m in moved:
+            remove_hook_from_module(m)
