@@ -200,6 +200,7 @@ def explain_generation(
     attention_mask: Tensor | None = None,
     generated_ids: Tensor | None = None,
     keep: bool = False,
+    storage: Any = None,
     **generate_kwargs: Any,
 ) -> GenerationExplanation:
     """Generate up to ``max_new_tokens`` tokens after a prompt and explain each of them.
@@ -216,9 +217,12 @@ def explain_generation(
     Then one traced forward over ``prompt + generated[:-1]`` and one reverse pass per
     generated token (module docstring: why not one batched pass). ``keep=True`` also
     returns each token's full :class:`~dlbhooks.Explanation` (with per-module tensors).
+    ``storage`` is the record storage policy of :func:`dlbhooks.trace` (e.g. ``"cpu"``).
     """
     ids, mask, tok = _prompt_ids(tokenizer_or_ids, prompt, attention_mask)
-    device = next((p.device for p in model.parameters()), ids.device)
+    from .integrations.accelerate import input_device
+
+    device = input_device(model)
     ids = ids.to(device)
     mask = None if mask is None else mask.to(device)
     T = ids.shape[1]
@@ -250,7 +254,7 @@ def explain_generation(
     if mask is not None:
         fwd["attention_mask"] = torch.cat([mask, mask.new_ones(1, n - 1)], dim=1)
 
-    with trace(model) as tape:
+    with trace(model, storage=storage) as tape:
         model(**fwd)
     rows, pos_rows, neg_rows, absorbed, kept = [], [], [], [], []
     for k in range(n):

@@ -100,7 +100,9 @@ def _token_inputs(model: nn.Module) -> Callable[[int, int], dict[str, Any]]:
             "estimate_memory needs make_inputs=(lambda seq_len, batch_size: ...) for a model "
             "without config.vocab_size (it builds input_ids for Hugging Face models only)"
         )
-    device = _input_device(model)
+    from .integrations.accelerate import input_device
+
+    device = input_device(model)
 
     def make(seq_len: int, batch_size: int) -> dict[str, Any]:
         g = torch.Generator().manual_seed(0)
@@ -108,18 +110,6 @@ def _token_inputs(model: nn.Module) -> Callable[[int, int], dict[str, Any]]:
         return {"input_ids": ids.to(device)}
 
     return make
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    from .integrations.accelerate import execution_device
-
-    dev = execution_device(model)
-    if dev is not None:
-        return torch.device(dev) if not isinstance(dev, torch.device) else dev
-    for p in model.parameters():
-        if p.device.type != "meta":
-            return p.device
-    return torch.device("cpu")
 
 
 def estimate_memory(

@@ -176,7 +176,9 @@ def explain_similarity(
         raise TargetError("the model is in training mode (dropout active); call model.eval()")
     enc = tokenizer([a, b], padding=True, truncation=max_length is not None,
                     max_length=max_length, return_tensors="pt")
-    device = next(model.parameters()).device
+    from .integrations.accelerate import input_device
+
+    device = input_device(model)
     batch = {k: v.to(device) for k, v in enc.items()}
     with torch.no_grad(), trace(model) as tape:
         out = model(**batch)

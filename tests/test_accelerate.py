@@ -160,3 +160,13 @@ def test_inputs_and_outputs_moved_between_devices_by_accelerate_hooks(saved):
     finally:
         for m in moved:
             remove_hook_from_module(m)
+
+
+def test_generation_on_an_offloaded_model(saved, tmp_path):
+    kind, config, root, ids, refs, logits = saved
+    model = _load("disk", config, root, tmp_path).eval()
+    ref_model = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
+    got = dlb.explain_generation(model, ids[:1], max_new_tokens=3, storage="cpu")
+    want = dlb.explain_generation(ref_model, ids[:1], max_new_tokens=3)
+    assert torch.equal(got.generated, want.generated)
+    assert _close(got.matrix, want.matrix) < TOL

@@ -48,3 +48,17 @@ def execution_device(module: nn.Module):
     """The device accelerate runs ``module`` on, or ``None`` if no hook says."""
     hook = getattr(module, "_hf_hook", None)
     return getattr(hook, "execution_device", None)
+
+
+def input_device(model: nn.Module):
+    """Where to put a model's inputs: accelerate's execution device of the top module if
+    it has one, else the device of the first parameter not on the meta device, else CPU."""
+    import torch
+
+    dev = execution_device(model)
+    if dev is not None:
+        return torch.device(dev) if not isinstance(dev, torch.device) else dev
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
