@@ -152,10 +152,15 @@ def explain(
     from .trace import trace
 
     with trace(model, storage=storage) as tape:
-        if isinstance(inputs, dict):
-            model(**inputs)
-        elif isinstance(inputs, (tuple, list)):
-            model(*inputs)
-        else:
-            model(inputs)
+        call_model(model, inputs)
     return tape.explain(target, **kwargs)
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else
+    ``model(inputs)``."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)

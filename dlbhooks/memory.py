@@ -129,6 +129,7 @@ def estimate_memory(
     batch_size)`` returns the forward's inputs (a dict of keyword arguments, a tuple or a
     tensor); by default random ``input_ids`` for a Hugging Face model.
     """
+    from .api import call_model
     from .trace import trace
 
     if len(set(probe_lengths)) < 3:
@@ -140,12 +141,7 @@ def estimate_memory(
     for T in sorted(set(probe_lengths)):
         inputs = make(T, batch_size)
         with trace(model, storage=storage) as tape:
-            if isinstance(inputs, dict):
-                model(**inputs)
-            elif isinstance(inputs, (tuple, list)):
-                model(*inputs)
-            else:
-                model(inputs)
+            call_model(model, inputs)
         policy = tape.store.policy
         probes[T] = record_bytes(tape)
         types[T] = record_bytes(tape, by_type=True)
