@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedModuleError
 from ..records import Record, fetch_param
 from ..relevance import Rel, Streams, radd, rmap
-from .core import safe_div, weighted_sum
+from .core import broadcasts_into, nonzero_along, safe_div, weighted_sum
 from .registry import register_rule
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: Default number of queries processed at once (peak memory ~ batch·heads·chunk·T_k).
-DEFAULT_CHUNK = 256
+DEFAULT_CHUNK = 128
 
 
 class AttentionRelevance(NamedTuple):
@@ -141,24 +141,81 @@ def _probs(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None, sinks: Tens
            softcap: float | None = None):
     """Masked softmax of one query chunk: ``(A, p_sink)``; fully masked rows give A = 0.
     ``softcap`` (Gemma 2): scores become ``tanh(S / softcap)·softcap`` before the mask — an
-    element-wise map, through which relevance passes unchanged."""
-    S = (Qc @ K.transpose(-1, -2)) * scale
+    element-wise map, through which relevance passes unchanged. (The score matrix is
+    worked on in place: one buffer of chunk × keys.)"""
+    S = torch.matmul(Qc, K.transpose(-1, -2)).mul_(scale)
     if softcap is not None:
-        S = torch.tanh(S / softcap) * softcap
+        S.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
-        S = S.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else S + mask
+        if mask.dtype == torch.bool:
+            S = S.masked_fill_(~mask, float("-inf")) if _same(S, mask) else \
+                S.masked_fill(~mask, float("-inf"))
+        else:
+            S = S.add_(mask) if _same(S, mask) else S + mask
     m = S.amax(-1, keepdim=True)
     if sinks is not None:
         m = torch.maximum(m, sinks)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    E = torch.exp(S - m)
+    E = S.sub_(m).exp_()
     Z = E.sum(-1, keepdim=True)
     p_sink = None
     if sinks is not None:
         Es = torch.exp(sinks - m)
         Z = Z + Es
         p_sink = safe_div(Es, Z)
-    return safe_div(E, Z), p_sink
+    inv = torch.where(Z > 0, 1.0 / Z, torch.zeros_like(Z))  # fully masked rows: A = 0
+    return E.mul_(inv), p_sink
+
+
+def _same(S: Tensor, t: Tensor) -> bool:
+    """Can ``t`` be combined into ``S`` in place (it broadcasts to S's shape and dtype)?"""
+    return broadcasts_into(t.shape, S.shape) and (
+        t.dtype == torch.bool or torch.result_type(S, t) == S.dtype)
+
+
+#: An additive mask at or below this closes a pair for sure (exp underflows to 0).
+_CLOSED = -1e30
+
+
+def _key_range(mask: Tensor | None, Tk: int) -> tuple[int, int]:
+    """The keys ``[k0, k1)`` that some query of a chunk may attend (``mask``: the chunk's
+    rows), or all keys when a row is fully masked (such rows do not give A = 0 under a
+    finite additive mask, so their keys must stay)."""
+    if mask is None or mask.shape[-1] != Tk:
+        return 0, Tk
+    open_ = mask if mask.dtype == torch.bool else mask > _CLOSED
+    if not bool(open_.any(-1).all()):
+        return 0, Tk
+    cols = open_.reshape(-1, Tk).any(0).nonzero()
+    if cols.numel() == 0:
+        return 0, Tk
+    return int(cols[0]), int(cols[-1]) + 1
+
+
+def _cols(t: Tensor | None, k0: int, k1: int) -> Tensor | None:
+    """Key columns ``k0:k1`` of a broadcastable [..., T_k] mask."""
+    if t is None or t.shape[-1] == 1:
+        return t
+    return t[..., k0:k1]
+
+
+def _sum_groups(t: Tensor) -> Tensor:
+    """Sum over the grouped-query axis (2), kept (a no-op without grouping)."""
+    return t if t.shape[2] == 1 else t.sum(2, keepdim=True)
+
+
+def _live_queries(rels: list[Tensor]) -> Tensor | None:
+    """Query positions (dim -2 of [B, Hkv, g, T_q, d_v]) where some relevance arrives, if
+    they are at most half of them (e.g. only the last position in an LM's last layer)."""
+    Tq = rels[0].shape[-2]
+    if Tq < 2:
+        return None
+    dims = (0, 1, 2, 4)
+    live = nonzero_along(rels[0], dims)
+    for r in rels[1:]:
+        live |= nonzero_along(r, dims)
+    idx = live.nonzero().squeeze(-1)
+    return idx if idx.numel() * 2 <= Tq else None
 
 
 def attention_probabilities(
@@ -250,20 +307,30 @@ def attention_relevance(
         if tuple(r.shape) != expect:
             raise ValueError(f"R_O has shape {tuple(r.shape)}; expected {expect}")
     Rg = [r.to(lay.dtype).reshape(lay.B, lay.Hkv, lay.g, lay.Tq, lay.dv) for r in rels]
+    Qg, mask_g, sinks_g = lay.Q, lay.mask, lay.sinks
+    rows = _live_queries(Rg)  # queries without relevance give nothing: leave them out
+    if rows is not None:
+        Rg = [r.index_select(-2, rows) for r in Rg]
+        Qg = Qg.index_select(-2, rows)
+        pick = lambda t: t if t is None or t.shape[-2] == 1 else t.index_select(-2, rows)  # noqa: E731
+        mask_g, sinks_g = pick(mask_g), pick(sinks_g)
+    Tq = Qg.shape[-2]
     absK, absV = lay.K.abs(), lay.V.abs()
-    absK_t, absV_t = absK.transpose(-1, -2), absV.transpose(-1, -2)
     RQ: list[list[Tensor]] = [[] for _ in rels]
-    RK = [lay.K.new_zeros(lay.B, lay.Hkv, lay.Tk, lay.d) for _ in rels]
-    RV = [lay.V.new_zeros(lay.B, lay.Hkv, lay.Tk, lay.dv) for _ in rels]
+    RK = [lay.K.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.d) for _ in rels]
+    RV = [lay.V.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.dv) for _ in rels]
     lost = [lay.Q.new_zeros(()) for _ in rels]
-    for i0 in range(0, lay.Tq, chunk):
-        i1 = min(lay.Tq, i0 + chunk)
-        Qc = lay.Q[..., i0:i1, :]
-        A, p_sink = _probs(Qc, lay.K, scale, _rows(lay.mask, i0, i1), _rows(lay.sinks, i0, i1),
-                           softcap)
+    for i0 in range(0, Tq, chunk):
+        i1 = min(Tq, i0 + chunk)
+        mc = _rows(mask_g, i0, i1)
+        k0, k1 = _key_range(mc, lay.Tk)
+        Kc, aK, aV = lay.K[..., k0:k1, :], absK[..., k0:k1, :], absV[..., k0:k1, :]
+        Qc = Qg[..., i0:i1, :]
+        A, p_sink = _probs(Qc, Kc, scale, _cols(mc, k0, k1), _rows(sinks_g, i0, i1), softcap)
         absQc = Qc.abs()
-        D = A @ absV  # [B, Hkv, g, c, dv]
-        Dp = absQc @ absK_t  # [B, Hkv, g, c, Tk]
+        D = torch.matmul(A, aV)  # [B, Hkv, g, c, dv]
+        Dp = torch.matmul(absQc, aK.transpose(-1, -2))  # [B, Hkv, g, c, kc]
+        dp_zero = Dp.numel() > 0 and not bool(Dp.amin() > 0)
         for n, R in enumerate(Rg):
             r = R[..., i0:i1, :]
             if p_sink is not None:
@@ -272,20 +339,24 @@ def attention_relevance(
                 lost[n] = lost[n] + r_sink.sum()
             s = safe_div(r, D)
             lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
-            RA = 0.5 * A * (s @ absV_t)
-            RV[n] = RV[n] + torch.einsum("bkgqt,bkgqd->bktd", A, s)
-            s2 = safe_div(RA, Dp)
-            lost[n] = lost[n] + torch.where(Dp == 0, RA, 0.0).sum()
-            RQ[n].append(0.5 * absQc * (s2 @ absK))
-            RK[n] = RK[n] + torch.einsum("bkgqt,bkgqd->bktd", s2, absQc)
+            RA = torch.matmul(s * 0.5, aV.transpose(-1, -2)).mul_(A)  # ½ A ⊙ (s @ |V|ᵀ)
+            RV[n][..., k0:k1, :] += _sum_groups(torch.matmul(A.transpose(-1, -2), s))
+            if dp_zero:
+                lost[n] = lost[n] + torch.where(Dp == 0, RA, 0.0).sum()
+                s2 = RA.div_(Dp).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                s2 = RA.div_(Dp)
+            RQ[n].append(torch.matmul(s2, aK).mul_(absQc).mul_(0.5))
+            RK[n][..., k0:k1, :] += _sum_groups(torch.matmul(s2.transpose(-1, -2), absQc))
     half_K, half_V = 0.5 * absK.squeeze(2), 0.5 * absV.squeeze(2)
     res = []
     for n in range(len(rels)):
-        rq = (torch.cat(RQ[n], dim=-2) if RQ[n] else lay.Q.new_zeros(lay.Q.shape)).reshape(
-            lay.B, lay.H, lay.Tq, lay.d
-        )
-        res.append((rq.to(out_dtype), (half_K * RK[n]).to(out_dtype),
-                    (half_V * RV[n]).to(out_dtype), lost[n].to(out_dtype)))
+        rq = torch.cat(RQ[n], dim=-2) if RQ[n] else Qg.new_zeros(Qg.shape)
+        if rows is not None:
+            rq = Qg.new_zeros(lay.Q.shape).index_copy_(-2, rows, rq)
+        rq = rq.reshape(lay.B, lay.H, lay.Tq, lay.d)
+        res.append((rq.to(out_dtype), (half_K * RK[n].squeeze(2)).to(out_dtype),
+                    (half_V * RV[n].squeeze(2)).to(out_dtype), lost[n].to(out_dtype)))
     if streams:
         return AttentionRelevance(*(Streams(p, q) for p, q in zip(res[0], res[1])))
     return AttentionRelevance(*res[0])

@@ -7,6 +7,11 @@ contributions ``w_ji a_i``: :func:`coefficients` returns, per stream, two per-un
 with two products against ``|W|`` and ``W`` (``c_sgn`` is ``None`` when it is not needed),
 which never builds a [rows, out, in] tensor. :func:`weighted_sum` does this for any linear
 map given its forward and adjoint.
+
+Cost notes: saturation only changes the split of units that carry relevance *and* whose
+pre-activation is beyond a bound, so the saturated formulation (and the signed products it
+needs) runs only when such a unit exists; temporaries the rule made itself are reused in
+place.
 """
 
 from __future__ import annotations
@@ -26,36 +31,77 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _divide(R: Tensor, T: Tensor) -> Tensor:
-    """``R / T`` with 0 where ``T == 0`` (T is never negative here)."""
-    s = R / T
+def broadcasts_into(shape, target) -> bool:
+    """Does a tensor of ``shape`` broadcast to exactly ``target`` (so that an in-place op
+    on a ``target``-shaped tensor can take it)? A cheap ``torch.broadcast_shapes`` check."""
+    n, m = len(shape), len(target)
+    if n > m:
+        return False
+    return all(a == 1 or a == b for a, b in zip(shape, tuple(target)[m - n:]))
+
+
+def nonzero_along(t: Tensor, dim) -> Tensor:
+    """Bool: does ``t`` have a non-zero entry along ``dim`` (an int or tuple of dims)? Two
+    fast min/max reductions (``count_nonzero`` with a dim is several times slower)."""
+    return (t.amax(dim) > 0) | (t.amin(dim) < 0)
+
+
+def _fits(out: Tensor, other: Tensor) -> bool:
+    """Can ``out ∘ other`` (element-wise, broadcasting) be written into ``out`` with the
+    shape and dtype the out-of-place op would give?"""
+    return (broadcasts_into(other.shape, out.shape)
+            and torch.result_type(out, other) == out.dtype)
+
+
+def nonneg_div(num: Tensor, den: Tensor, own: bool = False) -> Tensor:
+    """``num / den`` with 0 where ``den == 0`` (``den`` is never negative). ``own``: ``den``
+    is a temporary of the caller and may be overwritten with the result."""
+    if own and _fits(den, num):
+        s = torch.div(num, den, out=den)
+    else:
+        s = num / den
     return torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _absorbed(R: Tensor, s: Tensor, T: Tensor, babs: Tensor | None) -> Tensor:
-    """What a unit keeps from its contributions: the bias share Σ s·|b| plus the relevance
-    of units with T = 0 (the guard). Cheap: one reduction for the bias, none for the guard
-    when every |b| > 0 (then T > 0)."""
-    absorbed = R.new_zeros((), dtype=torch.float64)
-    if babs is not None:
-        from .elementwise import reduce_to
+_divide = nonneg_div
 
-        absorbed = absorbed + (reduce_to(s, babs.shape) * babs).sum().double()
-        if bool((babs > 0).all()):
-            return absorbed
-    zero = T == 0
-    if bool(zero.any()):
-        absorbed = absorbed + torch.where(zero, R, 0.0).sum().double()
-    return absorbed
+
+def _zero_units(T: Tensor, babs: Tensor | None) -> Tensor | None:
+    """Mask of the units with ``T == 0`` (the guard), or ``None`` when there are none:
+    none when every |b| > 0; else one reduction decides, the mask is made only if needed."""
+    if babs is not None and babs.numel() and bool(babs.amin() > 0):
+        return None
+    if T.numel() == 0 or bool(T.amin() > 0):
+        return None
+    return T == 0
+
+
+def _absorbed(R: Tensor, s: Tensor, babs: Tensor | None, zero: Tensor | None) -> Tensor:
+    """What a unit keeps from its contributions: the bias share Σ s·|b| plus the relevance
+    of units with T = 0 (``zero``, the guard)."""
+    absorbed = None
+    if babs is not None:
+        if babs.dim() == 1 and s.dim() >= 1 and s.shape[-1] == babs.shape[0]:
+            absorbed = torch.matmul(s, babs.to(s.dtype)).sum()
+        else:
+            from .elementwise import reduce_to
+
+            absorbed = (reduce_to(s, babs.shape) * babs).sum()
+    if zero is not None:
+        lost = torch.where(zero, R, 0.0).sum()
+        absorbed = lost if absorbed is None else absorbed + lost
+    return R.new_zeros((), dtype=torch.float64) if absorbed is None else absorbed.double()
 
 
 def split_signs(abs_total: Tensor, signed_total: Tensor) -> tuple[Tensor, Tensor]:
     """P (sum of positive contributions) and N (sum of |negative| ones) from their sum and
     difference; a side that is only rounding noise (<= 64 eps of the total) is exactly 0."""
-    P = ((abs_total + signed_total) * 0.5).clamp_min(0)
-    N = ((abs_total - signed_total) * 0.5).clamp_min(0)
     tol = abs_total * (64 * torch.finfo(abs_total.dtype).eps)
-    return torch.where(P <= tol, 0.0, P), torch.where(N <= tol, 0.0, N)
+    P = torch.add(abs_total, signed_total).mul_(0.5)
+    N = torch.sub(abs_total, signed_total).mul_(0.5)
+    # keep a side only where it exceeds tol (>= 0: negative rounding noise goes too)
+    return P.mul_(torch.sub(P, tol).sign_().clamp_min_(0.0)), N.mul_(
+        torch.sub(N, tol).sign_().clamp_min_(0.0))
 
 
 def coefficients(
@@ -76,27 +122,92 @@ def coefficients(
     """
     if isinstance(R, Streams):
         return _contrastive(R, abs_total, signed_total, bias)
-    babs = bias.abs() if bias is not None else None
-    sat = bounds is not None and (bounds[0] is not None or bounds[1] is not None)
-    if not sat:
-        T = abs_total + babs if babs is not None else abs_total
-        return [(s := _divide(R, T), None)], _absorbed(R, s, T, babs)
-    if signed_total is None:
+    if _has_bounds(bounds) and signed_total is None:
         raise ValueError("saturation needs the signed total of the contributions")
-    t = signed_total + bias if bias is not None else signed_total
-    P, N = split_signs(abs_total, signed_total)
-    lo, hi = bounds
-    keep_p = ~(t < lo) if lo is not None else torch.ones_like(t, dtype=torch.bool)
-    keep_n = ~(t > hi) if hi is not None else torch.ones_like(t, dtype=torch.bool)
-    moving = torch.where(keep_p, P, 0.0) + torch.where(keep_n, N, 0.0)
-    T = moving + babs if babs is not None else moving
-    s = _divide(R, T)
-    cp = torch.where(keep_p, s, 0.0)
-    cn = torch.where(keep_n, s, 0.0)
-    absorbed = _absorbed(R, s, T, babs)
-    if bool((keep_p & keep_n).all()):
-        return [(s, None)], absorbed
-    return [((cp + cn) * 0.5, (cp - cn) * 0.5)], absorbed
+    return _default(R, abs_total, signed_total, bias, bounds)
+
+
+def _has_bounds(bounds: Bounds | None) -> bool:
+    return bounds is not None and (bounds[0] is not None or bounds[1] is not None)
+
+
+def _default(
+    R: Tensor,
+    abs_total: Tensor,
+    signed: Tensor | Callable[[], Tensor] | None,
+    bias: Tensor | None,
+    bounds: Bounds | None,
+    *,
+    pre: Tensor | None = None,
+    own: bool = False,
+) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
+    """Default mode. ``signed`` may be a function computing the signed total (called only
+    if saturation fires); ``pre``: the pre-activation ``t`` if known (the recorded output);
+    ``own``: ``abs_total`` is the caller's temporary and may be overwritten."""
+    babs = bias.abs() if bias is not None else None
+    if _has_bounds(bounds):
+        if pre is None:
+            sg = signed() if callable(signed) else signed
+            signed = sg
+            pre = sg + bias if bias is not None else sg
+        lo, hi = bounds
+        if _beyond(pre, lo, hi):
+            d = _half_side(pre, lo, hi)
+            hit = d * R if R.dim() else (d if bool(R != 0) else None)
+            if hit is not None and hit.numel():
+                mn, mx = torch.aminmax(hit)
+                if bool(mn < 0) or bool(mx > 0):  # a saturated unit carries relevance
+                    sg = signed() if callable(signed) else signed
+                    return _saturated(R, abs_total, sg, babs, d, own)
+    if babs is not None:
+        T = abs_total.add_(babs) if own and _fits(abs_total, babs) else abs_total + babs
+        own = True
+    else:
+        T = abs_total
+    zero = _zero_units(T, babs)
+    s = _divide(R, T, own=own)
+    return [(s, None)], _absorbed(R, s, babs, zero)
+
+
+def _beyond(pre: Tensor, lo, hi) -> bool:
+    """Is any pre-activation beyond a bound? (One min/max pass; tensor bounds: True.)"""
+    if pre.numel() == 0:
+        return False
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+        return True
+    mn, mx = torch.aminmax(pre)
+    return (lo is not None and bool(mn < lo)) or (hi is not None and bool(mx > hi))
+
+
+def _half_side(pre: Tensor, lo, hi) -> Tensor:
+    """``d = (kp - kn) / 2`` per unit: -½ below ``lo`` (the positive side is dropped), +½
+    above ``hi`` (the negative side is dropped), 0 in between (``kp``/``kn`` are 1 where
+    the positive/negative contributions keep their share)."""
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+        lo = pre.new_tensor(lo) if lo is not None and not isinstance(lo, Tensor) else lo
+        hi = pre.new_tensor(hi) if hi is not None and not isinstance(hi, Tensor) else hi
+    d = torch.clamp(pre, lo, hi)
+    return torch.sub(pre, d, out=d).sign_().mul_(0.5)
+
+
+def _saturated(R, abs_total, signed, babs, d, own):
+    """Default mode with at least one saturated unit that carries relevance, in float
+    arithmetic. With ``h = (kp + kn) / 2 = 1 - |d|``: the moving total is ``kp P + kn N =
+    h (P + N) + d (P - N)`` (a dropped side that is rounding noise is 0), ``c_abs = s h``
+    and ``c_sgn = s d``."""
+    h = d.abs().neg_().add_(1.0)
+    tol = abs_total * (64 * torch.finfo(abs_total.dtype).eps)
+    moving = abs_total.mul_(h) if own and _fits(abs_total, h) else abs_total * h
+    moving.addcmul_(d, signed)
+    moving.mul_(torch.sub(moving, tol, out=tol).sign_().clamp_min_(0.0))
+    if babs is not None:
+        T = moving.add_(babs) if _fits(moving, babs) else moving + babs
+    else:
+        T = moving
+    zero = _zero_units(T, babs)
+    s = _divide(R, T, own=True)
+    absorbed = _absorbed(R, s, babs, zero)
+    return [(h.mul_(s) if _fits(h, s) else h * s, d.mul_(s) if _fits(d, s) else d * s)], absorbed
 
 
 def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bias: Tensor | None):
@@ -125,6 +236,16 @@ def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bia
     ], absorbed
 
 
+def _abs_input(a: Tensor) -> Tensor:
+    """``|a|``; ``a`` itself when it has no negative entries (e.g. after a ReLU), which a
+    read-only reduction decides (skipped when the first entries already show a sign)."""
+    if a.is_floating_point() and a.numel():
+        flat = a.reshape(-1) if a.is_contiguous() else None
+        if flat is not None and not bool(flat[:256].amin() < 0) and not bool(a.amin() < 0):
+            return a
+    return a.abs()
+
+
 def weighted_sum(
     R: Rel,
     a: Tensor,
@@ -135,41 +256,57 @@ def weighted_sum(
     *,
     bounds: Bounds | None = None,
     output: Tensor | None = None,
+    abs_weight: Tensor | None = None,
 ) -> tuple[Rel, Rel]:
     """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``.
 
     ``forward(x, W)`` is the map without bias; ``adjoint(s, W)`` its transpose applied to
-    a unit-shaped tensor (computed with ``torch.func.vjp`` when not given). ``output``,
-    if given, is the recorded ``forward(a, W) + bias`` and saves one product.
+    a unit-shaped tensor (computed with ``torch.func.vjp`` when not given; an explicit
+    adjoint must return a new tensor). ``output``, if given, is the recorded
+    ``forward(a, W) + bias`` and saves one product. ``abs_weight``: ``|W|`` if the caller
+    already has it.
     """
     contrastive = isinstance(R, Streams)
-    need_signed = contrastive or (bounds is not None and bounds != (None, None))
-    absW, absa = W.abs(), a.abs()
+    saturate = not contrastive and _has_bounds(bounds)
+    absW = W.abs() if abs_weight is None else abs_weight
+    absa = _abs_input(a)
     if adjoint is None:
         abs_total, vjp_abs = torch.func.vjp(lambda x: forward(x, absW), absa)
         adj_abs = lambda s: vjp_abs(s)[0]  # noqa: E731
+        own = False  # (a vjp may hand back views: nothing in place)
     else:
         abs_total = forward(absa, absW)
         adj_abs = lambda s: adjoint(s, absW)  # noqa: E731
-    signed, adj_sgn = None, None
-    if need_signed:
-        if output is not None:
-            signed = output - bias if bias is not None else output
-        if adjoint is None:
-            fwd_signed, vjp_sgn = torch.func.vjp(lambda x: forward(x, W), a)
-            signed = fwd_signed if signed is None else signed
-            adj_sgn = lambda s: vjp_sgn(s)[0]  # noqa: E731
-        else:
-            signed = forward(a, W) if signed is None else signed
-            adj_sgn = lambda s: adjoint(s, W)  # noqa: E731
-    coefs, absorbed = coefficients(R, abs_total, signed, bias, bounds=bounds)
+        own = True
+    sgn: dict[str, Callable] = {}
+
+    def signed() -> Tensor:  # W a (without bias), and the signed adjoint, on demand
+        if "fwd" not in sgn:
+            if adjoint is None:
+                out, vjp_sgn = torch.func.vjp(lambda x: forward(x, W), a)
+                sgn["adj"] = lambda s: vjp_sgn(s)[0]
+            else:
+                out = None
+                sgn["adj"] = lambda s: adjoint(s, W)
+            if output is not None:
+                out = output - bias if bias is not None else output
+            elif out is None:
+                out = forward(a, W)
+            sgn["fwd"] = out
+        return sgn["fwd"]
+
+    if contrastive:
+        coefs, absorbed = _contrastive(R, abs_total, signed(), bias)
+    else:
+        coefs, absorbed = _default(R, abs_total, signed, bias, bounds if saturate else None,
+                                   pre=output if saturate else None, own=own)
     outs = []
     for c_abs, c_sgn in coefs:
-        r = absa * adj_abs(c_abs)
+        r = adj_abs(c_abs)
+        r = r.mul_(absa) if own and _fits(r, absa) else absa * r
         if c_sgn is not None:
-            if adj_sgn is None:  # default mode, saturation fired without a signed adjoint
-                _, vjp_sgn = torch.func.vjp(lambda x: forward(x, W), a)
-                adj_sgn = lambda s: vjp_sgn(s)[0]  # noqa: E731
-            r = r + a * adj_sgn(c_sgn)
+            signed()
+            q = sgn["adj"](c_sgn)
+            r = r.add_(q.mul_(a) if own and _fits(q, a) else a * q)
         outs.append(r)
     return (Streams(*outs) if contrastive else outs[0]), absorbed

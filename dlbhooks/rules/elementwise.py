@@ -7,9 +7,10 @@ the data). Their saturation bounds, used by the preceding weighted sum, are data
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-from .core import safe_div
+from .core import broadcasts_into, nonneg_div
 from .registry import register_rule
 
 #: (lower, upper) bound on the pre-activation beyond which the activation is saturated.
@@ -76,13 +77,18 @@ def add_rule(R: Tensor, terms: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     where every term is 0).
     """
     mags = [t.abs() for t in terms]
-    total = mags[0]
-    for m in mags[1:]:
-        total = total + m
-    s = safe_div(R, total)
-    parts = [reduce_to(s * m, t.shape) for m, t in zip(mags, terms)]
-    lost = (R - s * total).sum()
-    return parts, lost
+    total = mags[0] + mags[1] if len(mags) > 1 else mags[0].clone()
+    for m in mags[2:]:
+        total.add_(m)
+    zero = None if total.numel() == 0 or bool(total.amin() > 0) else total == 0
+    s = nonneg_div(R, total, own=True)
+    parts = []
+    for m, t in zip(mags, terms):
+        full = broadcasts_into(s.shape, m.shape) and m.dtype == s.dtype
+        parts.append(reduce_to(m.mul_(s) if full else s * m, t.shape))
+    if zero is None:
+        return parts, R.new_zeros(())
+    return parts, torch.where(zero, R, 0.0).sum()
 
 
 def product_rule(R: Tensor, factors: list[Tensor]) -> list[Tensor]:

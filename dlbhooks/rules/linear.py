@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from ..relevance import Streams, rmap
-from .core import coefficients, weighted_sum
+from .core import coefficients, nonzero_along, weighted_sum
 from .registry import register_rule
 
 
@@ -27,7 +27,9 @@ def linear_rule(rec, R_out, ctx):
     """§2 on ``y = x Wᵀ + b``: two matrix products with |W| (three with saturation).
 
     Rows (positions) without relevance are skipped when they are the majority (an LM head
-    explained at one position): the result is the same, the products are much smaller."""
+    explained at one position), and so are output units without relevance when they are
+    the vast majority (the LM head's vocabulary): the result is the same, the products
+    (and |W|) are much smaller."""
     m = rec.module
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     a = rec.input_value(0)
@@ -37,10 +39,8 @@ def linear_rule(rec, R_out, ctx):
     rows = _live_rows(R) if a.dim() > 1 else None
     if rows is not None:
         pick = lambda t: t.reshape(-1, t.shape[-1])[rows]  # noqa: E731
-        R_sub, absorbed = weighted_sum(
-            rmap(pick, R), pick(a), W, b, _linear_fwd, _linear_adj, bounds=bounds,
-            output=None if out is None else pick(out),
-        )
+        R_sub, absorbed = _linear_units(rmap(pick, R), pick(a), W, b, bounds,
+                                        None if out is None else pick(out))
 
         def place(r):
             full = r.new_zeros(a.numel() // a.shape[-1], a.shape[-1])
@@ -48,21 +48,59 @@ def linear_rule(rec, R_out, ctx):
             return full.view(a.shape)
 
         return [rmap(place, R_sub)], absorbed
-    R_in, absorbed = weighted_sum(
-        R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out
-    )
+    R_in, absorbed = _linear_units(R, a, W, b, bounds, out)
     return [R_in], absorbed
 
 
+def _linear_units(R, a, W, b, bounds, out):
+    """``weighted_sum`` for a Linear, restricted to the output units that carry relevance
+    when they are at most a quarter of them (units without relevance give nothing)."""
+    units = _live_units(R) if W.shape[0] >= 16 else None
+    if units is not None:
+        pick = lambda t: t.index_select(-1, units)  # noqa: E731
+        R, W = rmap(pick, R), W.index_select(0, units)
+        b = None if b is None else b.index_select(0, units)
+        out = None if out is None else pick(out)
+        if isinstance(bounds, tuple):
+            bounds = tuple(x.index_select(-1, units) if isinstance(x, torch.Tensor)
+                           and x.dim() and x.shape[-1] > 1 else x for x in bounds)
+    return weighted_sum(R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out)
+
+
+def _live_along(R, dim: int):
+    """Bool: does some stream have a non-zero entry along ``dim``?"""
+    if isinstance(R, Streams):
+        return nonzero_along(R.pos, dim) | nonzero_along(R.neg, dim)
+    return nonzero_along(R, dim)
+
+
 def _live_rows(R):
-    """Indices of the rows that carry relevance, if they are fewer than half of them."""
-    t = R.pos.abs() + R.neg.abs() if isinstance(R, Streams) else R.abs()
-    t = t.reshape(-1, t.shape[-1])
-    if t.shape[0] < 4:
+    """Indices of the rows that carry relevance, if they are fewer than half of them.
+    A few columns decide quickly when most rows are live."""
+    t = R.pos if isinstance(R, Streams) else R
+    n_rows = t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
+    if n_rows < 4:
         return None
-    live = (t != 0).any(-1)
+    flat = rmap(lambda r: r.reshape(n_rows, r.shape[-1]), R)
+    if int(torch.count_nonzero(t.reshape(n_rows, -1)[:, 0])) * 2 > n_rows:
+        return None  # most rows are live (seen in one column): no need to look further
+    live = _live_along(flat, -1)
     n = int(live.sum())
-    return live.nonzero().squeeze(-1) if n * 2 <= t.shape[0] else None
+    return live.nonzero().squeeze(-1) if n * 2 <= n_rows else None
+
+
+def _live_units(R):
+    """Indices of the output units (last dim) that carry relevance in some row, if they
+    are at most a quarter of them."""
+    t = R.pos if isinstance(R, Streams) else R
+    if t.dim() == 0 or t.numel() == 0:
+        return None
+    flat = rmap(lambda r: r.reshape(-1, r.shape[-1]), R)
+    if int(torch.count_nonzero(t.reshape(-1, t.shape[-1])[0])) * 4 > t.shape[-1]:
+        return None  # one row alone has too many live units
+    live = _live_along(flat, 0)
+    n = int(live.sum())
+    return live.nonzero().squeeze(-1) if n * 4 <= live.numel() else None
 
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
@@ -86,6 +124,34 @@ def _check_padding_mode(rec):
         )
 
 
+def _polyphase_fits(m, a) -> bool:
+    """A 2-d convolution with few input channels (an image stem): its transpose is much
+    faster as one forward convolution over the stride phases than as
+    ``convolution_backward``, which is slow when it must produce few channels."""
+    return (a.dim() == 4 and m.groups == 1 and a.shape[1] <= 4
+            and tuple(m.dilation) == (1, 1) and max(m.kernel_size) > 1)
+
+
+def _polyphase_adjoint(s, w, in_hw, stride, padding):
+    """The transpose of ``conv2d(x, w, stride, padding)`` applied to ``s``, as one forward
+    convolution: input row ``u = oy·sh + ky`` (padded) with ``ky = qy·sh + py`` is
+    ``(oy + qy)·sh + py``, so each phase ``(py, px)`` is a full correlation of ``s`` with the
+    flipped sub-kernel ``w[..., qy·sh + py, qx·sw + px]``; all phases are output channels."""
+    O, C, kh, kw = w.shape
+    (sh, sw), (ph, pw) = stride, padding
+    qy, qx = -(-kh // sh), -(-kw // sw)
+    wp = F.pad(w, (0, qx * sw - kw, 0, qy * sh - kh))
+    wr = wp.view(O, C, qy, sh, qx, sw).permute(3, 5, 1, 0, 2, 4).flip(-1, -2)
+    g = F.conv2d(s, wr.reshape(sh * sw * C, O, qy, qx), padding=(qy - 1, qx - 1))
+    N, _, gy, gx = g.shape
+    g = g.view(N, sh, sw, C, gy, gx).permute(0, 3, 4, 1, 5, 2).reshape(N, C, gy * sh, gx * sw)
+    H, W = in_hw
+    g = g[..., ph:ph + H, pw:pw + W]
+    if tuple(g.shape[-2:]) != (H, W):  # input rows/columns no output reads: 0
+        g = F.pad(g, (0, W - g.shape[-1], 0, H - g.shape[-2]))
+    return g.contiguous()
+
+
 def _conv_rule(rec, R_out, ctx, conv):
     m = rec.module
     _check_padding_mode(rec)
@@ -95,12 +161,15 @@ def _conv_rule(rec, R_out, ctx, conv):
     adj = None
     if not isinstance(m.padding, str) and a.dim() == W.dim():  # batched, integer padding
         nd = a.dim() - 2
-
-        def adj(s, w):  # the transpose of the convolution: one convolution_backward
-            return torch.ops.aten.convolution_backward(
-                s, a, w, None, m.stride, m.padding, m.dilation, False, [0] * nd, m.groups,
-                [True, False, False],
-            )[0]
+        if _polyphase_fits(m, a):
+            def adj(s, w):
+                return _polyphase_adjoint(s, w, a.shape[-2:], m.stride, m.padding)
+        else:
+            def adj(s, w):  # the transpose of the convolution: one convolution_backward
+                return torch.ops.aten.convolution_backward(
+                    s, a, w, None, m.stride, m.padding, m.dilation, False, [0] * nd,
+                    m.groups, [True, False, False],
+                )[0]
 
     out = rec.outputs[0] if rec.output_intact(0) else None
     R, absorbed = weighted_sum(

@@ -4,21 +4,35 @@ share absorbed. RMSNorm has no β and passes everything."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import safe_div
+from .core import _fits, nonneg_div
+from .elementwise import reduce_to
 from .registry import register_rule
 
 
-def affine_split(R: Tensor, scaled: Tensor, beta: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``y = scaled + β`` element-wise: ``R_x = R·|scaled| / (|scaled| + |β|)``."""
+def affine_split(R: Tensor, scaled: Tensor, beta: Tensor | None,
+                 own: bool = False) -> tuple[Tensor, Tensor]:
+    """``y = scaled + β`` element-wise: ``R_x = R·|scaled| / (|scaled| + |β|)``. ``own``:
+    ``scaled`` is the caller's temporary (overwritten). What β keeps, ``Σ (R/den)·|β|``,
+    is summed per β entry first (one reduction, no extra full-size tensor)."""
     if beta is None:
         return R, R.new_zeros(())
-    mag = scaled.abs()
-    den = mag + beta.abs()
-    R_x = safe_div(R, den) * mag
-    return R_x, (R - R_x).sum()
+    babs = beta.abs()
+    mag = scaled.abs_() if own else scaled.abs()
+    den = mag + babs
+    if bool((babs > 0).all()):  # den >= |β| > 0: no guard needed
+        q = torch.div(R, den, out=den) if _fits(den, R) else R / den
+        lost = (reduce_to(q, babs.shape) * babs).sum()
+    else:
+        q = nonneg_div(R, den, own=True)
+        lost = None
+    R_x = q.mul_(mag) if _fits(q, mag) else q * mag
+    if lost is None:
+        lost = R.sum() - R_x.sum()
+    return R_x, lost
 
 
 def _channel_view(p: Tensor | None, ndim: int) -> Tensor | None:
@@ -29,8 +43,8 @@ def _channel_affine(R, xhat, m, ctx):
     """``y = γ_c·x̂ + β_c`` per channel (dim 1): the §2 split with β absorbed."""
     gamma = _channel_view(ctx.param(m, "weight"), xhat.dim())
     beta = _channel_view(ctx.param(m, "bias"), xhat.dim())
-    scaled = xhat * gamma if gamma is not None else xhat
-    R_x, absorbed = affine_split(R, scaled, beta)
+    scaled = xhat.mul_(gamma) if gamma is not None else xhat
+    R_x, absorbed = affine_split(R, scaled, beta, own=True)
     return [R_x], absorbed
 
 
@@ -40,8 +54,8 @@ def layer_norm_rule(rec, R_out, ctx):
     x = rec.input_value(0)
     gamma, beta = ctx.param(m, "weight"), ctx.param(m, "bias")
     xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
-    scaled = xhat * gamma if gamma is not None else xhat
-    R_x, absorbed = affine_split(R_out[0], scaled, beta)
+    scaled = xhat.mul_(gamma) if gamma is not None else xhat
+    R_x, absorbed = affine_split(R_out[0], scaled, beta, own=True)
     return [R_x], absorbed
 
 
@@ -53,7 +67,7 @@ def batch_norm_rule(rec, R_out, ctx):
         y = rec.output_value(0)
         beta = _channel_view(beta, y.dim())
         scaled = y - beta if beta is not None else y
-        R_x, absorbed = affine_split(R_out[0], scaled, beta)
+        R_x, absorbed = affine_split(R_out[0], scaled, beta, own=beta is not None)
         return [R_x], absorbed
     x = rec.input_value(0)
     rm, rv = ctx.param(m, "running_mean"), ctx.param(m, "running_var")

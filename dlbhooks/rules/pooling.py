@@ -118,42 +118,60 @@ def _nd(rec) -> int:
 
 
 def unfold_pool_relevance(
-    R: Tensor, x: Tensor, kernel, stride, padding, dilation, kind: str
+    R: Tensor, x: Tensor, kernel, stride, padding, dilation, kind: str,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | None:
-    """Fast path for regular 1d/2d pools: windows by ``F.unfold``, scatter by ``F.fold``.
+    """Fast path for regular 1d/2d pools: one strided view of the (padded) input per
+    window offset — ``k`` element-wise passes over the output's size, no unfolded copy.
 
     Same result as :func:`pool_relevance`; ``None`` when the geometry does not fit.
+    ``out``: the pool's recorded output (the window maxima), if intact.
     """
     one_d = x.dim() == 3
     if one_d:  # [N, C, L] -> [N, C, 1, L]
         x, R = x.unsqueeze(-2), R.unsqueeze(-2)
+        out = None if out is None else out.unsqueeze(-2)
         kernel, stride = (1, _tuple(kernel, 1)[0]), (1, _tuple(stride or kernel, 1)[0])
         padding, dilation = (0, _tuple(padding, 1)[0]), (1, _tuple(dilation, 1)[0])
     elif x.dim() != 4:
         return None
     k, s = _tuple(kernel, 2), _tuple(stride if stride else kernel, 2)
     p, d = _tuple(padding, 2), _tuple(dilation, 2)
-    N, C, H, W = x.shape
+    H, W = x.shape[-2:]
     OH, OW = R.shape[-2:]
     extra = [max(0, (o - 1) * st + dd * (kk - 1) + 1 - (size + 2 * pp))
              for o, st, dd, kk, size, pp in zip((OH, OW), s, d, k, (H, W), p)]
     fill = -math.inf if kind == "max" else 0.0
     xp = F.pad(x, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]), value=fill)
-    cols = F.unfold(xp, k, dilation=d, stride=s)
-    K = k[0] * k[1]
-    if cols.shape[-1] != OH * OW:
+    if any((o - 1) * st + dd * (kk - 1) + 1 > size
+           for o, st, dd, kk, size in zip((OH, OW), s, d, k, xp.shape[-2:])):
         return None
-    cols = cols.view(N, C, K, OH * OW)
+    offsets = [(i * d[0], j * d[1]) for i in range(k[0]) for j in range(k[1])]
+
+    def win(t: Tensor, oy: int, ox: int) -> Tensor:  # the members at one window offset
+        return t[..., oy:oy + (OH - 1) * s[0] + 1:s[0], ox:ox + (OW - 1) * s[1] + 1:s[1]]
+
+    shares = []
     if kind == "max":
-        share = (cols == cols.amax(dim=2, keepdim=True)).to(R.dtype)
+        best = out if out is not None and out.shape == R.shape else None
+        if best is None:
+            best = win(xp, *offsets[0]).clone()
+            for o in offsets[1:]:
+                torch.maximum(best, win(xp, *o), out=best)
+        for o in offsets:  # winners (ties split)
+            shares.append(torch.eq(win(xp, *o), best).to(R.dtype))
     else:
-        share = cols.abs().to(R.dtype)
-    den = share.sum(2, keepdim=True)
-    contrib = R.reshape(N, C, 1, OH * OW) * share / den
-    contrib = torch.nan_to_num_(contrib, nan=0.0, posinf=0.0, neginf=0.0)
-    Rp = F.fold(contrib.view(N, C * K, OH * OW), xp.shape[-2:], k, dilation=d, stride=s)
+        for o in offsets:
+            shares.append(win(xp, *o).abs().to(R.dtype))
+    den = shares[0].clone()
+    for sh in shares[1:]:
+        den.add_(sh)
+    q = torch.div(R, den, out=den).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    Rp = R.new_zeros(xp.shape)
+    for sh, o in zip(shares, offsets):
+        win(Rp, *o).add_(sh.mul_(q))
     R_x = Rp[..., p[0]:p[0] + H, p[1]:p[1] + W]
-    lost = R.sum() - contrib.sum()
+    lost = R.sum() - R_x.sum()
     if one_d:
         R_x = R_x.squeeze(-2)
     return R_x.contiguous(), lost
@@ -166,8 +184,9 @@ def pool_rule(rec, R_out, ctx):
     out_shape = rec.outputs[0].shape[-nd:]
     kind = "max" if isinstance(m, _MAX + _ADAPTIVE_MAX) else "avg"
     if nd in (1, 2) and not isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG) and x.dim() == nd + 2:
+        out = rec.output_value(0) if kind == "max" and rec.output_intact(0) else None
         fast = unfold_pool_relevance(R, x, m.kernel_size, m.stride, m.padding,
-                                     getattr(m, "dilation", 1), kind)
+                                     getattr(m, "dilation", 1), kind, out)
         if fast is not None:
             return [fast[0]], fast[1]
     if isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG):
