@@ -53,8 +53,14 @@ def explain_tape(
     keep: bool = True,
     output: str | int | None = None,
     position: Any = None,
+    share: bool = False,
 ) -> Explanation:
-    """Propagate relevance from the last recorded model call back to its inputs."""
+    """Propagate relevance from the last recorded model call back to its inputs.
+
+    ``share=True`` keeps forward-only quantities (the weighted-sum denominators) on the
+    tape for later explanations of the same forward (several targets): faster from the
+    second target on, at the cost of about one more copy of the layers' activations
+    (``tape.shared.clear()`` frees it)."""
     root = tape.last_root()
     if not root.done:
         raise TargetError("the recorded forward did not finish (it raised): nothing to explain")
@@ -72,7 +78,7 @@ def explain_tape(
         )
         resolved = _resolved_target(root.outputs[k], target, task, position)
         seed_like = seed.pos if isinstance(seed, Streams) else seed
-    engine = Engine(tape, mode=mode, saturation=saturation, keep=keep)
+    engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share)
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
     try:
         with tape.store.checks():

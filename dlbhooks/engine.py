@@ -102,6 +102,7 @@ class Engine:
     mode: str = "default"
     saturation: bool = True
     keep: bool = True
+    share: bool = False
     ledger: list[LedgerEntry] = field(default_factory=list)
     kept: dict[str, list[Rel | None]] = field(default_factory=dict)
     _absorbed_total: Rel | None = None
@@ -134,6 +135,13 @@ class Engine:
                 path = next((p for p, m in self.tape.model.named_modules() if m is module), "?")
                 raise OffloadError(f"module '{path}': {err}") from None
         return self._param_cache[name]
+
+    def shared(self, rec: Record) -> dict | None:
+        """A dict a rule may keep forward-only quantities in (e.g. its denominators) for
+        later explanations of the same tape, when sharing is on (``share=True``)."""
+        if not self.share or self.tape.store.active:  # stored records change per rule
+            return None
+        return self.tape.shared.setdefault(rec.index, {})
 
     def bounds_after(self, rec: Record):
         """Saturation bounds of the activation that alone consumed ``rec``'s output."""

@@ -201,6 +201,7 @@ def explain_generation(
     generated_ids: Tensor | None = None,
     keep: bool = False,
     storage: Any = None,
+    share: bool = True,
     **generate_kwargs: Any,
 ) -> GenerationExplanation:
     """Generate up to ``max_new_tokens`` tokens after a prompt and explain each of them.
@@ -218,6 +219,8 @@ def explain_generation(
     generated token (module docstring: why not one batched pass). ``keep=True`` also
     returns each token's full :class:`~dlbhooks.Explanation` (with per-module tensors).
     ``storage`` is the record storage policy of :func:`dlbhooks.trace` (e.g. ``"cpu"``).
+    ``share``: the reverse passes share the forward-only denominators (``tape.explain(
+    share=True)``; about one more copy of the layer activations while it runs).
     """
     ids, mask, tok = _prompt_ids(tokenizer_or_ids, prompt, attention_mask)
     from .integrations.accelerate import input_device
@@ -259,7 +262,8 @@ def explain_generation(
     rows, pos_rows, neg_rows, absorbed, kept = [], [], [], [], []
     for k in range(n):
         exp = tape.explain(target=int(gen[k]), position=T + k - 1, mode=mode,
-                           multiplier=multiplier, saturation=saturation, keep=keep)
+                           multiplier=multiplier, saturation=saturation, keep=keep,
+                           share=share and n > 1)
         rows.append(exp.inputs["input_ids"][0])
         if exp.positive is not None:
             pos_rows.append(exp.positive["input_ids"][0])

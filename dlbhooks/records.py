@@ -182,6 +182,9 @@ class Tape:
     # id(copy) -> (copy, original): tensors accelerate moved between devices inside a
     # module's forward (relevance on the copy belongs to the original, on its device)
     aliases: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # record index -> forward-only quantities rules keep for later explanations
+    # (``tape.explain(share=True)``: several targets on one recorded forward)
+    shared: dict[int, dict] = field(default_factory=dict)
     _produced: dict[int, Tensor] = field(default_factory=dict)
     _storages: dict[int, list[Tensor]] = field(default_factory=dict)
 

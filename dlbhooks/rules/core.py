@@ -257,6 +257,7 @@ def weighted_sum(
     bounds: Bounds | None = None,
     output: Tensor | None = None,
     abs_weight: Tensor | None = None,
+    shared: dict | None = None,
 ) -> tuple[Rel, Rel]:
     """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``.
 
@@ -264,20 +265,29 @@ def weighted_sum(
     a unit-shaped tensor (computed with ``torch.func.vjp`` when not given; an explicit
     adjoint must return a new tensor). ``output``, if given, is the recorded
     ``forward(a, W) + bias`` and saves one product. ``abs_weight``: ``|W|`` if the caller
-    already has it.
+    already has it. ``shared``: a dict kept across explanations of the same recorded call
+    (several targets on one tape): ``|a|`` and the denominators ``forward(|a|, |W|)``
+    depend on the forward only, so they are computed once (needs ``adjoint``).
     """
     contrastive = isinstance(R, Streams)
     saturate = not contrastive and _has_bounds(bounds)
     absW = W.abs() if abs_weight is None else abs_weight
-    absa = _abs_input(a)
     if adjoint is None:
+        absa = _abs_input(a)
         abs_total, vjp_abs = torch.func.vjp(lambda x: forward(x, absW), absa)
         adj_abs = lambda s: vjp_abs(s)[0]  # noqa: E731
-        own = False  # (a vjp may hand back views: nothing in place)
+        own = own_total = False  # (a vjp may hand back views: nothing in place)
     else:
-        abs_total = forward(absa, absW)
+        if shared is not None and "abs_total" in shared:
+            absa, abs_total = shared["abs_a"], shared["abs_total"]
+        else:
+            absa = _abs_input(a)
+            abs_total = forward(absa, absW)
+            if shared is not None:
+                shared.update(abs_a=absa, abs_total=abs_total)
         adj_abs = lambda s: adjoint(s, absW)  # noqa: E731
         own = True
+        own_total = shared is None  # a shared total is read, never overwritten
     sgn: dict[str, Callable] = {}
 
     def signed() -> Tensor:  # W a (without bias), and the signed adjoint, on demand
@@ -299,7 +309,7 @@ def weighted_sum(
         coefs, absorbed = _contrastive(R, abs_total, signed(), bias)
     else:
         coefs, absorbed = _default(R, abs_total, signed, bias, bounds if saturate else None,
-                                   pre=output if saturate else None, own=own)
+                                   pre=output if saturate else None, own=own_total)
     outs = []
     for c_abs, c_sgn in coefs:
         r = adj_abs(c_abs)

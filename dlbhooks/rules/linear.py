@@ -48,11 +48,11 @@ def linear_rule(rec, R_out, ctx):
             return full.view(a.shape)
 
         return [rmap(place, R_sub)], absorbed
-    R_in, absorbed = _linear_units(R, a, W, b, bounds, out)
+    R_in, absorbed = _linear_units(R, a, W, b, bounds, out, ctx.shared(rec))
     return [R_in], absorbed
 
 
-def _linear_units(R, a, W, b, bounds, out):
+def _linear_units(R, a, W, b, bounds, out, shared=None):
     """``weighted_sum`` for a Linear, restricted to the output units that carry relevance
     when they are at most a quarter of them (units without relevance give nothing)."""
     units = _live_units(R) if W.shape[0] >= 16 else None
@@ -64,7 +64,9 @@ def _linear_units(R, a, W, b, bounds, out):
         if isinstance(bounds, tuple):
             bounds = tuple(x.index_select(-1, units) if isinstance(x, torch.Tensor)
                            and x.dim() and x.shape[-1] > 1 else x for x in bounds)
-    return weighted_sum(R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out)
+        shared = None  # denominators of a subset of units: not reusable
+    return weighted_sum(R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out,
+                        shared=shared)
 
 
 def _live_along(R, dim: int):
