@@ -24,7 +24,7 @@ from .errors import (
 )
 from .generation import explain_generation
 from .memory import MemoryEstimate, estimate_memory, record_bytes
-from .records import Record, Tape
+from .records import Record, Tape, set_weight_cache
 from .relevance import Streams
 from .results import Explanation
 from .rules.elementwise import register_saturation
@@ -40,6 +40,6 @@ __all__ = [
     "Storage", "Streams", "Tape", "TargetError", "TraceError", "UnsupportedModuleError",
     "coverage", "estimate_memory",
     "explain", "explain_generation", "record_bytes", "register_rule", "register_saturation",
-    "trace", "unregister_rule",
+    "set_weight_cache", "trace", "unregister_rule",
 ]
 __all__ += ["corpus_expert_stats", "corpus_map", "corpus_token_relevance"]

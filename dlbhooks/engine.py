@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
-from .records import Record, Tape, base_to_view, fetch_param, view_to_base
+from .records import Record, Tape, base_to_view, fetch_abs_param, fetch_param, view_to_base
 from .relevance import Rel, Streams, radd, rmap, rsum, to_float
 from .rules import registry
 from .rules.elementwise import saturation_bounds
@@ -135,6 +135,16 @@ class Engine:
                 path = next((p for p, m in self.tape.model.named_modules() if m is module), "?")
                 raise OffloadError(f"module '{path}': {err}") from None
         return self._param_cache[name]
+
+    def abs_param(self, module: nn.Module, name: str) -> Tensor | None:
+        """``|weight|``, cached across explanations within a budget
+        (:func:`dlbhooks.records.set_weight_cache`); an offloaded weight is loaded once,
+        through :meth:`param`, and its ``|W|`` is not kept."""
+        value = getattr(module, name, None)
+        if isinstance(value, Tensor) and value.device.type != "meta":
+            return fetch_abs_param(module, name)
+        W = self.param(module, name)
+        return None if W is None else W.abs()
 
     def shared(self, rec: Record) -> dict | None:
         """A dict a rule may keep forward-only quantities in (e.g. its denominators) for

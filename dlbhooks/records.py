@@ -10,6 +10,7 @@ only, so that offloading integrations have one place to hook into.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,67 @@ def fetch_param(module: nn.Module, name: str) -> Tensor | None:
 
         return materialise(module, name)
     return value.detach()
+
+
+class _AbsWeights:
+    """``|W|`` of parameters, kept across explanations within a byte budget.
+
+    Explaining many inputs with one model recomputes ``|W|`` for every weighted-sum layer
+    each time (an element-wise pass over every weight). Entries are keyed by the
+    parameter object (weakly: they go with it), checked against its ``_version`` and data
+    pointer (an in-place update or a new ``.data`` recomputes), and taken first come,
+    first served until ``budget`` bytes are used; offloaded (meta) weights are never kept.
+    """
+
+    def __init__(self, budget: int = 256 * 2**20):
+        self.budget = budget
+        # id(parameter) -> (weak ref to it, its _version, its data pointer, |W|)
+        self._entries: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}
+
+    @property
+    def used(self) -> int:
+        return sum(v[3].nbytes for v in self._entries.values())
+
+    def get(self, param: Tensor) -> Tensor:
+        hit = self._entries.get(id(param))
+        if hit is not None and hit[0]() is param and hit[1] == param._version \
+                and hit[2] == param.data_ptr():
+            return hit[3]
+        value = param.detach().abs()
+        self._entries.pop(id(param), None)
+        # entries of parameters that are gone make room first
+        for key in [k for k, v in self._entries.items() if v[0]() is None]:
+            del self._entries[key]
+        if self.used + value.nbytes <= self.budget:
+            self._entries[id(param)] = (weakref.ref(param), param._version, param.data_ptr(),
+                                        value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+ABS_WEIGHTS = _AbsWeights()
+
+
+def set_weight_cache(max_bytes: int) -> None:
+    """Bytes dlbhooks may keep of ``|W|`` across explanations (default 256 MiB; 0 turns
+    the cache off and empties it)."""
+    if max_bytes < 0:
+        raise ValueError("max_bytes must be >= 0")
+    ABS_WEIGHTS.budget = int(max_bytes)
+    if max_bytes == 0:
+        ABS_WEIGHTS.clear()
+
+
+def fetch_abs_param(module: nn.Module, name: str) -> Tensor | None:
+    """``|module.<name>|``, through :func:`fetch_param`, cached across explanations for
+    weights in memory (see :func:`set_weight_cache`)."""
+    value = getattr(module, name, None)
+    if not isinstance(value, Tensor) or value.device.type == "meta" or not ABS_WEIGHTS.budget:
+        fetched = fetch_param(module, name)
+        return None if fetched is None else fetched.abs()
+    return ABS_WEIGHTS.get(value)
 
 
 @dataclass(eq=False, repr=False)

@@ -276,3 +276,26 @@ def test_layers_are_ordered_output_to_input_and_at_has_neuron_shape():
     assert float(scaled.sum()) == pytest.approx(1.0)
     with pytest.raises(KeyError):
         exp.at("nope")
+
+
+def test_abs_weight_cache_follows_weight_updates_and_budget():
+    from dlbhooks.records import ABS_WEIGHTS, fetch_abs_param, set_weight_cache
+
+    lin = torch.nn.Linear(3, 2)
+    first = fetch_abs_param(lin, "weight")
+    assert fetch_abs_param(lin, "weight") is first  # cached
+    x = torch.randn(4, 3)
+    before = dlb.explain(lin, x, target=0).inputs["input"]
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # in place: the version changes
+    again = fetch_abs_param(lin, "weight")
+    assert again is not first and torch.equal(again, lin.weight.detach().abs())
+    after = dlb.explain(lin, x, target=0).inputs["input"]
+    set_weight_cache(0)
+    try:
+        assert ABS_WEIGHTS.used == 0
+        fresh = dlb.explain(lin, x, target=0).inputs["input"]
+        assert torch.equal(fresh, after) and not torch.equal(before, after)
+        assert fetch_abs_param(lin, "weight") is not fetch_abs_param(lin, "weight")
+    finally:
+        set_weight_cache(256 * 2**20)

@@ -40,7 +40,8 @@ def linear_rule(rec, R_out, ctx):
     if rows is not None:
         pick = lambda t: t.reshape(-1, t.shape[-1])[rows]  # noqa: E731
         R_sub, absorbed = _linear_units(rmap(pick, R), pick(a), W, b, bounds,
-                                        None if out is None else pick(out))
+                                        None if out is None else pick(out),
+                                        absW=ctx.abs_param(m, "weight"))
 
         def place(r):
             full = r.new_zeros(a.numel() // a.shape[-1], a.shape[-1])
@@ -48,17 +49,19 @@ def linear_rule(rec, R_out, ctx):
             return full.view(a.shape)
 
         return [rmap(place, R_sub)], absorbed
-    R_in, absorbed = _linear_units(R, a, W, b, bounds, out, ctx.shared(rec))
+    R_in, absorbed = _linear_units(R, a, W, b, bounds, out, ctx.shared(rec),
+                                   absW=ctx.abs_param(m, "weight"))
     return [R_in], absorbed
 
 
-def _linear_units(R, a, W, b, bounds, out, shared=None):
+def _linear_units(R, a, W, b, bounds, out, shared=None, absW=None):
     """``weighted_sum`` for a Linear, restricted to the output units that carry relevance
     when they are at most a quarter of them (units without relevance give nothing)."""
     units = _live_units(R) if W.shape[0] >= 16 else None
     if units is not None:
         pick = lambda t: t.index_select(-1, units)  # noqa: E731
         R, W = rmap(pick, R), W.index_select(0, units)
+        absW = None if absW is None else absW.index_select(0, units)
         b = None if b is None else b.index_select(0, units)
         out = None if out is None else pick(out)
         if isinstance(bounds, tuple):
@@ -66,7 +69,7 @@ def _linear_units(R, a, W, b, bounds, out, shared=None):
                            and x.dim() and x.shape[-1] > 1 else x for x in bounds)
         shared = None  # denominators of a subset of units: not reusable
     return weighted_sum(R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out,
-                        shared=shared)
+                        shared=shared, abs_weight=absW)
 
 
 def _live_along(R, dim: int):
@@ -176,7 +179,7 @@ def _conv_rule(rec, R_out, ctx, conv):
     out = rec.outputs[0] if rec.output_intact(0) else None
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, adj,
-        bounds=ctx.bounds_after(rec), output=out,
+        bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
     )
     return [R], absorbed
 
@@ -193,7 +196,7 @@ def _convt_rule(rec, R_out, ctx, convt):
     out = rec.outputs[0] if rec.output_intact(0) else None
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, None,
-        bounds=ctx.bounds_after(rec), output=out,
+        bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
     )
     return [R], absorbed
 
