@@ -50,8 +50,35 @@ def _signature(module: nn.Module) -> inspect.Signature:
     return sig
 
 
+_PLAIN: dict[Any, tuple[str, ...] | None] = {}
+
+
+def _plain_names(module: nn.Module) -> tuple[str, ...] | None:
+    """Parameter names of ``forward`` when they are all plain (positional-or-keyword), so
+    a call binds by position without ``inspect``; ``None`` otherwise."""
+    fwd = module.forward
+    key = getattr(fwd, "__func__", fwd)
+    if key not in _PLAIN:
+        try:
+            params = _signature(module).parameters.values()
+        except (TypeError, ValueError):
+            _PLAIN[key] = None
+        else:
+            plain = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+            _PLAIN[key] = tuple(p.name for p in params) if plain else None
+    return _PLAIN[key]
+
+
 def bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """Name the positional and keyword arguments of a call by ``module.forward``'s signature."""
+    names = _plain_names(module)
+    if names is not None and len(args) <= len(names):
+        out = dict(zip(names, args))
+        if not kwargs:
+            return out
+        if all(k in names and k not in out for k in kwargs):
+            out.update(kwargs)
+            return {n: out[n] for n in names if n in out}  # in signature order
     try:
         sig = _signature(module)
         bound = sig.bind_partial(*args, **kwargs)

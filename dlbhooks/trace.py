@@ -58,13 +58,12 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     def __enter__(self) -> Tape:
         self.tape = Tape(self.model, store=Store(self.storage))
         self._restore = []
-        self._paths = {}
-        for path, m in self.model.named_modules():
-            self._paths.setdefault(id(m), path)
-        self._snap = _snapshot_targets(self.model)
+        modules = list(self.model.named_modules())  # each module once, first path
+        self._paths = {id(m): path for path, m in modules}
+        self._snap = _snapshot_targets(m for _, m in modules)
         self._grad_before = torch.is_grad_enabled()
         try:
-            for m in self.model.modules():
+            for _, m in modules:
                 self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
                 self._handles.append(m.register_forward_hook(self._post, with_kwargs=True))
         except BaseException:
@@ -132,7 +131,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             in_versions=[t._version for _, t in leaves],
         )
         self._calls[id(module)] += 1
-        moved_by = parent is not None and getattr(parent.module, "_hf_hook", None) is not None
+        moved_by = parent is not None and _has_hf_hook(parent.module)
         for i, t in enumerate(rec.inputs):
             base = tape.resolve(t)
             if base is not None:
@@ -164,7 +163,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         rec.output_names = [n for n, _ in leaves]
         rec.outputs = [t for _, t in leaves]
         rec.out_versions = [t._version for t in rec.outputs]
-        moved = rec.children and getattr(module, "_hf_hook", None) is not None
+        moved = rec.children and _has_hf_hook(module)
         for i, t in enumerate(rec.outputs):
             base = tape.resolve(t)
             if base is not None:
@@ -196,10 +195,15 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         return rec
 
 
-def _snapshot_targets(model: nn.Module) -> set[int]:
+def _has_hf_hook(module: nn.Module) -> bool:
+    """Does accelerate's hook (``add_hook_to_module``) wrap this module's forward?"""
+    return module.__dict__.get("_hf_hook") is not None
+
+
+def _snapshot_targets(modules) -> set[int]:
     """Modules whose outputs a composite rule asked to be cloned at call time."""
     targets: set[int] = set()
-    for m in model.modules():
+    for m in modules:
         rule = registry.lookup(type(m))
         for name in rule.snapshot if rule is not None else ():
             try:
