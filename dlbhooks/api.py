@@ -83,6 +83,7 @@ def explain_tape(
     try:
         with tape.store.checks():
             R_in = engine.propagate(root, R_out)
+            engine.finish()
     except Exception as err:
         if not is_out_of_memory(err):
             raise

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
 from .records import Record, Tape, base_to_view, fetch_abs_param, fetch_param, view_to_base
-from .relevance import Rel, Streams, radd, rmap, rsum, to_float
+from .relevance import Rel, Streams, radd, rmap, rsum
 from .rules import registry
 from .rules.elementwise import saturation_bounds
 from .storage import record_tensors
@@ -233,15 +233,41 @@ class Engine:
         if absorbed is not None:
             self._absorbed_total = radd(self._absorbed_total, absorbed)
         inside = _rdiff(self._absorbed_total, before)
+        # totals stay tensors here (no device sync per call); finish() makes them floats
         self.ledger[slot] = (LedgerEntry(
             key=rec.key, path=rec.path, type=rec.type_name,
-            relevance_out=to_float(self._total(R_out)), relevance_in=to_float(self._total(R_in)),
-            absorbed=to_float(absorbed if absorbed is None else rsum(absorbed)),
-            absorbed_inside=to_float(inside), leaf=rule is not None and not rec.children,
+            relevance_out=self._total(R_out), relevance_in=self._total(R_in),
+            absorbed=None if absorbed is None else rsum(absorbed),
+            absorbed_inside=inside, leaf=rule is not None and not rec.children,
         ))
         if self.keep:
             self.kept.setdefault(rec.key, R_in)
         return R_in
+
+    def finish(self) -> None:
+        """Turn the ledger's totals into floats (``(pos, neg)`` in contrastive mode), with
+        one transfer per device instead of one per value."""
+        names = ("relevance_out", "relevance_in", "absorbed", "absorbed_inside")
+        scalars: dict[torch.device, list[Tensor]] = {}
+        for e in self.ledger:
+            for name in names:
+                v = getattr(e, name)
+                for t in ((v.pos, v.neg) if isinstance(v, Streams)
+                          else () if v is None or isinstance(v, (float, tuple)) else (v,)):
+                    scalars.setdefault(t.device, []).append(t)
+        values = {
+            dev: iter(torch.stack([t.detach().double().reshape(()) for t in ts]).tolist())
+            for dev, ts in scalars.items()
+        }
+        for e in self.ledger:
+            for name in names:
+                v = getattr(e, name)
+                if v is None:
+                    setattr(e, name, 0.0)
+                elif isinstance(v, Streams):
+                    setattr(e, name, (next(values[v.pos.device]), next(values[v.neg.device])))
+                elif not isinstance(v, (float, tuple)):
+                    setattr(e, name, next(values[v.device]))
 
     def _total(self, rels: list[Rel | None]) -> Rel | None:
         """Float64 total of a list of relevances, each tensor summed only once."""
