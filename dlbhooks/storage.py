@@ -264,6 +264,8 @@ def _dense(t: Tensor) -> bool:
 
 def record_tensors(rec) -> list[Tensor]:
     """Every tensor a record (and its descendants) holds: what a rule for it may read."""
+    from .records import tensor_leaves  # (records imports this module)
+
     out: list[Tensor] = []
     stack = [rec]
     while stack:
@@ -273,8 +275,6 @@ def record_tensors(rec) -> list[Tensor]:
         out.extend(r.snapshots.values())
         out.extend(r.input_views.values())
         out.extend(r.output_views.values())
-        from .records import tensor_leaves
-
         out.extend(t for _, t in tensor_leaves(r.arguments))
         stack.extend(r.children)
     return out
