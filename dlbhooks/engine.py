@@ -133,7 +133,17 @@ class Engine:
                 self._param_cache[name] = fetch_param(module, name)
             except OffloadError as err:
                 path = next((p for p, m in self.tape.model.named_modules() if m is module), "?")
-                raise OffloadError(f"module '{path}': {err}") from None
+                parts = path.split(".") if path not in ("", "?") else []
+                ancestors = tuple(  # nearest first; a parent's hook may load its children
+                    self.tape.model.get_submodule(".".join(parts[:k]))
+                    for k in range(len(parts) - 1, -1, -1)
+                )
+                try:
+                    from .integrations.accelerate import materialise
+
+                    self._param_cache[name] = materialise(module, name, ancestors)
+                except OffloadError:
+                    raise OffloadError(f"module '{path}': {err}") from None
         return self._param_cache[name]
 
     def abs_param(self, module: nn.Module, name: str) -> Tensor | None:

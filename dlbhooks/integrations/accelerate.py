@@ -23,16 +23,21 @@ def _has_offloaded_params(module: nn.Module) -> bool:
     return has_offloaded_params(module)
 
 
-def materialise(module: nn.Module, name: str) -> Tensor:
+def materialise(module: nn.Module, name: str, ancestors: tuple[nn.Module, ...] = ()) -> Tensor:
     """The real value of ``module.<name>``, which is on the meta device.
 
-    Raises :class:`~dlbhooks.errors.OffloadError` when no accelerate offload hook can load
-    it (e.g. a model built under ``init_empty_weights`` whose weights were never loaded).
+    Loaded by the module's own offload hook or, failing that, by the nearest of
+    ``ancestors`` (nearest first) whose hook loads its submodules' weights too
+    (accelerate's ``preload_module_classes``). Raises
+    :class:`~dlbhooks.errors.OffloadError` when no hook can load it (e.g. a model built
+    under ``init_empty_weights`` whose weights were never loaded).
     """
-    if _has_offloaded_params(module):
-        from accelerate.utils import align_module_device
+    from accelerate.utils import align_module_device
 
-        with align_module_device(module):
+    for owner in (module, *ancestors):
+        if not _has_offloaded_params(owner):
+            continue
+        with align_module_device(owner):
             value = getattr(module, name)
             if value is not None and value.device.type != "meta":
                 return value.detach()
