@@ -211,29 +211,37 @@ def _saturated(R, abs_total, signed, babs, d, own):
 
 
 def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bias: Tensor | None):
+    """Contrastive mode of §2 per unit: aligned (the + stream from the positive
+    contributions, the - stream from the negative ones), crossed (the other way round) or
+    degenerate (one side empty: both streams ∝ |contribution|); a unit without
+    contributions loses its relevance. Float masks, no ``where`` chains: with
+    ``A`` = aligned, ``D`` = degenerate and ``ND = 1 - D``, stream ``r`` of a unit gives
+    ``c_abs = r (ND (x + y) / 2 + D / S)`` and ``c_sgn = r ND (x - y) / 2`` with
+    ``(x, y) = (A/P, (1-A)/N)`` for the + stream and ``((1-A)/P, A/N)`` for the - stream."""
     if signed_total is None:
         raise ValueError("contrastive mode needs the signed total of the contributions")
     t = signed_total + bias if bias is not None else signed_total
     P, N = split_signs(abs_total, signed_total)
     rp, rn = R.pos, R.neg
-    aligned = ((t > 0) & (rp > rn)) | ((t <= 0) & (rp <= rn))
-    degenerate = (P == 0) | (N == 0)
-    all_p, all_n, all_t = safe_div(rp, P), safe_div(rn, N), None
-    cp_pos = torch.where(aligned, all_p, 0.0)
-    cn_pos = torch.where(aligned, 0.0, safe_div(rp, N))
-    cp_neg = torch.where(aligned, 0.0, safe_div(rn, P))
-    cn_neg = torch.where(aligned, all_n, 0.0)
-    all_t = safe_div(rp, abs_total), safe_div(rn, abs_total)
-    cp_pos = torch.where(degenerate, all_t[0], cp_pos)
-    cn_pos = torch.where(degenerate, all_t[0], cn_pos)
-    cp_neg = torch.where(degenerate, all_t[1], cp_neg)
-    cn_neg = torch.where(degenerate, all_t[1], cn_neg)
-    lost = abs_total == 0
-    absorbed = Streams(torch.where(lost, rp, 0.0).sum(), torch.where(lost, rn, 0.0).sum())
-    return [
-        ((cp_pos + cn_pos) * 0.5, (cp_pos - cn_pos) * 0.5),
-        ((cp_neg + cn_neg) * 0.5, (cp_neg - cn_neg) * 0.5),
-    ], absorbed
+    tiny = torch.finfo(abs_total.dtype).tiny
+    up = t > 0
+    A = ((up & (rp > rn)) | (~up & (rp <= rn))).to(abs_total.dtype)
+    ND = (P * N > 0).to(abs_total.dtype)  # 0 where a side is empty (degenerate or lost)
+    live = abs_total > 0
+    inv_s = live.to(abs_total.dtype).div_(abs_total.clamp_min(tiny)).mul_(1.0 - ND)
+    inv_p = ND / P.clamp_min(tiny)  # (P, N > 0 wherever ND = 1)
+    inv_n = ND / N.clamp_min(tiny)
+    x_pos, y_neg = A * inv_p, A * inv_n  # A/P, A/N
+    x_neg, y_pos = inv_p.sub_(x_pos), inv_n.sub_(y_neg)  # (1-A)/P, (1-A)/N (A is 0 or 1)
+    lost = (~live).to(abs_total.dtype)
+    absorbed = Streams((rp * lost).sum(), (rn * lost).sum())
+    coefs = []
+    for r, x, y in ((rp, x_pos, y_pos), (rn, x_neg, y_neg)):
+        half = r * 0.5
+        c_abs = torch.add(x, y).mul_(half).addcmul_(r, inv_s)
+        c_sgn = torch.sub(x, y).mul_(half)
+        coefs.append((c_abs, c_sgn))
+    return coefs, absorbed
 
 
 def _abs_input(a: Tensor) -> Tensor:
