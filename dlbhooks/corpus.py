@@ -115,13 +115,14 @@ def _model_inputs(batch: Batch, device: torch.device) -> dict[str, Any]:
 
 
 def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    from .integrations.accelerate import input_device
+
+    return input_device(model)  # (accelerate's execution device for offloaded models)
 
 
 @torch.no_grad()
 def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
-                  positions: int | Sequence[int] = -1, **explain_kwargs
+                  positions: int | Sequence[int] = -1, storage: Any = None, **explain_kwargs
                   ) -> tuple[list[Explanation], Tensor | None]:
     """Explanations of one batch, one per position (one recorded forward for all), and the
     attention mask of the tokens the model read (``None`` if the batch has none).
@@ -130,7 +131,9 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     ``input_ids[:, :-1]`` (other [batch, tokens] inputs are cut alike) and the target at
     position ``p`` is the true next token ``input_ids[:, p + 1]``. ``target=None``: the
     model's own argmax at each position. A callable gets the model's keyword inputs and the
-    position. ``explain_kwargs`` go to ``tape.explain`` (``keep=False`` unless given)."""
+    position. ``storage`` is :func:`dlbhooks.trace`'s record storage policy.
+    ``explain_kwargs`` go to ``tape.explain`` (``keep=False`` unless given; several
+    positions share the denominators, ``share=True``, unless given)."""
     from .trace import trace
 
     inputs = _model_inputs(batch, _device(model))
@@ -147,7 +150,8 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     elif isinstance(target, str):
         raise ValueError(f"unknown target {target!r}: None, 'next' or a callable")
     explain_kwargs.setdefault("keep", False)
-    with trace(model) as tape:
+    explain_kwargs.setdefault("share", len(pos_list) > 1)
+    with trace(model, storage=storage) as tape:
         model(**inputs)
     exps = []
     for p in pos_list:

@@ -136,6 +136,14 @@ def test_corpus_expert_stats_matches_a_plain_loop(tiny):
     assert stats.layers["model.layers.0.mlp"].tokens == 2 * (2 + 2 + 1) * 16  # positions×rows×len
 
 
+def test_corpus_stats_with_cpu_record_storage_equal_the_default(tiny):
+    model, batches = tiny
+    kw = dict(target="next", positions=[4, -1], progress=False, sync_every=2)
+    plain = corpus.corpus_expert_stats(model, batches, **kw)
+    stored = corpus.corpus_expert_stats(model, batches, storage="cpu", **kw)
+    assert_same_stats(stored, plain, rtol=1e-6)
+
+
 def test_corpus_token_relevance_rows_in_order(tiny):
     model, batches = tiny
     rel = corpus.corpus_token_relevance(model, batches, target="next", progress=False)
