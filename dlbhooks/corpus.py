@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .analysis.experts import ExpertStats
+from .integrations.accelerate import input_device
 from .results import Explanation
 
 Batch = Tensor | Mapping[str, Any]
@@ -114,12 +115,6 @@ def _model_inputs(batch: Batch, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _device(model: nn.Module) -> torch.device:
-    from .integrations.accelerate import input_device
-
-    return input_device(model)  # (accelerate's execution device for offloaded models)
-
-
 @torch.no_grad()
 def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
                   positions: int | Sequence[int] = -1, storage: Any = None, **explain_kwargs
@@ -136,7 +131,7 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     positions share the denominators, ``share=True``, unless given)."""
     from .trace import trace
 
-    inputs = _model_inputs(batch, _device(model))
+    inputs = _model_inputs(batch, input_device(model))  # (accelerate-aware)
     pos_list = [positions] if isinstance(positions, int) else list(positions)
     ids = inputs.get("input_ids")
     full = ids

@@ -389,11 +389,17 @@ def _non_overlapping(t: Tensor) -> bool:
     return True
 
 
+def dense(t: Tensor) -> bool:
+    """``t`` owns every position of its span of memory exactly once (contiguous or
+    permuted), so positions and elements correspond one to one."""
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
+    return t.numel() > 0 and span == t.numel() and _non_overlapping(t)
+
+
 def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     """Fast path of :func:`view_to_base` for a contiguous base and a non-overlapping view
     inside it: one strided copy instead of index tables."""
-    base_span = 1 + sum((s - 1) * st for s, st in zip(base.shape, base.stride()))
-    if base_span != base.numel() or not _non_overlapping(base) or not _non_overlapping(view):
+    if not dense(base) or not _non_overlapping(view):
         return None  # the base must be dense (contiguous or permuted), the view distinct
     off = view.storage_offset() - base.storage_offset()
     last = off + sum((s - 1) * st for s, st in zip(view.shape, view.stride()))

@@ -127,7 +127,9 @@ class Store:
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 st = None
-            if st is not None and st.data_ptr() and _dense(t) and copy.stride() == t.stride():
+            from .records import dense  # (records imports this module)
+
+            if st is not None and st.data_ptr() and dense(t) and copy.stride() == t.stride():
                 meta = (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
                 self._by_storage.setdefault(st.data_ptr(), []).append(
                     (weakref.ref(st), meta, t._version, copy))
@@ -253,13 +255,6 @@ def _inside(t: Tensor, shape: tuple, stride: tuple, offset: int) -> bool:
     hi = lo + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
     end = offset + sum((s - 1) * st for s, st in zip(shape, stride))
     return offset <= lo and hi <= end
-
-
-def _dense(t: Tensor) -> bool:
-    from .records import _non_overlapping
-
-    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()))
-    return t.numel() > 0 and span == t.numel() and _non_overlapping(t)
 
 
 def record_tensors(rec) -> list[Tensor]:

@@ -31,8 +31,9 @@ from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
 from ..relevance import Rel, Streams, radd, rmap
-from ..rules.core import coefficients, weighted_sum
+from ..rules.core import weighted_sum
 from ..rules.elementwise import add_rule, product_rule, saturation_bounds
+from ..rules.functional import close_to_recorded, rope_relevance
 from ..rules.registry import lookup
 from .hf_attention import CHILD as ATTN
 
@@ -240,7 +241,7 @@ def scattered_moe(spec: ScatteredExperts):
         R_h = bag.pop(lin_out.inputs[0])  # act(gate) * up
         gu = lin_in.output_value(0)
         gate, up = gu.chunk(2, dim=-1)
-        if not _close(act.output_value(0) * up, lin_out.inputs[0]):
+        if not close_to_recorded(act.output_value(0) * up, lin_out.inputs[0]):
             raise DLBError(f"{rec.describe()}: act(gate) * up does not give the experts' "
                            "input; the JetMoE spec does not fit this model")
         halves = rmap(lambda r: torch.stack(product_rule(r, [gate, up])), R_h)
@@ -259,22 +260,6 @@ def scattered_moe(spec: ScatteredExperts):
 
 
 # -- mixture of attention --------------------------------------------------------------------
-
-
-def _rope_relevance(R: Rel, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Rel, Rel]:
-    """``y = x·cos + rotate_half(x)·sin`` ([b, h, s, d], cos/sin [B, s, d]): §2 on each
-    output's two contributions, moved back to the input dims they came from."""
-    c, s = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    half = x.shape[-1] // 2
-    A = x * c
-    B = torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
-    coefs, absorbed = coefficients(R, A.abs() + B.abs(), A + B, None)
-    outs = []
-    for c_abs, c_sgn in coefs:
-        rA = c_abs * A.abs() + (c_sgn * A if c_sgn is not None else 0)
-        rB = c_abs * B.abs() + (c_sgn * B if c_sgn is not None else 0)
-        outs.append(rA + torch.cat((rB[..., half:], rB[..., :half]), dim=-1))
-    return (Streams(*outs) if isinstance(R, Streams) else outs[0]), absorbed
 
 
 def mixture_of_attention(spec: MixtureOfAttention):
@@ -313,15 +298,15 @@ def mixture_of_attention(spec: MixtureOfAttention):
         q_pre = _slots(rt, lin_in.output_value(0).to(dt)).reshape(b, s, nh, d).transpose(1, 2)
         kv_out = kv.output_value(0).to(dt)
         k_pre = kv_out[..., : kvh * d].reshape(b, s, kvh, d).transpose(1, 2)
+        c, sn = cos.unsqueeze(1).to(dt), sin.unsqueeze(1).to(dt)
         for pre, rot in ((q_pre, q_rot), (k_pre, k_rep[:, :kvh])):
-            c, sn = cos.unsqueeze(1).to(dt), sin.unsqueeze(1).to(dt)
             again = pre * c + torch.cat((-pre[..., d // 2:], pre[..., : d // 2]), -1) * sn
-            if not _close(again, rot):
+            if not close_to_recorded(again, rot):
                 raise DLBError(f"{rec.describe()}: re-applying RoPE to the recorded "
                                "projections does not give the attention's query/key; the "
                                "JetMoE spec does not fit this model")
-        R_qp, ab_q = _rope_relevance(R_q, q_pre, cos, sin)
-        R_kp, ab_k = _rope_relevance(R_k, k_pre, cos, sin)
+        R_qp, ab_q = rope_relevance(R_q, q_pre, c, sn)
+        R_kp, ab_k = rope_relevance(R_k, k_pre, c, sn)
         absorbed = radd(radd(absorbed, ab_q), ab_k)
 
         def heads_to_rows(r: Tensor) -> Tensor:  # [b, h, s, d] -> [b, s, h·d]
@@ -340,9 +325,3 @@ def mixture_of_attention(spec: MixtureOfAttention):
     rule.__name__ = "mixture_of_attention"
     rule.spec = spec
     return rule
-
-
-def _close(computed: Tensor, recorded: Tensor) -> bool:
-    """Sanity check of the spec (loose: the forward may have run in low precision)."""
-    scale = float(recorded.detach().abs().max().clamp_min(1))
-    return torch.allclose(computed.to(recorded.dtype), recorded, rtol=1e-3, atol=1e-3 * scale)

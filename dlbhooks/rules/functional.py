@@ -255,18 +255,6 @@ class Unary(Op):
 
 
 @dataclass(frozen=True)
-class Gate(Op):
-    """``result = operand · sigmoid(gate)``: a gating weight, treated like a routing
-    weight (a constant): all relevance goes to ``operand``."""
-
-    operand: Loc = None
-    gate: Loc = None
-
-    def operands(self):
-        return (self.operand,)
-
-
-@dataclass(frozen=True)
 class Gather(Op):
     """``result[b] = source[b, t_b]`` along ``dim`` (e.g. the last non-pad token's logits):
     ``t_b`` is found by exact match of the recorded values."""
@@ -319,11 +307,7 @@ class Functional:
     def _plan(self, rec: Record, tmp: dict) -> list[tuple[float, Op]]:
         """Ops with the call index before which each must run (its result's first consumer)."""
         for op in reversed(self.ops):  # forward order: give intermediates their values
-            if isinstance(op.result, Tmp) and isinstance(op, Gate):
-                v, g = op.operand.find(rec, tmp), op.gate.find(rec, tmp)
-                if v is not None and g is not None:
-                    op.result.find(rec, tmp).value = v.value * torch.sigmoid(g.value)
-            elif isinstance(op.result, Tmp) and isinstance(op, (Add, Mul)):
+            if isinstance(op.result, Tmp) and isinstance(op, (Add, Mul)):
                 vals = [f.value for f in (o.find(rec, tmp) for o in op.operands()) if f is not None]
                 if vals:
                     total = vals[0]
@@ -375,7 +359,7 @@ class Functional:
             for f, part in zip(found, parts):
                 bag.add(f.tensor, part, rec, base=f.base)
             return None
-        if isinstance(op, (Unary, Gate)):
+        if isinstance(op, Unary):
             f = found[0]
             if f.tensor is res.tensor:
                 bag.add(f.tensor, R, rec, base=f.base)
@@ -454,52 +438,47 @@ class Functional:
         xsr = xs[..., :rot]
         rotated = torch.cat((-xsr[..., half:], xsr[..., :half]), dim=-1)
         expect = torch.cat((xsr * cs_ + rotated * ss_, xs[..., rot:]), dim=-1)
-        if expect.shape != sub(got).shape or not _close(expect, sub(got)):
+        if expect.shape != sub(got).shape or not close_to_recorded(expect, sub(got)):
             raise DLBError(
                 f"{rec.describe()}: re-applying RoPE to the recorded {x.tensor.shape} source "
                 "does not give the attention's query/key: the family spec is wrong"
             )
-        if not isinstance(R, Streams):
-            R_x, absorbed = _rope_default(R, xr, c, s, rot, half)
-            bag.add(x.tensor, R_x, rec, base=x.base)
-            return absorbed
-        rotated = torch.cat((-xr[..., half:], xr[..., :half]), dim=-1)
-        A, B = xr * c, rotated * s
-        coefs, absorbed = coefficients(
-            rmap(lambda r: r[..., :rot], R), A.abs() + B.abs(), A + B, None
-        )
-        outs = []
-        for c_abs, c_sgn in coefs:
-            rA = c_abs * A.abs() + (c_sgn * A if c_sgn is not None else 0)
-            rB = c_abs * B.abs() + (c_sgn * B if c_sgn is not None else 0)
-            outs.append(rA + torch.cat((rB[..., half:], rB[..., :half]), dim=-1))
-        R_rot = Streams(*outs) if isinstance(R, Streams) else outs[0]
-        R_x = rmap(lambda r_rot, r: torch.cat((r_rot, r[..., rot:]), dim=-1), R_rot, R)
+        R_rot, absorbed = rope_relevance(rmap(lambda r: r[..., :rot], R), xr, c, s)
+        R_x = R_rot if rot == x.value.shape[-1] else rmap(
+            lambda r_rot, r: torch.cat((r_rot, r[..., rot:]), dim=-1), R_rot, R)
         bag.add(x.tensor, R_x, rec, base=x.base)
         return absorbed
 
 
-def _rope_default(R: Tensor, xr: Tensor, c: Tensor, s: Tensor, rot: int, half: int):
-    """Default mode of the RoPE rule, in place on its own temporaries: output ``j`` is
-    ``A_j + B_j`` with ``A = x·cos`` and ``B = rotate_half(x)·sin``; its relevance splits
-    ∝ ``|A_j|``, ``|B_j|`` (§2 without bias), and ``B_j``'s share goes to the partner
-    ``x_{j ± half}``."""
-    absA = torch.mul(xr, c).abs_()
-    absB = torch.empty_like(absA)
-    torch.mul(xr[..., half:], s[..., :half], out=absB[..., :half])
-    torch.mul(xr[..., :half], s[..., half:], out=absB[..., half:])
-    absB.abs_()
-    T = absA + absB
-    R_rot = R[..., :rot]
-    zero = None if T.numel() == 0 or bool(T.amin() > 0) else T == 0
-    q = nonneg_div(R_rot, T, own=True)
-    absorbed = R.new_zeros(()) if zero is None else torch.where(zero, R_rot, 0.0).sum()
-    rA, rB = absA.mul_(q), absB.mul_(q)
-    rA[..., :half] += rB[..., half:]
-    rA[..., half:] += rB[..., :half]
-    if rot < R.shape[-1]:
-        return torch.cat((rA, R[..., rot:]), dim=-1), absorbed
-    return rA, absorbed
+def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Rel]:
+    """The RoPE rule: output ``j`` of ``x·c + rotate_half(x)·s`` is ``A_j + B_j``; its
+    relevance splits by §2 (no bias) over its two contributions, and ``B_j``'s share goes
+    to the partner ``x_{j ± half}``. ``x`` and ``R`` are the rotated dims only; ``c``/``s``
+    broadcast to ``x``. Returns (relevance on ``x``, absorbed)."""
+    half = x.shape[-1] // 2
+    if not isinstance(R, Streams):  # default mode, in place on its own temporaries
+        absA = torch.mul(x, c).abs_()
+        absB = torch.empty_like(absA)
+        torch.mul(x[..., half:], s[..., :half], out=absB[..., :half])
+        torch.mul(x[..., :half], s[..., half:], out=absB[..., half:])
+        absB.abs_()
+        T = absA + absB
+        zero = None if T.numel() == 0 or bool(T.amin() > 0) else T == 0
+        q = nonneg_div(R, T, own=True)
+        absorbed = R.new_zeros(()) if zero is None else torch.where(zero, R, 0.0).sum()
+        rA, rB = absA.mul_(q), absB.mul_(q)
+        rA[..., :half] += rB[..., half:]
+        rA[..., half:] += rB[..., :half]
+        return rA, absorbed
+    A = x * c
+    B = torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
+    coefs, absorbed = coefficients(R, A.abs() + B.abs(), A + B, None)
+    outs = []
+    for c_abs, c_sgn in coefs:
+        rA = c_abs * A.abs() + (c_sgn * A if c_sgn is not None else 0)
+        rB = c_abs * B.abs() + (c_sgn * B if c_sgn is not None else 0)
+        outs.append(rA + torch.cat((rB[..., half:], rB[..., :half]), dim=-1))
+    return Streams(*outs), absorbed
 
 
 def _sample_rows(t: Tensor | None, n: int = 4) -> Tensor | None:
@@ -522,14 +501,14 @@ def _sum_matches(values: list[Tensor], recorded: Tensor) -> bool:
     total = values[0]
     for v in values[1:]:
         total = total + v
-    return _close(total.reshape(recorded.shape), recorded)
+    return close_to_recorded(total.reshape(recorded.shape), recorded)
 
 
 def R_shape(R: Rel) -> tuple:
     return tuple((R.pos if isinstance(R, Streams) else R).shape)
 
 
-def _close(computed: Tensor, recorded: Tensor) -> bool:
+def close_to_recorded(computed: Tensor, recorded: Tensor) -> bool:
     """Sanity check of a spec: recomputed values match the recorded ones (loose tolerance:
     the forward may have run in low precision)."""
     scale = float(recorded.detach().abs().max().clamp_min(1))

@@ -41,7 +41,7 @@ def linear_rule(rec, R_out, ctx):
         pick = lambda t: t.reshape(-1, t.shape[-1])[rows]  # noqa: E731
         R_sub, absorbed = _linear_units(rmap(pick, R), pick(a), W, b, bounds,
                                         None if out is None else pick(out),
-                                        absW=ctx.abs_param(m, "weight"))
+                                        abs_weight=lambda: ctx.abs_param(m, "weight"))
 
         def place(r):
             full = r.new_zeros(a.numel() // a.shape[-1], a.shape[-1])
@@ -50,18 +50,19 @@ def linear_rule(rec, R_out, ctx):
 
         return [rmap(place, R_sub)], absorbed
     R_in, absorbed = _linear_units(R, a, W, b, bounds, out, ctx.shared(rec),
-                                   absW=ctx.abs_param(m, "weight"))
+                                   abs_weight=lambda: ctx.abs_param(m, "weight"))
     return [R_in], absorbed
 
 
-def _linear_units(R, a, W, b, bounds, out, shared=None, absW=None):
+def _linear_units(R, a, W, b, bounds, out, shared=None, abs_weight=None):
     """``weighted_sum`` for a Linear, restricted to the output units that carry relevance
     when they are at most a quarter of them (units without relevance give nothing)."""
     units = _live_units(R) if W.shape[0] >= 16 else None
     if units is not None:
         pick = lambda t: t.index_select(-1, units)  # noqa: E731
         R, W = rmap(pick, R), W.index_select(0, units)
-        absW = None if absW is None else absW.index_select(0, units)
+        abs_weight = None  # |W| of the few live units only (an LM head's whole vocabulary
+        # would cost more than the products)
         b = None if b is None else b.index_select(0, units)
         out = None if out is None else pick(out)
         if isinstance(bounds, tuple):
@@ -69,7 +70,7 @@ def _linear_units(R, a, W, b, bounds, out, shared=None, absW=None):
                            and x.dim() and x.shape[-1] > 1 else x for x in bounds)
         shared = None  # denominators of a subset of units: not reusable
     return weighted_sum(R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out,
-                        shared=shared, abs_weight=absW)
+                        shared=shared, abs_weight=None if abs_weight is None else abs_weight())
 
 
 def _live_along(R, dim: int):
