@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
 from .records import Record, Tape, base_to_view, fetch_abs_param, fetch_param, view_to_base
-from .relevance import Rel, Streams, radd, rmap, rsum
+from .relevance import Rel, Streams, radd, rmap, rsum, total64
 from .rules import registry
 from .rules.elementwise import saturation_bounds
 from .storage import record_tensors
@@ -105,7 +105,8 @@ class Engine:
     share: bool = False
     ledger: list[LedgerEntry] = field(default_factory=list)
     kept: dict[str, list[Rel | None]] = field(default_factory=dict)
-    _absorbed_total: Rel | None = None
+    # what each processed call absorbed (float64 scalars or Streams of them), in order
+    _absorbed_log: list[Rel] = field(default_factory=list)
     # id(relevance tensor) -> (tensor, its float64 total): a tensor passed from one record
     # to the next is summed once for the ledger
     _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -220,7 +221,7 @@ class Engine:
     def propagate(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
         """Relevance on ``rec``'s inputs, given relevance on its outputs."""
         R_out = self._fill(rec, R_out)
-        before = self._absorbed_total
+        start = len(self._absorbed_log)
         slot = len(self.ledger)
         self.ledger.append(None)  # filled below: keeps output->input order
         rule = registry.lookup(type(rec.module))
@@ -241,14 +242,15 @@ class Engine:
                 f"{len(rec.inputs)} tensor inputs"
             )
         if absorbed is not None:
-            self._absorbed_total = radd(self._absorbed_total, absorbed)
-        inside = _rdiff(self._absorbed_total, before)
+            self._absorbed_log.append(absorbed)
         # totals stay tensors here (no device sync per call); finish() makes them floats
+        # and derives what was absorbed inside this call from the log positions
         self.ledger[slot] = (LedgerEntry(
             key=rec.key, path=rec.path, type=rec.type_name,
             relevance_out=self._total(R_out), relevance_in=self._total(R_in),
-            absorbed=None if absorbed is None else rsum(absorbed),
-            absorbed_inside=inside, leaf=rule is not None and not rec.children,
+            absorbed=absorbed,  # the last log entry this call made (finish() relies on it)
+            absorbed_inside=(start, len(self._absorbed_log)),
+            leaf=rule is not None and not rec.children,
         ))
         if self.keep:
             self.kept.setdefault(rec.key, R_in)
@@ -256,28 +258,41 @@ class Engine:
 
     def finish(self) -> None:
         """Turn the ledger's totals into floats (``(pos, neg)`` in contrastive mode), with
-        one transfer per device instead of one per value."""
-        names = ("relevance_out", "relevance_in", "absorbed", "absorbed_inside")
+        one transfer per device instead of one per value. ``absorbed_inside`` (a call's own
+        absorption plus its children's) is a difference of running sums over the log of
+        absorptions, in the order the calls were processed."""
+        entries = [e for e in self.ledger if e is not None]
         scalars: dict[torch.device, list[Tensor]] = {}
-        for e in self.ledger:
-            for name in names:
-                v = getattr(e, name)
-                for t in ((v.pos, v.neg) if isinstance(v, Streams)
-                          else () if v is None or isinstance(v, (float, tuple)) else (v,)):
+        for e in entries:
+            for v in (e.relevance_out, e.relevance_in, e.absorbed):
+                for t in () if v is None else (v.pos, v.neg) if isinstance(v, Streams) else (v,):
                     scalars.setdefault(t.device, []).append(t)
-        values = {
-            dev: iter(torch.stack([t.detach().double().reshape(()) for t in ts]).tolist())
-            for dev, ts in scalars.items()
-        }
-        for e in self.ledger:
-            for name in names:
-                v = getattr(e, name)
-                if v is None:
-                    setattr(e, name, 0.0)
-                elif isinstance(v, Streams):
-                    setattr(e, name, (next(values[v.pos.device]), next(values[v.neg.device])))
-                elif not isinstance(v, (float, tuple)):
-                    setattr(e, name, next(values[v.device]))
+        values = {dev: iter(torch.stack(ts).tolist()) for dev, ts in scalars.items()}
+        zero = (0.0, 0.0) if self.contrastive else 0.0
+
+        def value(v):
+            if v is None:
+                return 0.0
+            if isinstance(v, Streams):
+                return next(values[v.pos.device]), next(values[v.neg.device])
+            return next(values[v.device])
+
+        log = [zero] * len(self._absorbed_log)
+        for e in entries:
+            own = e.absorbed is not None
+            e.relevance_out, e.relevance_in = value(e.relevance_out), value(e.relevance_in)
+            e.absorbed = value(e.absorbed)
+            if own:  # a call's own absorption is the last log entry it made
+                log[e.absorbed_inside[1] - 1] = e.absorbed
+            # (a contrastive rule's absorption is a pair, like everything it returns)
+        running = [zero]
+        for f in log:
+            prev = running[-1]
+            running.append((prev[0] + f[0], prev[1] + f[1]) if self.contrastive else prev + f)
+        for e in entries:
+            lo, hi = e.absorbed_inside
+            a, b = running[lo], running[hi]
+            e.absorbed_inside = (b[0] - a[0], b[1] - a[1]) if self.contrastive else b - a
 
     def _total(self, rels: list[Rel | None]) -> Rel | None:
         """Float64 total of a list of relevances, each tensor summed only once."""
@@ -286,7 +301,7 @@ class Engine:
             hit = self._sums.pop(id(t), None)  # a tensor is summed as R_in, then as R_out
             if hit is not None and hit[0] is t:
                 return hit[1]
-            total = t.detach().sum().double()
+            total = total64(t)
             self._sums[id(t)] = (t, total)
             return total
 
@@ -381,14 +396,6 @@ def _rtotal_abs(R: Rel) -> Tensor:
     if isinstance(R, Streams):
         return R.pos.abs().sum() + R.neg.abs().sum()
     return R.abs().sum()
-
-
-def _rdiff(a: Rel | None, b: Rel | None) -> Rel | None:
-    if a is None:
-        return None
-    if b is None:
-        return a
-    return rmap(torch.sub, a, b)
 
 
 def _gap_message(container: Record, t: Tensor, consumer: Record | None) -> str:

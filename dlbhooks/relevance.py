@@ -42,7 +42,17 @@ def rsum(rel: Rel | None) -> Rel | None:
     """Total of a relevance (per stream) as float64 scalars."""
     if rel is None:
         return None
-    return rmap(lambda t: t.detach().sum().double(), rel)
+    return rmap(total64, rel)
+
+
+def total64(t: Tensor) -> Tensor:
+    """Float64 0-d total of ``t`` (``t`` itself if it already is one). The sum runs in
+    ``t``'s dtype: a float64 accumulator is several times slower on large tensors."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dim() == 0 and t.dtype == torch.float64:
+        return t
+    return t.sum().double()
 
 
 def radd(a: Rel | None, b: Rel | None) -> Rel | None:

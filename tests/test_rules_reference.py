@@ -977,6 +977,39 @@ def test_max_pool_random(m: nn.Module, shape: tuple) -> None:
     check_pool(m, rand(*shape, gen=gen), len(shape) - 2, gen)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_index_path(ties: bool) -> None:
+    """Windows with one winner go through ``max_pool2d_with_indices`` + ``scatter_add``;
+    a tied window that carries relevance sends the whole pool to the splitting path. Both
+    equal the general window-table implementation."""
+    from dlbhooks.rules import pooling
+
+    gen = torch.Generator().manual_seed(23)
+    x = (torch.randint(-1, 2, (2, 3, 9, 8), generator=gen).to(D) if ties
+         else rand(2, 3, 9, 8, gen=gen))
+    m = nn.MaxPool2d(3, stride=2, padding=1)
+    out = m(x)
+    R = rand(*out.shape, gen=gen)
+    used = []
+    real = pooling._single_winners
+
+    def spy(*args):
+        res = real(*args)
+        used.append(res is not None)
+        return res
+
+    pooling._single_winners = spy
+    try:
+        fast, lost = pooling.unfold_pool_relevance(R, x, 3, 2, 1, 1, "max", out)
+    finally:
+        pooling._single_winners = real
+    assert used == [not ties]
+    tables = pooling.regular_tables(x, out.shape[-2:], 3, 2, 1, 1)
+    slow, slow_lost = pooling.pool_relevance(R, x, tables, "max")
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    assert abs(float(lost) - float(slow_lost)) < 1e-9
+
+
 AVGPOOLS = [
     (nn.AvgPool1d(2), (2, 2, 6)),
     (nn.AvgPool1d(3, stride=2, padding=1, ceil_mode=True), (1, 2, 8)),

@@ -50,7 +50,7 @@ def _fits(out: Tensor, other: Tensor) -> bool:
     """Can ``out ∘ other`` (element-wise, broadcasting) be written into ``out`` with the
     shape and dtype the out-of-place op would give?"""
     return (broadcasts_into(other.shape, out.shape)
-            and torch.result_type(out, other) == out.dtype)
+            and (other.dtype == out.dtype or torch.result_type(out, other) == out.dtype))
 
 
 def nonneg_div(num: Tensor, den: Tensor, own: bool = False) -> Tensor:
@@ -69,9 +69,9 @@ _divide = nonneg_div
 def _zero_units(T: Tensor, babs: Tensor | None) -> Tensor | None:
     """Mask of the units with ``T == 0`` (the guard), or ``None`` when there are none:
     none when every |b| > 0; else one reduction decides, the mask is made only if needed."""
-    if babs is not None and babs.numel() and bool(babs.amin() > 0):
+    if babs is not None and babs.numel() and float(babs.amin()) > 0:
         return None
-    if T.numel() == 0 or bool(T.amin() > 0):
+    if T.numel() == 0 or float(T.amin()) > 0:
         return None
     return T == 0
 
@@ -248,8 +248,9 @@ def _abs_input(a: Tensor) -> Tensor:
     """``|a|``; ``a`` itself when it has no negative entries (e.g. after a ReLU), which a
     read-only reduction decides (skipped when the first entries already show a sign)."""
     if a.is_floating_point() and a.numel():
-        flat = a.reshape(-1) if a.is_contiguous() else None
-        if flat is not None and not bool(flat[:256].amin() < 0) and not bool(a.amin() < 0):
+        if a.numel() > 65536 and a.is_contiguous() and float(a.reshape(-1)[:256].amin()) < 0:
+            return a.abs()  # signed: seen in the first entries, no full pass needed
+        if float(a.amin()) >= 0:
             return a
     return a.abs()
 

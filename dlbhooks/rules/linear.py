@@ -87,10 +87,9 @@ def _live_rows(R):
     n_rows = t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
     if n_rows < 4:
         return None
-    flat = rmap(lambda r: r.reshape(n_rows, r.shape[-1]), R)
     if int(torch.count_nonzero(t.reshape(n_rows, -1)[:, 0])) * 2 > n_rows:
         return None  # most rows are live (seen in one column): no need to look further
-    live = _live_along(flat, -1)
+    live = _live_along(rmap(lambda r: r.reshape(n_rows, r.shape[-1]), R), -1)
     n = int(live.sum())
     return live.nonzero().squeeze(-1) if n * 2 <= n_rows else None
 

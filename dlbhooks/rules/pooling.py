@@ -119,13 +119,16 @@ def _nd(rec) -> int:
 
 def unfold_pool_relevance(
     R: Tensor, x: Tensor, kernel, stride, padding, dilation, kind: str,
-    out: Tensor | None = None,
+    out: Tensor | None = None, ceil_mode: bool = False,
 ) -> tuple[Tensor, Tensor] | None:
     """Fast path for regular 1d/2d pools: one strided view of the (padded) input per
     window offset — ``k`` element-wise passes over the output's size, no unfolded copy.
 
     Same result as :func:`pool_relevance`; ``None`` when the geometry does not fit.
-    ``out``: the pool's recorded output (the window maxima), if intact.
+    ``out``: the pool's recorded output (the window maxima), if intact. A max pool whose
+    windows that carry relevance all have a single winner takes the winners' indices from
+    ``max_pool2d_with_indices`` (channels-last: much faster than the default layout) and
+    moves relevance with one ``scatter_add``.
     """
     one_d = x.dim() == 3
     if one_d:  # [N, C, L] -> [N, C, 1, L]
@@ -158,6 +161,11 @@ def unfold_pool_relevance(
             best = win(xp, *offsets[0]).clone()
             for o in offsets[1:]:
                 torch.maximum(best, win(xp, *o), out=best)
+        single = _single_winners(R, x, xp, best, offsets, win, k, s, p, d, ceil_mode)
+        if single is not None:
+            R_x = single
+            lost = R.sum() - R_x.sum()
+            return (R_x.squeeze(-2) if one_d else R_x), lost
         for o in offsets:  # winners (ties split)
             shares.append(torch.eq(win(xp, *o), best).to(R.dtype))
     else:
@@ -177,6 +185,28 @@ def unfold_pool_relevance(
     return R_x.contiguous(), lost
 
 
+def _single_winners(R, x, xp, best, offsets, win, k, s, p, d, ceil_mode) -> Tensor | None:
+    """Max pool relevance by the winners' indices, or ``None`` when a window that carries
+    relevance has tied maxima (counted over the padded input ``xp``: the split needs the
+    general path) or the geometry is not what ``max_pool2d`` reproduces."""
+    if not x.is_floating_point() or x.dtype != R.dtype:
+        return None
+    count = None
+    for o in offsets:
+        hit = torch.eq(win(xp, *o), best)
+        count = hit.to(torch.uint8) if count is None else count.add_(hit)
+    if bool(((count > 1) & (R != 0)).any()):
+        return None
+    N, C = x.shape[0], x.shape[1]
+    xl = x.contiguous(memory_format=torch.channels_last)
+    got, idx = F.max_pool2d_with_indices(xl, k, s, p, d, ceil_mode)
+    if got.shape != R.shape:
+        return None
+    R_x = R.new_zeros(N, C, x.shape[-2] * x.shape[-1])
+    R_x.scatter_add_(-1, idx.reshape(N, C, -1), R.reshape(N, C, -1))
+    return R_x.view(x.shape)
+
+
 def pool_rule(rec, R_out, ctx):
     """Any nn pooling module (regular or adaptive, max or average, 1d/2d/3d)."""
     m, x, R = rec.module, rec.input_value(0), R_out[0]
@@ -186,7 +216,8 @@ def pool_rule(rec, R_out, ctx):
     if nd in (1, 2) and not isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG) and x.dim() == nd + 2:
         out = rec.output_value(0) if kind == "max" and rec.output_intact(0) else None
         fast = unfold_pool_relevance(R, x, m.kernel_size, m.stride, m.padding,
-                                     getattr(m, "dilation", 1), kind, out)
+                                     getattr(m, "dilation", 1), kind, out,
+                                     getattr(m, "ceil_mode", False))
         if fast is not None:
             return [fast[0]], fast[1]
     if isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG):
