@@ -16,7 +16,7 @@ from .errors import (
     memory_advice,
 )
 from .records import Record, Tape
-from .relevance import Streams, net, to_float
+from .relevance import Streams, all_finite, has_nan, net, to_float
 from .results import Explanation
 from .seeds import make_seed
 
@@ -65,7 +65,7 @@ def explain_tape(
     if not root.done:
         raise TargetError("the recorded forward did not finish (it raised): nothing to explain")
     for name, t in zip(root.input_names, root.inputs):
-        if t.is_floating_point() and bool(torch.isnan(t).any()):
+        if t.is_floating_point() and has_nan(t):
             raise NonFiniteError(
                 f"model input {name!r} holds NaN; relevance would be meaningless. "
                 "Clean the input (torch.nan_to_num) before explaining."
@@ -97,7 +97,7 @@ def explain_tape(
 
     inputs, pos, neg = {}, {}, {}
     for name, t, R in zip(root.input_names, root.inputs, R_in):
-        if R is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if R is not None and t.is_floating_point() and not all_finite(t):
             raise NonFiniteError(
                 f"model input {name!r} holds inf and relevance reached it; relevance would be "
                 "meaningless. Clean the input (torch.nan_to_num) before explaining."

@@ -156,6 +156,22 @@ class _AbsWeights:
 
 ABS_WEIGHTS = _AbsWeights()
 
+# id(tensor) -> (weak ref to it, its _version, all entries > 0): a cached |b| is checked once
+_POSITIVE: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def all_positive(t: Tensor) -> bool:
+    """Are all entries of ``t`` > 0? Remembered for the tensor object (until it changes in
+    place or is freed), so a cached ``|bias|`` is checked once, not once per explanation."""
+    hit = _POSITIVE.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = t.numel() > 0 and float(t.detach().amin()) > 0
+    key = id(t)
+    _POSITIVE[key] = (weakref.ref(t, lambda _ref, key=key: _POSITIVE.pop(key, None)),
+                      t._version, value)
+    return value
+
 
 def set_weight_cache(max_bytes: int) -> None:
     """Bytes dlbhooks may keep of ``|W|`` across explanations (default 256 MiB; 0 turns

@@ -6,6 +6,7 @@ each stream. Only the weighted-sum rule (``rules/core.py``) mixes the two.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple, Union
 
@@ -76,3 +77,14 @@ def to_float(rel: Rel | None) -> float | tuple[float, float]:
     if isinstance(rel, Streams):
         return float(rel.pos), float(rel.neg)
     return float(rel)
+
+
+def all_finite(t: Tensor) -> bool:
+    """No NaN or inf in ``t``: one reduction when the sum is finite (NaN and inf always
+    reach it), the element-wise test only when it is not (it may just overflow)."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def has_nan(t: Tensor) -> bool:
+    """Any NaN in ``t`` (one reduction when the sum is finite)."""
+    return not math.isfinite(float(t.sum())) and bool(torch.isnan(t).any())

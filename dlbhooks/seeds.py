@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .errors import NonFiniteError, TargetError
-from .relevance import Rel, Streams
+from .relevance import Rel, Streams, all_finite
 
 TASKS = {
     "multiclass": "multiclass", "multi-class": "multiclass", "classification": "multiclass",
@@ -41,7 +41,7 @@ def make_seed(
     if not output.is_floating_point():
         raise TargetError(f"the explained output must be a float tensor, got {output.dtype}")
     out = output.detach()
-    if not bool(torch.isfinite(out).all()):
+    if not all_finite(out):
         raise NonFiniteError("the model output holds NaN or inf: nothing sensible to explain")
     if isinstance(target, Tensor) and target.is_floating_point() and target.shape == out.shape:
         seed = target.to(out.dtype)

@@ -299,3 +299,36 @@ def test_abs_weight_cache_follows_weight_updates_and_budget():
         assert fetch_abs_param(lin, "weight") is not fetch_abs_param(lin, "weight")
     finally:
         set_weight_cache(256 * 2**20)
+
+
+def test_bias_positivity_is_rechecked_after_an_in_place_change():
+    """|b| > 0 everywhere lets the rule skip the T = 0 guard; a bias later set to 0 in
+    place must bring the guard back (the relevance of the dead unit is absorbed)."""
+    from dlbhooks.records import all_positive
+
+    lin = torch.nn.Linear(3, 2)
+    x = torch.zeros(1, 3)  # every unit's contributions vanish: T = |b|
+    with torch.no_grad():
+        lin.bias.copy_(torch.tensor([0.5, -0.25]))
+    exp = dlb.explain(lin, x, target=torch.tensor([[1.0, 1.0]]))
+    assert exp.absorbed["<root>"] == pytest.approx(2.0)  # both bias shares
+    with torch.no_grad():
+        lin.bias[1] = 0.0  # in place: unit 1 now has T = 0
+    assert not all_positive(lin.bias.abs())
+    exp = dlb.explain(lin, x, target=torch.tensor([[1.0, 1.0]]))
+    assert exp.absorbed["<root>"] == pytest.approx(2.0)  # bias share + guard, nothing lost
+    assert torch.equal(exp.inputs["input"], torch.zeros(1, 3))
+    t = torch.ones(2)
+    assert all_positive(t)
+    t[0] = 0.0  # the remembered answer follows in-place changes
+    assert not all_positive(t)
+
+
+def test_finite_checks_do_not_trust_an_overflowing_sum():
+    from dlbhooks.relevance import all_finite, has_nan
+
+    big = torch.full((4,), 3e38)  # finite entries whose float32 sum overflows
+    assert all_finite(big) and not has_nan(big)
+    assert not all_finite(torch.tensor([1.0, float("inf")]))
+    assert has_nan(torch.tensor([1.0, float("nan")]))
+    assert not has_nan(torch.tensor([float("inf"), -float("inf")]))  # sum is NaN, no NaN

@@ -53,23 +53,27 @@ def _fits(out: Tensor, other: Tensor) -> bool:
             and (other.dtype == out.dtype or torch.result_type(out, other) == out.dtype))
 
 
-def nonneg_div(num: Tensor, den: Tensor, own: bool = False) -> Tensor:
+def nonneg_div(num: Tensor, den: Tensor, own: bool = False, positive: bool = False) -> Tensor:
     """``num / den`` with 0 where ``den == 0`` (``den`` is never negative). ``own``: ``den``
-    is a temporary of the caller and may be overwritten with the result."""
+    is a temporary of the caller and may be overwritten with the result. ``positive``: the
+    caller knows ``den > 0`` everywhere, so there is nothing to clean up (one pass less)."""
     if own and _fits(den, num):
         s = torch.div(num, den, out=den)
     else:
         s = num / den
-    return torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
+    return s if positive else torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 _divide = nonneg_div
 
 
-def _zero_units(T: Tensor, babs: Tensor | None) -> Tensor | None:
+def _zero_units(T: Tensor, babs: Tensor | None, positive: bool | None = None) -> Tensor | None:
     """Mask of the units with ``T == 0`` (the guard), or ``None`` when there are none:
-    none when every |b| > 0; else one reduction decides, the mask is made only if needed."""
-    if babs is not None and babs.numel() and float(babs.amin()) > 0:
+    none when every |b| > 0 (``positive``, if the caller knows); else one reduction
+    decides, the mask is made only if needed."""
+    if positive is None and babs is not None and babs.numel():
+        positive = float(babs.amin()) > 0
+    if positive and babs is not None:
         return None
     if T.numel() == 0 or float(T.amin()) > 0:
         return None
@@ -140,11 +144,15 @@ def _default(
     *,
     pre: Tensor | None = None,
     own: bool = False,
+    babs: Tensor | None = None,
+    positive: bool | None = None,
 ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
     """Default mode. ``signed`` may be a function computing the signed total (called only
     if saturation fires); ``pre``: the pre-activation ``t`` if known (the recorded output);
-    ``own``: ``abs_total`` is the caller's temporary and may be overwritten."""
-    babs = bias.abs() if bias is not None else None
+    ``own``: ``abs_total`` is the caller's temporary and may be overwritten; ``babs``:
+    ``|bias|`` if the caller has it, ``positive``: whether all of it is > 0, if known."""
+    if babs is None and bias is not None:
+        babs = bias.abs()
     if _has_bounds(bounds):
         if pre is None:
             sg = signed() if callable(signed) else signed
@@ -158,14 +166,14 @@ def _default(
                 mn, mx = torch.aminmax(hit)
                 if bool(mn < 0) or bool(mx > 0):  # a saturated unit carries relevance
                     sg = signed() if callable(signed) else signed
-                    return _saturated(R, abs_total, sg, babs, d, own)
+                    return _saturated(R, abs_total, sg, babs, d, own, positive)
     if babs is not None:
         T = abs_total.add_(babs) if own and _fits(abs_total, babs) else abs_total + babs
         own = True
     else:
         T = abs_total
-    zero = _zero_units(T, babs)
-    s = _divide(R, T, own=own)
+    zero = _zero_units(T, babs, positive)
+    s = _divide(R, T, own=own, positive=zero is None)
     return [(s, None)], _absorbed(R, s, babs, zero)
 
 
@@ -190,7 +198,7 @@ def _half_side(pre: Tensor, lo, hi) -> Tensor:
     return torch.sub(pre, d, out=d).sign_().mul_(0.5)
 
 
-def _saturated(R, abs_total, signed, babs, d, own):
+def _saturated(R, abs_total, signed, babs, d, own, positive=None):
     """Default mode with at least one saturated unit that carries relevance, in float
     arithmetic. With ``h = (kp + kn) / 2 = 1 - |d|``: the moving total is ``kp P + kn N =
     h (P + N) + d (P - N)`` (a dropped side that is rounding noise is 0), ``c_abs = s h``
@@ -204,8 +212,8 @@ def _saturated(R, abs_total, signed, babs, d, own):
         T = moving.add_(babs) if _fits(moving, babs) else moving + babs
     else:
         T = moving
-    zero = _zero_units(T, babs)
-    s = _divide(R, T, own=True)
+    zero = _zero_units(T, babs, positive)
+    s = _divide(R, T, own=True, positive=zero is None)
     absorbed = _absorbed(R, s, babs, zero)
     return [(h.mul_(s) if _fits(h, s) else h * s, d.mul_(s) if _fits(d, s) else d * s)], absorbed
 
@@ -266,6 +274,8 @@ def weighted_sum(
     bounds: Bounds | None = None,
     output: Tensor | None = None,
     abs_weight: Tensor | None = None,
+    abs_bias: Tensor | None = None,
+    bias_positive: bool | None = None,
     shared: dict | None = None,
 ) -> tuple[Rel, Rel]:
     """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``.
@@ -274,9 +284,11 @@ def weighted_sum(
     a unit-shaped tensor (computed with ``torch.func.vjp`` when not given; an explicit
     adjoint must return a new tensor). ``output``, if given, is the recorded
     ``forward(a, W) + bias`` and saves one product. ``abs_weight``: ``|W|`` if the caller
-    already has it. ``shared``: a dict kept across explanations of the same recorded call
-    (several targets on one tape): ``|a|`` and the denominators ``forward(|a|, |W|)``
-    depend on the forward only, so they are computed once (needs ``adjoint``).
+    already has it, ``abs_bias`` likewise ``|bias|`` (shaped like ``bias``) and
+    ``bias_positive`` whether all of it is > 0. ``shared``: a dict kept across
+    explanations of the same recorded call (several targets on one tape): ``|a|`` and the
+    denominators ``forward(|a|, |W|)`` depend on the forward only, so they are computed
+    once (needs ``adjoint``).
     """
     contrastive = isinstance(R, Streams)
     saturate = not contrastive and _has_bounds(bounds)
@@ -318,7 +330,8 @@ def weighted_sum(
         coefs, absorbed = _contrastive(R, abs_total, signed(), bias)
     else:
         coefs, absorbed = _default(R, abs_total, signed, bias, bounds if saturate else None,
-                                   pre=output if saturate else None, own=own_total)
+                                   pre=output if saturate else None, own=own_total,
+                                   babs=abs_bias, positive=bias_positive)
     outs = []
     for c_abs, c_sgn in coefs:
         r = adj_abs(c_abs)

@@ -80,8 +80,8 @@ def add_rule(R: Tensor, terms: list[Tensor]) -> tuple[list[Tensor], Tensor]:
     total = mags[0] + mags[1] if len(mags) > 1 else mags[0].clone()
     for m in mags[2:]:
         total.add_(m)
-    zero = None if total.numel() == 0 or bool(total.amin() > 0) else total == 0
-    s = nonneg_div(R, total, own=True)
+    zero = None if total.numel() == 0 or float(total.amin()) > 0 else total == 0
+    s = nonneg_div(R, total, own=True, positive=zero is None)
     parts = []
     for m, t in zip(mags, terms):
         full = broadcasts_into(s.shape, m.shape) and m.dtype == s.dtype

@@ -463,8 +463,8 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Rel]:
         torch.mul(x[..., :half], s[..., half:], out=absB[..., half:])
         absB.abs_()
         T = absA + absB
-        zero = None if T.numel() == 0 or bool(T.amin() > 0) else T == 0
-        q = nonneg_div(R, T, own=True)
+        zero = None if T.numel() == 0 or float(T.amin()) > 0 else T == 0
+        q = nonneg_div(R, T, own=True, positive=zero is None)
         absorbed = R.new_zeros(()) if zero is None else torch.where(zero, R, 0.0).sum()
         rA, rB = absA.mul_(q), absB.mul_(q)
         rA[..., :half] += rB[..., half:]

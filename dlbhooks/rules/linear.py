@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
+from ..records import all_positive
 from ..relevance import Streams, rmap
 from .core import coefficients, nonzero_along, weighted_sum
 from .registry import register_rule
@@ -41,7 +42,7 @@ def linear_rule(rec, R_out, ctx):
         pick = lambda t: t.reshape(-1, t.shape[-1])[rows]  # noqa: E731
         R_sub, absorbed = _linear_units(rmap(pick, R), pick(a), W, b, bounds,
                                         None if out is None else pick(out),
-                                        abs_weight=lambda: ctx.abs_param(m, "weight"))
+                                        abs_params=lambda: _abs_params(ctx, m))
 
         def place(r):
             full = r.new_zeros(a.numel() // a.shape[-1], a.shape[-1])
@@ -50,18 +51,25 @@ def linear_rule(rec, R_out, ctx):
 
         return [rmap(place, R_sub)], absorbed
     R_in, absorbed = _linear_units(R, a, W, b, bounds, out, ctx.shared(rec),
-                                   abs_weight=lambda: ctx.abs_param(m, "weight"))
+                                   abs_params=lambda: _abs_params(ctx, m))
     return [R_in], absorbed
 
 
-def _linear_units(R, a, W, b, bounds, out, shared=None, abs_weight=None):
+def _abs_params(ctx, m: nn.Module) -> dict:
+    """``|W|``, ``|b|`` (cached across explanations) and whether every ``|b|`` is > 0."""
+    absb = ctx.abs_param(m, "bias")
+    return {"abs_weight": ctx.abs_param(m, "weight"), "abs_bias": absb,
+            "bias_positive": None if absb is None else all_positive(absb)}
+
+
+def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
     """``weighted_sum`` for a Linear, restricted to the output units that carry relevance
     when they are at most a quarter of them (units without relevance give nothing)."""
     units = _live_units(R) if W.shape[0] >= 16 else None
     if units is not None:
         pick = lambda t: t.index_select(-1, units)  # noqa: E731
         R, W = rmap(pick, R), W.index_select(0, units)
-        abs_weight = None  # |W| of the few live units only (an LM head's whole vocabulary
+        abs_params = None  # |W| of the few live units only (an LM head's whole vocabulary
         # would cost more than the products)
         b = None if b is None else b.index_select(0, units)
         out = None if out is None else pick(out)
@@ -70,7 +78,7 @@ def _linear_units(R, a, W, b, bounds, out, shared=None, abs_weight=None):
                            and x.dim() and x.shape[-1] > 1 else x for x in bounds)
         shared = None  # denominators of a subset of units: not reusable
     return weighted_sum(R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out,
-                        shared=shared, abs_weight=None if abs_weight is None else abs_weight())
+                        shared=shared, **({} if abs_params is None else abs_params()))
 
 
 def _live_along(R, dim: int):
@@ -177,9 +185,12 @@ def _conv_rule(rec, R_out, ctx, conv):
                 )[0]
 
     out = rec.outputs[0] if rec.output_intact(0) else None
+    absb = ctx.abs_param(m, "bias")
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, adj,
         bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
+        abs_bias=_bias_view(absb, a.dim()),
+        bias_positive=None if absb is None else all_positive(absb),
     )
     return [R], absorbed
 
