@@ -345,6 +345,43 @@ def test_linear_default(seed: int, bias: bool, three_d: bool) -> None:
     check_default(layer, x, gen)
 
 
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_linear_few_live_units_of_a_wide_layer(mode: str) -> None:
+    """A wide layer (an LM head's vocabulary) whose relevance sits on a few units works on
+    those units only; the result equals the full rule (the slow reference in default
+    mode, the full-width path in both)."""
+    from dlbhooks.rules import linear
+
+    gen = torch.Generator().manual_seed(5)
+    width = linear.LIVE_UNITS_MIN
+    layer = init_(nn.Linear(6, width), gen)
+    x = rand(3, 6, gen=gen)
+    seed = torch.zeros(3, width, dtype=D)
+    seed[0, 7], seed[1, 7], seed[2, width - 1] = 2.0, -1.0, 3.0
+    calls = []
+    real = linear._live_units
+    linear._live_units = lambda R: calls.append(1) or real(R)
+    try:
+        fast = dlb.explain(layer, x, target=seed, mode=mode, saturation=False)
+    finally:
+        linear._live_units = real
+    assert calls, "the wide layer was not checked for live units"
+    old = linear.LIVE_UNITS_MIN
+    linear.LIVE_UNITS_MIN = width + 1  # the full-width path
+    try:
+        full = dlb.explain(layer, x, target=seed, mode=mode, saturation=False)
+    finally:
+        linear.LIVE_UNITS_MIN = old
+    torch.testing.assert_close(fast.inputs["input"], full.inputs["input"], rtol=1e-12,
+                               atol=1e-12)
+    assert fast.absorbed["<root>"] == pytest.approx(full.absorbed["<root>"], rel=1e-12)
+    if mode == "default":
+        units, bias = layer_units(layer, x)
+        (ref,), absorbed, _ = ref_default(units, bias, seed.flatten().tolist(), [x.numel()],
+                                          None)
+        close(fast.inputs["input"], as_tensor(ref, x), 6.0, "wide layer input relevance")
+
+
 def test_linear_default_activation_with_saturation_off() -> None:
     """saturation=False: a following Tanh changes nothing even when units saturate."""
     gen = torch.Generator().manual_seed(1)

@@ -14,6 +14,8 @@ from ..relevance import Streams, rmap
 from .core import coefficients, nonzero_along, weighted_sum
 from .registry import register_rule
 
+LIVE_UNITS_MIN = 4096  # output units from which a Linear looks for the few live ones
+
 
 def _linear_fwd(x, W):
     return x @ W.T
@@ -64,8 +66,10 @@ def _abs_params(ctx, m: nn.Module) -> dict:
 
 def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
     """``weighted_sum`` for a Linear, restricted to the output units that carry relevance
-    when they are at most a quarter of them (units without relevance give nothing)."""
-    units = _live_units(R) if W.shape[0] >= 16 else None
+    when they are at most a quarter of them (units without relevance give nothing). Only
+    wide layers are checked (an LM head's vocabulary): for the others the check costs more
+    than the smaller products save."""
+    units = _live_units(R) if W.shape[0] >= LIVE_UNITS_MIN else None
     if units is not None:
         pick = lambda t: t.index_select(-1, units)  # noqa: E731
         R, W = rmap(pick, R), W.index_select(0, units)
