@@ -31,13 +31,29 @@ class LSTMClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Batch norms with the statistics and affine parameters of a trained network (fresh
+    ones have beta = 0, so the rule would never pay for beta's share)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return model
+
+
 def models():
     mlp = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
                         nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     yield "MLP 512-1024x3-10, batch 64", mlp, torch.randn(64, 512)
     try:
         from torchvision.models import resnet18
-        yield "ResNet-18 1x3x224x224", resnet18(weights=None), torch.randn(1, 3, 224, 224)
+        yield "ResNet-18 1x3x224x224", _trained_like(resnet18(weights=None)), \
+            torch.randn(1, 3, 224, 224)
     except ImportError:
         print("torchvision not installed: skipping ResNet-18")
     yield "LSTM 128->256, batch 8 x 64 steps", LSTMClassifier(), torch.randint(0, 1000, (8, 64))

@@ -50,8 +50,10 @@ PASSTHROUGH = (
 
 
 def passthrough_rule(rec, R_out, ctx):
-    """Relevance moves with the data: element-wise maps and reshapes."""
-    return [R_out[0].reshape(rec.inputs[0].shape)]
+    """Relevance moves with the data: element-wise maps and reshapes. The same tensor
+    object when the shape does not change (the ledger then sums it once)."""
+    R, shape = R_out[0], rec.inputs[0].shape
+    return [R if R.shape == shape else R.reshape(shape)]
 
 
 for _cls in PASSTHROUGH:

@@ -8,22 +8,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..records import all_positive
 from .core import _fits, nonneg_div
 from .elementwise import reduce_to
 from .registry import register_rule
 
 
 def affine_split(R: Tensor, scaled: Tensor, beta: Tensor | None,
-                 own: bool = False) -> tuple[Tensor, Tensor]:
+                 own: bool = False, babs: Tensor | None = None,
+                 positive: bool | None = None) -> tuple[Tensor, Tensor]:
     """``y = scaled + β`` element-wise: ``R_x = R·|scaled| / (|scaled| + |β|)``. ``own``:
     ``scaled`` is the caller's temporary (overwritten). What β keeps, ``Σ (R/den)·|β|``,
-    is summed per β entry first (one reduction, no extra full-size tensor)."""
+    is summed per β entry first (one reduction, no extra full-size tensor). ``babs``:
+    ``|β|`` if the caller has it, ``positive``: whether all of it is > 0, if known."""
     if beta is None:
         return R, R.new_zeros(())
-    babs = beta.abs()
+    babs = beta.abs() if babs is None else babs
     mag = scaled.abs_() if own else scaled.abs()
     den = mag + babs
-    if bool((babs > 0).all()):  # den >= |β| > 0: no guard needed
+    if positive is None:
+        positive = bool((babs > 0).all())
+    if positive:  # den >= |β| > 0: no guard needed
         q = torch.div(R, den, out=den) if _fits(den, R) else R / den
         lost = (reduce_to(q, babs.shape) * babs).sum()
     else:
@@ -39,12 +44,23 @@ def _channel_view(p: Tensor | None, ndim: int) -> Tensor | None:
     return None if p is None else p.view(1, -1, *([1] * (ndim - 2)))
 
 
+def _beta(ctx, m: nn.Module, ndim: int | None = None) -> dict:
+    """β, |β| (cached across explanations) and whether all of |β| is > 0, as keyword
+    arguments of :func:`affine_split` (β and |β| viewed per channel when ``ndim``)."""
+    beta, babs = ctx.param(m, "bias"), ctx.abs_param(m, "bias")
+    if beta is None or babs is None:
+        return {"beta": None}
+    positive = all_positive(babs)
+    if ndim is not None:
+        beta, babs = _channel_view(beta, ndim), _channel_view(babs, ndim)
+    return {"beta": beta, "babs": babs, "positive": positive}
+
+
 def _channel_affine(R, xhat, m, ctx):
     """``y = γ_c·x̂ + β_c`` per channel (dim 1): the §2 split with β absorbed."""
     gamma = _channel_view(ctx.param(m, "weight"), xhat.dim())
-    beta = _channel_view(ctx.param(m, "bias"), xhat.dim())
     scaled = xhat.mul_(gamma) if gamma is not None else xhat
-    R_x, absorbed = affine_split(R, scaled, beta, own=True)
+    R_x, absorbed = affine_split(R, scaled, own=True, **_beta(ctx, m, xhat.dim()))
     return [R_x], absorbed
 
 
@@ -52,22 +68,21 @@ def _channel_affine(R, xhat, m, ctx):
 def layer_norm_rule(rec, R_out, ctx):
     m = rec.module
     x = rec.input_value(0)
-    gamma, beta = ctx.param(m, "weight"), ctx.param(m, "bias")
+    gamma = ctx.param(m, "weight")
     xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
     scaled = xhat.mul_(gamma) if gamma is not None else xhat
-    R_x, absorbed = affine_split(R_out[0], scaled, beta, own=True)
+    R_x, absorbed = affine_split(R_out[0], scaled, own=True, **_beta(ctx, m))
     return [R_x], absorbed
 
 
 @register_rule(nn.modules.batchnorm._BatchNorm, streamwise=True, name="batch_norm")
 def batch_norm_rule(rec, R_out, ctx):
     m = rec.module
-    beta = ctx.param(m, "bias")
     if rec.output_intact(0):  # |γ·x̂| = |y - β|: no need to normalise again
         y = rec.output_value(0)
-        beta = _channel_view(beta, y.dim())
-        scaled = y - beta if beta is not None else y
-        R_x, absorbed = affine_split(R_out[0], scaled, beta, own=beta is not None)
+        beta = _beta(ctx, m, y.dim())
+        scaled = y - beta["beta"] if beta["beta"] is not None else y
+        R_x, absorbed = affine_split(R_out[0], scaled, own=beta["beta"] is not None, **beta)
         return [R_x], absorbed
     x = rec.input_value(0)
     rm, rv = ctx.param(m, "running_mean"), ctx.param(m, "running_var")
