@@ -161,8 +161,9 @@ def lstm_steps(X: Tensor, Hp: Tensor, c0: Tensor, w: _Weights, reverse: bool, *,
     ig = i * g
     C = torch.empty_like(ig)
     c = c0
+    igs, fs, Cs = ig.unbind(0), f.unbind(0), C.unbind(0)
     for t in _order(T, reverse):  # c = f c' + i g, element-wise
-        c = torch.addcmul(ig[t], f[t], c, out=C[t])
+        c = torch.addcmul(igs[t], fs[t], c, out=Cs[t])
     fc = torch.empty_like(ig)  # f c' of every step
     prev, cur = (slice(1, None), slice(None, -1)) if reverse else (slice(None, -1),
                                                                     slice(1, None))
@@ -195,12 +196,13 @@ def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
 
     bounds = _gate_bounds([SIGMOID, SIGMOID, TANH, SIGMOID], H, X, saturate)
     terms = [st["fc"], st["ig"]]  # c = f c' + i g
-    (a_fc, a_ig), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
+    (a_fc, a_ig), add_lost = add_rule(X.new_ones(()), terms)  # split of unit relevance
     n = len(R_seq)
     order = _order(T, not reverse)  # against the recurrence
     if n == 1:
         coefs, R_h, R_c, kept = _lstm_loop(st, w, R_seq[0], R_h[0], R_c[0], order, a_fc,
-                                           a_ig, abs_total(), b, bounds, absHp)
+                                           a_ig, abs_total(), b, bounds, absHp,
+                                           add_guard=bool(add_lost != 0))
         absorbed[0] = absorbed[0] + kept
     else:
         RC = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on c_t
@@ -223,24 +225,34 @@ def _kept(K: Tensor, K_sgn: Tensor | None, abs_total: Tensor, signed: Tensor | N
     return kept
 
 
-def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, absHp):
+def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, absHp,
+               add_guard: bool = True):
     """Default mode: the reverse walk as a linear recurrence with precomputed factors.
 
     Returns the §2 coefficients of every step ([(c_abs, c_sgn)], [T, B, 4H]), the relevance
-    of the initial h and c, and what the biases and guards absorbed."""
+    of the initial h and c, and what the biases and guards absorbed. ``add_guard``: some
+    ``c = f c' + i g`` has both terms 0 (the add rule's guard)."""
     T, B, H = a_fc.shape
     # The gates' relevances are (rc a_ig, rc a_fc, rc a_ig, rh) / 2 for the relevance rh on
     # h and rc on c; their coefficients are those times the coefficients K of unit
     # relevance. With u = rh / 2 (halving is exact): c_i,f,g = rc M, c_o = u M.
-    (K, K_sgn), = coefficients(a_fc.new_ones(()), abs_total, st["signed"], b,
-                               bounds=bounds)[0]
-    # absorbed = sum(rc w_rc + u w_u): the add rule's guard (1 - a_fc - a_ig) and what the
-    # gates keep of their relevance (rc a / 2 for i, f, g; u for o)
-    kept = _kept(K, K_sgn, abs_total, st["signed"], out=abs_total).view(T, B, 4, H)
+    babs = None if b is None else b.abs()
+    plain = not add_guard and bounds is None and babs is not None and bool(babs.amin() > 0)
+    if plain:
+        # no saturation and no guard anywhere: K = 1 / (|W| |a| + |b|), and a unit keeps
+        # exactly its bias share, c_abs |b| (summed over the coefficients after the walk)
+        K, K_sgn = abs_total.add_(babs).reciprocal_(), None
+        kept = a_fc.new_empty(T, B, 4, H)  # (the buffer of the coefficients)
+    else:
+        (K, K_sgn), = coefficients(a_fc.new_ones(()), abs_total, st["signed"], b,
+                                   bounds=bounds)[0]
+        # absorbed = sum(rc w_rc + u w_u): the add rule's guard (1 - a_fc - a_ig) and what
+        # the gates keep of their relevance (rc a / 2 for i, f, g; u for o)
+        kept = _kept(K, K_sgn, abs_total, st["signed"], out=abs_total).view(T, B, 4, H)
+        w_rc = (1.0 - a_fc - a_ig).addcmul_(a_ig, kept[:, :, 0] + kept[:, :, 2], value=0.5)
+        w_rc.addcmul_(a_fc, kept[:, :, 1], value=0.5)
+        w_u = kept[:, :, 3].clone()
     del abs_total
-    w_rc = (1.0 - a_fc - a_ig).addcmul_(a_ig, kept[:, :, 0] + kept[:, :, 2], value=0.5)
-    w_rc.addcmul_(a_fc, kept[:, :, 1], value=0.5)
-    w_u = kept[:, :, 3].clone()
     half_fc, half_ig = a_fc.mul_(0.5), a_ig.mul_(0.5)  # (in place: few big temporaries)
     U, RC = a_fc.new_empty(T, B, H), a_fc.new_empty(T, B, H)  # u and rc of every step
 
@@ -296,7 +308,10 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
     if signed:
         R_h0.add_(st["Hp"][t] * back_s.view(B, H))
     coefs = [(C.view(T, B, 4 * H), S.view(T, B, 4 * H) if signed else None)]
-    kept = (RC.view(-1).dot(w_rc.view(-1)) + U.view(-1).dot(w_u.view(-1))).double()
+    if plain:
+        kept = torch.mv(C.view(T * B, 4 * H), babs.to(C.dtype)).sum().double()
+    else:
+        kept = (RC.view(-1).dot(w_rc.view(-1)) + U.view(-1).dot(w_u.view(-1))).double()
     return coefs, [R_h0], [(rc * fc).view(B, H)], kept
 
 
