@@ -535,6 +535,18 @@ def test_linear_contrastive(seed: int, bias: bool) -> None:
     check_contrastive(l1, l2, rand(3, 5, gen=gen), gen, act=nn.Tanh)
 
 
+@pytest.mark.parametrize("cin,bias,stride,pad", [(3, True, 2, 1), (5, False, 1, 1),
+                                                  (2, True, 1, 0)])
+def test_conv2d_contrastive(cin: int, bias: bool, stride: int, pad: int) -> None:
+    """Both streams through two convolutions (batch 2: the streams are stacked along the
+    batch for one adjoint product each; few input channels take the phase-decomposed
+    adjoint) against the slow per-element reference."""
+    gen = torch.Generator().manual_seed(31 + cin)
+    l1 = init_(nn.Conv2d(cin, 4, 3, stride=stride, padding=pad, bias=bias), gen)
+    l2 = init_(nn.Conv2d(4, 3, 2, bias=bias), gen)
+    check_contrastive(l1, l2, rand(2, cin, 7, 6, gen=gen), gen)
+
+
 def test_linear_contrastive_all_cases() -> None:
     """Aligned, crossed, degenerate (P_j = 0 or N_j = 0) and lost (P_j = N_j = 0) units."""
     gen = torch.Generator().manual_seed(11)

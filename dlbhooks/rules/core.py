@@ -332,6 +332,8 @@ def weighted_sum(
         coefs, absorbed = _default(R, abs_total, signed, bias, bounds if saturate else None,
                                    pre=output if saturate else None, own=own_total,
                                    babs=abs_bias, positive=bias_positive)
+    if contrastive and adjoint is not None and coefs[0][0].dim() >= 2:
+        return _streams_stacked(coefs, a, absa, adj_abs, sgn, signed), absorbed
     outs = []
     for c_abs, c_sgn in coefs:
         r = adj_abs(c_abs)
@@ -342,3 +344,19 @@ def weighted_sum(
             r = r.add_(q.mul_(a) if own and _fits(q, a) else a * q)
         outs.append(r)
     return (Streams(*outs) if contrastive else outs[0]), absorbed
+
+
+def _streams_stacked(coefs, a: Tensor, absa: Tensor, adj_abs, sgn: dict, signed) -> Streams:
+    """Both streams' adjoints as one product each (the streams stacked along the batch, so
+    ``adjoint`` must map a leading dim of 2N to 2N): one larger product instead of two,
+    and a convolution reads its weights once."""
+    def stacked(parts):
+        c = torch.stack(parts)
+        return c.view(2 * c.shape[1], *c.shape[2:])
+
+    r = adj_abs(stacked([c for c, _ in coefs])).reshape(2, *absa.shape).mul_(absa)
+    if coefs[0][1] is not None:
+        signed()
+        q = sgn["adj"](stacked([c for _, c in coefs]))
+        r.add_(q.reshape(2, *a.shape).mul_(a))
+    return Streams(r[0], r[1])

@@ -183,9 +183,13 @@ def _conv_rule(rec, R_out, ctx, conv):
                 return _polyphase_adjoint(s, w, a.shape[-2:], m.stride, m.padding)
         else:
             def adj(s, w):  # the transpose of the convolution: one convolution_backward
+                # (only the input's shape is read: a stand-in, so that ``s`` may hold
+                # several streams along the batch)
+                shape = (s.shape[0], *a.shape[1:])
+                stand_in = a if s.shape[0] == a.shape[0] else s.new_empty(1).expand(shape)
                 return torch.ops.aten.convolution_backward(
-                    s, a, w, None, m.stride, m.padding, m.dilation, False, [0] * nd,
-                    m.groups, [True, False, False],
+                    s, stand_in, w, None, m.stride, m.padding, m.dilation, False,
+                    [0] * nd, m.groups, [True, False, False],
                 )[0]
 
     out = rec.outputs[0] if rec.output_intact(0) else None
