@@ -104,8 +104,7 @@ def split_signs(abs_total: Tensor, signed_total: Tensor) -> tuple[Tensor, Tensor
     P = torch.add(abs_total, signed_total).mul_(0.5)
     N = torch.sub(abs_total, signed_total).mul_(0.5)
     # keep a side only where it exceeds tol (>= 0: negative rounding noise goes too)
-    return P.mul_(torch.sub(P, tol).sign_().clamp_min_(0.0)), N.mul_(
-        torch.sub(N, tol).sign_().clamp_min_(0.0))
+    return P.masked_fill_(P <= tol, 0.0), N.masked_fill_(N <= tol, 0.0)
 
 
 def coefficients(
@@ -231,22 +230,31 @@ def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bia
     t = signed_total + bias if bias is not None else signed_total
     P, N = split_signs(abs_total, signed_total)
     rp, rn = R.pos, R.neg
-    tiny = torch.finfo(abs_total.dtype).tiny
-    up = t > 0
-    A = ((up & (rp > rn)) | (~up & (rp <= rn))).to(abs_total.dtype)
-    ND = (P * N > 0).to(abs_total.dtype)  # 0 where a side is empty (degenerate or lost)
-    live = abs_total > 0
-    inv_s = live.to(abs_total.dtype).div_(abs_total.clamp_min(tiny)).mul_(1.0 - ND)
-    inv_p = ND / P.clamp_min(tiny)  # (P, N > 0 wherever ND = 1)
-    inv_n = ND / N.clamp_min(tiny)
+    dt = abs_total.dtype
+    A = torch.eq(t > 0, rp > rn).to(dt)  # aligned: (t > 0 and R+ > R-) or neither
+    side = torch.minimum(P, N)  # > 0 where both sides exist
+    if side.numel() and float(side.amin()) > 0:
+        # no degenerate (or empty) unit: nothing is lost, every unit splits both ways
+        inv_p, inv_n = P.reciprocal_(), N.reciprocal_()
+        absorbed = Streams(rp.new_zeros(()), rn.new_zeros(()))
+        inv_s = None
+    else:
+        tiny = torch.finfo(dt).tiny
+        ND = (side > 0).to(dt)  # 0 where a side is empty (degenerate or lost)
+        live = abs_total > 0
+        inv_s = live.to(dt).div_(abs_total.clamp_min(tiny)).mul_(1.0 - ND)
+        inv_p = ND / P.clamp_min(tiny)  # (P, N > 0 wherever ND = 1)
+        inv_n = ND / N.clamp_min(tiny)
+        lost = (~live).to(dt)
+        absorbed = Streams((rp * lost).sum(), (rn * lost).sum())
     x_pos, y_neg = A * inv_p, A * inv_n  # A/P, A/N
     x_neg, y_pos = inv_p.sub_(x_pos), inv_n.sub_(y_neg)  # (1-A)/P, (1-A)/N (A is 0 or 1)
-    lost = (~live).to(abs_total.dtype)
-    absorbed = Streams((rp * lost).sum(), (rn * lost).sum())
     coefs = []
     for r, x, y in ((rp, x_pos, y_pos), (rn, x_neg, y_neg)):
         half = r * 0.5
-        c_abs = torch.add(x, y).mul_(half).addcmul_(r, inv_s)
+        c_abs = torch.add(x, y).mul_(half)
+        if inv_s is not None:
+            c_abs.addcmul_(r, inv_s)
         c_sgn = torch.sub(x, y).mul_(half)
         coefs.append((c_abs, c_sgn))
     return coefs, absorbed
