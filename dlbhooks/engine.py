@@ -20,7 +20,7 @@ from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
 from .records import Record, Tape, base_to_view, fetch_abs_param, fetch_param, view_to_base
 from .relevance import Rel, Streams, radd, rmap, rsum, total64
 from .rules import registry
-from .rules.elementwise import saturation_bounds
+from .rules.elementwise import nonnegative_output, saturation_bounds
 from .storage import record_tensors
 
 
@@ -163,6 +163,17 @@ class Engine:
         if not self.share or self.tape.store.active:  # stored records change per rule
             return None
         return self.tape.shared.setdefault(rec.index, {})
+
+    def nonnegative_input(self, rec: Record, i: int = 0) -> bool:
+        """Is ``rec``'s input ``i`` the unchanged output of a module whose output is never
+        negative (a ReLU, a sigmoid; :data:`~dlbhooks.rules.elementwise.NONNEGATIVE`)?
+        Then ``|a| = a`` needs no check."""
+        t = rec.inputs[i]
+        hit = self.tape.producers.get(id(t))
+        if hit is None or not nonnegative_output(hit[0].module):
+            return False
+        prod, j = hit
+        return prod.outputs[j] is t and prod.out_versions[j] == rec.in_versions[i]
 
     def bounds_after(self, rec: Record):
         """Saturation bounds of the activation that alone consumed ``rec``'s output."""

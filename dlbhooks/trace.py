@@ -173,6 +173,8 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
                 # outputs of the calls inside, last first
                 tape.alias(t, [o for c in reversed(rec.children) for o in c.outputs])
             tape.produce(t)
+            if not rec.children:
+                tape.producers[id(t)] = (rec, i)
         if id(module) in self._snap and not tape.store.active:  # copies are snapshots
             rec.snapshots = {i: t.clone() for i, t in enumerate(rec.outputs)}
         rec.done = True

@@ -332,3 +332,31 @@ def test_finite_checks_do_not_trust_an_overflowing_sum():
     assert not all_finite(torch.tensor([1.0, float("inf")]))
     assert has_nan(torch.tensor([1.0, float("nan")]))
     assert not has_nan(torch.tensor([float("inf"), -float("inf")]))  # sum is NaN, no NaN
+
+
+def test_nonnegative_input_only_for_an_unchanged_relu_output():
+    """A weighted sum may skip |a| only when ``a`` is exactly what a ReLU (sigmoid, ...)
+    returned: not after an in-place change, not for a LeakyReLU."""
+    from dlbhooks.engine import Engine
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu, self.leaky = torch.nn.ReLU(), torch.nn.LeakyReLU(0.1)
+            self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            h = self.relu(x)
+            y = self.a(h)
+            h.sub_(1.0)  # changed in place after the ReLU: may be negative now
+            return self.b(h) + self.c(self.leaky(x)) + y
+
+    net = Net()
+    x = torch.randn(3, 4)
+    with dlb.trace(net) as tape:
+        net(x)
+    engine = Engine(tape)
+    recs = {r.path: r for r in tape.records}
+    assert engine.nonnegative_input(recs["a"], 0)
+    assert not engine.nonnegative_input(recs["b"], 0)
+    assert not engine.nonnegative_input(recs["c"], 0)

@@ -284,6 +284,7 @@ def weighted_sum(
     abs_weight: Tensor | None = None,
     abs_bias: Tensor | None = None,
     bias_positive: bool | None = None,
+    nonneg_input: bool = False,
     shared: dict | None = None,
 ) -> tuple[Rel, Rel]:
     """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``.
@@ -293,7 +294,8 @@ def weighted_sum(
     adjoint must return a new tensor). ``output``, if given, is the recorded
     ``forward(a, W) + bias`` and saves one product. ``abs_weight``: ``|W|`` if the caller
     already has it, ``abs_bias`` likewise ``|bias|`` (shaped like ``bias``) and
-    ``bias_positive`` whether all of it is > 0. ``shared``: a dict kept across
+    ``bias_positive`` whether all of it is > 0; ``nonneg_input``: ``a`` is known to have
+    no negative entry (the output of a ReLU), so ``|a| = a``. ``shared``: a dict kept across
     explanations of the same recorded call (several targets on one tape): ``|a|`` and the
     denominators ``forward(|a|, |W|)`` depend on the forward only, so they are computed
     once (needs ``adjoint``).
@@ -302,7 +304,7 @@ def weighted_sum(
     saturate = not contrastive and _has_bounds(bounds)
     absW = W.abs() if abs_weight is None else abs_weight
     if adjoint is None:
-        absa = _abs_input(a)
+        absa = a if nonneg_input else _abs_input(a)
         abs_total, vjp_abs = torch.func.vjp(lambda x: forward(x, absW), absa)
         adj_abs = lambda s: vjp_abs(s)[0]  # noqa: E731
         own = own_total = False  # (a vjp may hand back views: nothing in place)
@@ -310,7 +312,7 @@ def weighted_sum(
         if shared is not None and "abs_total" in shared:
             absa, abs_total = shared["abs_a"], shared["abs_total"]
         else:
-            absa = _abs_input(a)
+            absa = a if nonneg_input else _abs_input(a)
             abs_total = forward(absa, absW)
             if shared is not None:
                 shared.update(abs_a=absa, abs_total=abs_total)

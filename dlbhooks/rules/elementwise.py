@@ -41,6 +41,15 @@ def saturation_bounds(module: nn.Module) -> tuple[float | None, float | None] | 
     return None
 
 
+#: Modules whose output is never negative: a weighted sum reading it needs no |a|.
+NONNEGATIVE: tuple[type, ...] = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid,
+                                 nn.Softplus)
+
+
+def nonnegative_output(module: nn.Module) -> bool:
+    return isinstance(module, NONNEGATIVE)
+
+
 PASSTHROUGH = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,

@@ -44,7 +44,7 @@ def linear_rule(rec, R_out, ctx):
         pick = lambda t: t.reshape(-1, t.shape[-1])[rows]  # noqa: E731
         R_sub, absorbed = _linear_units(rmap(pick, R), pick(a), W, b, bounds,
                                         None if out is None else pick(out),
-                                        abs_params=lambda: _abs_params(ctx, m))
+                                        abs_params=lambda: _abs_params(ctx, m, rec))
 
         def place(r):
             full = r.new_zeros(a.numel() // a.shape[-1], a.shape[-1])
@@ -53,15 +53,17 @@ def linear_rule(rec, R_out, ctx):
 
         return [rmap(place, R_sub)], absorbed
     R_in, absorbed = _linear_units(R, a, W, b, bounds, out, ctx.shared(rec),
-                                   abs_params=lambda: _abs_params(ctx, m))
+                                   abs_params=lambda: _abs_params(ctx, m, rec))
     return [R_in], absorbed
 
 
-def _abs_params(ctx, m: nn.Module) -> dict:
-    """``|W|``, ``|b|`` (cached across explanations) and whether every ``|b|`` is > 0."""
+def _abs_params(ctx, m: nn.Module, rec) -> dict:
+    """``|W|``, ``|b|`` (cached across explanations), whether every ``|b|`` is > 0 and
+    whether the input is known to be non-negative."""
     absb = ctx.abs_param(m, "bias")
     return {"abs_weight": ctx.abs_param(m, "weight"), "abs_bias": absb,
-            "bias_positive": None if absb is None else all_positive(absb)}
+            "bias_positive": None if absb is None else all_positive(absb),
+            "nonneg_input": ctx.nonnegative_input(rec, 0)}
 
 
 def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
@@ -199,6 +201,7 @@ def _conv_rule(rec, R_out, ctx, conv):
         bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
         abs_bias=_bias_view(absb, a.dim()),
         bias_positive=None if absb is None else all_positive(absb),
+        nonneg_input=ctx.nonnegative_input(rec, 0),
     )
     return [R], absorbed
 
