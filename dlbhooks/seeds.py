@@ -99,8 +99,8 @@ def row_targets(out: Tensor, target: Any) -> Tensor:
     """One class index per batch row of ``out`` [batch, classes]."""
     B, C = out.shape
     if target is None:
-        idx = out.argmax(dim=-1)
-    elif isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
+        return out.argmax(dim=-1)  # (in range by construction)
+    if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
         idx = torch.full((B,), int(target), dtype=torch.long, device=out.device)
     elif isinstance(target, (Sequence, Tensor)):
         idx = torch.as_tensor(list(target) if not isinstance(target, Tensor) else target)
