@@ -258,7 +258,8 @@ class Engine:
         # and derives what was absorbed inside this call from the log positions
         self.ledger[slot] = (LedgerEntry(
             key=rec.key, path=rec.path, type=rec.type_name,
-            relevance_out=self._total(R_out), relevance_in=self._total(R_in),
+            relevance_out=self._total(R_out, pop=True, keep=R_in),
+            relevance_in=self._total(R_in),
             absorbed=absorbed,  # the last log entry this call made (finish() relies on it)
             absorbed_inside=(start, len(self._absorbed_log)),
             leaf=rule is not None and not rec.children,
@@ -305,15 +306,24 @@ class Engine:
             a, b = running[lo], running[hi]
             e.absorbed_inside = (b[0] - a[0], b[1] - a[1]) if self.contrastive else b - a
 
-    def _total(self, rels: list[Rel | None]) -> Rel | None:
-        """Float64 total of a list of relevances, each tensor summed only once."""
+    def _total(self, rels: list[Rel | None], pop: bool = False,
+               keep: list[Rel | None] = ()) -> Rel | None:
+        """Float64 total of a list of relevances, each tensor summed only once: a record's
+        input relevance is remembered until it arrives as another record's output
+        relevance (``pop``), unless it also goes on as this record's input (``keep``: a
+        pass-through rule hands on the same tensor)."""
+        staying = {id(t) for r in keep if r is not None
+                   for t in ((r.pos, r.neg) if isinstance(r, Streams) else (r,))}
 
         def one(t: Tensor) -> Tensor:
-            hit = self._sums.pop(id(t), None)  # a tensor is summed as R_in, then as R_out
+            hit = self._sums.get(id(t))
             if hit is not None and hit[0] is t:
+                if pop and id(t) not in staying:
+                    del self._sums[id(t)]
                 return hit[1]
             total = total64(t)
-            self._sums[id(t)] = (t, total)
+            if not pop or id(t) in staying:
+                self._sums[id(t)] = (t, total)
             return total
 
         total = None
