@@ -17,6 +17,7 @@ place.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -217,7 +218,45 @@ def _saturated(R, abs_total, signed, babs, d, own, positive=None):
     return [(h.mul_(s) if _fits(h, s) else h * s, d.mul_(s) if _fits(d, s) else d * s)], absorbed
 
 
-def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bias: Tensor | None):
+@dataclass
+class ContrastiveSplit:
+    """What contrastive mode needs of a weighted sum's units that does not depend on the
+    relevance (so a recurrent rule computes it for every step at once): ``up`` (t > 0),
+    ``inv_p``/``inv_n`` (``ND/P``, ``ND/N``), and for degenerate or empty units ``inv_s``
+    (``D/S``) and ``lost`` (a float mask), ``None`` when there are none."""
+
+    up: Tensor
+    inv_p: Tensor
+    inv_n: Tensor
+    inv_s: Tensor | None = None
+    lost: Tensor | None = None
+
+    def unbind(self) -> list[ContrastiveSplit]:
+        """One split per index of the first dim (a recurrent rule's time steps)."""
+        parts = [f.unbind(0) if f is not None else None for f in
+                 (self.up, self.inv_p, self.inv_n, self.inv_s, self.lost)]
+        return [ContrastiveSplit(*(None if f is None else f[k] for f in parts))
+                for k in range(self.up.shape[0])]
+
+
+def contrastive_split(abs_total: Tensor, signed_total: Tensor,
+                      bias: Tensor | None) -> ContrastiveSplit:
+    t = signed_total + bias if bias is not None else signed_total
+    P, N = split_signs(abs_total, signed_total)
+    side = torch.minimum(P, N)  # > 0 where both sides exist
+    if side.numel() and float(side.amin()) > 0:
+        # no degenerate (or empty) unit: nothing is lost, every unit splits both ways
+        return ContrastiveSplit(t > 0, P.reciprocal_(), N.reciprocal_())
+    dt = abs_total.dtype
+    tiny = torch.finfo(dt).tiny
+    ND = (side > 0).to(dt)  # 0 where a side is empty (degenerate or lost)
+    live = abs_total > 0
+    inv_s = live.to(dt).div_(abs_total.clamp_min(tiny)).mul_(1.0 - ND)
+    return ContrastiveSplit(t > 0, ND / P.clamp_min(tiny), ND / N.clamp_min(tiny), inv_s,
+                            (~live).to(dt))  # (P, N > 0 wherever ND = 1)
+
+
+def contrastive_coefficients(R: Streams, split: ContrastiveSplit):
     """Contrastive mode of §2 per unit: aligned (the + stream from the positive
     contributions, the - stream from the negative ones), crossed (the other way round) or
     degenerate (one side empty: both streams ∝ |contribution|); a unit without
@@ -225,39 +264,29 @@ def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bia
     ``A`` = aligned, ``D`` = degenerate and ``ND = 1 - D``, stream ``r`` of a unit gives
     ``c_abs = r (ND (x + y) / 2 + D / S)`` and ``c_sgn = r ND (x - y) / 2`` with
     ``(x, y) = (A/P, (1-A)/N)`` for the + stream and ``((1-A)/P, A/N)`` for the - stream."""
-    if signed_total is None:
-        raise ValueError("contrastive mode needs the signed total of the contributions")
-    t = signed_total + bias if bias is not None else signed_total
-    P, N = split_signs(abs_total, signed_total)
     rp, rn = R.pos, R.neg
-    dt = abs_total.dtype
-    A = torch.eq(t > 0, rp > rn).to(dt)  # aligned: (t > 0 and R+ > R-) or neither
-    side = torch.minimum(P, N)  # > 0 where both sides exist
-    if side.numel() and float(side.amin()) > 0:
-        # no degenerate (or empty) unit: nothing is lost, every unit splits both ways
-        inv_p, inv_n = P.reciprocal_(), N.reciprocal_()
+    A = torch.eq(split.up, rp > rn).to(split.inv_p.dtype)  # aligned: t > 0 and R+ > R-, or neither
+    x_pos, y_neg = A * split.inv_p, A * split.inv_n  # A/P, A/N
+    x_neg, y_pos = torch.sub(split.inv_p, x_pos), torch.sub(split.inv_n, y_neg)  # (1-A)/P, (1-A)/N
+    if split.lost is None:
         absorbed = Streams(rp.new_zeros(()), rn.new_zeros(()))
-        inv_s = None
     else:
-        tiny = torch.finfo(dt).tiny
-        ND = (side > 0).to(dt)  # 0 where a side is empty (degenerate or lost)
-        live = abs_total > 0
-        inv_s = live.to(dt).div_(abs_total.clamp_min(tiny)).mul_(1.0 - ND)
-        inv_p = ND / P.clamp_min(tiny)  # (P, N > 0 wherever ND = 1)
-        inv_n = ND / N.clamp_min(tiny)
-        lost = (~live).to(dt)
-        absorbed = Streams((rp * lost).sum(), (rn * lost).sum())
-    x_pos, y_neg = A * inv_p, A * inv_n  # A/P, A/N
-    x_neg, y_pos = inv_p.sub_(x_pos), inv_n.sub_(y_neg)  # (1-A)/P, (1-A)/N (A is 0 or 1)
+        absorbed = Streams((rp * split.lost).sum(), (rn * split.lost).sum())
     coefs = []
     for r, x, y in ((rp, x_pos, y_pos), (rn, x_neg, y_neg)):
         half = r * 0.5
         c_abs = torch.add(x, y).mul_(half)
-        if inv_s is not None:
-            c_abs.addcmul_(r, inv_s)
+        if split.inv_s is not None:
+            c_abs.addcmul_(r, split.inv_s)
         c_sgn = torch.sub(x, y).mul_(half)
         coefs.append((c_abs, c_sgn))
     return coefs, absorbed
+
+
+def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bias: Tensor | None):
+    if signed_total is None:
+        raise ValueError("contrastive mode needs the signed total of the contributions")
+    return contrastive_coefficients(R, contrastive_split(abs_total, signed_total, bias))
 
 
 def _abs_input(a: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import UnsupportedModuleError
 from ..records import fetch_param
 from ..relevance import Streams
-from .core import coefficients
+from .core import coefficients, contrastive_coefficients, contrastive_split
 from .elementwise import add_rule
 from .registry import register_rule
 
@@ -325,6 +325,7 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total,
     C = [[a_fc.new_empty(T, B, 4 * H) for _ in range(2)] for _ in range(n)]
     rh = [R_h[k] + R_seq[k][order[0]] for k in range(n)]
     rc_next = list(R_c)
+    splits = contrastive_split(abs_total, signed, b).unbind()  # (forward-only: all steps)
     for j, t in enumerate(order):
         G = []
         for k in range(n):
@@ -334,7 +335,7 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total,
             rc_next[k] = r_fc * 0.5
             r_ig = r_ig * 0.5
             G.append(torch.cat([r_ig, rc_next[k], r_ig, u], dim=-1))
-        coefs, ab = coefficients(_join(G), abs_total[t], signed[t], b)
+        coefs, ab = contrastive_coefficients(_join(G), splits[t])
         _acc(absorbed, ab)
         for k, (c_abs, c_sgn) in enumerate(coefs):
             C[k][0][t] = c_abs
@@ -501,6 +502,9 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absor
     abs_n, signed_n, b_in, _ = sums["n"]
     C = [[a_a.new_empty(T, B, 3 * H) for _ in range(2)] for _ in range(n)]
     rh = [torch.add(R_h[k], R_seq[k][order[0]], out=RH[k][order[0]]) for k in range(n)]
+    # the forward-only part of the per-unit split, for all steps at once
+    splits_n = contrastive_split(abs_n, signed_n, b_in).unbind()
+    splits_h = contrastive_split(abs_h, signed_h, b_h).unbind()
     for j, t in enumerate(order):
         hp, q = Hp[t], Q[t]
         R_z, R_n, R_direct = [], [], []
@@ -509,13 +513,13 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absor
             R_z.append((r_a + r_b) * 0.5)
             R_n.append(r_a * 0.5)
             R_direct.append(r_b * 0.5)
-        coefs_n, ab = coefficients(_join(R_n), abs_n[t], signed_n[t], b_in)
+        coefs_n, ab = contrastive_coefficients(_join(R_n), splits_n[t])
         _acc(absorbed, ab)
         R_h_units = []  # r: half of R_q, z: R_z, W_hn h' + b_hn: the other half of R_q
         for (c_abs, c_sgn), r_z in zip(coefs_n, R_z):
             r_q = (c_abs * q.abs()).add_(c_sgn * q).mul_(0.5)
             R_h_units.append(torch.cat([r_q, r_z, r_q], dim=-1))
-        coefs_h, ab = coefficients(_join(R_h_units), abs_h[t], signed_h[t], b_h)
+        coefs_h, ab = contrastive_coefficients(_join(R_h_units), splits_h[t])
         _acc(absorbed, ab)
         for k in range(n):
             (h_abs, h_sgn), (n_abs, n_sgn) = coefs_h[k], coefs_n[k]
