@@ -205,7 +205,7 @@ def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
                                            add_guard=bool(add_lost != 0))
         absorbed[0] = absorbed[0] + kept
     else:
-        RC = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on c_t
+        RC = X.new_empty(n, T, B, H)  # relevance on c_t
         coefs, R_h, R_c = _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig,
                                              abs_total(), b, absHp, absorbed)
         for k in range(n):  # the add rule's guard losses, all steps at once
@@ -317,34 +317,34 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
 
 def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total, b, absHp,
                        absorbed):
-    """Contrastive mode: ``coefficients`` once per step (both streams)."""
+    """Contrastive mode: the per-relevance part of the §2 split once per step; the two
+    streams travel stacked ([2, B, ·]), so every other operation serves both. ``RC``
+    [2, T, B, H] receives the relevance on every c_t."""
     T, B, H = a_fc.shape
     Hp, signed = st["Hp"], st["signed"]
-    n = len(R_seq)
     W, absW = w.W_hh, w.W_hh.abs()
-    C = [[a_fc.new_empty(T, B, 4 * H) for _ in range(2)] for _ in range(n)]
-    rh = [R_h[k] + R_seq[k][order[0]] for k in range(n)]
-    rc_next = list(R_c)
+    C = a_fc.new_empty(2, 2, T, B, 4 * H)  # [stream, (c_abs, c_sgn), step, ...]
+    R_seq = torch.stack(R_seq)  # [2, T, B, H]
+    rh = torch.stack(R_h).add_(R_seq[:, order[0]])
+    rc_next = torch.stack(R_c)
     splits = contrastive_split(abs_total, signed, b).unbind()  # (forward-only: all steps)
     for j, t in enumerate(order):
-        G = []
-        for k in range(n):
-            u = rh[k] * 0.5  # h = o tanh(c): half to o, half to c
-            rc = torch.add(rc_next[k], u, out=RC[k][t])
-            r_fc, r_ig = rc * a_fc[t], rc * a_ig[t]
-            rc_next[k] = r_fc * 0.5
-            r_ig = r_ig * 0.5
-            G.append(torch.cat([r_ig, rc_next[k], r_ig, u], dim=-1))
-        coefs, ab = contrastive_coefficients(_join(G), splits[t])
+        u = rh * 0.5  # h = o tanh(c): half to o, half to c
+        rc = torch.add(rc_next, u, out=RC[:, t])
+        rc_next = rc * a_fc[t]
+        r_ig = rc * a_ig[t]
+        rc_next.mul_(0.5)
+        r_ig.mul_(0.5)
+        G = torch.cat([r_ig, rc_next, r_ig, u], dim=-1)
+        coefs, ab = contrastive_coefficients(Streams(G[0], G[1]), splits[t])
         _acc(absorbed, ab)
-        for k, (c_abs, c_sgn) in enumerate(coefs):
-            C[k][0][t] = c_abs
-            C[k][1][t] = 0.0 if c_sgn is None else c_sgn
-            back = absHp[t] * (c_abs @ absW)
-            if c_sgn is not None:
-                back.add_(Hp[t] * (c_sgn @ W))
-            rh[k] = back + R_seq[k][order[j + 1]] if j + 1 < len(order) else back
-    return [tuple(c) for c in C], rh, rc_next
+        c = C[:, :, t]
+        torch.stack([c_abs for c_abs, _ in coefs], out=c[:, 0])
+        torch.stack([c_sgn for _, c_sgn in coefs], out=c[:, 1])
+        back = (c[:, 0] @ absW).mul_(absHp[t])
+        back.add_((c[:, 1] @ W).mul_(Hp[t]))
+        rh = back.add_(R_seq[:, order[j + 1]]) if j + 1 < len(order) else back
+    return [(C[k, 0], C[k, 1]) for k in range(2)], list(rh.unbind(0)), list(rc_next.unbind(0))
 
 
 # -- GRU --------------------------------------------------------------------------------------
