@@ -401,7 +401,7 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
     order = _order(T, not reverse)
     if n > 1:
-        RH = [X.new_empty(T, B, H) for _ in range(n)]  # relevance on h_t (all of it)
+        RH = X.new_empty(n, T, B, H)  # relevance on h_t (all of it)
         coefs, R_h = _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp,
                                        absorbed)
         for k in range(n):  # the add rule's guard losses, all steps at once
@@ -482,15 +482,14 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
 
 
 def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absorbed):
-    """Contrastive mode: ``coefficients`` per step and weighted sum (both streams): the n
-    gate, then the r, z gates and ``W_hn h' + b_hn`` together (all three take their
-    relevance from what ``q`` got).
+    """Contrastive mode: the per-relevance part of the §2 split per step and weighted sum:
+    the n gate, then the r, z gates and ``W_hn h' + b_hn`` together (all three take their
+    relevance from what ``q`` got). The two streams travel stacked ([2, B, ·]).
 
-    Fills ``RH``; returns the §2 coefficients of the input part and the relevance of the
-    initial h, per stream."""
+    Fills ``RH`` [2, T, B, H]; returns the §2 coefficients of the input part and the
+    relevance of the initial h, per stream."""
     T, B, H = a_a.shape
     Hp, Q = st["Hp"], st["q"]
-    n = len(R_seq)
     W, absW = w.W_hh, w.W_hh.abs()
     # the r, z and W_hn h' units side by side, like the rows of W_hh
     (abs_rz, signed_rz, b_rz, _), (abs_hn, signed_hn, b_hn, _) = sums["rz"], sums["hn"]
@@ -500,38 +499,38 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absor
         [b_rz if b_rz is not None else abs_rz.new_zeros(2 * H),
          b_hn if b_hn is not None else abs_rz.new_zeros(H)])
     abs_n, signed_n, b_in, _ = sums["n"]
-    C = [[a_a.new_empty(T, B, 3 * H) for _ in range(2)] for _ in range(n)]
-    rh = [torch.add(R_h[k], R_seq[k][order[0]], out=RH[k][order[0]]) for k in range(n)]
+    C = a_a.new_empty(2, 2, T, B, 3 * H)  # [stream, (c_abs, c_sgn), step, ...]
+    R_seq = torch.stack(R_seq)  # [2, T, B, H]
+    rh = torch.add(torch.stack(R_h), R_seq[:, order[0]], out=RH[:, order[0]])
     # the forward-only part of the per-unit split, for all steps at once
     splits_n = contrastive_split(abs_n, signed_n, b_in).unbind()
     splits_h = contrastive_split(abs_h, signed_h, b_h).unbind()
+    Q_abs = Q.abs()
     for j, t in enumerate(order):
-        hp, q = Hp[t], Q[t]
-        R_z, R_n, R_direct = [], [], []
-        for k in range(n):
-            r_a, r_b = rh[k] * a_a[t], rh[k] * a_b[t]
-            R_z.append((r_a + r_b) * 0.5)
-            R_n.append(r_a * 0.5)
-            R_direct.append(r_b * 0.5)
-        coefs_n, ab = contrastive_coefficients(_join(R_n), splits_n[t])
+        r_a, r_b = rh * a_a[t], rh * a_b[t]
+        R_z = torch.add(r_a, r_b).mul_(0.5)
+        R_n, R_direct = r_a.mul_(0.5), r_b.mul_(0.5)
+        coefs_n, ab = contrastive_coefficients(Streams(R_n[0], R_n[1]), splits_n[t])
         _acc(absorbed, ab)
-        R_h_units = []  # r: half of R_q, z: R_z, W_hn h' + b_hn: the other half of R_q
-        for (c_abs, c_sgn), r_z in zip(coefs_n, R_z):
-            r_q = (c_abs * q.abs()).add_(c_sgn * q).mul_(0.5)
-            R_h_units.append(torch.cat([r_q, r_z, r_q], dim=-1))
-        coefs_h, ab = contrastive_coefficients(_join(R_h_units), splits_h[t])
+        n_abs = torch.stack([c for c, _ in coefs_n])
+        n_sgn = torch.stack([c for _, c in coefs_n])
+        # r: half of R_q, z: R_z, W_hn h' + b_hn: the other half of R_q
+        r_q = (n_abs * Q_abs[t]).add_(n_sgn * Q[t]).mul_(0.5)
+        units = torch.cat([r_q, R_z, r_q], dim=-1)
+        coefs_h, ab = contrastive_coefficients(Streams(units[0], units[1]), splits_h[t])
         _acc(absorbed, ab)
-        for k in range(n):
-            (h_abs, h_sgn), (n_abs, n_sgn) = coefs_h[k], coefs_n[k]
-            for dst, rz, nn_ in ((C[k][0], h_abs, n_abs), (C[k][1], h_sgn, n_sgn)):
-                dst[t, :, :2 * H] = rz[:, :2 * H]  # the input part: r, z and n units
-                dst[t, :, 2 * H:] = nn_
-            back = (absHp[t] * (h_abs @ absW)).add_(hp * (h_sgn @ W)).add_(R_direct[k])
-            if j + 1 < len(order):
-                rh[k] = torch.add(back, R_seq[k][order[j + 1]], out=RH[k][order[j + 1]])
-            else:
-                rh[k] = back
-    return [tuple(c) for c in C], rh
+        h_abs = torch.stack([c for c, _ in coefs_h])
+        h_sgn = torch.stack([c for _, c in coefs_h])
+        c = C[:, :, t]
+        for k, (rz, nn_) in enumerate(((h_abs, n_abs), (h_sgn, n_sgn))):
+            c[:, k, :, :2 * H] = rz[..., :2 * H]  # the input part: r, z and n units
+            c[:, k, :, 2 * H:] = nn_
+        back = (h_abs @ absW).mul_(absHp[t]).add_((h_sgn @ W).mul_(Hp[t])).add_(R_direct)
+        if j + 1 < len(order):
+            rh = torch.add(back, R_seq[:, order[j + 1]], out=RH[:, order[j + 1]])
+        else:
+            rh = back
+    return [(C[k, 0], C[k, 1]) for k in range(2)], list(rh.unbind(0))
 
 
 # -- whole modules ----------------------------------------------------------------------------
