@@ -241,6 +241,8 @@ class ContrastiveSplit:
 
 def contrastive_split(abs_total: Tensor, signed_total: Tensor,
                       bias: Tensor | None) -> ContrastiveSplit:
+    """The forward-only part of contrastive mode's per-unit split (see
+    :func:`contrastive_coefficients`) from ``Σ|w a|``, ``Σ w a`` and the bias."""
     t = signed_total + bias if bias is not None else signed_total
     P, N = split_signs(abs_total, signed_total)
     side = torch.minimum(P, N)  # > 0 where both sides exist
