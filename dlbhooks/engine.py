@@ -17,7 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
-from .records import Record, Tape, base_to_view, fetch_abs_param, fetch_param, view_to_base
+from .records import (
+    Record,
+    Tape,
+    all_positive,
+    base_to_view,
+    fetch_abs_param,
+    fetch_param,
+    view_to_base,
+)
 from .relevance import Rel, Streams, radd, rmap, rsum, total64
 from .rules import registry
 from .rules.elementwise import nonnegative_output, saturation_bounds
@@ -157,6 +165,13 @@ class Engine:
         W = self.param(module, name)
         return None if W is None else W.abs()
 
+    def abs_bias(self, module: nn.Module,
+                 name: str = "bias") -> tuple[Tensor | None, bool | None]:
+        """``|bias|`` (through :meth:`abs_param`) and whether all of it is > 0 (remembered
+        per tensor, so a cached ``|bias|`` is checked once); ``(None, None)`` without one."""
+        babs = self.abs_param(module, name)
+        return babs, None if babs is None else all_positive(babs)
+
     def shared(self, rec: Record) -> dict | None:
         """A dict a rule may keep forward-only quantities in (e.g. its denominators) for
         later explanations of the same tape, when sharing is on (``share=True``)."""
@@ -277,7 +292,7 @@ class Engine:
         scalars: dict[torch.device, list[Tensor]] = {}
         for e in entries:
             for v in (e.relevance_out, e.relevance_in, e.absorbed):
-                for t in () if v is None else (v.pos, v.neg) if isinstance(v, Streams) else (v,):
+                for t in () if v is None else _streams(v):
                     scalars.setdefault(t.device, []).append(t)
         values = {dev: iter(torch.stack(ts).tolist()) for dev, ts in scalars.items()}
         zero = (0.0, 0.0) if self.contrastive else 0.0
@@ -312,8 +327,7 @@ class Engine:
         input relevance is remembered until it arrives as another record's output
         relevance (``pop``), unless it also goes on as this record's input (``keep``: a
         pass-through rule hands on the same tensor)."""
-        staying = {id(t) for r in keep if r is not None
-                   for t in ((r.pos, r.neg) if isinstance(r, Streams) else (r,))}
+        staying = {id(t) for r in keep if r is not None for t in _streams(r)}
 
         def one(t: Tensor) -> Tensor:
             hit = self._sums.get(id(t))

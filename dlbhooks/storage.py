@@ -237,14 +237,6 @@ class Store:
             t.data = entry[0]
             del self._loaded[id(t)]
 
-    def stored_bytes(self) -> int:
-        """Bytes held by the stored copies (each storage counted once)."""
-        seen: dict[int, int] = {}
-        for copy, _, _ in self._origin.values():
-            st = copy.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        return sum(seen.values())
-
 
 def _inside(t: Tensor, shape: tuple, stride: tuple, offset: int) -> bool:
     """Every element of ``t`` lies in the dense span of a tensor ``(shape, stride, offset)``

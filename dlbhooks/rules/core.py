@@ -65,8 +65,6 @@ def nonneg_div(num: Tensor, den: Tensor, own: bool = False, positive: bool = Fal
     return s if positive else torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-_divide = nonneg_div
-
 
 def _zero_units(T: Tensor, babs: Tensor | None, positive: bool | None = None) -> Tensor | None:
     """Mask of the units with ``T == 0`` (the guard), or ``None`` when there are none:
@@ -173,7 +171,7 @@ def _default(
     else:
         T = abs_total
     zero = _zero_units(T, babs, positive)
-    s = _divide(R, T, own=own, positive=zero is None)
+    s = nonneg_div(R, T, own=own, positive=zero is None)
     return [(s, None)], _absorbed(R, s, babs, zero)
 
 
@@ -213,7 +211,7 @@ def _saturated(R, abs_total, signed, babs, d, own, positive=None):
     else:
         T = moving
     zero = _zero_units(T, babs, positive)
-    s = _divide(R, T, own=True, positive=zero is None)
+    s = nonneg_div(R, T, own=True, positive=zero is None)
     absorbed = _absorbed(R, s, babs, zero)
     return [(h.mul_(s) if _fits(h, s) else h * s, d.mul_(s) if _fits(d, s) else d * s)], absorbed
 

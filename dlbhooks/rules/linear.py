@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from ..records import all_positive
 from ..relevance import Streams, rmap
 from .core import coefficients, nonzero_along, weighted_sum
 from .registry import register_rule
@@ -60,10 +59,9 @@ def linear_rule(rec, R_out, ctx):
 def _abs_params(ctx, m: nn.Module, rec) -> dict:
     """``|W|``, ``|b|`` (cached across explanations), whether every ``|b|`` is > 0 and
     whether the input is known to be non-negative."""
-    absb = ctx.abs_param(m, "bias")
+    absb, positive = ctx.abs_bias(m)
     return {"abs_weight": ctx.abs_param(m, "weight"), "abs_bias": absb,
-            "bias_positive": None if absb is None else all_positive(absb),
-            "nonneg_input": ctx.nonnegative_input(rec, 0)}
+            "bias_positive": positive, "nonneg_input": ctx.nonnegative_input(rec, 0)}
 
 
 def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
@@ -198,12 +196,12 @@ def _conv_rule(rec, R_out, ctx, conv):
                 )[0]
 
     out = rec.outputs[0] if rec.output_intact(0) else None
-    absb = ctx.abs_param(m, "bias")
+    absb, positive = ctx.abs_bias(m)
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, adj,
         bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
         abs_bias=_bias_view(absb, a.dim()),
-        bias_positive=None if absb is None else all_positive(absb),
+        bias_positive=positive,
         nonneg_input=ctx.nonnegative_input(rec, 0),
     )
     return [R], absorbed

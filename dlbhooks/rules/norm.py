@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..records import all_positive
 from .core import _fits, nonneg_div
 from .elementwise import reduce_to
 from .registry import register_rule
@@ -47,10 +46,9 @@ def _channel_view(p: Tensor | None, ndim: int) -> Tensor | None:
 def _beta(ctx, m: nn.Module, ndim: int | None = None) -> dict:
     """β, |β| (cached across explanations) and whether all of |β| is > 0, as keyword
     arguments of :func:`affine_split` (β and |β| viewed per channel when ``ndim``)."""
-    beta, babs = ctx.param(m, "bias"), ctx.abs_param(m, "bias")
+    beta, (babs, positive) = ctx.param(m, "bias"), ctx.abs_bias(m)
     if beta is None or babs is None:
         return {"beta": None}
-    positive = all_positive(babs)
     if ndim is not None:
         beta, babs = _channel_view(beta, ndim), _channel_view(babs, ndim)
     return {"beta": beta, "babs": babs, "positive": positive}

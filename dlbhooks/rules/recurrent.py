@@ -39,6 +39,7 @@ call conserves to float precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +109,14 @@ class _Weights:
     W_hh: Tensor
     b_ih: Tensor | None
     b_hh: Tensor | None
+
+    @cached_property
+    def abs_ih(self) -> Tensor:
+        return self.W_ih.abs()
+
+    @cached_property
+    def abs_hh(self) -> Tensor:  # (one |W_hh| per call: the sums and the walk share it)
+        return self.W_hh.abs()
 
 
 def _weights(param, m: nn.Module, suffix: str, dt: torch.dtype) -> _Weights:
@@ -186,13 +195,13 @@ def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
     T, B = X.shape[:2]
     H = w.W_hh.shape[1]
     b = _bias(w.b_ih, w.b_hh)
-    absW_ih = w.W_ih.abs()
+    absW_ih = w.abs_ih
     absHp = Hp.abs()
     # |contributions| with the same operations as the signed sums, so that a unit whose
     # contributions all share one sign gets P or N exactly 0 (made where used and
     # dropped as soon as possible: big temporaries are what costs here)
     def abs_total():
-        return _mm2(X.abs(), absW_ih, absHp, w.W_hh.abs())
+        return _mm2(X.abs(), absW_ih, absHp, w.abs_hh)
 
     bounds = _gate_bounds([SIGMOID, SIGMOID, TANH, SIGMOID], H, X, saturate)
     terms = [st["fc"], st["ig"]]  # c = f c' + i g
@@ -277,7 +286,7 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
         S, T3, T1, Sf = buffer()
         back_s = a_fc.new_empty(B, 1, H)
         Hp_half = (st["Hp"] * 0.5).unsqueeze(2).unbind(0)
-    W, absW = w.W_hh, w.W_hh.abs()
+    W, absW = w.W_hh, w.abs_hh
     Fc = half_fc.unsqueeze(2).unbind(0)  # f c': half to c'
     aHp_half = absHp.mul_(0.5).unsqueeze(2).unbind(0)  # (absHp is ours)
     Rs_half = (R_seq * 0.5).unsqueeze(2).unbind(0)
@@ -322,7 +331,7 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total,
     [2, T, B, H] receives the relevance on every c_t."""
     T, B, H = a_fc.shape
     Hp, signed = st["Hp"], st["signed"]
-    W, absW = w.W_hh, w.W_hh.abs()
+    W, absW = w.W_hh, w.abs_hh
     C = a_fc.new_empty(2, 2, T, B, 4 * H)  # [stream, (c_abs, c_sgn), step, ...]
     R_seq = torch.stack(R_seq)  # [2, T, B, H]
     rh = torch.stack(R_h).add_(R_seq[:, order[0]])
@@ -382,10 +391,10 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     T, B = X.shape[:2]
     H = w.W_hh.shape[1]
     b_rz, b_in, b_hn = _gru_biases(w, H)
-    absW_ih = w.W_ih.abs()
+    absW_ih = w.abs_ih
     absHp = Hp.abs()
     # |contributions| and signed sums with the same operations (see lstm_reverse)
-    absXW, absHW = _mm(X.abs(), absW_ih), _mm(absHp, w.W_hh.abs())
+    absXW, absHW = _mm(X.abs(), absW_ih), _mm(absHp, w.abs_hh)
     XW, HW = st["XW"], st["HW"]
     n = len(R_seq)
     signed = saturate or n > 1  # the signed totals are needed (else None)
@@ -450,7 +459,7 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
         back_s = a_a.new_empty(B, 1, H)
         W_rz = w.W_hh[:2 * H]
         Hpu = Hp.unsqueeze(2).unbind(0)
-    absW = w.W_hh.abs()
+    absW = w.abs_hh
     direct = (a_b * 0.5).unsqueeze(2).unbind(0)  # z h': half to h'
     aHp = absHp.unsqueeze(2).unbind(0)
     Rs, RHu = R_seq.unsqueeze(2).unbind(0), RH.unsqueeze(2).unbind(0)
@@ -490,7 +499,7 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absor
     relevance of the initial h, per stream."""
     T, B, H = a_a.shape
     Hp, Q = st["Hp"], st["q"]
-    W, absW = w.W_hh, w.W_hh.abs()
+    W, absW = w.W_hh, w.abs_hh
     # the r, z and W_hn h' units side by side, like the rows of W_hh
     (abs_rz, signed_rz, b_rz, _), (abs_hn, signed_hn, b_hn, _) = sums["rz"], sums["hn"]
     abs_h = torch.cat([abs_rz, abs_hn], dim=-1)
