@@ -109,23 +109,31 @@ def test_outputs_unchanged_by_tracing(name, experts):
 def slow_experts(R, x, idx, w, Wgu, Wd, act, I):
     """Per token, per selected expert, per unit: METHOD.md §5 with explicit loops (default
     mode, no saturation, no biases)."""
-    T, H = x.shape
+    T = x.shape[0]
     R_x = torch.zeros_like(x)
     carried = torch.zeros(T, Wgu.shape[0], dtype=x.dtype)
     for tok in range(T):
-        outs = []
+        terms = []  # (column, contribution g·f(x), (W_gate, W_up, W_down))
         for s in range(idx.shape[1]):
             e = int(idx[tok, s])
-            h = act(Wgu[e][:I] @ x[tok]) * (Wgu[e][I:] @ x[tok])
-            outs.append((e, (Wd[e] @ h) * w[tok, s]))
-        for e, y in outs:
-            share = torch.zeros(H, dtype=x.dtype)
-            for hh in range(H):
-                den = sum(abs(float(yy[hh])) for _, yy in outs)
-                share[hh] = float(R[tok, hh]) * abs(float(y[hh])) / den if den else 0.0
-            carried[tok, e] += float(share.sum())
-            R_x[tok] += slow_mlp(share, x[tok], Wgu[e][:I], Wgu[e][I:], Wd[e], act)
+            mats = (Wgu[e][:I], Wgu[e][I:], Wd[e])
+            h = act(mats[0] @ x[tok]) * (mats[1] @ x[tok])
+            terms.append((e, (mats[2] @ h) * w[tok, s], mats))
+        slow_split_terms(R[tok], x[tok], terms, act, R_x[tok], carried[tok])
     return R_x, carried
+
+
+def slow_split_terms(R_t, x_t, terms, act, R_x_t, carried_t) -> None:
+    """One token: each unit's relevance split over the terms ∝ |contribution| (the add
+    rule), each term's share through its MLP; adds to ``R_x_t`` and ``carried_t``."""
+    H = x_t.shape[0]
+    for col, y, mats in terms:
+        share = torch.zeros(H, dtype=x_t.dtype)
+        for hh in range(H):
+            den = sum(abs(float(yy[hh])) for _, yy, _ in terms)
+            share[hh] = float(R_t[hh]) * abs(float(y[hh])) / den if den else 0.0
+        carried_t[col] += float(share.sum())
+        R_x_t += slow_mlp(share, x_t, *mats, act)
 
 
 def test_experts_rule_matches_slow_reference():
@@ -175,7 +183,7 @@ def slow_shared_moe(R, x, idx, w, experts, shared, gate_w):
     """Per token and unit: R[t, h] split over the selected experts' g·E(x) and the gated shared
     expert σ(gate·x)·S(x) in one step ∝ |contribution| (METHOD.md §5), then through each MLP.
     Returns relevance on x and the relevance each column (experts..., shared) carried."""
-    T, H = x.shape
+    T = x.shape[0]
     Wgu, Wd, act = experts.gate_up_proj.detach(), experts.down_proj.detach(), experts.act_fn
     I, E = Wgu.shape[1] // 2, Wgu.shape[0]
     S = (shared.gate_proj.weight.detach(), shared.up_proj.weight.detach(),
@@ -191,13 +199,7 @@ def slow_shared_moe(R, x, idx, w, experts, shared, gate_w):
             terms.append((e, w[t, s] * y, mats))
         y = S[2] @ (act(S[0] @ x[t]) * (S[1] @ x[t]))
         terms.append((E, torch.sigmoid(gate_w @ x[t])[0] * y, S))
-        for col, y, mats in terms:
-            share = torch.zeros(H, dtype=x.dtype)
-            for hh in range(H):
-                den = sum(abs(float(yy[hh])) for _, yy, _ in terms)
-                share[hh] = float(R[t, hh]) * abs(float(y[hh])) / den if den else 0.0
-            carried[t, col] += float(share.sum())
-            R_x[t] += slow_mlp(share, x[t], *mats, act)
+        slow_split_terms(R[t], x[t], terms, act, R_x[t], carried[t])
     return R_x, carried
 
 
