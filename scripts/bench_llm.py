@@ -23,6 +23,7 @@ Times are the fastest of ``--repeats`` runs after the warm-up (the run least dis
 other work on the machine; the medians are in the JSON each worker prints).
 
     python scripts/bench_llm.py [--lengths 128 512] [--repeats 3] [--k 4] [--profile 512]
+                                [--weight-cache MIB]
 """
 
 from __future__ import annotations
@@ -248,6 +249,8 @@ def run_worker(kind: str, length: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--lengths",
            str(length), "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--k", str(args.k)]
+    if args.weight_cache is not None:
+        cmd += ["--weight-cache", str(args.weight_cache)]
     env = dict(os.environ)
     if not args.spin:  # idle OpenMP threads sleep: CPU time counts work, not spinning
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -268,9 +271,16 @@ def main() -> None:
     ap.add_argument("--spin", action="store_true",
                     help="leave OpenMP's wait policy alone (default: OMP_WAIT_POLICY=PASSIVE)")
     ap.add_argument("--json", help="also write every measurement (all run times) here")
+    ap.add_argument("--weight-cache", type=int, default=None, metavar="MIB",
+                    help="dlb.set_weight_cache budget in MiB (default: the library's, "
+                         "256; 0 turns the |W| cache off)")
     ap.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        if args.weight_cache is not None:
+            import dlbhooks as dlb
+
+            dlb.set_weight_cache(args.weight_cache * 2**20)
         print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.threads,
                                 args.k)))
         return
