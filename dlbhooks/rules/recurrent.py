@@ -692,6 +692,20 @@ def _recorded_output(rec, dt: torch.dtype, batched: bool, batch_first: bool):
     return _time_major(out, batched, batch_first)
 
 
+def _state_relevance(rec, R_in: list, R_init, given: list[bool], r_dtype: torch.dtype,
+                     absorbed: list[Tensor]) -> None:
+    """Relevance of the initial states (per state, per stream) into ``R_in[1 + j]`` where the
+    call passed them; an implicit zero state normally receives nothing, and what does
+    arrive there counts as absorbed."""
+    for j, states in enumerate(R_init):
+        if given[j]:
+            shape = rec.inputs[1 + j].shape
+            R_in[1 + j] = _join([r.reshape(shape).to(r_dtype) for r in states])
+        else:
+            for s, r in enumerate(states):
+                absorbed[s] = absorbed[s] + r.double().sum()
+
+
 @torch.no_grad()
 def _rnn_rule(rec, R_out, ctx, kind: str):
     _check(rec, cell=False)
@@ -744,13 +758,7 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
     R_x = [r.squeeze(1) if not batched else (r.transpose(0, 1) if m.batch_first else r)
            for r in R_seq]
     R_in[0] = _join([r.to(r_dtype) for r in R_x])
-    for j in range(n_state):
-        if given[j]:
-            shape = rec.inputs[1 + j].shape
-            R_in[1 + j] = _join([r.reshape(shape).to(r_dtype) for r in R_init[j]])
-        else:  # implicit zero state: normally nothing arrives; count what does as absorbed
-            for s in range(n):
-                absorbed[s] = absorbed[s] + R_init[j][s].double().sum()
+    _state_relevance(rec, R_in, R_init, given, r_dtype, absorbed)
     return R_in, _join(absorbed)
 
 
@@ -798,13 +806,7 @@ def _cell_rule(rec, R_out, ctx, kind: str):
         R_init = [R_h0]
     R_in: list = [None] * len(rec.inputs)
     R_in[0] = _join([r.reshape(x0.shape).to(r_dtype) for r in R_X])
-    for j in range(n_state):
-        if given[j]:
-            shape = rec.inputs[1 + j].shape
-            R_in[1 + j] = _join([r.reshape(shape).to(r_dtype) for r in R_init[j]])
-        else:
-            for s in range(n):
-                absorbed[s] = absorbed[s] + R_init[j][s].double().sum()
+    _state_relevance(rec, R_in, R_init, given, r_dtype, absorbed)
     return R_in, _join(absorbed)
 
 
