@@ -18,11 +18,12 @@ from .errors import (
     OffloadError,
     OutOfMemoryError,
     RecordModifiedError,
+    SavedFileError,
     TargetError,
     TraceError,
     UnsupportedModuleError,
 )
-from .generation import explain_generation
+from .generation import GenerationExplanation, explain_generation
 from .memory import MemoryEstimate, estimate_memory, record_bytes
 from .records import Record, Tape, set_weight_cache
 from .relevance import Streams
@@ -35,9 +36,11 @@ from .trace import trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "MemoryEstimate",
+    "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "GenerationExplanation",
+    "MemoryEstimate",
     "NonFiniteError", "OffloadError", "OutOfMemoryError", "Record", "RecordModifiedError",
-    "Storage", "Streams", "Tape", "TargetError", "TraceError", "UnsupportedModuleError",
+    "SavedFileError", "Storage", "Streams", "Tape", "TargetError", "TraceError",
+    "UnsupportedModuleError",
     "coverage", "estimate_memory",
     "explain", "explain_generation", "record_bytes", "register_rule", "register_saturation",
     "set_weight_cache", "trace", "unregister_rule",

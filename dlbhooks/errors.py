@@ -31,6 +31,10 @@ class TraceError(DLBError):
     """The tape is empty or was used the wrong way."""
 
 
+class SavedFileError(DLBError, ValueError):
+    """A file is not a saved dlbhooks result of the kind being loaded."""
+
+
 class OffloadError(DLBError):
     """A weight is on the meta device and nothing can load it."""
 

@@ -18,7 +18,6 @@ forward is what saves real work: ``1 + k`` passes' worth instead of ``2k``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .results import Explanation
+from .results import Explanation, read_saved, write_saved
 from .trace import trace
 
 
@@ -127,27 +126,17 @@ class GenerationExplanation:
     def save(self, path: str | Path) -> None:
         """Tensors to a safetensors file; tokens, mode and sizes as its JSON metadata
         (the per-token explanations are not saved: save them one by one if needed)."""
-        from safetensors.torch import save_file
-
         tensors = {"ids": self.ids, "generated": self.generated, "matrix": self.matrix,
                    "absorbed": self.absorbed}
         if self.positive is not None:
             tensors.update(positive=self.positive, negative=self.negative)
         meta = {"prompt_length": self.prompt_length, "mode": self.mode,
                 "multiplier": self.multiplier, "tokens": self.tokens, "info": self.info}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
-                  metadata={"dlbhooks_generation": json.dumps(meta)})
+        write_saved(path, "dlbhooks_generation", meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> GenerationExplanation:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("dlbhooks_generation")
-            if raw is None:
-                raise ValueError(f"{path} is not a dlbhooks generation explanation")
-            meta = json.loads(raw)
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        meta, t = read_saved(path, "dlbhooks_generation")
         return cls(ids=t["ids"], generated=t["generated"], matrix=t["matrix"],
                    absorbed=t["absorbed"], prompt_length=meta["prompt_length"],
                    mode=meta["mode"], multiplier=meta["multiplier"], tokens=meta["tokens"],

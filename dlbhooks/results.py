@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .errors import TraceError
+from .errors import SavedFileError
 
 
 @dataclass
@@ -80,25 +81,22 @@ class Explanation:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write tensors to a safetensors file, everything else as its JSON metadata."""
-        from safetensors.torch import save_file
-
+        """Write tensors to a safetensors file, everything else as its JSON metadata (a
+        tensor that appears under several names, as one module's input often is another's,
+        is written once)."""
         tensors: dict[str, Tensor] = {}
         for group, d in (("inputs", self.inputs), ("positive", self.positive or {}),
-                         ("negative", self.negative or {})):
+                         ("negative", self.negative or {}), ("heads", self.heads),
+                         ("experts", self.experts)):
             for k, v in d.items():
-                tensors[f"{group}/{k}"] = v.detach().contiguous().cpu()
-        for k, v in self.heads.items():
-            tensors[f"heads/{k}"] = v.detach().contiguous().cpu()
-        for k, v in self.experts.items():
-            tensors[f"experts/{k}"] = v.detach().contiguous().cpu()
+                tensors[f"{group}/{k}"] = v
         for k, (i, w) in self.routing.items():
-            tensors[f"routing_idx/{k}"] = i.contiguous().cpu()
-            tensors[f"routing_w/{k}"] = w.detach().contiguous().cpu()
+            tensors[f"routing_idx/{k}"] = i
+            tensors[f"routing_w/{k}"] = w
         for k, vs in self.tensors.items():
             for i, v in enumerate(vs):
                 if v is not None:
-                    tensors[f"at/{i}/{k}"] = v.detach().contiguous().cpu()
+                    tensors[f"at/{i}/{k}"] = v
         meta = {
             "layers": self.layers, "absorbed": self.absorbed, "mode": self.mode,
             "multiplier": self.multiplier, "scaler": self.scaler,
@@ -108,32 +106,26 @@ class Explanation:
             "at_arity": {k: len(v) for k, v in self.tensors.items()},
             "blocks": self.blocks,
         }
-        save_file(tensors, str(path), metadata={"dlbhooks": json.dumps(meta)})
+        write_saved(path, "dlbhooks", meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> Explanation:
-        from safetensors import safe_open
-
         from .engine import LedgerEntry
 
-        with safe_open(str(path), framework="pt") as f:
-            meta_raw = (f.metadata() or {}).get("dlbhooks")
-            if meta_raw is None:
-                raise TraceError(f"{path} is not a dlbhooks explanation (no metadata)")
-            meta = json.loads(meta_raw)
-            groups: dict[str, dict[str, Tensor]] = {
-                "inputs": {}, "positive": {}, "negative": {}, "heads": {}, "experts": {},
-                "routing_idx": {}, "routing_w": {}}
-            tensors: dict[str, list[Tensor | None]] = {
-                k: [None] * n for k, n in meta["at_arity"].items()
-            }
-            for key in f.keys():
-                group, rest = key.split("/", 1)
-                if group == "at":
-                    i, name = rest.split("/", 1)
-                    tensors[name][int(i)] = f.get_tensor(key)
-                else:
-                    groups[group][rest] = f.get_tensor(key)
+        meta, saved = read_saved(path, "dlbhooks")
+        groups: dict[str, dict[str, Tensor]] = {
+            "inputs": {}, "positive": {}, "negative": {}, "heads": {}, "experts": {},
+            "routing_idx": {}, "routing_w": {}}
+        tensors: dict[str, list[Tensor | None]] = {
+            k: [None] * n for k, n in meta["at_arity"].items()
+        }
+        for key, value in saved.items():
+            group, rest = key.split("/", 1)
+            if group == "at":
+                i, name = rest.split("/", 1)
+                tensors[name][int(i)] = value
+            else:
+                groups[group][rest] = value
         contrastive = meta["contrastive"]
         return cls(
             inputs=groups["inputs"], layers=meta["layers"], absorbed=meta["absorbed"],
@@ -145,6 +137,63 @@ class Explanation:
             heads=groups["heads"], blocks=meta.get("blocks", {}), experts=groups["experts"],
             routing={k: (v, groups["routing_w"][k]) for k, v in groups["routing_idx"].items()},
         )
+
+
+_KINDS = {"dlbhooks": ("explanation", "dlb.Explanation.load"),
+          "dlbhooks_generation": ("generation explanation", "dlb.GenerationExplanation.load"),
+          "dlbhooks_expert_stats": ("expert statistics", "dlb.ExpertStats.load")}
+
+
+def write_saved(path: str | Path, key: str, meta: dict, tensors: dict[str, Tensor]) -> None:
+    """A safetensors file of ``tensors`` (on the CPU) with ``meta`` as JSON under ``key``.
+    safetensors refuses tensors that share memory: one written under an earlier name
+    (same storage and view) is written once and recorded as an alias, and any other view
+    of a storage already written is copied."""
+    from safetensors.torch import save_file
+
+    out: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        view = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and view in views:
+            aliases[name] = views[view]
+            continue
+        views[view] = name
+        if t.numel() and ptr in storages:
+            t = t.clone(memory_format=torch.contiguous_format)
+        t = t.contiguous()
+        storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    save_file(out, str(path), metadata={key: json.dumps({**meta, "aliases": aliases})})
+
+
+def read_saved(path: str | Path, key: str) -> tuple[dict, dict[str, Tensor]]:
+    """The JSON metadata under ``key`` and every tensor of a file written by a dlbhooks
+    ``save``; :class:`SavedFileError` for any other file (naming the right loader if the
+    file holds another kind of dlbhooks result)."""
+    from safetensors import SafetensorError, safe_open
+
+    what = _KINDS[key][0]
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as err:
+        raise SavedFileError(f"{path} is not a saved dlbhooks {what}: {err}") from err
+    with handle as f:
+        meta = f.metadata() or {}
+        if key not in meta:
+            other = next((k for k in _KINDS if k in meta), None)
+            hint = (f"; it holds a dlbhooks {_KINDS[other][0]}: load it with "
+                    f"{_KINDS[other][1]}" if other else " (no dlbhooks metadata)")
+            raise SavedFileError(f"{path} is not a saved dlbhooks {what}{hint}")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(meta[key])
+    for name, first in meta.pop("aliases", {}).items():
+        tensors[name] = tensors[first]
+    return meta, tensors
 
 
 def _jsonable(x: Any) -> Any:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_conserved
+from safetensors import safe_open
 from torch import nn
 
 import dlbhooks as dlb
@@ -265,6 +266,35 @@ def test_save_load_roundtrip(tmp_path):
     assert back.layers == exp.layers and back.mode == "contrastive"
     assert torch.equal(back.at("2"), exp.at("2"))
     assert [e.key for e in back.ledger] == [e.key for e in exp.ledger]
+
+
+def test_saved_files_write_shared_memory_once_and_read_it_back(tmp_path):
+    from dlbhooks.results import read_saved, write_saved
+
+    base = torch.arange(12.0).reshape(3, 4)
+    tensors = {"a": base, "same": base, "tail": base[1:], "t": base.t(), "empty": base[:0],
+               "own": torch.ones(2)}
+    write_saved(tmp_path / "s.safetensors", "dlbhooks", {"x": 1}, tensors)
+    meta, back = read_saved(tmp_path / "s.safetensors", "dlbhooks")
+    assert meta == {"x": 1} and set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(back[k], v), k
+    assert back["same"] is back["a"]  # an alias, not a second copy
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        assert "same" not in f.keys()
+
+
+def test_load_rejects_other_files_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(dlb.SavedFileError, match="no dlbhooks metadata"):
+        dlb.Explanation.load(tmp_path / "weights.safetensors")
+    (tmp_path / "notes.txt").write_text("not a tensor file")
+    with pytest.raises(dlb.SavedFileError, match="not a saved dlbhooks explanation"):
+        dlb.Explanation.load(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError):
+        dlb.Explanation.load(tmp_path / "missing.safetensors")
 
 
 def test_layers_are_ordered_output_to_input_and_at_has_neuron_shape():

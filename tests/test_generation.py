@@ -148,9 +148,19 @@ def test_tokenizer_text_and_save(tmp_path):
     d = gen.to_dict()
     assert d["tokens"] == gen.tokens and len(d["matrix"]) == 3
     gen.save(tmp_path / "g.safetensors")
-    back = dlb.generation.GenerationExplanation.load(tmp_path / "g.safetensors")
+    back = dlb.GenerationExplanation.load(tmp_path / "g.safetensors")
     assert torch.equal(back.matrix, gen.matrix) and back.tokens == gen.tokens
     assert torch.equal(back.ids, gen.ids) and back.prompt_length == 5
+    # the other loader names the right one
+    with pytest.raises(dlb.SavedFileError, match="GenerationExplanation.load"):
+        dlb.Explanation.load(tmp_path / "g.safetensors")
+    exp = dlb.explain(model, gen.ids[:5].unsqueeze(0))
+    exp.save(tmp_path / "e.safetensors")  # (modules share input tensors: written once)
+    loaded = dlb.Explanation.load(tmp_path / "e.safetensors")
+    for path in exp.layers:
+        assert torch.equal(loaded.at(path), exp.at(path)), path
+    with pytest.raises(dlb.SavedFileError, match=r"dlb\.Explanation\.load"):
+        dlb.GenerationExplanation.load(tmp_path / "e.safetensors")
 
 
 def test_clear_errors():

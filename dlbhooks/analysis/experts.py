@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..results import read_saved, write_saved
 
 
 @dataclass
@@ -127,26 +128,21 @@ class ExpertStats:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
+        """Totals to a safetensors file; counts and layer data as its JSON metadata."""
         tensors, meta = {}, {"explanations": self.explanations, "tokens": {}, "shared": {}}
         for layer, st in self.layers.items():
             for name in ("relevance", "abs_relevance", "routed", "weight"):
-                tensors[f"{name}/{layer}"] = getattr(st, name).contiguous()
+                tensors[f"{name}/{layer}"] = getattr(st, name)
             meta["tokens"][layer] = st.tokens
             meta["shared"][layer] = st.shared
-        save_file(tensors, str(path), metadata={"dlbhooks_expert_stats": json.dumps(meta)})
+        write_saved(path, "dlbhooks_expert_stats", meta, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> ExpertStats:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["dlbhooks_expert_stats"])
-            stats = cls(explanations=meta["explanations"])
-            for layer, tokens in meta["tokens"].items():
-                stats.layers[layer] = _Layer(
-                    *(f.get_tensor(f"{n}/{layer}")
-                      for n in ("relevance", "abs_relevance", "routed", "weight")),
-                    tokens=tokens, shared=dict(meta.get("shared", {}).get(layer, {})))
+        meta, t = read_saved(path, "dlbhooks_expert_stats")
+        stats = cls(explanations=meta["explanations"])
+        for layer, tokens in meta["tokens"].items():
+            stats.layers[layer] = _Layer(
+                *(t[f"{n}/{layer}"] for n in ("relevance", "abs_relevance", "routed", "weight")),
+                tokens=tokens, shared=dict(meta.get("shared", {}).get(layer, {})))
         return stats
