@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import SavedFileError
+from .errors import SavedFileError, TraceError
 
 
 @dataclass
@@ -78,6 +78,21 @@ class Explanation:
     @property
     def total_absorbed(self) -> float:
         return float(sum(self.absorbed.values()))
+
+    def conservation_error(self) -> float:
+        """The largest ``|relevance_out - relevance_in - absorbed_inside|`` over the
+        ledger's calls (per stream in contrastive mode), relative to the seeded relevance:
+        0 up to rounding when every unit of relevance is accounted for (an audit check)."""
+        if not self.ledger:
+            raise TraceError("this explanation has no ledger (nothing was processed)")
+
+        def pairs(x):
+            return x if isinstance(x, tuple) else (x,)
+
+        seeded = max(max(abs(v) for v in pairs(self.ledger[0].relevance_out)), 1e-300)
+        return max(abs(o - i - a) for e in self.ledger
+                   for o, i, a in zip(pairs(e.relevance_out), pairs(e.relevance_in),
+                                      pairs(e.absorbed_inside))) / seeded
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

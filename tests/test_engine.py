@@ -204,6 +204,26 @@ def test_unsupported_module_then_register_rule():
         dlb.unregister_rule(Twice)
 
 
+def test_conservation_error_is_rounding_only_and_catches_a_leaking_rule():
+    class Twice(nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    model = nn.Sequential(nn.Linear(6, 4), Twice(), nn.Linear(4, 2)).double()
+
+    @dlb.register_rule(Twice, streamwise=True)
+    def leaking(rec, R_out, ctx):
+        return [R_out[0] * 0.75]  # a quarter of the relevance vanishes, unaccounted for
+
+    try:
+        exp = dlb.explain(model, X)
+        assert 0.2 < exp.conservation_error() < 0.3
+    finally:
+        dlb.unregister_rule(Twice)
+    for mode in ("default", "contrastive"):
+        assert dlb.explain(mlp(), X, mode=mode).conservation_error() < 1e-12
+
+
 def test_bad_targets_and_inputs():
     model = mlp()
     with pytest.raises(dlb.TargetError):

@@ -1,0 +1,29 @@
+"""The examples run offline and say what they claim."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tabular_breast_cancer(capsys):
+    pytest.importorskip("sklearn")
+    out = load("tabular_breast_cancer").main(["--seed", "0"])
+    assert out["accuracy"] > 0.9
+    R = out["relevance"]
+    assert R.shape[1] == 30 and (R >= 0).all()  # default mode: |w·a| shares of a positive seed
+    assert abs(out["seed_total"] - out["input_total"] - out["absorbed"]) < 1e-5 * out["seed_total"]
+    assert out["worst_residual"] < 1e-5
+    text = capsys.readouterr().out
+    assert "held-out accuracy" in text and "R+" in text and "conservation" in text
