@@ -199,10 +199,13 @@ def explain_generation(
     prompt ids ``[1, T]`` (or ``[T]``). One sequence only (batch 1): call once per prompt.
     The model is a decoder-only causal LM returning ``logits`` [batch, positions, vocab].
 
-    Generation is ``model.generate(ids, do_sample=False, max_new_tokens=...)`` (greedy; any
-    ``generate_kwargs`` are passed on, e.g. ``eos_token_id`` or ``repetition_penalty``),
-    run outside any trace. It may stop early at an end-of-sequence token. Pass
-    ``generated_ids`` (``[n]`` or ``[1, n]``) to explain a given continuation instead.
+    Generation is ``model.generate(ids, do_sample=False, max_new_tokens=...)`` (greedy),
+    run outside any trace; ``generate_kwargs`` are passed on: sampling (``do_sample=True,
+    top_k=50, top_p=0.9, temperature=0.8``), beam search (``num_beams=4``: the best beam is
+    explained), ``eos_token_id``, ``repetition_penalty``, ... Each generated token is
+    explained at its own logit, whichever strategy chose it. It may stop early at an
+    end-of-sequence token. Pass ``generated_ids`` (``[n]`` or ``[1, n]``) to explain a
+    given continuation instead.
 
     Then one traced forward over ``prompt + generated[:-1]`` and one reverse pass per
     generated token (module docstring: why not one batched pass). ``keep=True`` also

@@ -174,3 +174,24 @@ def test_clear_errors():
                                eos_token_id=2)
     with pytest.raises(dlb.TargetError):
         dlb.explain_generation(model, torch.tensor([[3, 4]]), generated_ids=torch.tensor([V]))
+
+
+@pytest.mark.parametrize("options", [
+    {"do_sample": True, "top_k": 8, "top_p": 0.9, "temperature": 0.8},
+    {"num_beams": 3},
+])
+def test_sampling_and_beam_search_options_reach_generate(options):
+    model = build("llama")
+    # (prompts for which sampling, and beam search, choose other tokens than greedy)
+    seed = 5 if "num_beams" in options else 2
+    prompt = torch.randint(3, V, (1, 4), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(7)
+    gen = dlb.explain_generation(model, prompt, max_new_tokens=5, **options)
+    torch.manual_seed(7)
+    ref = model.generate(prompt, max_new_tokens=5, **{"do_sample": False, **options})
+    greedy = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(gen.ids, ref[0])  # the explained tokens are the ones generate chose
+    assert not torch.equal(gen.ids, greedy[0])
+    for k in range(gen.n):  # each row explains the logit of the token that was chosen
+        total = float(gen.matrix[k].sum()) + float(gen.absorbed[k])
+        assert total == pytest.approx(100.0, rel=1e-9)
