@@ -171,14 +171,16 @@ def write_saved(path: str | Path, key: str, meta: dict, tensors: dict[str, Tenso
     views: dict[tuple, str] = {}
     storages: set[int] = set()
     for name, t in tensors.items():
-        t = t.detach().cpu()
+        t = t.detach()
         ptr = t.untyped_storage().data_ptr()
-        view = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        view = (str(t.device), ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         if t.numel() and view in views:
             aliases[name] = views[view]
             continue
         views[view] = name
-        if t.numel() and ptr in storages:
+        if t.device.type != "cpu":
+            t = t.cpu()  # a copy of its own
+        elif t.numel() and ptr in storages:
             t = t.clone(memory_format=torch.contiguous_format)
         t = t.contiguous()
         storages.add(t.untyped_storage().data_ptr())
