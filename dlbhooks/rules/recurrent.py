@@ -251,7 +251,6 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
         # no saturation and no guard anywhere: K = 1 / (|W| |a| + |b|), and a unit keeps
         # exactly its bias share, c_abs |b| (summed over the coefficients after the walk)
         K, K_sgn = abs_total.add_(babs).reciprocal_(), None
-        kept = a_fc.new_empty(T, B, 4, H)  # (the buffer of the coefficients)
     else:
         (K, K_sgn), = coefficients(a_fc.new_ones(()), abs_total, st["signed"], b,
                                    bounds=bounds)[0]
@@ -261,6 +260,7 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
         w_rc = (1.0 - a_fc - a_ig).addcmul_(a_ig, kept[:, :, 0] + kept[:, :, 2], value=0.5)
         w_rc.addcmul_(a_fc, kept[:, :, 1], value=0.5)
         w_u = kept[:, :, 3].clone()
+        del kept
     del abs_total
     half_fc, half_ig = a_fc.mul_(0.5), a_ig.mul_(0.5)  # (in place: few big temporaries)
     U, RC = a_fc.new_empty(T, B, H), a_fc.new_empty(T, B, H)  # u and rc of every step
@@ -271,19 +271,18 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
         M[:, :, 1] *= half_fc
         return M[:, :, :3].unbind(0), M[:, :, 3:].unbind(0)
 
-    def buffer(C=None):
-        C = a_fc.new_empty(T, B, 4, H) if C is None else C
+    def buffer(C):
         return C, C[:, :, :3].unbind(0), C[:, :, 3:].unbind(0), C.view(T, B, 4 * H).unbind(0)
 
-    # every per-step tensor is [B, 1, H] or [B, 3, H], the buffers are written in place
+    # every per-step tensor is [B, 1, H] or [B, 3, H]; each step's coefficients overwrite
+    # its factors in place (they are not needed after: no fresh buffer to fault in)
     M3, M1 = factors(K)
-    C, C3, C1, Cf = buffer(kept)  # the coefficients of every step (kept is done with)
-    del kept
+    C, C3, C1, Cf = buffer(K.view(T, B, 4, H))
     back = a_fc.new_empty(B, 1, H)
     signed = K_sgn is not None
     if signed:
         S3, S1 = factors(K_sgn)
-        S, T3, T1, Sf = buffer()
+        S, T3, T1, Sf = buffer(K_sgn.view(T, B, 4, H))
         back_s = a_fc.new_empty(B, 1, H)
         Hp_half = (st["Hp"] * 0.5).unsqueeze(2).unbind(0)
     W, absW = w.W_hh, w.abs_hh
