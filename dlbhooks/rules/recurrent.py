@@ -444,9 +444,10 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     w_h.addcmul_(q4, _kept(Khn, None, *sums["hn"][:2]) + keep_rz[..., :H])
     w_h.addcmul_(z2, keep_rz[..., H:])
     RH = a_a.new_empty(T, B, H)  # relevance on h_t
-    M = torch.stack([q4 * Krz[..., :H], z2 * Krz[..., H:], q4 * Khn], dim=2).unbind(0)
-    C = a_a.new_empty(T, B, 3, H)  # coefficients of the r, z and W_hn h' units
-    Cu, Cf = C.unbind(0), C.view(T, B, 3 * H).unbind(0)
+    # the factors of the r, z and W_hn h' units; each step's coefficients overwrite them
+    C = torch.stack([q4 * Krz[..., :H], z2 * Krz[..., H:], q4 * Khn], dim=2)
+    M = Cu = C.unbind(0)
+    Cf = C.view(T, B, 3 * H).unbind(0)
     back = a_a.new_empty(B, 1, H)
     signed = Krz_sgn is not None
     S = None
