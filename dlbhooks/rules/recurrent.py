@@ -271,18 +271,17 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
         M[:, :, 1] *= half_fc
         return M[:, :, :3].unbind(0), M[:, :, 3:].unbind(0)
 
-    def buffer(C):
-        return C, C[:, :, :3].unbind(0), C[:, :, 3:].unbind(0), C.view(T, B, 4 * H).unbind(0)
-
     # every per-step tensor is [B, 1, H] or [B, 3, H]; each step's coefficients overwrite
     # its factors in place (they are not needed after: no fresh buffer to fault in)
     M3, M1 = factors(K)
-    C, C3, C1, Cf = buffer(K.view(T, B, 4, H))
+    C = K.view(T, B, 4, H)
+    Cf = K.view(T, B, 4 * H).unbind(0)
     back = a_fc.new_empty(B, 1, H)
     signed = K_sgn is not None
     if signed:
         S3, S1 = factors(K_sgn)
-        S, T3, T1, Sf = buffer(K_sgn.view(T, B, 4, H))
+        S = K_sgn.view(T, B, 4, H)
+        Sf = K_sgn.view(T, B, 4 * H).unbind(0)
         back_s = a_fc.new_empty(B, 1, H)
         Hp_half = (st["Hp"] * 0.5).unsqueeze(2).unbind(0)
     W, absW = w.W_hh, w.abs_hh
@@ -297,12 +296,12 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
         rc = torch.add(u, rc, out=RCu[t]) if fc is None else torch.addcmul(u, rc, fc,
                                                                            out=RCu[t])
         fc = Fc[t]
-        torch.mul(M3[t], rc, out=C3[t])
-        torch.mul(M1[t], u, out=C1[t])
+        M3[t].mul_(rc)  # the coefficients, over the factors
+        M1[t].mul_(u)
         torch.mm(Cf[t], absW, out=back.view(B, H))
         if signed:
-            torch.mul(S3[t], rc, out=T3[t])
-            torch.mul(S1[t], u, out=T1[t])
+            S3[t].mul_(rc)
+            S1[t].mul_(u)
             torch.mm(Sf[t], W, out=back_s.view(B, H))
         if j + 1 < len(order):
             nt = order[j + 1]
@@ -446,8 +445,7 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     RH = a_a.new_empty(T, B, H)  # relevance on h_t
     # the factors of the r, z and W_hn h' units; each step's coefficients overwrite them
     C = torch.stack([q4 * Krz[..., :H], z2 * Krz[..., H:], q4 * Khn], dim=2)
-    M = Cu = C.unbind(0)
-    Cf = C.view(T, B, 3 * H).unbind(0)
+    M, Cf = C.unbind(0), C.view(T, B, 3 * H).unbind(0)
     back = a_a.new_empty(B, 1, H)
     signed = Krz_sgn is not None
     S = None
@@ -465,7 +463,7 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     Rs, RHu = R_seq.unsqueeze(2).unbind(0), RH.unsqueeze(2).unbind(0)
     rh = torch.add(Rs[order[0]], R_h.unsqueeze(1), out=RHu[order[0]])
     for j, t in enumerate(order):
-        torch.mul(M[t], rh, out=Cu[t])
+        M[t].mul_(rh)  # the coefficients, over the factors
         torch.mm(Cf[t], absW, out=back.view(B, H))
         if signed:
             torch.mul(Ms[t], rh, out=Su[t])
