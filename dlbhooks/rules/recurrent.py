@@ -263,7 +263,6 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
         del kept
     del abs_total
     half_fc, half_ig = a_fc.mul_(0.5), a_ig.mul_(0.5)  # (in place: few big temporaries)
-    U, RC = a_fc.new_empty(T, B, H), a_fc.new_empty(T, B, H)  # u and rc of every step
 
     def factors(K):  # K is ours (a fresh result): scale it in place
         M = K.view(T, B, 4, H)
@@ -287,7 +286,11 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
     W, absW = w.W_hh, w.abs_hh
     Fc = half_fc.unsqueeze(2).unbind(0)  # f c': half to c'
     aHp_half = absHp.mul_(0.5).unsqueeze(2).unbind(0)  # (absHp is ours)
-    Rs_half = (R_seq * 0.5).unsqueeze(2).unbind(0)
+    # u and rc of every step, written over buffers already touched (no page faults in the
+    # loop): u_t over R_seq_t / 2 (read just before), rc over half_ig (done with)
+    U = R_seq * 0.5
+    RC = half_ig
+    Rs_half = U.unsqueeze(2).unbind(0)
     Uu, RCu = U.unsqueeze(2).unbind(0), RC.unsqueeze(2).unbind(0)
     u = torch.add(Rs_half[order[0]], R_h.unsqueeze(1), alpha=0.5, out=Uu[order[0]])
     rc, fc = R_c.unsqueeze(1), None
@@ -318,7 +321,7 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
     if plain:
         kept = torch.mv(C.view(T * B, 4 * H), babs.to(C.dtype)).sum().double()
     else:
-        kept = (RC.view(-1).dot(w_rc.view(-1)) + U.view(-1).dot(w_u.view(-1))).double()
+        kept = (RC.reshape(-1).dot(w_rc.reshape(-1)) + U.reshape(-1).dot(w_u.reshape(-1))).double()
     return coefs, [R_h0], [(rc * fc).view(B, H)], kept
 
 
