@@ -27,3 +27,12 @@ def test_tabular_breast_cancer(capsys):
     assert out["worst_residual"] < 1e-5
     text = capsys.readouterr().out
     assert "held-out accuracy" in text and "R+" in text and "conservation" in text
+
+
+def test_lstm_planted_signal(capsys):
+    out = load("lstm_planted_signal").main(["--seed", "0"])
+    assert out["accuracy"] > 0.9 and out["detected"] > 50
+    # relevance concentrates on the planted bump: well above an even spread (3/40)
+    assert out["share"] > 2 * 3 / 40
+    assert out["conservation_error"] < 1e-5
+    assert "bump marked" in capsys.readouterr().out
