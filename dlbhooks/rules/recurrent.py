@@ -333,7 +333,9 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total,
     T, B, H = a_fc.shape
     Hp, signed = st["Hp"], st["signed"]
     W, absW = w.W_hh, w.abs_hh
-    C = a_fc.new_empty(2, 2, T, B, 4 * H)  # [stream, (c_abs, c_sgn), step, ...]
+    # [stream, (c_abs, c_sgn), step, ...]; zeroed (touched) here so that its page faults
+    # come in one pass, not one step at a time inside the sequential loop
+    C = a_fc.new_zeros(2, 2, T, B, 4 * H)
     R_seq = torch.stack(R_seq)  # [2, T, B, H]
     rh = torch.stack(R_h).add_(R_seq[:, order[0]])
     rc_next = torch.stack(R_c)
@@ -509,7 +511,7 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absor
         [b_rz if b_rz is not None else abs_rz.new_zeros(2 * H),
          b_hn if b_hn is not None else abs_rz.new_zeros(H)])
     abs_n, signed_n, b_in, _ = sums["n"]
-    C = a_a.new_empty(2, 2, T, B, 3 * H)  # [stream, (c_abs, c_sgn), step, ...]
+    C = a_a.new_zeros(2, 2, T, B, 3 * H)  # [stream, (c_abs, c_sgn), step, ...] (touched)
     R_seq = torch.stack(R_seq)  # [2, T, B, H]
     rh = torch.add(torch.stack(R_h), R_seq[:, order[0]], out=RH[:, order[0]])
     # the forward-only part of the per-unit split, for all steps at once
