@@ -168,7 +168,7 @@ def lstm_steps(X: Tensor, Hp: Tensor, c0: Tensor, w: _Weights, reverse: bool, *,
     gates.sigmoid_()[..., 2 * H:3 * H] = g  # ... to the gates i, f, g, o, in place
     i, f, g, o = gates.chunk(4, dim=-1)
     ig = i * g
-    C = torch.empty_like(ig)
+    C = torch.zeros_like(ig)  # (touched in one pass: no page faults inside the loop)
     c = c0
     igs, fs, Cs = ig.unbind(0), f.unbind(0), C.unbind(0)
     for t in _order(T, reverse):  # c = f c' + i g, element-wise
@@ -214,7 +214,7 @@ def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
                                            add_guard=bool(add_lost != 0))
         absorbed[0] = absorbed[0] + kept
     else:
-        RC = X.new_empty(n, T, B, H)  # relevance on c_t
+        RC = X.new_zeros(n, T, B, H)  # relevance on c_t (touched: no page faults in the loop)
         coefs, R_h, R_c = _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig,
                                              abs_total(), b, absHp, absorbed)
         for k in range(n):  # the add rule's guard losses, all steps at once
@@ -413,7 +413,7 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
     order = _order(T, not reverse)
     if n > 1:
-        RH = X.new_empty(n, T, B, H)  # relevance on h_t (all of it)
+        RH = X.new_zeros(n, T, B, H)  # relevance on h_t (all of it; touched)
         coefs, R_h = _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp,
                                        absorbed)
         for k in range(n):  # the add rule's guard losses, all steps at once
@@ -447,7 +447,7 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     w_h = (1.0 - a_a - a_b).addcmul_(n2, _kept(Kn, Kn_sgn, *sums["n"][:2]))
     w_h.addcmul_(q4, _kept(Khn, None, *sums["hn"][:2]) + keep_rz[..., :H])
     w_h.addcmul_(z2, keep_rz[..., H:])
-    RH = a_a.new_empty(T, B, H)  # relevance on h_t
+    RH = a_a.new_zeros(T, B, H)  # relevance on h_t (touched: no page faults in the loop)
     # the factors of the r, z and W_hn h' units; each step's coefficients overwrite them
     C = torch.stack([q4 * Krz[..., :H], z2 * Krz[..., H:], q4 * Khn], dim=2)
     M, Cf = C.unbind(0), C.view(T, B, 3 * H).unbind(0)
@@ -456,7 +456,7 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     S = None
     if signed:
         Ms = torch.stack([q4 * Krz_sgn[..., :H], z2 * Krz_sgn[..., H:]], dim=2).unbind(0)
-        S = a_a.new_empty(T, B, 3, H)  # the last slot is filled after the loop
+        S = a_a.new_zeros(T, B, 3, H)  # (touched) the last slot is filled after the loop
         Su = S[:, :, :2].unbind(0)
         Sf = [s.flatten(1) for s in Su]  # [B, 2H] views (row stride 3H)
         back_s = a_a.new_empty(B, 1, H)
