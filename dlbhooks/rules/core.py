@@ -65,7 +65,6 @@ def nonneg_div(num: Tensor, den: Tensor, own: bool = False, positive: bool = Fal
     return s if positive else torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-
 def _zero_units(T: Tensor, babs: Tensor | None, positive: bool | None = None) -> Tensor | None:
     """Mask of the units with ``T == 0`` (the guard), or ``None`` when there are none:
     none when every |b| > 0 (``positive``, if the caller knows); else one reduction

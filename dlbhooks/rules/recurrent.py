@@ -290,8 +290,8 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
     # loop): u_t over R_seq_t / 2 (read just before), rc over half_ig (done with)
     U = R_seq * 0.5
     RC = half_ig
-    Rs_half = U.unsqueeze(2).unbind(0)
     Uu, RCu = U.unsqueeze(2).unbind(0), RC.unsqueeze(2).unbind(0)
+    Rs_half = Uu  # (R_seq_t / 2 until step t overwrites it with u_t)
     u = torch.add(Rs_half[order[0]], R_h.unsqueeze(1), alpha=0.5, out=Uu[order[0]])
     rc, fc = R_c.unsqueeze(1), None
     for j, t in enumerate(order):
@@ -486,9 +486,7 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     if Kn_sgn is not None:
         if S is None:
             S = a_a.new_zeros(T, B, 3, H)
-        torch.mul(RH, n2 * Kn_sgn, out=S[:, :, 2])
-    elif S is not None:
-        S[:, :, 2] = 0.0
+        torch.mul(RH, n2 * Kn_sgn, out=S[:, :, 2])  # (else S's last slot stays 0)
     coefs = [(C.view(T, B, 3 * H), None if S is None else S.view(T, B, 3 * H))]
     return coefs, [rh.view(B, H)], RH.view(-1).dot(w_h.view(-1)).double()
 
