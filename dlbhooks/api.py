@@ -18,7 +18,7 @@ from .errors import (
 from .records import Record, Tape
 from .relevance import Streams, all_finite, has_nan, net, to_float
 from .results import Explanation
-from .seeds import make_seed
+from .seeds import TASKS, make_seed, sequence_positions
 
 
 def select_output(root: Record, output: str | int | None) -> int:
@@ -72,16 +72,23 @@ def explain_tape(
             )
     k = select_output(root, output)
     with tape.store.loaded([root.outputs[k]]):  # the output's own device and dtype
+        mask = root.arguments.get("attention_mask")
+        mask = mask if isinstance(mask, Tensor) else None
         seed = make_seed(
             root.outputs[k], target, task=task, multiplier=multiplier, mode=mode,
-            thresholding=thresholding, position=position,
+            thresholding=thresholding, position=position, attention_mask=mask,
         )
-        resolved = _resolved_target(root.outputs[k], target, task, position)
+        resolved = _resolved_target(root.outputs[k], target, task, position, mask)
+        info = {"task": task, "saturation": saturation, "output": root.output_names[k]}
+        if root.outputs[k].dim() == 3 and TASKS.get(task) == "multiclass":
+            info["position"] = sequence_positions(root.outputs[k], position, mask).tolist()
         seed_like = seed.pos if isinstance(seed, Streams) else seed
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share)
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
     try:
-        with tape.store.checks():
+        # relevance is not differentiated: no autograd graph, even for a tape recorded
+        # with grad=True or an explanation asked for inside torch.inference_mode()
+        with torch.inference_mode(False), torch.no_grad(), tape.store.checks():
             R_in = engine.propagate(root, R_out)
             engine.finish()
     except Exception as err:
@@ -110,10 +117,9 @@ def explain_tape(
             pos[name], neg[name] = R.pos, R.neg
     ledger = [e for e in engine.ledger if e is not None]
     layers = {e.key: _net(e.relevance_in) for e in ledger if e.path}
-    absorbed = {
-        e.key: _net(e.absorbed) for e in ledger
-        if e.leaf or e.absorbed not in (0.0, (0.0, 0.0))
-    }
+    absorbing = [e for e in ledger if e.leaf or e.absorbed not in (0.0, (0.0, 0.0))]
+    absorbed = {e.key: _net(e.absorbed) for e in absorbing}
+    streams = mode == "contrastive"
     tensors = {
         key: [None if r is None else net(r) for r in rs]
         for key, rs in engine.kept.items() if key != "<root>"
@@ -121,9 +127,11 @@ def explain_tape(
     return Explanation(
         inputs=inputs, layers=layers, absorbed=absorbed, mode=mode,
         multiplier=float(multiplier), positive=pos or None, negative=neg or None,
+        absorbed_positive={e.key: e.absorbed[0] for e in absorbing} if streams else None,
+        absorbed_negative={e.key: e.absorbed[1] for e in absorbing} if streams else None,
         target=resolved, ledger=ledger,
         tensors=tensors, scaler=scaler,
-        info={"task": task, "saturation": saturation, "output": root.output_names[k]},
+        info=info,
         heads={k2: net(v) for k2, v in engine.reports.get("heads", {}).items()},
         experts={k2: net(v) for k2, v in engine.reports.get("experts", {}).items()},
         routing=dict(engine.reports.get("routing", {})),
@@ -138,13 +146,14 @@ def _net(v) -> float:
     return v[0] - v[1] if isinstance(v, tuple) else float(v)
 
 
-def _resolved_target(out: Tensor, target: Any, task: str, position: Any = None) -> Any:
+def _resolved_target(out: Tensor, target: Any, task: str, position: Any = None,
+                     attention_mask: Tensor | None = None) -> Any:
     if target is None and out.dim() == 2 and task != "regression":
         return out.argmax(-1).tolist()
     if target is None and out.dim() == 3 and task in ("multiclass", "classification"):
-        pos = -1 if position is None else position
-        rows = torch.arange(out.shape[0])
-        return out[rows, torch.as_tensor(pos).long().expand(out.shape[0])].argmax(-1).tolist()
+        pos = sequence_positions(out, position, attention_mask)
+        rows = torch.arange(out.shape[0], device=out.device)
+        return out[rows, pos].argmax(-1).tolist()
     if isinstance(target, Tensor):
         return target.tolist() if target.numel() <= 64 else f"tensor{tuple(target.shape)}"
     return target

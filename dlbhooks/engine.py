@@ -298,8 +298,8 @@ class Engine:
         zero = (0.0, 0.0) if self.contrastive else 0.0
 
         def value(v):
-            if v is None:
-                return 0.0
+            if v is None:  # nothing (absorbed, or reaching the inputs): per stream too
+                return zero
             if isinstance(v, Streams):
                 return next(values[v.pos.device]), next(values[v.neg.device])
             return next(values[v.device])

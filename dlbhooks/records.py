@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import RecordModifiedError
-from .storage import Storage, Store
+from .storage import Storage, Store, version_of
 
 
 def tensor_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
@@ -137,7 +137,7 @@ class _AbsWeights:
 
     def get(self, param: Tensor) -> Tensor:
         hit = self._entries.get(id(param))
-        if hit is not None and hit[0]() is param and hit[1] == param._version \
+        if hit is not None and hit[0]() is param and hit[1] == version_of(param) \
                 and hit[2] == param.data_ptr():
             return hit[3]
         value = param.detach().abs()
@@ -146,7 +146,7 @@ class _AbsWeights:
         for key in [k for k, v in self._entries.items() if v[0]() is None]:
             del self._entries[key]
         if self.used + value.nbytes <= self.budget:
-            self._entries[id(param)] = (weakref.ref(param), param._version, param.data_ptr(),
+            self._entries[id(param)] = (weakref.ref(param), version_of(param), param.data_ptr(),
                                         value)
         return value
 
@@ -164,12 +164,12 @@ def all_positive(t: Tensor) -> bool:
     """Are all entries of ``t`` > 0? Remembered for the tensor object (until it changes in
     place or is freed), so a cached ``|bias|`` is checked once, not once per explanation."""
     hit = _POSITIVE.get(id(t))
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
+    if hit is not None and hit[0]() is t and hit[1] == version_of(t):
         return hit[2]
     value = t.numel() > 0 and float(t.detach().amin()) > 0
     key = id(t)
     _POSITIVE[key] = (weakref.ref(t, lambda _ref, key=key: _POSITIVE.pop(key, None)),
-                      t._version, value)
+                      version_of(t), value)
     return value
 
 
@@ -247,7 +247,7 @@ class Record:
     def input_value(self, i: int = 0) -> Tensor:
         """Input ``i`` as the module saw it; raises if it was modified in place since."""
         t = self.inputs[i]
-        if t._version != self.in_versions[i]:
+        if version_of(t) != self.in_versions[i]:
             raise RecordModifiedError(
                 f"input {i} of {self.describe()} was modified in place after the call; "
                 "its recorded values are no longer what the module saw. Register a composite "
@@ -260,7 +260,7 @@ class Record:
         if i in self.snapshots:
             return self.snapshots[i]
         t = self.outputs[i]
-        if t._version != self.out_versions[i]:
+        if version_of(t) != self.out_versions[i]:
             raise RecordModifiedError(
                 f"output {i} of {self.describe()} was modified in place after the call "
                 "(e.g. `out += identity` or an in-place activation) and no snapshot was "
@@ -269,7 +269,7 @@ class Record:
         return t
 
     def output_intact(self, i: int = 0) -> bool:
-        return i in self.snapshots or self.outputs[i]._version == self.out_versions[i]
+        return i in self.snapshots or version_of(self.outputs[i]) == self.out_versions[i]
 
 
 @dataclass(eq=False, repr=False)

@@ -20,7 +20,9 @@ class Explanation:
     ``inputs``: relevance shaped like each forward input, keyed by argument name (``pos -
     neg`` in contrastive mode, whose streams are ``positive`` and ``negative``).
     ``layers``: total relevance at each module's input, output→input order. ``absorbed``:
-    what each module's rule absorbed (bias shares, guards). ``ledger``: the full accounting.
+    what each module's rule absorbed (bias shares, guards; ``pos - neg`` in contrastive
+    mode, whose per-stream values are ``absorbed_positive`` / ``absorbed_negative``).
+    ``ledger``: the full accounting.
     """
 
     inputs: dict[str, Tensor]
@@ -44,6 +46,10 @@ class Explanation:
     experts: dict[str, Tensor] = field(default_factory=dict)
     #: MoE: {moe block path: (selected experts [batch, tokens, k], weights [batch, tokens, k])}
     routing: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    #: contrastive mode: what each module's rule absorbed from each stream (``absorbed`` is
+    #: their difference); per stream, inputs + absorbed = multiplier × batch rows
+    absorbed_positive: dict[str, float] | None = None
+    absorbed_negative: dict[str, float] | None = None
 
     def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
         """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""
@@ -120,6 +126,8 @@ class Explanation:
             "ledger": [asdict(e) for e in self.ledger],
             "at_arity": {k: len(v) for k, v in self.tensors.items()},
             "blocks": self.blocks,
+            "absorbed_positive": self.absorbed_positive,
+            "absorbed_negative": self.absorbed_negative,
         }
         write_saved(path, "dlbhooks", meta, tensors)
 
@@ -142,15 +150,20 @@ class Explanation:
             else:
                 groups[group][rest] = value
         contrastive = meta["contrastive"]
+        # JSON has no tuples: a contrastive entry's (pos, neg) pairs come back as lists
+        ledger = [LedgerEntry(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in e.items()}) for e in meta["ledger"]]
         return cls(
             inputs=groups["inputs"], layers=meta["layers"], absorbed=meta["absorbed"],
             mode=meta["mode"], multiplier=meta["multiplier"],
             positive=groups["positive"] if contrastive else None,
             negative=groups["negative"] if contrastive else None,
-            target=meta["target"], ledger=[LedgerEntry(**e) for e in meta["ledger"]],
+            target=meta["target"], ledger=ledger,
             tensors=tensors, scaler=meta["scaler"], info=meta["info"],
             heads=groups["heads"], blocks=meta.get("blocks", {}), experts=groups["experts"],
             routing={k: (v, groups["routing_w"][k]) for k, v in groups["routing_idx"].items()},
+            absorbed_positive=meta.get("absorbed_positive"),
+            absorbed_negative=meta.get("absorbed_negative"),
         )
 
 

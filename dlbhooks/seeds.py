@@ -31,8 +31,11 @@ def make_seed(
     mode: str = "default",
     thresholding: float = 0.5,
     position: Any = None,
+    attention_mask: Tensor | None = None,
 ) -> Rel:
-    """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks')."""
+    """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks').
+    ``attention_mask`` ([batch, positions], the model's own) places the default position
+    of sequence outputs at each row's last real token and rejects positions on padding."""
     if task not in TASKS:
         raise TargetError(f"unknown task {task!r}; choose one of {sorted(set(TASKS.values()))}")
     task = TASKS[task]
@@ -48,7 +51,7 @@ def make_seed(
         return Streams(seed.clamp_min(0), (-seed).clamp_min(0)) if mode == "contrastive" else seed
     m = float(multiplier)
     if task == "multiclass" and out.dim() == 3:
-        return _sequence(out, target, m, mode, position)
+        return _sequence(out, target, m, mode, position, attention_mask)
     if task in ("multiclass", "binary"):
         if out.dim() == 1:
             out = out.unsqueeze(0) if task == "multiclass" else out.unsqueeze(-1)
@@ -64,12 +67,28 @@ def make_seed(
     return _segmentation(out, target, m, mode, thresholding)
 
 
-def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any) -> Rel:
-    """Logits [batch, positions, vocab] (language models): the target token at ``position``
-    (default: the last position; an int or one per row)."""
-    B, T, _ = out.shape
+def sequence_positions(out: Tensor, position: Any = None,
+                       attention_mask: Tensor | None = None) -> Tensor:
+    """The explained position of each row of sequence logits ``out`` [batch, positions,
+    vocab]: ``position`` (an int or one per row; negative counts from the end), by default
+    the last position — or, given the model's 2-D ``attention_mask``, each row's last real
+    token (right-padded rows end in padding). A position on padding is a
+    :class:`TargetError`."""
+    B, T = out.shape[:2]
+    mask = attention_mask
+    if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != (B, T)):
+        mask = None  # not a [batch, positions] padding mask (e.g. 4-D or cached)
+    if mask is not None:
+        mask = mask.to(out.device) != 0
+        empty = ~mask.any(-1)
+        if bool(empty.any()):
+            raise TargetError(f"rows {empty.nonzero().flatten().tolist()} of the "
+                              "attention_mask hold no real token: nothing to explain there")
     if position is None:
-        position = -1
+        if mask is None:
+            return torch.full((B,), T - 1, dtype=torch.long, device=out.device)
+        steps = torch.arange(T, device=out.device)
+        return torch.where(mask, steps, -1).amax(-1)  # the last real token of each row
     pos = torch.as_tensor(position, device=out.device).long().reshape(-1)
     if pos.numel() == 1:
         pos = pos.expand(B)
@@ -78,6 +97,25 @@ def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any) -> R
     pos = torch.where(pos < 0, pos + T, pos)
     if bool(((pos < 0) | (pos >= T)).any()):
         raise TargetError(f"position {position!r} out of range for {T} positions")
+    if mask is not None:
+        rows = torch.arange(B, device=out.device)
+        pad = ~mask[rows, pos]
+        if bool(pad.any()):
+            bad = pad.nonzero().flatten().tolist()
+            raise TargetError(
+                f"position {position!r} points at padding in rows {bad} (attention_mask is 0 "
+                "there): the prediction at a pad position explains nothing. Omit position= "
+                "to explain each row's last real token, or give one position per row."
+            )
+    return pos
+
+
+def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any,
+              attention_mask: Tensor | None = None) -> Rel:
+    """Logits [batch, positions, vocab] (language models): the target token at each row's
+    position (:func:`sequence_positions`)."""
+    B = out.shape[0]
+    pos = sequence_positions(out, position, attention_mask)
     rows = torch.arange(B, device=out.device)
     at = _classify(out[rows, pos], target, "multiclass", m, mode)
 

@@ -92,6 +92,13 @@ def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def version_of(t: Tensor) -> int:
+    """``t._version``, the counter of in-place changes; 0 for an inference tensor (made
+    under ``torch.inference_mode()``), which has none and cannot be changed in place
+    outside inference mode (where the trace runs and explanations are computed)."""
+    return 0 if t.is_inference() else t._version
+
+
 class Store:
     """Copies tensors into records under a :class:`Storage` policy and loads them back."""
 
@@ -118,7 +125,7 @@ class Store:
         if not self.active:
             return t
         hit = self._live.get(id(t))
-        if hit is not None and hit[0]() is t and hit[1] == t._version:
+        if hit is not None and hit[0]() is t and hit[1] == version_of(t):
             return hit[2]
         copy = self._view_of_kept(t)
         if copy is None:
@@ -132,8 +139,8 @@ class Store:
             if st is not None and st.data_ptr() and dense(t) and copy.stride() == t.stride():
                 meta = (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
                 self._by_storage.setdefault(st.data_ptr(), []).append(
-                    (weakref.ref(st), meta, t._version, copy))
-        self._live[id(t)] = (weakref.ref(t), t._version, copy)
+                    (weakref.ref(st), meta, version_of(t), copy))
+        self._live[id(t)] = (weakref.ref(t), version_of(t), copy)
         self._origin[id(copy)] = (copy, t.device, t.dtype)
         return copy
 
@@ -170,7 +177,7 @@ class Store:
         ):
             # the same storage still alive (not a new one at a reused address), unchanged
             # since the copy (views share their base's version counter), and t inside it
-            if ref() is not st or version != t._version or dtype != t.dtype:
+            if ref() is not st or version != version_of(t) or dtype != t.dtype:
                 continue
             if not _inside(t, shape, stride, offset):
                 continue

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import OutOfMemoryError, is_out_of_memory, memory_advice
+from .errors import OutOfMemoryError, TraceError, is_out_of_memory, memory_advice
 from .records import Record, Tape, bind_arguments, tensor_leaves
 from .rules import registry
-from .storage import Storage, Store
+from .storage import Storage, Store, version_of
 
 #: Traces whose block is running (innermost last): functions that are not modules (the
 #: attention function) record themselves through these.
@@ -30,6 +30,12 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     the block gradients are off unless ``grad=True``. On exit every hook is removed and
     the grad mode restored, even if the forward raised; the model is never modified.
 
+    A model compiled with ``torch.compile`` runs eagerly inside the block (its compiled
+    code would skip the hooks; ``torch.compiler.set_stance("force_eager")``, restored on
+    exit), and the block leaves an enclosing ``torch.inference_mode()`` for its duration.
+    A forward run under ``torch.inference_mode()`` *inside* the block is an error: its
+    tensors carry no record of in-place changes.
+
     ``storage`` chooses where records keep tensors (:class:`~dlbhooks.storage.Storage`):
     ``None`` (by reference, on the computing device), ``"cpu"`` (copies in CPU memory),
     ``"bf16"``/``"fp16"``/``"fp32"`` (cast copies), or ``"cpu+bf16"``. The reverse pass
@@ -42,7 +48,10 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"dlb.trace expects an nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.compiled = _compiled(model)
+        # torch.compile(model) wraps the model: record (and name paths) from the original
+        self.model = getattr(model, "_orig_mod", model) if self.compiled else model
+        self._modes: list[Any] = []
         self.grad = grad
         self.storage = Storage.parse(storage)
         self.tape: Tape | None = None
@@ -56,6 +65,13 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> Tape:
+        if self.compiled and not hasattr(torch.compiler, "set_stance"):
+            raise TraceError(
+                "the model is compiled (torch.compile) and this torch has no "
+                "torch.compiler.set_stance to run it eagerly: compiled code skips the hooks "
+                "dlbhooks records with. Trace the uncompiled model (model._orig_mod), or "
+                "upgrade torch to >= 2.6."
+            )
         self.tape = Tape(self.model, store=Store(self.storage))
         self._restore = []
         modules = list(self.model.named_modules())  # each module once, first path
@@ -77,14 +93,30 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         except BaseException:
             self._undo()
             raise
+        self._enter_modes()
         torch.set_grad_enabled(self.grad)
         ACTIVE.append(self)
         return self.tape
+
+    def _enter_modes(self) -> None:
+        """Leave an enclosing inference mode (records need version counters) and run
+        compiled code eagerly (so that hooks fire), until the block ends."""
+        modes = [torch.inference_mode(False)]
+        if self.compiled:
+            modes.append(torch.compiler.set_stance("force_eager"))
+        for mode in modes:
+            mode.__enter__()
+            self._modes.append(mode)
+
+    def _exit_modes(self) -> None:
+        while self._modes:
+            self._modes.pop().__exit__(None, None, None)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self in ACTIVE:
             ACTIVE.remove(self)
         self._undo()
+        self._exit_modes()
         torch.set_grad_enabled(self._grad_before)
         inside = self._stack[-1].describe() if self._stack else None
         self._stack.clear()
@@ -109,6 +141,14 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     # -- hooks ----------------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_inference_mode_enabled():
+            raise TraceError(
+                f"the forward of {type(module).__name__} runs under torch.inference_mode() "
+                "inside the dlb.trace block: inference tensors carry no version counter, so "
+                "in-place changes to recorded tensors could not be detected. Remove the "
+                "inference_mode block (dlb.trace already turns gradients off), or put it "
+                "around the whole `with dlb.trace(...)` block."
+            )
         self._open(module, bind_arguments(module, args, kwargs), self._paths.get(id(module), ""))
 
     def _open(self, module: nn.Module, arguments: dict, path: str) -> Record:
@@ -128,7 +168,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             arguments=arguments,
             input_names=[n for n, _ in leaves],
             inputs=[t for _, t in leaves],
-            in_versions=[t._version for _, t in leaves],
+            in_versions=[version_of(t) for _, t in leaves],
         )
         self._calls[id(module)] += 1
         moved_by = parent is not None and _has_hf_hook(parent.module)
@@ -162,7 +202,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         rec.output = output
         rec.output_names = [n for n, _ in leaves]
         rec.outputs = [t for _, t in leaves]
-        rec.out_versions = [t._version for t in rec.outputs]
+        rec.out_versions = [version_of(t) for t in rec.outputs]
         moved = rec.children and _has_hf_hook(module)
         for i, t in enumerate(rec.outputs):
             base = tape.resolve(t)
@@ -195,6 +235,12 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._stack.pop()
         self._close(rec, output)
         return rec
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Was ``model`` compiled: wrapped by ``torch.compile`` or by ``model.compile()``?"""
+    wrapped = type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
+    return wrapped or model.__dict__.get("_compiled_call_impl") is not None
 
 
 def _has_hf_hook(module: nn.Module) -> bool:

@@ -33,8 +33,11 @@ class Rule:
     snapshot: tuple[str, ...] = field(default_factory=tuple)
 
 
-_BY_TYPE: dict[type, Rule] = {}
-_BY_NAME: dict[str, Rule] = {}
+_BY_TYPE: dict[type, Rule] = {}  # registered by class
+_BY_NAME: dict[str, Rule] = {}  # registered by dotted class name (and every class's name)
+# lookups resolved through the MRO, cleared by every (un)registration so a change of the
+# registry is seen at once
+_RESOLVED: dict[type, Rule | None] = {}
 
 
 def register_rule(
@@ -48,39 +51,49 @@ def register_rule(
     """Register ``fn`` as the rule for ``module_type`` (usable as a decorator).
 
     ``module_type`` may also be a dotted class name (``"torchvision.ops.misc.SqueezeExcitation"``)
-    so that optional libraries need not be imported. Registering again replaces the rule.
+    so that optional libraries need not be imported. Registering again, by class or by
+    name, replaces the rule: the latest registration for a class wins.
     """
 
     def deco(f: RuleFn) -> RuleFn:
         rule = Rule(f, name or getattr(f, "__name__", repr(f)), streamwise, tuple(snapshot))
         key = module_type if isinstance(module_type, str) else _qualname(module_type)
+        # a rule registered earlier for the class object under this name is replaced too
+        for cls in [c for c in _BY_TYPE if _qualname(c) == key]:
+            del _BY_TYPE[cls]
         if isinstance(module_type, type):
             _BY_TYPE[module_type] = rule
         _BY_NAME[key] = rule
+        _RESOLVED.clear()
         return f
 
     return deco(fn) if fn is not None else deco
 
 
 def unregister_rule(module_type: type[nn.Module] | str) -> None:
-    """Remove a rule registered for ``module_type`` (no error if there is none)."""
+    """Remove the rule registered for ``module_type``, by class or by dotted name (no
+    error if there is none)."""
     key = module_type if isinstance(module_type, str) else _qualname(module_type)
     _BY_NAME.pop(key, None)
-    if isinstance(module_type, type):
-        _BY_TYPE.pop(module_type, None)
+    for cls in [c for c in _BY_TYPE if _qualname(c) == key]:
+        del _BY_TYPE[cls]
+    _RESOLVED.clear()
 
 
 def lookup(module_type: type) -> Rule | None:
-    """The rule of the most specific registered class in ``module_type``'s MRO."""
+    """The rule of the most specific registered class in ``module_type``'s MRO (by class
+    or by dotted name)."""
+    try:
+        return _RESOLVED[module_type]
+    except KeyError:
+        pass
+    found = None
     for cls in module_type.__mro__:
-        rule = _BY_TYPE.get(cls)
-        if rule is not None:
-            return rule
-        rule = _BY_NAME.get(_qualname(cls))
-        if rule is not None:
-            _BY_TYPE[cls] = rule
-            return rule
-    return None
+        found = _BY_TYPE.get(cls) or _BY_NAME.get(_qualname(cls))
+        if found is not None:
+            break
+    _RESOLVED[module_type] = found
+    return found
 
 
 def rule_named(name: str) -> Rule | None:
