@@ -38,8 +38,10 @@ class GenerationExplanation:
     for generated token ``k`` (``pos - neg`` in contrastive mode; the streams are
     ``positive`` / ``negative``); columns after ``T + k - 1`` are 0. ``absorbed``: ``[n]``,
     what each explanation's rules absorbed (bias shares, guards), so that
-    ``matrix[k].sum() + absorbed[k] == multiplier`` in default mode (``0`` in contrastive
-    mode, where each stream conserves ``multiplier``). ``tokens``: the decoded tokens of
+    ``matrix[k].sum() + absorbed[k] == multiplier`` in default mode; in contrastive mode it
+    is ``absorbed_positive - absorbed_negative``, and per stream ``positive[k].sum() +
+    absorbed_positive[k] == multiplier`` (likewise for the negative stream; a norm's β
+    absorbs, weighted sums do not). ``tokens``: the decoded tokens of
     ``ids`` when a tokenizer was given. ``explanations``: the full per-token
     :class:`~dlbhooks.Explanation` objects (only with ``keep=True``).
     """
@@ -56,6 +58,8 @@ class GenerationExplanation:
     negative: Tensor | None = None
     explanations: list[Explanation] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    absorbed_positive: Tensor | None = None
+    absorbed_negative: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -65,6 +69,18 @@ class GenerationExplanation:
     def row(self, k: int) -> Tensor:
         """Relevance of positions ``0 .. T + k - 1`` (the only non-zero ones) for token k."""
         return self.matrix[k, : self.prompt_length + k]
+
+    def conservation_error(self) -> float:
+        """The largest ``|row total + absorbed - multiplier|`` over the generated tokens
+        (per stream in contrastive mode), relative to ``multiplier``: 0 up to rounding
+        when every unit of each token's relevance is accounted for (an audit check)."""
+        if self.positive is None:
+            pairs = [(self.matrix, self.absorbed)]
+        else:
+            pairs = [(self.positive, self.absorbed_positive),
+                     (self.negative, self.absorbed_negative)]
+        errors = [(m.double().sum(-1) + a - self.multiplier).abs().max() for m, a in pairs]
+        return float(max(errors)) / abs(self.multiplier)
 
     # -- display --------------------------------------------------------------------------
     def _label(self, pos: int, width: int = 10) -> str:
@@ -129,7 +145,9 @@ class GenerationExplanation:
         tensors = {"ids": self.ids, "generated": self.generated, "matrix": self.matrix,
                    "absorbed": self.absorbed}
         if self.positive is not None:
-            tensors.update(positive=self.positive, negative=self.negative)
+            tensors.update(positive=self.positive, negative=self.negative,
+                           absorbed_positive=self.absorbed_positive,
+                           absorbed_negative=self.absorbed_negative)
         meta = {"prompt_length": self.prompt_length, "mode": self.mode,
                 "multiplier": self.multiplier, "tokens": self.tokens, "info": self.info}
         write_saved(path, "dlbhooks_generation", meta, tensors)
@@ -141,7 +159,8 @@ class GenerationExplanation:
                    absorbed=t["absorbed"], prompt_length=meta["prompt_length"],
                    mode=meta["mode"], multiplier=meta["multiplier"], tokens=meta["tokens"],
                    positive=t.get("positive"), negative=t.get("negative"),
-                   info=meta.get("info", {}))
+                   info=meta.get("info", {}), absorbed_positive=t.get("absorbed_positive"),
+                   absorbed_negative=t.get("absorbed_negative"))
 
 
 def _prompt_ids(tokenizer_or_ids: Any, prompt: str | None, attention_mask: Tensor | None):
@@ -252,6 +271,7 @@ def explain_generation(
     with trace(model, storage=storage) as tape:
         model(**fwd)
     rows, pos_rows, neg_rows, absorbed, kept = [], [], [], [], []
+    streams: list[tuple[float, float]] = []
     for k in range(n):
         exp = tape.explain(target=int(gen[k]), position=T + k - 1, mode=mode,
                            multiplier=multiplier, saturation=saturation, keep=keep,
@@ -260,6 +280,8 @@ def explain_generation(
         if exp.positive is not None:
             pos_rows.append(exp.positive["input_ids"][0])
             neg_rows.append(exp.negative["input_ids"][0])
+            streams.append((sum(exp.absorbed_positive.values()),
+                            sum(exp.absorbed_negative.values())))
         absorbed.append(exp.total_absorbed)
         if keep:
             kept.append(exp)
@@ -275,5 +297,9 @@ def explain_generation(
         positive=torch.stack(pos_rows).cpu() if pos_rows else None,
         negative=torch.stack(neg_rows).cpu() if neg_rows else None,
         explanations=kept if keep else None,
+        absorbed_positive=torch.tensor([a for a, _ in streams], dtype=torch.float64)
+        if streams else None,
+        absorbed_negative=torch.tensor([b for _, b in streams], dtype=torch.float64)
+        if streams else None,
         info={"saturation": saturation, "generated_here": generated_ids is None},
     )

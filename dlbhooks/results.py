@@ -128,6 +128,9 @@ class Explanation:
             "blocks": self.blocks,
             "absorbed_positive": self.absorbed_positive,
             "absorbed_negative": self.absorbed_negative,
+            # the file's tensors come back sorted by name: keep each dict's own order
+            "order": {"inputs": list(self.inputs), "heads": list(self.heads),
+                      "experts": list(self.experts), "routing": list(self.routing)},
         }
         write_saved(path, "dlbhooks", meta, tensors)
 
@@ -149,6 +152,11 @@ class Explanation:
                 tensors[name][int(i)] = value
             else:
                 groups[group][rest] = value
+        for group, keys in meta.get("order", {}).items():
+            for g in ("routing_idx", "routing_w") if group == "routing" else (group,):
+                groups[g] = {k: groups[g][k] for k in keys}
+        for g in ("positive", "negative"):
+            groups[g] = {k: groups[g][k] for k in groups["inputs"] if k in groups[g]}
         contrastive = meta["contrastive"]
         # JSON has no tuples: a contrastive entry's (pos, neg) pairs come back as lists
         ledger = [LedgerEntry(**{k: tuple(v) if isinstance(v, list) else v
