@@ -48,9 +48,10 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"dlb.trace expects an nn.Module, got {type(model).__name__}")
-        self.compiled = _compiled(model)
         # torch.compile(model) wraps the model: record (and name paths) from the original
-        self.model = getattr(model, "_orig_mod", model) if self.compiled else model
+        self.model = model._orig_mod if _wrapped(model) else model
+        self.compiled = any(_wrapped(m) or m.__dict__.get("_compiled_call_impl") is not None
+                            for m in model.modules())
         self._modes: list[Any] = []
         self.grad = grad
         self.storage = Storage.parse(storage)
@@ -237,10 +238,9 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         return rec
 
 
-def _compiled(model: nn.Module) -> bool:
-    """Was ``model`` compiled: wrapped by ``torch.compile`` or by ``model.compile()``?"""
-    wrapped = type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
-    return wrapped or model.__dict__.get("_compiled_call_impl") is not None
+def _wrapped(model: nn.Module) -> bool:
+    """Is ``model`` the wrapper ``torch.compile(module)`` returns?"""
+    return type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
 
 
 def _has_hf_hook(module: nn.Module) -> bool:

@@ -62,15 +62,18 @@ def test_inference_mode_inside_the_trace_block_is_a_clear_error():
     assert not model._forward_pre_hooks and not model[0]._forward_hooks
 
 
-@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile", "submodule"])
 def test_compiled_model_runs_eagerly_and_explains_like_the_original(how):
     model, x = _mlp()
     ref = dlb.explain(model, x)
     if how == "torch.compile":
         compiled = torch.compile(model)
-    else:
+    elif how == "module.compile":
         compiled = _mlp()[0]
         compiled.compile()
+    else:  # one layer compiled in place
+        compiled = _mlp()[0]
+        compiled[2].compile()
     with dlb.trace(compiled) as tape:
         compiled(x)
     exp = tape.explain()
