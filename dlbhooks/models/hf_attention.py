@@ -4,10 +4,13 @@ Inside ``dlb.trace`` a transformers model is switched (``config._attn_implementa
 the attention implementation ``"dlbhooks"``, registered with ``AttentionInterface`` — and
 its mask builder with ``AttentionMaskInterface`` under the same name, without which the
 causal mask is silently dropped. The function runs the model family's own eager attention
-(so outputs equal eager attention bit for bit) and records Q, K (after RoPE and q/k norms),
-V, the mask, scaling, soft-capping and sinks as a child record ``attention_fn`` of the
-attention module. Its rule is METHOD.md §4 (:func:`dlbhooks.rules.attention.attention_relevance`).
-``use_cache`` is switched off for the recorded forward. Both settings are restored on exit.
+(GPT-2's ``_upcast_and_reordered_attn`` when its config asks for it), so outputs equal eager
+attention bit for bit — except that a float64 mask is clamped to float32's minimum, so that
+families whose eager softmax runs in float32 do not turn left-padded sequences to NaN — and
+records Q, K (after RoPE and q/k norms), V, the mask, scaling, soft-capping and sinks as a
+child record ``attention_fn`` of the attention module. Its rule is METHOD.md §4
+(:func:`dlbhooks.rules.attention.attention_relevance`). ``use_cache`` is switched off for
+the recorded forward. Both settings are restored on exit.
 """
 
 from __future__ import annotations
@@ -65,8 +68,14 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         # eager softmax runs in float32, where float64's finfo.min becomes -inf and a fully
         # masked (padding) row turns to NaN; float32's min gives the same zeros elsewhere
         attention_mask = attention_mask.clamp_min(torch.finfo(torch.float32).min)
-    out, weights = family_eager(module)(module, query, key, value, attention_mask, *args,
-                                        **kwargs)
+    if _upcast_path(module, attention_mask):
+        # GPT-2 family with reorder_and_upcast_attn: its eager path is this method (scores
+        # and softmax in float32), not eager_attention_forward (which would differ in half
+        # precision); the rule recomputes in float32 at least, as it does
+        out, weights = module._upcast_and_reordered_attn(query, key, value, attention_mask)
+    else:
+        out, weights = family_eager(module)(module, query, key, value, attention_mask, *args,
+                                            **kwargs)
     out = out.contiguous()  # same values; the caller's reshape is then a view we can follow
     if ACTIVE:
         scaling = kwargs.get("scaling")
@@ -82,6 +91,15 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     # attention module's output; the rule recomputes them in chunks, so hand them on only
     # when the caller collects attentions (output_attentions=True)
     return out, weights if _attentions_wanted() else None
+
+
+def _upcast_path(module: nn.Module, mask: Tensor | None) -> bool:
+    """Does the module's eager attention run its own ``_upcast_and_reordered_attn`` (GPT-2's
+    ``reorder_and_upcast_attn``)? Not with a float64 mask: that method then raises (its
+    scores leave float32), so eager cannot run and the family's function stands in."""
+    return (bool(getattr(module, "reorder_and_upcast_attn", False))
+            and hasattr(module, "_upcast_and_reordered_attn")
+            and (mask is None or mask.dtype != torch.float64))
 
 
 def _attentions_wanted() -> bool:

@@ -236,12 +236,14 @@ class ContrastiveSplit:
                 for k in range(self.up.shape[0])]
 
 
-def contrastive_split(abs_total: Tensor, signed_total: Tensor,
-                      bias: Tensor | None) -> ContrastiveSplit:
+def contrastive_split(abs_total: Tensor, signed_total: Tensor, bias: Tensor | None,
+                      sides: tuple[Tensor, Tensor] | None = None) -> ContrastiveSplit:
     """The forward-only part of contrastive mode's per-unit split (see
-    :func:`contrastive_coefficients`) from ``Σ|w a|``, ``Σ w a`` and the bias."""
+    :func:`contrastive_coefficients`) from ``Σ|w a|``, ``Σ w a`` and the bias. ``sides``:
+    ``(P, N)`` summed directly over the contributions, when the caller has them (then a
+    small side keeps its full precision; from the totals it carries ``eps·(P + N)``)."""
     t = signed_total + bias if bias is not None else signed_total
-    P, N = split_signs(abs_total, signed_total)
+    P, N = split_signs(abs_total, signed_total) if sides is None else sides
     side = torch.minimum(P, N)  # > 0 where both sides exist
     if side.numel() and float(side.amin()) > 0:
         # no degenerate (or empty) unit: nothing is lost, every unit splits both ways

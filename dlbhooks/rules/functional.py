@@ -30,7 +30,7 @@ from ..errors import DLBError, UnsupportedModuleError
 from ..records import Record
 from ..relevance import Rel, Streams, radd, rmap, rmap_multi
 from ..storage import check_tolerance
-from .core import coefficients, nonneg_div
+from .core import contrastive_coefficients, contrastive_split, nonneg_div
 from .elementwise import add_rule, product_rule
 
 
@@ -472,7 +472,12 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Rel]:
         return rA, absorbed
     A = x * c
     B = torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
-    coefs, absorbed = coefficients(R, A.abs() + B.abs(), A + B, None)
+    # P and N summed directly: from |A| + |B| and A + B, a small side (|B| << |A| where
+    # sin is small) would carry a rounding error eps·|A| and its stream would not conserve
+    P = A.clamp_min(0.0).add_(B.clamp_min(0.0))
+    N = A.clamp_max(0.0).add_(B.clamp_max(0.0)).neg_()
+    coefs, absorbed = contrastive_coefficients(
+        R, contrastive_split(P + N, A + B, None, sides=(P, N)))
     outs = []
     for c_abs, c_sgn in coefs:
         rA = c_abs * A.abs() + (c_sgn * A if c_sgn is not None else 0)
