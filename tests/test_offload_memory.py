@@ -1,20 +1,24 @@
 """A fully disk-offloaded model is explained without holding its weights in memory.
 
-Runs ``scripts/offload_memory.py`` in a subprocess (a clean process, so the peak resident
-memory is ours alone): a random Llama of about 400 MB fp32, every module offloaded to
-disk. Bound: trace + explain raise the peak resident memory by less than 0.3× the model's
-size (measured 0.19× for 388 MiB at 16 tokens: the largest weight is 16 MiB, the
-records 11 MiB; about 70 MiB of the rise does not grow with the model, so the ratio falls
-for larger models).
+Runs ``scripts/offload_memory.py`` once, in a subprocess (a clean process: the memory is
+ours alone): a random Llama of 388 MiB fp32, every module offloaded to disk, one 16-token
+prompt traced and explained. Two bounds, as fractions of the model's size:
 
-About one run in ten on the 2-vCPU CI machine peaks near 0.5× for reasons outside the
-process (not reproducible with the garbage collector off, under CPU load, or with one malloc
-arena); a run above the bound is repeated, up to three runs, and the smallest peak counts.
-A real regression (weights held) puts every run at ≥ 1×.
+* the memory in use (malloc's chunks handed out + file pages mapped in, sampled after every
+  module call, rule and weight loaded) rises by less than 0.25× (measured 0.187× in every
+  run: records 11 MiB, the largest weight 16 MiB, the rest does not grow with the model);
+* the peak resident memory rises by less than 1× — the whole model is never in memory.
+  The kernel's high-water mark also counts memory malloc got back and keeps for reuse,
+  which varies from run to run (measured 0.18–0.27× in most runs, up to 0.58×), so it is
+  not the measure for the tight bound.
+
+Weights kept after their rule (or a cache of ``|W|`` of offloaded weights) put both at
+≥ 1.1× (checked by keeping each loaded weight, or its ``abs``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -25,19 +29,27 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "offload_memory.py"
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-def test_peak_memory_of_a_fully_offloaded_model_stays_far_below_its_size():
+def _has_mallinfo2() -> bool:
+    try:
+        ctypes.CDLL(None).mallinfo2  # noqa: B018 - glibc >= 2.33
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists() or not _has_mallinfo2(),
+                    reason="needs Linux /proc and glibc's mallinfo2")
+def test_memory_of_a_fully_offloaded_model_stays_far_below_its_size():
     pytest.importorskip("accelerate")
-    runs = []
-    for _ in range(3):
-        done = subprocess.run([sys.executable, str(SCRIPT), "--size-mb", "400", "--json"],
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        out = json.loads(done.stdout.strip().splitlines()[-1])
-        assert out["params_on_meta"] == out["params"]  # every weight was on disk
-        assert out["finite"]
-        assert out["model_bytes"] > 350 * 2**20
-        runs.append(out)
-        if out["peak_increase"] < 0.3 * out["model_bytes"]:
-            break
-    assert min(r["peak_increase"] for r in runs) < 0.3 * out["model_bytes"], runs
+    done = subprocess.run([sys.executable, str(SCRIPT), "--size-mb", "400", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nheld {out['held_ratio']:.3f}×, peak {out['ratio']:.3f}× the model, "
+          f"records {out['records'] / 2**20:.1f} MiB")
+    assert out["params_on_meta"] == out["params"]  # every weight was on disk
+    assert out["finite"]
+    assert 350 * 2**20 < out["model_bytes"] < 450 * 2**20
+    assert out["records"] < 0.05 * out["model_bytes"]
+    assert 0 < out["held_increase"] < 0.25 * out["model_bytes"], out
+    assert out["peak_increase"] < out["model_bytes"], out
