@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig
 
 import dlbhooks as dlb
 from dlbhooks.records import fetch_param
 
-transformers = pytest.importorskip("transformers")
-accelerate = pytest.importorskip("accelerate")
-
-from accelerate import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
-from safetensors.torch import save_model  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig  # noqa: E402
-
-TOL = 1e-5
+# the same float32 weights through the same operations: the relevance is bit-identical
+# (measured 0 in every comparison below)
+TOL = 0.0
 
 
 def _config(kind: str):
@@ -91,16 +89,16 @@ def test_offloaded_model_explains_like_in_memory(saved, how, tmp_path):
         exp = tape.explain(mode=mode)
         assert torch.equal(out.logits, logits)
         if mode == "default":
-            assert _close(exp.inputs["input_ids"], ref.inputs["input_ids"]) < TOL
+            assert _close(exp.inputs["input_ids"], ref.inputs["input_ids"]) <= TOL
         else:
             for stream in ("positive", "negative"):
                 got = getattr(exp, stream)["input_ids"]
-                assert _close(got, getattr(ref, stream)["input_ids"]) < TOL
+                assert _close(got, getattr(ref, stream)["input_ids"]) <= TOL
         assert exp.layers.keys() == ref.layers.keys()
         if kind == "moe" and mode == "default":
             assert exp.experts.keys() == ref.experts.keys()
             for layer, rel in ref.experts.items():
-                assert _close(exp.experts[layer], rel) < TOL
+                assert _close(exp.experts[layer], rel) <= TOL
     # the weights went back where accelerate keeps them
     still = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     assert still == meta
@@ -159,9 +157,9 @@ def test_inputs_and_outputs_moved_between_devices_by_accelerate_hooks(saved):
             assert torch.equal(out.logits, logits)
             assert tape.aliases, "the stand-in hooks copied nothing"
             exp = tape.explain(mode=mode)
-            assert _close(exp.inputs["input_ids"], ref.inputs["input_ids"]) < TOL
+            assert _close(exp.inputs["input_ids"], ref.inputs["input_ids"]) <= TOL
             for layer, rel in ref.experts.items():
-                assert _close(exp.experts[layer], rel) < TOL
+                assert _close(exp.experts[layer], rel) <= TOL
     finally:
         for m in moved:
             remove_hook_from_module(m)
@@ -174,4 +172,4 @@ def test_generation_on_an_offloaded_model(saved, tmp_path):
     got = dlb.explain_generation(model, ids[:1], max_new_tokens=3, storage="cpu")
     want = dlb.explain_generation(ref_model, ids[:1], max_new_tokens=3)
     assert torch.equal(got.generated, want.generated)
-    assert _close(got.matrix, want.matrix) < TOL
+    assert _close(got.matrix, want.matrix) <= TOL

@@ -201,8 +201,10 @@ def test_core_random_shapes_conserve_and_match_reference(B, Hkv, g, Tq, Tk, d, c
     total = rq.sum() + rk.sum() + rv.sum() + ab
     assert abs(float(total - R.sum())) <= 1e-12 * float(R.abs().sum())
     eq, ek, ev, lost = ref_attention(R, Q, K, V, 0.5, keep, add, sinks)
-    assert torch.allclose(rq, eq, atol=1e-12) and torch.allclose(rk, ek, atol=1e-12)
-    assert torch.allclose(rv, ev, atol=1e-12) and abs(float(ab) - lost) < 1e-12
+    # (measured <= 8.9e-15 over 3000 random cases, entries of order 1)
+    for got, want in ((rq, eq), (rk, ek), (rv, ev)):
+        assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert abs(float(ab) - lost) < 1e-12
 
 
 def test_gqa_equals_repeated_heads_summed():
@@ -215,9 +217,9 @@ def test_gqa_equals_repeated_heads_summed():
     grouped = attention_relevance(R, Q, K, V, scale=0.4, mask=mask, chunk=2)
     Kr, Vr = K.repeat_interleave(3, dim=1), V.repeat_interleave(3, dim=1)
     rep = attention_relevance(R, Q, Kr, Vr, scale=0.4, mask=mask)
-    assert torch.allclose(grouped.R_Q, rep.R_Q, atol=1e-13)
-    assert torch.allclose(grouped.R_K, rep.R_K.view(2, 2, 3, 7, 4).sum(2), atol=1e-13)
-    assert torch.allclose(grouped.R_V, rep.R_V.view(2, 2, 3, 7, 3).sum(2), atol=1e-13)
+    assert torch.allclose(grouped.R_Q, rep.R_Q, rtol=0, atol=1e-13)  # (measured 2.2e-16)
+    assert torch.allclose(grouped.R_K, rep.R_K.view(2, 2, 3, 7, 4).sum(2), rtol=0, atol=1e-13)
+    assert torch.allclose(grouped.R_V, rep.R_V.view(2, 2, 3, 7, 3).sum(2), rtol=0, atol=1e-13)
 
 
 def test_attention_output_and_probabilities_match_torch():
@@ -430,7 +432,7 @@ def test_self_attention_model_conserves_both_modes(batch_first):
     q_k_v = exp.tensors["mha"][:3]
     assert all(float(t.abs().sum()) > 0 for t in q_k_v)
     emb = next(e for e in exp.ledger if e.key == "emb")
-    assert abs(emb.relevance_out - float(sum(t.sum() for t in q_k_v))) < 1e-9
+    assert abs(emb.relevance_out - float(sum(t.sum() for t in q_k_v))) < 1e-12 * 200
 
 
 @pytest.mark.parametrize("kw", [{}, dict(add_bias_kv=True, add_zero_attn=True)])
@@ -444,7 +446,8 @@ def test_cross_attention_model_conserves_both_modes(kw):
     for mode in ("default", "contrastive"):
         exp = dlb.explain(model, (x, mem, mask), mode=mode)
         assert_conserved(exp)
-        assert exp.inputs["mem"].abs().sum() > 0  # through both the key and the value path
+        # relevance reaches mem through both the key and the value path
+        assert exp.at("mha", 1).abs().sum() > 1 and exp.at("mha", 2).abs().sum() > 1
         assert exp.at("mha", 1).shape == (N, S, 6) and exp.at("mha", 2).shape == (N, S, 7)
 
 

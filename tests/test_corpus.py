@@ -141,7 +141,7 @@ def test_corpus_stats_with_cpu_record_storage_equal_the_default(tiny):
     kw = dict(target="next", positions=[4, -1], progress=False, sync_every=2)
     plain = corpus.corpus_expert_stats(model, batches, **kw)
     stored = corpus.corpus_expert_stats(model, batches, storage="cpu", **kw)
-    assert_same_stats(stored, plain, rtol=1e-6)
+    assert_same_stats(stored, plain, rtol=0.0)  # lossless copies: identical (measured 0)
 
 
 def test_corpus_token_relevance_rows_in_order(tiny):
@@ -156,8 +156,11 @@ def test_corpus_token_relevance_rows_in_order(tiny):
         exp = dlb.explain(model, {"input_ids": x[:, :-1]}, target=[int(x[0, -1])],
                           position=15)
         assert r.shape == (16,)
-        torch.testing.assert_close(r, exp.inputs["input_ids"][0], rtol=1e-5, atol=1e-5)
-        assert float(r.sum()) == pytest.approx(100.0 - sum(exp.absorbed.values()), rel=1e-4)
+        # the float32 model batched vs alone: measured 2.6e-7 of the largest entry (about two
+        # float32 roundings) and 1.5e-7 of the total
+        want = exp.inputs["input_ids"][0]
+        torch.testing.assert_close(r, want, rtol=0, atol=1e-6 * float(want.abs().max()))
+        assert float(r.sum()) == pytest.approx(100.0 - sum(exp.absorbed.values()), rel=6e-7)
         assert many[i].shape == (2, 17)  # target=None: the model reads all 17 tokens
         assert float(many[i][0, 4:].abs().sum()) == 0.0  # causal: position 3 sees 0..3
         assert float(many[i][1].sum()) > 0.0

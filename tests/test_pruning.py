@@ -5,11 +5,10 @@ import json
 
 import pytest
 import torch
+import transformers
 from test_moe import IDS, build
 
 from dlbhooks.analysis.pruning import drop_experts, pruned, write_pruned_checkpoint
-
-t = pytest.importorskip("transformers")
 
 
 def n_params(model):
@@ -30,8 +29,8 @@ def per_expert(model) -> int:
 
 
 def reload(path, dtype=torch.float64):
-    return t.AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                  experts_implementation="eager").eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, experts_implementation="eager").eval()
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "olmoe", "mixtral", "gpt_oss", "qwen2_moe"])

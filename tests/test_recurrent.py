@@ -15,6 +15,14 @@ from dlbhooks.rules.recurrent import recompute
 
 DT = torch.float64
 SIG, TANH = (-4.0, 4.0), (-2.0, 2.0)
+# TODO(issue 11): contrastive mode divides by P and N of each gate unit, which
+# rules/core.split_signs computes as (S ± Σwa)/2: a unit with a small side (N = 1.6e-7 S in
+# the LSTM cases here) gets 1/N with a relative error of eps S / N, and the unit's stream
+# leaks that much (measured 1.8e-12 of the seed in conservation, 3.3e-12 against the slow
+# reference, which sums P and N directly). The old tolerances stay for contrastive mode
+# until core.py computes P and N without cancellation; default mode is at 1e-12.
+CONTRASTIVE_RTOL = 1e-6  # conservation, relative to the seed
+CONTRASTIVE_ATOL = 1e-8  # against the slow reference
 
 
 # -- tiny models ------------------------------------------------------------------------------
@@ -144,7 +152,7 @@ def test_cell_loop_conservation(kind):
     x = sequence(False, T=4)
     for mode in ("default", "contrastive"):
         exp = dlb.explain(model, x, mode=mode)
-        assert_conserved(exp)
+        assert_conserved(exp, rtol=CONTRASTIVE_RTOL if mode == "contrastive" else 1e-12)
         assert [e.key for e in exp.ledger if e.path.startswith("cell")] == [
             "cell#3", "cell#2", "cell#1", "cell"]
 
@@ -398,6 +406,7 @@ def test_matches_reference(kind, mode, saturation, cfg):
     args = (x,) if not with_h0 else (x, tuple(states) if kind == "lstm" else states[0])
     rec, R_out, R_in, absorbed = run_rule(m, args, mode, saturation)
     S = 2 if mode == "contrastive" else 1
+    tol = CONTRASTIVE_ATOL if S == 2 else 1e-12  # (default mode: measured <= 1.6e-15)
 
     X = (x.transpose(0, 1) if bf else x).numpy()
     R_seq = np.stack([(r.transpose(0, 1) if bf else r).numpy()
@@ -411,17 +420,16 @@ def test_matches_reference(kind, mode, saturation, cfg):
         ref_abs = ref_abs + sum(r.sum(axis=(1, 2, 3)) for r in ref_init)
     for s, got in enumerate(_streams(R_in[0], S)):
         want = torch.from_numpy(ref_x[s])
-        torch.testing.assert_close(got, want.transpose(0, 1) if bf else want,
-                                   rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(got, want.transpose(0, 1) if bf else want, rtol=0, atol=tol)
     if with_h0:
         assert len(R_in) == 1 + n_state
         for j in range(n_state):
             for s, got in enumerate(_streams(R_in[1 + j], S)):
-                torch.testing.assert_close(got, torch.from_numpy(ref_init[j][s]),
-                                           rtol=1e-8, atol=1e-8)
+                torch.testing.assert_close(got, torch.from_numpy(ref_init[j][s]), rtol=0,
+                                           atol=tol)
                 assert float(got.abs().sum()) > 0
     absorbed = absorbed if isinstance(absorbed, tuple) else (absorbed,)
-    np.testing.assert_allclose(absorbed, ref_abs, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(absorbed, ref_abs, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("kind", ["lstm_cell", "gru_cell"])
@@ -435,19 +443,20 @@ def test_cells_match_reference(kind, mode, saturation):
     args = (x, tuple(states) if n_state == 2 else states[0])
     rec, R_out, R_in, absorbed = run_rule(m, args, mode, saturation)
     S = 2 if mode == "contrastive" else 1
+    tol = CONTRASTIVE_ATOL if S == 2 else 1e-12
     R_fin = [np.stack([r.numpy()[None] for r in _streams(R_out[j], S)]) for j in range(n_state)]
     ref_x, ref_init, ref_abs = ref_rnn(
         m, x.numpy()[None], [s.numpy()[None] for s in states], np.zeros((S, 1, 2, 3)), R_fin,
         S, saturation and mode == "default",
     )
     for s, got in enumerate(_streams(R_in[0], S)):
-        torch.testing.assert_close(got, torch.from_numpy(ref_x[s, 0]), rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(got, torch.from_numpy(ref_x[s, 0]), rtol=0, atol=tol)
     for j in range(n_state):
         for s, got in enumerate(_streams(R_in[1 + j], S)):
-            torch.testing.assert_close(got, torch.from_numpy(ref_init[j][s, 0]),
-                                       rtol=1e-8, atol=1e-8)
+            torch.testing.assert_close(got, torch.from_numpy(ref_init[j][s, 0]), rtol=0,
+                                       atol=tol)
     absorbed = absorbed if isinstance(absorbed, tuple) else (absorbed,)
-    np.testing.assert_allclose(absorbed, ref_abs, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(absorbed, ref_abs, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
@@ -477,8 +486,10 @@ def test_float32_matches_float64(kind):
         runs.append((engine.propagate(rec, R_out)[0], engine.ledger[0].absorbed))
     (got, got_abs), (want, want_abs) = runs
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
-    assert abs(got_abs - want_abs) <= 1e-4 * (abs(want_abs) + 1)
+    # float32 rounding (of the relevance put on the outputs too): measured 3.1e-7 of entries
+    # up to 2.9, and 8.1e-7 of an absorbed total of 15.7
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1.5e-6)
+    assert abs(got_abs - want_abs) <= 2.5e-7 * (abs(want_abs) + 1)
 
 
 # -- (4) initial states as inputs -------------------------------------------------------------
@@ -492,7 +503,7 @@ def test_initial_state_receives_relevance(kind):
     args = (x, h0, c0) if kind == "lstm" else (x, h0)
     for mode in ("default", "contrastive"):
         exp = dlb.explain(model, args, mode=mode)
-        assert_conserved(exp)
+        assert_conserved(exp, rtol=CONTRASTIVE_RTOL if mode == "contrastive" else 1e-12)
         names = ["h0", "c0"] if kind == "lstm" else ["h0"]
         for name in names:
             R = exp.inputs[name]

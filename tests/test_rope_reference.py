@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import torch
 from test_rules_reference import linear_units, ref_default
-
-import dlbhooks as dlb
-
-transformers = __import__("pytest").importorskip("transformers")
-from transformers import LlamaConfig  # noqa: E402
-from transformers.models.llama.modeling_llama import (  # noqa: E402
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaRotaryEmbedding,
 )
+
+import dlbhooks as dlb
 
 B, T, HEADS, KV, D = 1, 3, 2, 1, 4
 H = HEADS * D
@@ -87,4 +85,5 @@ def test_rope_and_projections_match_slow_reference():
         total = [a + b for a, b in zip(total, got[0])]
     want = torch.tensor(total, dtype=torch.float64).view(B, T, H)
     got = exp.inputs["hidden_states"]
-    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12), (got - want).abs().max()
+    # (measured 8.3e-17, entries up to 0.24)
+    assert torch.allclose(got, want, rtol=0, atol=1e-13), (got - want).abs().max()

@@ -26,7 +26,13 @@ from dlbhooks.rules.elementwise import add_rule, product_rule
 from dlbhooks.seeds import make_seed
 
 D = torch.float64
-RTOL = 1e-9
+# agreement with the references, relative to the relevance scale: measured <= 4.9e-15
+RTOL = 1e-12
+# TODO(issue 11): contrastive mode reads P and N of a unit from rules/core.split_signs as
+# (S ± Σwa)/2: a unit with a small side gets 1/N with a relative error eps S / N (random
+# Linear cases reach 5.3e-14 of the scale over 300 examples; the reference sums P and N
+# directly). The old tolerance for the random contrastive cases until core.py is fixed.
+CONTRASTIVE_RTOL = 1e-9
 HYP = settings(max_examples=25, deadline=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -272,20 +278,20 @@ def as_tensor(vals: list[float], like: Tensor) -> Tensor:
     return torch.tensor(vals, dtype=D).reshape(like.shape)
 
 
-def close(got: Tensor, ref: Tensor, scale: float, what: str) -> None:
-    """Element-wise agreement to ~1e-9 of the relevance scale."""
+def close(got: Tensor, ref: Tensor, scale: float, what: str, rtol: float = RTOL) -> None:
+    """Element-wise agreement to ``rtol`` of the relevance scale."""
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} vs {tuple(ref.shape)}"
     got = got.detach().to(D)
     err = (got - ref).abs().max().item() if ref.numel() else 0.0
-    tol = RTOL * max(scale, 1e-300)
+    tol = rtol * max(scale, 1e-300)
     assert err <= tol, (
         f"{what}: package differs from the METHOD.md reference by {err:.3e} (tol {tol:.1e})\n"
         f"package  ={got.flatten()[:12].tolist()}\nreference={ref.flatten()[:12].tolist()}"
     )
 
 
-def close_scalar(got: float, ref: float, scale: float, what: str) -> None:
-    assert abs(got - ref) <= RTOL * max(scale, 1e-300), f"{what}: package {got} vs reference {ref}"
+def close_scalar(got: float, ref: float, scale: float, what: str, rtol: float = RTOL) -> None:
+    assert abs(got - ref) <= rtol * max(scale, 1e-300), f"{what}: package {got} vs reference {ref}"
 
 
 def ledger_entry(exp: dlb.Explanation, key: str):
@@ -515,15 +521,15 @@ def check_contrastive(l1: nn.Module, l2: nn.Module, x: Tensor, gen: torch.Genera
     # the activation passes both streams through element-wise
     u1, b1 = layer_units(l1, x)
     (p1,), (n1,), lost1, c1 = ref_contrastive(u1, b1, p2, n2, [x.numel()])
-    scale = seed.abs().sum().item()
-    close(exp.at("2"), as_tensor(p2, a2) - as_tensor(n2, a2), scale, "second layer (net)")
-    close(exp.positive["input"], as_tensor(p1, x), scale, "first layer, + stream")
-    close(exp.negative["input"], as_tensor(n1, x), scale, "first layer, - stream")
-    close(exp.inputs["input"], as_tensor(p1, x) - as_tensor(n1, x), scale, "input (net)")
+    scale, tol = seed.abs().sum().item(), CONTRASTIVE_RTOL
+    close(exp.at("2"), as_tensor(p2, a2) - as_tensor(n2, a2), scale, "second layer (net)", tol)
+    close(exp.positive["input"], as_tensor(p1, x), scale, "first layer, + stream", tol)
+    close(exp.negative["input"], as_tensor(n1, x), scale, "first layer, - stream", tol)
+    close(exp.inputs["input"], as_tensor(p1, x) - as_tensor(n1, x), scale, "input (net)", tol)
     for key, lost in (("2", lost2), ("0", lost1)):
         e = ledger_entry(exp, key)
-        close_scalar(e.absorbed[0], lost[0], scale, f"layer {key} absorbed, + stream")
-        close_scalar(e.absorbed[1], lost[1], scale, f"layer {key} absorbed, - stream")
+        close_scalar(e.absorbed[0], lost[0], scale, f"layer {key} absorbed, + stream", tol)
+        close_scalar(e.absorbed[1], lost[1], scale, f"layer {key} absorbed, - stream", tol)
     return c1 + c2
 
 
@@ -763,7 +769,7 @@ def test_product_rule(shapes: list) -> None:
         for idx in np.ndindex(*Rn.shape):
             ref[src_index(idx, tuple(f.shape))] += 0.5 * float(Rn[idx])
         close(parts[k], torch.tensor(ref, dtype=D), R.abs().sum().item(), f"product factor {k}")
-    assert abs(sum(float(p.sum()) for p in parts) - float(R.sum())) < 1e-9
+    assert abs(sum(float(p.sum()) for p in parts) - float(R.sum())) < 1e-12 * float(R.abs().sum())
 
 
 # ---------------------------------------------------------------------------------------
@@ -847,7 +853,7 @@ def check_norm(m: nn.Module, x: Tensor, gen: torch.Generator, mode: str = "defau
             ref_y = ref_y * torch.tensor(gamma, dtype=D).reshape(x.shape)
         if beta is not None:
             ref_y = ref_y + torch.tensor(beta, dtype=D).reshape(x.shape)
-        assert torch.allclose(ref_y, y, atol=1e-8), "reference x̂ disagrees with the module"
+        assert torch.allclose(ref_y, y, rtol=0, atol=1e-12), "reference x̂ disagrees with the module"
     seed = rand(*y.shape, gen=gen)
     exp = dlb.explain(model, x, target=seed, mode=mode)
     scale = seed.abs().sum().item()
@@ -1056,7 +1062,7 @@ def test_max_pool_index_path(ties: bool) -> None:
     tables = pooling.regular_tables(x, out.shape[-2:], 3, 2, 1, 1)
     slow, slow_lost = pooling.pool_relevance(R, x, tables, "max")
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
-    assert abs(float(lost) - float(slow_lost)) < 1e-9
+    assert abs(float(lost) - float(slow_lost)) < 1e-12 * float(R.abs().sum())
 
 
 AVGPOOLS = [
@@ -1270,7 +1276,7 @@ def test_seed_multiclass() -> None:
             rp, rn = ref_multiclass(out, rows, m, True)
             close(gp, rp, m, f"contrastive R+ {target}")
             close(gn, rn, m, f"contrastive R- (softmax split) {target}")
-            assert abs(float(gn.sum()) - 3 * m) < 1e-9
+            assert abs(float(gn.sum()) - 3 * m) < 1e-12 * 3 * m
     # a 1-D output is one row
     v = rand(5, gen=gen)
     got = make_seed(v, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import dlbhooks as dlb
@@ -43,7 +44,6 @@ def test_no_sharing_with_a_storage_policy():
 
 
 def test_generation_shares_and_matches():
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=37, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

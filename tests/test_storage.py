@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from helpers import assert_conserved
 from torch import nn
-
-import dlbhooks as dlb
-from dlbhooks.memory import estimate_memory, record_bytes
-from dlbhooks.storage import Storage
-
-transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForCausalLM,
     BertConfig,
     BertForSequenceClassification,
@@ -26,9 +21,27 @@ from transformers import (  # noqa: E402
     Qwen3MoeConfig,
 )
 
-# max |R - R_default| / max |R_default| at the inputs, measured on these models: bf16
-# records ~1e-2 (ResNet) and ~4e-5 (Llama), fp16 ~4e-3: the bounds leave a margin
-LOSSY_TOL = {"bf16": 5e-2, "fp16": 2e-2, "cpu+bf16": 5e-2}
+import dlbhooks as dlb
+from dlbhooks.memory import estimate_memory, record_bytes
+from dlbhooks.storage import Storage
+
+# unit roundoff of each cast: the bounds below are multiples of it
+ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11, "cpu+bf16": 2.0 ** -8}
+# per model, max |R - R_lossless| / max |R_lossless| at the inputs (default mode) is at most
+# this many unit roundoffs of the cast: measured (bf16 / fp16) net 0.46 / 0.39, resnet
+# 1.6 / 1.9, lstm 0.36 / 0.49, llama 0.04 / 0.016, moe 0.04 / 0.04 (experts 0.28 / 0.41),
+# bert 0.077 / 0.16; the bounds are about three times that
+LOSSY_BOUND = {"net": 1.5, "resnet": 6.0, "lstm": 1.5, "llama": 0.15, "moe": 0.15,
+               "bert": 0.5}
+LOSSY_EXPERTS = 1.5  # (moe's relevance per expert)
+# conservation of the float32 models does not depend on the records' precision: measured
+# <= 4.6e-7 of the seed in default mode and <= 9.9e-7 in contrastive mode under bf16/fp16
+# records (3.2e-7 with lossless records; float32 sums of thousands of terms)
+CONSERVED = {"default": 1e-6, "contrastive": 2e-6}
+# lossless copies give the default policy's relevance bit for bit, except where a rule reads
+# a snapshot instead of recomputing (net: an in-place ReLU; measured 2.3e-7 in contrastive
+# mode, two float32 roundings)
+SNAPSHOT_BOUND = {"net": 1e-6}
 
 
 class Net(nn.Module):
@@ -48,7 +61,6 @@ class Net(nn.Module):
 
 def _models():
     torch.manual_seed(0)
-    tv = pytest.importorskip("torchvision")
     llama = AutoModelForCausalLM.from_config(LlamaConfig(
         vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2)).eval()
@@ -64,7 +76,8 @@ def _models():
     mask[1, -2:] = 0
     return {
         "net": (Net().eval(), torch.randn(2, 3, 8), "x"),
-        "resnet": (tv.models.resnet18(num_classes=4).eval(), torch.randn(1, 3, 32, 32), "x"),
+        "resnet": (torchvision.models.resnet18(num_classes=4).eval(),
+                   torch.randn(1, 3, 32, 32), "x"),
         "lstm": (nn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True).eval(),
                  torch.randn(2, 4, 5), "input"),
         "llama": (llama, {"input_ids": ids}, "input_ids"),
@@ -88,32 +101,56 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def _streams(exp: dlb.Explanation, key: str) -> list[torch.Tensor]:
+    """Input relevance per stream."""
+    if exp.positive is None:
+        return [exp.inputs[key]]
+    return [exp.positive[key], exp.negative[key]]
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("mode", ["default", "contrastive"])
 def test_lossless_copies_give_the_same_relevance(name, mode):
     model, inputs, key = MODELS[name]
     ref = _explain(model, inputs, None, mode=mode)
+    bound = SNAPSHOT_BOUND.get(name, 0.0)
     for storage in ("cpu", "fp32"):
         exp = _explain(model, inputs, storage, mode=mode)
-        # equal up to float rounding: a copy is a snapshot, so a rule may read an output
-        # that an in-place module changed later instead of recomputing it
-        assert _rel_err(exp.inputs[key], ref.inputs[key]) < 1e-6, (name, storage)
+        for got, want in zip(_streams(exp, key), _streams(ref, key)):
+            assert _rel_err(got, want) <= bound, (name, storage)
         assert exp.layers.keys() == ref.layers.keys()
+        assert exp.experts.keys() == ref.experts.keys()
         for layer, rel in ref.experts.items():
-            assert _rel_err(exp.experts[layer], rel) < 1e-6
+            assert _rel_err(exp.experts[layer], rel) <= bound
         assert exp.inputs[key].dtype == ref.inputs[key].dtype
+        assert_conserved(exp, rtol=CONSERVED["default"])
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("storage", list(LOSSY_TOL))
+@pytest.mark.parametrize("storage", list(ROUNDOFF))
 def test_cast_records_stay_within_the_rounding(name, storage):
     model, inputs, key = MODELS[name]
     ref = _explain(model, inputs, None)
     exp = _explain(model, inputs, storage)
     assert exp.inputs[key].dtype == torch.float32  # computed in the model's own dtype
-    assert _rel_err(exp.inputs[key], ref.inputs[key]) < LOSSY_TOL[storage]
-    # conservation does not depend on the stored precision beyond its rounding
-    assert_conserved(exp, rtol=LOSSY_TOL[storage])
+    err = _rel_err(exp.inputs[key], ref.inputs[key])
+    assert 0 < err <= LOSSY_BOUND[name] * ROUNDOFF[storage], err  # (0: nothing was cast)
+    for layer, rel in ref.experts.items():
+        assert _rel_err(exp.experts[layer], rel) <= LOSSY_EXPERTS * ROUNDOFF[storage]
+    # conservation does not depend on the stored precision
+    assert_conserved(exp, rtol=CONSERVED["default"])
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("storage", ["bf16", "fp16"])
+def test_cast_records_conserve_in_contrastive_mode(name, storage):
+    """Contrastive mode splits each unit by the signs of its contributions: the totals it
+    divides by must be the sums of the contributions it splits, not the cast output (a
+    Linear reading its bf16 output lost 28 % of the seed here). Which side of a unit near
+    t = 0 is aligned may change with the rounding, so relevance is not compared."""
+    model, inputs, _ = MODELS[name]
+    assert_conserved(_explain(model, inputs, storage, mode="contrastive"),
+                     rtol=CONSERVED["contrastive"])
 
 
 def test_records_are_stored_as_asked_and_stay_so_after_explaining():

@@ -10,13 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.models as tvm
 from helpers import assert_conserved
 from torch import nn
 
 import dlbhooks as dlb
 from dlbhooks.models.torchvision_cnn import ResidualAdd
-
-tvm = pytest.importorskip("torchvision.models")
 
 MODES = ("default", "contrastive")
 
@@ -33,6 +32,13 @@ FAMILIES = {
     "efficientnet_b0": {"MBConv", "SqueezeExcitation", "StochasticDepth"},
     "efficientnet_v2_s": {"FusedMBConv", "MBConv", "StochasticDepth"},
 }
+
+
+# TODO(issue 11): rules/core.split_signs computes a weighted sum's P and N as (S ± Σwa)/2,
+# so a side just above its 64-eps cut-off (here a Conv2d unit with N = 1.45e-14 S) carries an
+# O(1) relative error into 1/N: contrastive mode leaks 2.0e-11 of the seed (2e-9 of 100 in
+# the - stream). The old tolerance until core.py computes P and N without cancellation.
+KNOWN_LEAK = {("efficientnet_v2_s", "contrastive"): 1e-6}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -85,24 +91,30 @@ def explained(family):
 def test_family_conserves(family, explained, mode):
     name = family[0]
     exp = explained[mode]
-    assert_conserved(exp, rtol=1e-6)
+    assert_conserved(exp, rtol=KNOWN_LEAK.get((name, mode), 1e-12))
     seen = {e.type for e in exp.ledger}
     assert FAMILIES[name] <= seen, f"{name}: composites not exercised: {FAMILIES[name] - seen}"
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_family_input_relevance(family, explained, mode):
-    x = family[2]
+    name, _, x = family
     exp = explained[mode]
     R = exp.inputs["x"]
     assert R.shape == x.shape and R.dtype == x.dtype
     assert bool(torch.isfinite(R).all())
     assert float(R.abs().sum()) > 0
+    # (measured <= 1e-13 of 100)
+    tol = 100 * KNOWN_LEAK.get((name, mode), 1e-12)
     if mode == "default":  # relevance 100 = input + absorbed (biases, β shares)
-        assert abs(exp.total_input + exp.ledger[0].absorbed_inside - 100.0) < 1e-6
+        assert abs(exp.total_input + exp.ledger[0].absorbed_inside - 100.0) < tol
     else:
         assert bool((exp.positive["x"] >= 0).all()) and bool((exp.negative["x"] >= 0).all())
-        assert abs(float(exp.positive["x"].sum()) + exp.ledger[0].absorbed_inside[0] - 100) < 1e-6
+        root = exp.ledger[0]
+        for k, stream in enumerate((exp.positive, exp.negative)):
+            seeded = root.relevance_out[k]
+            assert abs(float(stream["x"].sum()) + root.absorbed_inside[k] - seeded) < tol
+        assert root.relevance_out[0] == 100.0
 
 
 def test_family_output_bit_identical(family):
@@ -164,16 +176,16 @@ def test_basic_block_matches_hand_split(resnet18, mode, where):
     with torch.no_grad():
         bn2_in = block.conv2(F.relu(block.bn1(block.conv1(x))))
     torch.testing.assert_close(exp.at("bn2"), Ra * bn_share(block.bn2, bn2_in),
-                               rtol=1e-9, atol=1e-12)
+                               rtol=1e-12, atol=1e-12)
     if block.downsample is None:
         # x's own share arrives directly: total input relevance minus what came via conv1
-        torch.testing.assert_close(exp.inputs["x"] - exp.at("conv1"), Rb, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(exp.inputs["x"] - exp.at("conv1"), Rb, rtol=1e-12, atol=1e-12)
     else:
         ds_bn, ds_conv = block.downsample[1], block.downsample[0]
         with torch.no_grad():
             ds_in = ds_conv(x)
         torch.testing.assert_close(exp.at("downsample.1"), Rb * bn_share(ds_bn, ds_in),
-                                   rtol=1e-9, atol=1e-12)
+                                   rtol=1e-12, atol=1e-12)
     # the pre-add value came from the snapshot: the tape's bn2 output was modified in place
     with dlb.trace(block) as tape:
         block(x)
@@ -194,12 +206,12 @@ def test_mobilenet_v2_residual_matches_hand_split(mode):
     exp = dlb.explain(block, x, target=R, mode=mode)
     assert_conserved(exp)
     Rc, Rx = add_split(R, c, x)
-    torch.testing.assert_close(exp.inputs["x"] - exp.at("conv"), Rx, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(exp.inputs["x"] - exp.at("conv"), Rx, rtol=1e-12, atol=1e-12)
     last_bn = block.conv[-1]
     with torch.no_grad():
         bn_in = block.conv[:-1](x)
     torch.testing.assert_close(exp.at(f"conv.{len(block.conv) - 1}"), Rc * bn_share(last_bn, bn_in),
-                               rtol=1e-9, atol=1e-12)
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -216,9 +228,9 @@ def test_squeeze_excitation_halves(mode):
     assert_conserved(exp)
     # half of R to the gate (summed over the positions it scales), half straight to x
     torch.testing.assert_close(exp.at("scale_activation"), (R / 2).sum((2, 3), keepdim=True),
-                               rtol=1e-9, atol=1e-12)
+                               rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(exp.inputs["input"] - exp.at("avgpool"), R / 2,
-                               rtol=1e-9, atol=1e-12)
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -238,7 +250,7 @@ def test_dense_block_cat_split(mode):
     out = last.relevance_out
     want = R[:, -4:].sum()
     got = out if mode == "default" else out[0] - out[1]
-    assert abs(got - float(want)) < 1e-10
+    assert abs(got - float(want)) < 1e-12 * abs(float(want))  # (measured 3.6e-15 of 22)
     # each layer splits its norm1 input relevance back over the list it concatenated
     for k in (1, 2, 3):
         per_input = exp.tensors[f"denselayer{k}"]
@@ -268,7 +280,7 @@ def test_densenet_head_pools_by_add_rule(mode):
         norm5_in = model.features[:-1](x)
     torch.testing.assert_close(exp.at("features.norm5"),
                                R_x * bn_share(model.features.norm5, norm5_in),
-                               rtol=1e-9, atol=1e-12)
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_composite_names_missing_child_clearly():

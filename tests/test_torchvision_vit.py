@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision as tv
 from helpers import assert_conserved
 
 import dlbhooks as dlb
 from dlbhooks.engine import Engine
 from dlbhooks.rules.attention import mha_recompute
 from dlbhooks.rules.elementwise import add_rule
-
-tv = pytest.importorskip("torchvision")
 
 DT = torch.float64
 
@@ -60,12 +59,12 @@ def test_class_token_position_embedding_and_patch_mapping():
         att = root.child(f"encoder.layers.encoder_layer_{i}.self_attention")
         assert torch.allclose(mha_recompute(att), att.outputs[0], rtol=0, atol=1e-13)
     ledger = {e.key: e for e in exp.ledger}
-    total = 100.0 * X.shape[0]
-    assert abs(ledger["<root>"].relevance_out - total) < 1e-9
+    total = 100.0 * X.shape[0]  # (the differences below: measured 0)
+    assert abs(ledger["<root>"].relevance_out - total) < 1e-12 * total
 
     # the class token keeps exactly the relevance of position 0 of the encoder input
     R_enc = exp.at("encoder")  # [n, 1 + patches, hidden]
-    assert abs(ledger["<root>"].absorbed - float(R_enc[:, 0].sum())) < 1e-9
+    assert abs(ledger["<root>"].absorbed - float(R_enc[:, 0].sum())) < 1e-12 * total
     assert float(R_enc[:, 0].abs().sum()) > 0
 
     # position embedding: its add-rule share of the relevance on input + pos_embedding
@@ -73,7 +72,7 @@ def test_class_token_position_embedding_and_patch_mapping():
     enc = root.child("encoder")
     pos = model.encoder.pos_embedding.detach()
     (R_x, R_pos), lost = add_rule(R_sum, [enc.input_value(0), pos])
-    assert abs(ledger["encoder"].absorbed - float(R_pos.sum() + lost)) < 1e-9
+    assert abs(ledger["encoder"].absorbed - float(R_pos.sum() + lost)) < 1e-12 * total
     assert torch.allclose(R_enc, R_x, rtol=0, atol=1e-12)
 
     # patch tokens return to conv_proj's output: [n, tokens, hidden] -> [n, hidden, h, w]
@@ -97,12 +96,13 @@ def test_encoder_block_residuals_use_the_add_rule():
     (R_mid, R_mlp), _ = add_rule(R_out, [mid, mlp])
     ledger = {e.key: e for e in exp.ledger}
     assert abs(ledger["encoder.layers.encoder_layer_1.mlp"].relevance_out
-               - float(R_mlp.sum())) < 1e-9
+               - float(R_mlp.sum())) < 1e-12 * 200
     # the relevance on x = attention + input: add-rule share plus ln_2's input relevance
     R_x = R_mid + exp.at("encoder.layers.encoder_layer_1.ln_2")
     attn_out = blk.child("dropout").output_value(0)
     (R_attn, R_res), _ = add_rule(R_x, [attn_out, blk.input_value(0)])
     assert abs(ledger["encoder.layers.encoder_layer_1.self_attention"].relevance_out
-               - float(R_attn.sum())) < 1e-9
+               - float(R_attn.sum())) < 1e-12 * 200
     R_block_in = R_res + exp.at("encoder.layers.encoder_layer_1.ln_1")
-    assert torch.allclose(exp.at("encoder.layers.encoder_layer_1"), R_block_in, atol=1e-12)
+    assert torch.allclose(exp.at("encoder.layers.encoder_layer_1"), R_block_in, rtol=0,
+                          atol=1e-12)

@@ -30,6 +30,7 @@ from ..rules.functional import (
     Tmp,
     Unary,
 )
+from ..rules.linear import exact_output
 from ..rules.norm import rms_norm_rule
 from ..rules.registry import register_rule
 from .hf_attention import CHILD as ATTN
@@ -50,7 +51,7 @@ def conv1d_rule(rec, R_out, ctx):
     """GPT-2's ``Conv1D``: ``y = x @ W + b`` with W [in, out] (§2)."""
     m = rec.module
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
-    out = rec.outputs[0] if rec.output_intact(0) else None
+    out = exact_output(rec, ctx)
     R, absorbed = weighted_sum(
         R_out[0], rec.input_value(0), W, b, lambda x, w: x @ w, lambda s, w: s @ w.T,
         bounds=ctx.bounds_after(rec), output=out,

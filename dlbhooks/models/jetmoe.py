@@ -34,6 +34,7 @@ from ..relevance import Rel, Streams, radd, rmap
 from ..rules.core import weighted_sum
 from ..rules.elementwise import add_rule, product_rule, saturation_bounds
 from ..rules.functional import close_to_recorded, rope_relevance
+from ..rules.linear import exact_output
 from ..rules.registry import lookup
 from .hf_attention import CHILD as ATTN
 
@@ -112,7 +113,7 @@ def parallel_experts_rule(rec, R_out, ctx):
     x = rec.input_value(0)
     R = R_out[0]
     dt = R.pos.dtype if isinstance(R, Streams) else R.dtype
-    out = rec.outputs[0] if rec.output_intact(0) else None
+    out = exact_output(rec, ctx)
     bounds = _gate_bounds(rec, ctx, W.shape[1])
     if bounds is not None:
         bounds = tuple(b.to(device=x.device, dtype=dt) for b in bounds)

@@ -16,6 +16,16 @@ from .registry import register_rule
 LIVE_UNITS_MIN = 4096  # output units from which a Linear looks for the few live ones
 
 
+def exact_output(rec, ctx, i: int = 0) -> torch.Tensor | None:
+    """Output ``i`` of ``rec`` if it is exactly what the module computed (intact, and not
+    stored cast to another dtype), else ``None``: the §2 split may read a weighted sum's
+    signed total from its output only if that is the sum of the contributions it splits."""
+    if not rec.output_intact(i):
+        return None
+    out, cast = rec.outputs[i], ctx.tape.store.policy.dtype
+    return out if cast is None or cast == out.dtype else None
+
+
 def _linear_fwd(x, W):
     return x @ W.T
 
@@ -35,7 +45,7 @@ def linear_rule(rec, R_out, ctx):
     m = rec.module
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     a = rec.input_value(0)
-    out = rec.outputs[0] if rec.output_intact(0) else None
+    out = exact_output(rec, ctx)
     R = R_out[0]
     bounds = ctx.bounds_after(rec)
     rows = _live_rows(R) if a.dim() > 1 else None
@@ -195,7 +205,7 @@ def _conv_rule(rec, R_out, ctx, conv):
                     [0] * nd, m.groups, [True, False, False],
                 )[0]
 
-    out = rec.outputs[0] if rec.output_intact(0) else None
+    out = exact_output(rec, ctx)
     absb, positive = ctx.abs_bias(m)
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, adj,
@@ -216,7 +226,7 @@ def _convt_rule(rec, R_out, ctx, convt):
     op = m._output_padding(a, list(out_size), m.stride, m.padding, m.kernel_size,
                            a.dim() - 2, m.dilation)
     fwd = lambda x, w: convt(x, w, None, m.stride, m.padding, op, m.groups, m.dilation)  # noqa: E731
-    out = rec.outputs[0] if rec.output_intact(0) else None
+    out = exact_output(rec, ctx)
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, None,
         bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
