@@ -28,11 +28,6 @@ from dlbhooks.seeds import make_seed
 D = torch.float64
 # agreement with the references, relative to the relevance scale: measured <= 4.9e-15
 RTOL = 1e-12
-# TODO(issue 11): contrastive mode reads P and N of a unit from rules/core.split_signs as
-# (S ± Σwa)/2: a unit with a small side gets 1/N with a relative error eps S / N (random
-# Linear cases reach 5.3e-14 of the scale over 300 examples; the reference sums P and N
-# directly). The old tolerance for the random contrastive cases until core.py is fixed.
-CONTRASTIVE_RTOL = 1e-9
 HYP = settings(max_examples=25, deadline=None,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -521,7 +516,7 @@ def check_contrastive(l1: nn.Module, l2: nn.Module, x: Tensor, gen: torch.Genera
     # the activation passes both streams through element-wise
     u1, b1 = layer_units(l1, x)
     (p1,), (n1,), lost1, c1 = ref_contrastive(u1, b1, p2, n2, [x.numel()])
-    scale, tol = seed.abs().sum().item(), CONTRASTIVE_RTOL
+    scale, tol = seed.abs().sum().item(), RTOL
     close(exp.at("2"), as_tensor(p2, a2) - as_tensor(n2, a2), scale, "second layer (net)", tol)
     close(exp.positive["input"], as_tensor(p1, x), scale, "first layer, + stream", tol)
     close(exp.negative["input"], as_tensor(n1, x), scale, "first layer, - stream", tol)

@@ -34,11 +34,6 @@ FAMILIES = {
 }
 
 
-# TODO(issue 11): rules/core.split_signs computes a weighted sum's P and N as (S ± Σwa)/2,
-# so a side just above its 64-eps cut-off (here a Conv2d unit with N = 1.45e-14 S) carries an
-# O(1) relative error into 1/N: contrastive mode leaks 2.0e-11 of the seed (2e-9 of 100 in
-# the - stream). The old tolerance until core.py computes P and N without cancellation.
-KNOWN_LEAK = {("efficientnet_v2_s", "contrastive"): 1e-6}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +86,7 @@ def explained(family):
 def test_family_conserves(family, explained, mode):
     name = family[0]
     exp = explained[mode]
-    assert_conserved(exp, rtol=KNOWN_LEAK.get((name, mode), 1e-12))
+    assert_conserved(exp)
     seen = {e.type for e in exp.ledger}
     assert FAMILIES[name] <= seen, f"{name}: composites not exercised: {FAMILIES[name] - seen}"
 
@@ -105,7 +100,7 @@ def test_family_input_relevance(family, explained, mode):
     assert bool(torch.isfinite(R).all())
     assert float(R.abs().sum()) > 0
     # (measured <= 1e-13 of 100)
-    tol = 100 * KNOWN_LEAK.get((name, mode), 1e-12)
+    tol = 100 * 1e-12
     if mode == "default":  # relevance 100 = input + absorbed (biases, β shares)
         assert abs(exp.total_input + exp.ledger[0].absorbed_inside - 100.0) < tol
     else:

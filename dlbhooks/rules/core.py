@@ -241,20 +241,54 @@ def contrastive_split(abs_total: Tensor, signed_total: Tensor, bias: Tensor | No
     """The forward-only part of contrastive mode's per-unit split (see
     :func:`contrastive_coefficients`) from ``Σ|w a|``, ``Σ w a`` and the bias. ``sides``:
     ``(P, N)`` summed directly over the contributions, when the caller has them (then a
-    small side keeps its full precision; from the totals it carries ``eps·(P + N)``)."""
+    small side keeps its full precision; from the totals it carries ``eps·(P + N)``, and
+    a side below 64 eps of the total counts as empty). Given ``sides`` are not modified."""
     t = signed_total + bias if bias is not None else signed_total
-    P, N = split_signs(abs_total, signed_total) if sides is None else sides
-    side = torch.minimum(P, N)  # > 0 where both sides exist
-    if side.numel() and float(side.amin()) > 0:
-        # no degenerate (or empty) unit: nothing is lost, every unit splits both ways
-        return ContrastiveSplit(t > 0, P.reciprocal_(), N.reciprocal_())
     dt = abs_total.dtype
+    if sides is None:
+        P, N = split_signs(abs_total, signed_total)
+        small = 0.0
+    else:
+        P, N = sides
+        small = torch.finfo(dt).tiny * 2.0**24  # far from overflow in R / P
+    side = torch.minimum(P, N)  # > small where both sides exist
+    if side.numel() and float(side.amin()) > small:
+        # no degenerate (or empty) unit: nothing is lost, every unit splits both ways
+        if sides is None:
+            return ContrastiveSplit(t > 0, P.reciprocal_(), N.reciprocal_())
+        return ContrastiveSplit(t > 0, P.reciprocal(), N.reciprocal())
     tiny = torch.finfo(dt).tiny
-    ND = (side > 0).to(dt)  # 0 where a side is empty (degenerate or lost)
+    ND = (side > small).to(dt)  # 0 where a side is empty (degenerate or lost)
     live = abs_total > 0
     inv_s = live.to(dt).div_(abs_total.clamp_min(tiny)).mul_(1.0 - ND)
     return ContrastiveSplit(t > 0, ND / P.clamp_min(tiny), ND / N.clamp_min(tiny), inv_s,
-                            (~live).to(dt))  # (P, N > 0 wherever ND = 1)
+                            (~live).to(dt))  # (P, N > small wherever ND = 1)
+
+
+def contrastive_side_coefficients(R: Streams, split: ContrastiveSplit):
+    """Contrastive mode of §2 per unit, as what each stream gives its unit's positive and
+    its negative contributions: ``[(cp, cn) for the + stream, (cp, cn) for the - stream]``
+    (contribution ``i -> j`` receives ``cp_j |w_ji a_i|`` if positive, ``cn_j |w_ji a_i|``
+    if negative), and the relevance lost by units without contributions. Aligned units
+    (t > 0 and R+ > R-, or neither) give R+ to the positive side (``R+/P``) and R- to the
+    negative side (``R-/N``), crossed ones the other way round, degenerate ones (a side
+    empty) both streams ∝ |contribution| (``R/S`` on either side)."""
+    rp, rn = R.pos, R.neg
+    A = torch.eq(split.up, rp > rn).to(split.inv_p.dtype)  # aligned
+    x_pos, y_neg = A * split.inv_p, A * split.inv_n  # A/P, A/N
+    x_neg, y_pos = torch.sub(split.inv_p, x_pos), torch.sub(split.inv_n, y_neg)  # (1-A)/P, (1-A)/N
+    if split.lost is None:
+        absorbed = Streams(rp.new_zeros(()), rn.new_zeros(()))
+    else:
+        absorbed = Streams((rp * split.lost).sum(), (rn * split.lost).sum())
+    coefs = []
+    for r, x, y in ((rp, x_pos, y_pos), (rn, x_neg, y_neg)):
+        if split.inv_s is not None:
+            x = x + split.inv_s
+            y = y + split.inv_s
+        coefs.append((x.mul_(r) if x.shape == r.shape else x * r,
+                      y.mul_(r) if y.shape == r.shape else y * r))
+    return coefs, absorbed
 
 
 def contrastive_coefficients(R: Streams, split: ContrastiveSplit):
@@ -330,8 +364,10 @@ def weighted_sum(
     denominators ``forward(|a|, |W|)`` depend on the forward only, so they are computed
     once (needs ``adjoint``).
     """
-    contrastive = isinstance(R, Streams)
-    saturate = not contrastive and _has_bounds(bounds)
+    if isinstance(R, Streams):
+        return _contrastive_weighted_sum(R, a, W, bias, forward, adjoint, output=output,
+                                         nonneg_input=nonneg_input, shared=shared)
+    saturate = _has_bounds(bounds)
     absW = W.abs() if abs_weight is None else abs_weight
     if adjoint is None:
         absa = a if nonneg_input else _abs_input(a)
@@ -366,37 +402,90 @@ def weighted_sum(
             sgn["fwd"] = out
         return sgn["fwd"]
 
-    if contrastive:
-        coefs, absorbed = _contrastive(R, abs_total, signed(), bias)
-    else:
-        coefs, absorbed = _default(R, abs_total, signed, bias, bounds if saturate else None,
-                                   pre=output if saturate else None, own=own_total,
-                                   babs=abs_bias, positive=bias_positive)
-    if contrastive and adjoint is not None and coefs[0][0].dim() >= 2:
-        return _streams_stacked(coefs, a, absa, adj_abs, sgn, signed), absorbed
-    outs = []
-    for c_abs, c_sgn in coefs:
-        r = adj_abs(c_abs)
-        r = r.mul_(absa) if own and _fits(r, absa) else absa * r
-        if c_sgn is not None:
-            signed()
-            q = sgn["adj"](c_sgn)
-            r = r.add_(q.mul_(a) if own and _fits(q, a) else a * q)
-        outs.append(r)
-    return (Streams(*outs) if contrastive else outs[0]), absorbed
-
-
-def _streams_stacked(coefs, a: Tensor, absa: Tensor, adj_abs, sgn: dict, signed) -> Streams:
-    """Both streams' adjoints as one product each (the streams stacked along the batch, so
-    ``adjoint`` must map a leading dim of 2N to 2N): one larger product instead of two,
-    and a convolution reads its weights once."""
-    def stacked(parts):
-        c = torch.stack(parts)
-        return c.view(2 * c.shape[1], *c.shape[2:])
-
-    r = adj_abs(stacked([c for c, _ in coefs])).reshape(2, *absa.shape).mul_(absa)
-    if coefs[0][1] is not None:
+    [(c_abs, c_sgn)], absorbed = _default(
+        R, abs_total, signed, bias, bounds if saturate else None,
+        pre=output if saturate else None, own=own_total, babs=abs_bias,
+        positive=bias_positive)
+    r = adj_abs(c_abs)
+    r = r.mul_(absa) if own and _fits(r, absa) else absa * r
+    if c_sgn is not None:
         signed()
-        q = sgn["adj"](stacked([c for _, c in coefs]))
-        r.add_(q.reshape(2, *a.shape).mul_(a))
-    return Streams(r[0], r[1])
+        q = sgn["adj"](c_sgn)
+        r = r.add_(q.mul_(a) if own and _fits(q, a) else a * q)
+    return r, absorbed
+
+
+def _sign_parts(a: Tensor, W: Tensor, nonneg: bool) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """``(a part, weights making positive contributions with it, weights making negative
+    ones)``: ``(a⁺, W⁺, W⁻)`` and, when ``a`` has negative entries, ``(a⁻, W⁻, W⁺)`` — all
+    magnitudes, so every contribution ``w a`` is one product of non-negative factors."""
+    Wp, Wn = W.clamp_min(0.0), W.clamp_max(0.0).neg_()
+    if nonneg or (a.numel() and float(a.amin()) >= 0):
+        return [(a, Wp, Wn)]
+    return [(a.clamp_min(0.0), Wp, Wn), (a.clamp_max(0.0).neg_(), Wn, Wp)]
+
+
+def _contrastive_weighted_sum(
+    R: Streams, a: Tensor, W: Tensor, bias: Tensor | None,
+    forward: Callable[[Tensor, Tensor], Tensor],
+    adjoint: Callable[[Tensor, Tensor], Tensor] | None, *,
+    output: Tensor | None, nonneg_input: bool, shared: dict | None,
+) -> tuple[Streams, Streams]:
+    """Contrastive mode of §2 for the linear map ``forward(a, W) + bias``.
+
+    Each unit's positive and negative sums ``P``, ``N`` are computed directly (products of
+    ``a⁺``, ``a⁻`` with ``W⁺``, ``W⁻``), and relevance goes back through the same
+    products: sums of non-negative terms only. From ``Σ|w a|`` and ``Σ w a`` (as default
+    mode computes), a side much smaller than the other carries a rounding error of
+    ``eps·(P + N)``, amplified by ``(P + N) / side`` in its stream — a leak of up to 1/64
+    of that unit's relevance. Costs two products per sign part of ``a`` forward and two
+    per part and stream back (the streams stacked into one product where ``adjoint`` is
+    given)."""
+    if shared is not None and "sides" in shared:
+        parts, pulls, P, N = shared["sides"]
+    else:
+        parts = _sign_parts(a, W, nonneg_input)
+        pulls, P, N = [], None, None
+        for ax, wp, wn in parts:
+            if adjoint is None:  # a vjp per weight half gives the products and their adjoint
+                p, pull_p = torch.func.vjp(lambda x, w=wp: forward(x, w), ax)
+                n, pull_n = torch.func.vjp(lambda x, w=wn: forward(x, w), ax)
+                pulls.append((pull_p, pull_n))
+            else:
+                p, n = forward(ax, wp), forward(ax, wn)
+            P = p if P is None else P + p
+            N = n if N is None else N + n
+        if shared is not None:
+            shared["sides"] = (parts, pulls, P, N)
+    if output is not None:
+        signed = output - bias if bias is not None else output
+    else:
+        signed = P - N
+    pairs, absorbed = contrastive_side_coefficients(
+        R, contrastive_split(P + N, signed, bias, sides=(P, N)))
+    (cp_pos, cn_pos), (cp_neg, cn_neg) = pairs
+    stack = adjoint is not None and cp_pos.dim() >= 2
+    if stack:  # both streams in one product per weight half: a leading dim of 2N
+        def both(x: Tensor, y: Tensor) -> Tensor:
+            c = torch.stack((x, y))
+            return c.view(2 * c.shape[1], *c.shape[2:])
+
+        cp, cn = both(cp_pos, cp_neg), both(cn_pos, cn_neg)
+        r = None
+        for ax, wp, wn in parts:
+            g = adjoint(cp, wp).add_(adjoint(cn, wn)).reshape(2, *ax.shape).mul_(ax)
+            r = g if r is None else r.add_(g)
+        return Streams(r[0], r[1]), absorbed
+    outs = []
+    for cp_s, cn_s in ((cp_pos, cn_pos), (cp_neg, cn_neg)):
+        r = None
+        for k, (ax, wp, wn) in enumerate(parts):
+            if adjoint is None:
+                pull_p, pull_n = pulls[k]
+                g = pull_p(cp_s)[0] + pull_n(cn_s)[0]
+            else:
+                g = adjoint(cp_s, wp).add_(adjoint(cn_s, wn))
+            g = g * ax
+            r = g if r is None else r + g
+        outs.append(r)
+    return Streams(*outs), absorbed
