@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
 from ..relevance import Streams, radd, rmap
+from ..storage import check_tolerance
 from .core import weighted_sum
 from .elementwise import add_rule, saturation_bounds
 from .registry import lookup, register_rule
@@ -98,8 +99,15 @@ def _recompute(rec, ctx, layout: ExpertsLayout, dt) -> tuple[Tensor, list[_Group
     Wgu, Wd = ctx.param(m, layout.gate_up), ctx.param(m, layout.down)
     bgu = ctx.param(m, layout.gate_up_bias) if layout.gate_up_bias else None
     bd = ctx.param(m, layout.down_bias) if layout.down_bias else None
+    missing = [n for n, v in ((layout.gate_up, Wgu), (layout.down, Wd),
+                              (layout.gate_up_bias, bgu), (layout.down_bias, bd))
+               if n and not isinstance(v, Tensor)]
+    if missing:
+        raise DLBError(f"experts rule for {rec.describe()}: the module has no tensor "
+                       f"{missing}; it does not have the layout the rule assumes ({layout})")
     T, k = idx.shape
     E = Wgu.shape[0]
+    _check_shapes(rec, Wgu, Wd, x.shape[-1], layout)
     xs = x.to(dt)
     fwd = _fwd(layout)
     groups = []
@@ -119,7 +127,47 @@ def _recompute(rec, ctx, layout: ExpertsLayout, dt) -> tuple[Tensor, list[_Group
         o = fwd(h, W_d) + (b_d if b_d is not None else 0)
         Y[tok, slot] = o * w[tok, slot, None].to(dt)
         groups.append(_Group(e, tok, slot, W_gu, W_d, b_gu, b_d, gu, upv, h, o))
+    _check_output(rec, Y)
     return Y, groups
+
+
+def _check_shapes(rec, Wgu: Tensor, Wd: Tensor, H: int, layout: ExpertsLayout) -> None:
+    """The fused weights have the layout the rule assumes (else: an error, not a guess)."""
+    ok = Wgu.dim() == 3 and Wd.dim() == 3 and Wgu.shape[0] == Wd.shape[0]
+    if ok:
+        (gi, go), (di, do) = ((Wgu.shape[1], Wgu.shape[2]), (Wd.shape[1], Wd.shape[2])) \
+            if layout.transposed else ((Wgu.shape[2], Wgu.shape[1]), (Wd.shape[2], Wd.shape[1]))
+        ok = gi == H and do == H and go == 2 * di
+    if not ok:
+        raise DLBError(
+            f"experts rule for {rec.describe()}: weights {layout.gate_up} "
+            f"{tuple(Wgu.shape)} and {layout.down} {tuple(Wd.shape)} do not have the layout "
+            f"the rule assumes for hidden size {H} ({layout})")
+
+
+def _tolerance(recorded: Tensor) -> float:
+    """Relative tolerance of a recomputation check: the records' (looser when stored in low
+    precision) or the rounding of the dtype the forward ran in, whichever is larger."""
+    return max(check_tolerance(), 8 * torch.finfo(recorded.dtype).eps)
+
+
+def _check_output(rec, Y: Tensor) -> None:
+    """The recomputed experts, weighted and summed over the slots, give the recorded output
+    (within the rounding of the forward's dtype): else the module's forward differs from
+    what the rule recomputes (its activation, gating or weight layout)."""
+    if not rec.outputs or not rec.output_intact(0):
+        return  # modified in place later by the caller: nothing recorded to compare with
+    out = rec.output_value(0)
+    if out.numel() == 0:
+        return
+    got = Y.sum(1).reshape(out.shape)
+    want = out.detach().to(got.dtype)
+    tol = _tolerance(out)
+    if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())):
+        raise DLBError(
+            f"experts rule for {rec.describe()}: recomputing the selected experts from the "
+            "recorded inputs and the weights does not give the module's output; its forward "
+            "differs from what the rule recomputes (activation, gating or weight layout)")
 
 
 def _rel_dtype(R) -> torch.dtype:
@@ -242,7 +290,8 @@ def shared_expert_moe(spec: SharedExpert):
         total = er.output_value(0).to(dt).reshape(routed.shape) + shared
         out = rec.outputs[0].to(dt).reshape(routed.shape)
         scale = float(out.abs().max().clamp_min(1))
-        if not torch.allclose(total, out, rtol=1e-3, atol=1e-3 * scale):
+        tol = _tolerance(rec.outputs[0])
+        if not torch.allclose(total, out, rtol=tol, atol=tol * scale):
             raise DLBError(f"composite rule for {rec.describe()}: experts + gated shared expert "
                            "do not add up to the block's output; the spec does not fit")
         # one add rule over (slot 1, ..., slot k, shared): the routed slots' parts sum to

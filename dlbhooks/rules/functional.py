@@ -355,7 +355,15 @@ class Functional:
         if isinstance(op, Add):
             return self._add(op, rec, R, found, bag, ctx)
         if isinstance(op, Mul):
-            parts = rmap_multi(lambda r: product_rule(r, [f.value for f in found]), R)
+            values = [f.value for f in found]
+            if res.value is not None and not isinstance(op.result, Tmp) \
+                    and not _combine_matches(values, res.value, torch.mul):
+                raise DLBError(
+                    f"composite rule for {rec.describe()}: the factors {list(op.factors)} do not "
+                    "multiply to the recorded result; the model's forward differs from the "
+                    "rule's spec"
+                )
+            parts = rmap_multi(lambda r: product_rule(r, values), R)
             for f, part in zip(found, parts):
                 bag.add(f.tensor, part, rec, base=f.base)
             return None
@@ -379,7 +387,7 @@ class Functional:
             R = rmap(lambda r: r.reshape(shape), R)  # ``(a + b).reshape(...)`` returned
         res = op.result.find(rec, {}) if not isinstance(op.result, Tmp) else None
         if res is not None and res.value is not None:
-            if not _sum_matches(values, res.value):
+            if not _combine_matches(values, res.value, torch.add):
                 raise DLBError(
                     f"composite rule for {rec.describe()}: the terms {list(op.terms)} do not add "
                     "up to the recorded result; the model's forward differs from the rule's spec"
@@ -399,9 +407,12 @@ class Functional:
     def _gather(self, op: Gather, rec, R, res: Located, src: Located, bag):
         out, full = res.value, src.value
         dim = op.dim
-        moved = full.movedim(dim, 1)  # [b, s, ...]
-        match = (moved == out.unsqueeze(1)).flatten(2).all(-1)  # [b, s]
-        if not bool(match.any(-1).all()):
+        nd = full.dim()
+        d = dim % nd if -nd <= dim < nd else 0  # along a dim after the batch's
+        fits = d != 0 and tuple(out.shape) == tuple(full.shape[:d] + full.shape[d + 1:])
+        moved = full.movedim(dim, 1) if fits else None  # [b, s, ...]
+        match = (moved == out.unsqueeze(1)).flatten(2).all(-1) if fits else None  # [b, s]
+        if not fits or not bool(match.any(-1).all()):
             raise DLBError(
                 f"{rec.describe()}: the returned {tuple(out.shape)} tensor is not a slice of "
                 f"{tuple(full.shape)} along dim {dim}; the Gather spec does not fit this model"
@@ -431,6 +442,16 @@ class Functional:
         xr = xv[..., :rot]
         half = rot // 2
         got = res.value
+        try:  # cos/sin wider than the heads, or for other positions: not this model's RoPE
+            fits = rot % 2 == 0 and rot <= xv.shape[-1] and tuple(torch.broadcast_shapes(
+                xr.shape, c.shape, s.shape)) == tuple(xr.shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise DLBError(
+                f"{rec.describe()}: rotary cos/sin of shape {tuple(c.shape)} do not fit the "
+                f"recorded {tuple(xv.shape)} query/key source: the family spec is wrong"
+            )
         rows = _sample_rows(got)  # the spec check, on a few positions
         sub = (lambda t: t) if rows is None else (  # noqa: E731
             lambda t: t if t.shape[-2] == 1 else t.index_select(-2, rows))
@@ -495,9 +516,15 @@ def _sample_rows(t: Tensor | None, n: int = 4) -> Tensor | None:
     return torch.linspace(0, L - 1, n, device=t.device).round().long().unique()
 
 
-def _sum_matches(values: list[Tensor], recorded: Tensor) -> bool:
-    """Do the terms add up to the recorded result? (On a few positions when large.)"""
-    shape = torch.broadcast_shapes(*(v.shape for v in values))
+def _combine_matches(values: list[Tensor], recorded: Tensor, op) -> bool:
+    """Do the terms combined by ``op`` (``torch.add``, ``torch.mul``) give the recorded
+    result? (On a few positions when large.)"""
+    try:
+        shape = torch.broadcast_shapes(*(v.shape for v in values))
+    except RuntimeError:
+        return False
+    if math.prod(shape) != recorded.numel():
+        return False
     rows = _sample_rows(recorded) if tuple(shape) == tuple(recorded.shape) else None
     if rows is not None:
         values = [v if v.dim() < 2 or v.shape[-2] == 1 else v.index_select(-2, rows)
@@ -505,7 +532,7 @@ def _sum_matches(values: list[Tensor], recorded: Tensor) -> bool:
         recorded = recorded.index_select(-2, rows)
     total = values[0]
     for v in values[1:]:
-        total = total + v
+        total = op(total, v)
     return close_to_recorded(total.reshape(recorded.shape), recorded)
 
 
