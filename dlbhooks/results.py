@@ -39,7 +39,11 @@ class Explanation:
     info: dict[str, Any] = field(default_factory=dict)
     #: relevance through each attention head: {attention module path: [batch, heads]}
     heads: dict[str, Tensor] = field(default_factory=dict)
-    #: per residual block: {layer path: {"attention": ., "mlp": ., "residual": .}} totals
+    #: per residual block: {layer path: {"attention": ., "mlp": ., "residual": .}} totals.
+    #: Each residual add splits its own output between its branch and its skip, so these
+    #: are shares at two adds (a pre-norm layer: "mlp" and one "residual" part at the
+    #: layer's output, "attention" and the other at the attention sublayer's output, which
+    #: also carries what came back through the MLP), not a partition of the layer's total
     blocks: dict[str, dict[str, float]] = field(default_factory=dict)
     #: MoE: relevance each expert carried, {moe block path: [batch, tokens, experts]}; shared
     #: experts are extra last columns (names: :meth:`expert_columns`)
