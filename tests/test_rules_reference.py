@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import dlbhooks as dlb
+from dlbhooks.engine import Engine
 from dlbhooks.rules.elementwise import add_rule, product_rule
 from dlbhooks.seeds import make_seed
 
@@ -688,6 +689,46 @@ def test_bilinear(mode: str, act: type | None, bias: bool) -> None:
         close(exp.negative["x1"], as_tensor(n1, x1), scale, "Bilinear x1, - stream")
         close(exp.positive["x2"], as_tensor(p2, x2), scale, "Bilinear x2, + stream")
         close(exp.negative["x2"], as_tensor(n2, x2), scale, "Bilinear x2, - stream")
+
+
+def test_bilinear_contrastive_tiny_side() -> None:
+    """Units whose small side is one pair of 1e-13 next to pairs of order 1, with inputs of
+    either sign (row 0 positive, row 1 mixed) and both streams on every unit, so the small
+    side carries one of them: P and N are summed per sign combination of W, x1 and x2, and
+    each stream is conserved and matches the reference. (From (Σ|c| ∓ Σc)/2, 1/side was
+    off by ~eps (P + N) / side: the call leaked 3.8e-4 of its + stream and differed from the
+    reference by 3.9e-5 of the scale; now 0 and 1.6e-17.)"""
+    bil = nn.Bilinear(2, 3, 3).to(D)
+    w0 = [[1.0, 0.5, 0.25], [0.75, -1e-13, 0.5]]  # row 0: one tiny negative pair
+    w1 = [[-1.0, 0.5, -0.25], [0.75, -0.5, -1e-13]]  # row 1: one tiny negative pair
+    with torch.no_grad():
+        bil.weight.copy_(torch.tensor([w0, w1, [[-v for v in r] for r in w0]], dtype=D))
+        bil.bias.copy_(torch.tensor([0.1, -0.2, 0.3], dtype=D))
+    x1 = torch.tensor([[1.0, 2.0], [-1.0, 2.0]], dtype=D)
+    x2 = torch.tensor([[1.0, 1.5, 0.5], [1.0, -1.5, 0.5]], dtype=D)
+    with dlb.trace(bil) as tape:
+        bil(x1, x2)
+    rec = tape.roots[-1]
+    # the tiny sides (units 0 and 2 of row 0, unit 1 of row 1) get R- (aligned, t > 0),
+    # R+ (aligned, t < 0) and R+ (crossed, t > 0)
+    rp = torch.tensor([[1.0, 0.3, 0.5], [0.2, 0.1, 0.4]], dtype=D)
+    rn = torch.tensor([[0.4, 0.8, 0.7], [0.6, 0.9, 1.1]], dtype=D)
+    engine = Engine(tape, mode="contrastive")
+    r1, r2 = engine.propagate(rec, [dlb.Streams(rp, rn)])
+    absorbed = engine.ledger[0].absorbed
+    units, bias_l = bilinear_units(x1, x2, bil)
+    (p1, p2), (n1, n2), lost, cases = ref_contrastive(
+        units, bias_l, rp.flatten().tolist(), rn.flatten().tolist(), [x1.numel(), x2.numel()])
+    assert cases["aligned"] > 0 and cases["crossed"] > 0, dict(cases)
+    for a, b, R in ((r1.pos, r2.pos, rp), (r1.neg, r2.neg, rn)):  # nothing is lost here
+        assert abs(float(a.sum() + b.sum() - R.sum())) <= 1e-14 * float(R.sum())
+    scale = float(rp.sum() + rn.sum())
+    close(r1.pos, as_tensor(p1, x1), scale, "x1, + stream")
+    close(r1.neg, as_tensor(n1, x1), scale, "x1, - stream")
+    close(r2.pos, as_tensor(p2, x2), scale, "x2, + stream")
+    close(r2.neg, as_tensor(n2, x2), scale, "x2, - stream")
+    close_scalar(absorbed[0], lost[0], scale, "absorbed, + stream")
+    close_scalar(absorbed[1], lost[1], scale, "absorbed, - stream")
 
 
 # ---------------------------------------------------------------------------------------

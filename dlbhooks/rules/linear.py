@@ -10,7 +10,14 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from ..relevance import Streams, rmap
-from .core import coefficients, nonzero_along, weighted_sum
+from .core import (
+    _sign_parts,
+    coefficients,
+    contrastive_side_coefficients,
+    contrastive_split,
+    nonzero_along,
+    weighted_sum,
+)
 from .registry import register_rule
 
 LIVE_UNITS_MIN = 4096  # output units from which a Linear looks for the few live ones
@@ -247,10 +254,12 @@ def bilinear_rule(rec, R_out, ctx):
     m = rec.module
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     x1, x2 = rec.input_value(0), rec.input_value(1)
+    R = R_out[0]
+    if isinstance(R, Streams):
+        return _bilinear_contrastive(R, x1, x2, W, b)
     absW, a1, a2 = W.abs(), x1.abs(), x2.abs()
     abs_total = F.bilinear(a1, a2, absW)
-    R = R_out[0]
-    need_signed = isinstance(R, Streams) or ctx.bounds_after(rec) is not None
+    need_signed = ctx.bounds_after(rec) is not None
     signed = F.bilinear(x1, x2, W) if need_signed else None
     coefs, absorbed = coefficients(R, abs_total, signed, b, bounds=ctx.bounds_after(rec))
     r1s, r2s = [], []
@@ -262,6 +271,36 @@ def bilinear_rule(rec, R_out, ctx):
             r2 = r2 + x2 * torch.einsum("...k,kij,...i->...j", c_sgn, W, x1)
         r1s.append(r1 * 0.5)
         r2s.append(r2 * 0.5)
-    if isinstance(R, Streams):
-        return [Streams(*r1s), Streams(*r2s)], absorbed
     return [r1s[0], r2s[0]], absorbed
+
+
+def _bilinear_contrastive(R: Streams, x1: torch.Tensor, x2: torch.Tensor, W: torch.Tensor,
+                          b: torch.Tensor | None):
+    """Contrastive §2 on Bilinear with each unit's sides summed directly: a pair
+    contribution's sign is sign(W) sign(x1) sign(x2), so over the (up to 4) sign parts of
+    ``x1`` and ``x2`` (magnitudes, from ``rules/core._sign_parts``) the weights making
+    positive pairs are ``W⁺`` or ``W⁻`` and the others make negative ones: P and N are
+    sums of products of non-negative factors, and so is the way back (no cancellation,
+    which made a small side's 1/side off by ``eps (P + N) / side`` and its stream leak)."""
+    # (x1 part, x2 part, [weights of positive pairs; of negative pairs]): against a part of
+    # x1, the pairs are those of x2 with the signed weights wp - wn (= ±W, exactly)
+    combos = [(a1, a2, torch.cat([p, n])) for a1, wp, wn in _sign_parts(x1, W, False)
+              for a2, p, n in _sign_parts(x2, wp - wn, False)]
+    PN = None  # [P | N] along the units
+    for a1, a2, Wc in combos:
+        pn = F.bilinear(a1, a2, Wc)
+        PN = pn if PN is None else PN.add_(pn)
+    P, N = PN.split(W.shape[0], dim=-1)
+    split = contrastive_split(P + N, P - N, b, sides=(P, N))
+    pairs, absorbed = contrastive_side_coefficients(R, split)
+    r1s, r2s = [], []
+    for cp, cn in pairs:
+        c = torch.cat([cp, cn], dim=-1)  # [cp | cn] against [W_P; W_N]
+        r1 = r2 = None
+        for a1, a2, Wc in combos:
+            g1 = a1 * torch.einsum("...k,kij,...j->...i", c, Wc, a2)
+            g2 = a2 * torch.einsum("...k,kij,...i->...j", c, Wc, a1)
+            r1, r2 = (g1, g2) if r1 is None else (r1.add_(g1), r2.add_(g2))
+        r1s.append(r1.mul_(0.5))
+        r2s.append(r2.mul_(0.5))
+    return [Streams(*r1s), Streams(*r2s)], absorbed

@@ -28,8 +28,13 @@ coefficients that ``add_rule``/``coefficients`` give for unit relevance. What a 
 keeps (bias share, guard) is then, per unit of relevance, one minus what its
 contributions receive from those coefficients (:func:`_kept`), summed against the
 relevance of every step after the loop. Contrastive mode is not linear in the relevance
-(which side is "aligned" depends on it), so there ``coefficients`` runs once per step;
-the add and product steps act on each stream.
+(which side is "aligned" depends on it), so there the per-unit split
+(``rules/core.contrastive_side_coefficients``) runs once per step; the add and product
+steps act on each stream. Its per-unit sides P and N are summed directly for all steps
+(the sign parts of ``x`` and ``h'`` against ``W⁺``, ``W⁻``) and relevance goes back
+through the same non-negative products: from ``Σ|w a| ± Σ w a`` a small side would carry
+``eps (P + N)`` and its stream would leak up to 1/64 of that unit's relevance. This costs
+about twice the products of a signed/absolute pair (``[cp | cn] @ [[W⁺ W⁻]; [W⁻ W⁺]]``).
 
 Relevance that reaches an implicit zero initial state (it is zero unless something
 degenerate happens) is reported absorbed, as are bias shares and guard losses, so every
@@ -48,7 +53,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import UnsupportedModuleError
 from ..records import fetch_param
 from ..relevance import Streams
-from .core import coefficients, contrastive_coefficients, contrastive_split
+from .core import _sign_parts, coefficients, contrastive_side_coefficients, contrastive_split
 from .elementwise import add_rule
 from .registry import register_rule
 
@@ -101,6 +106,42 @@ def _mm2(A: Tensor, W1: Tensor, Bm: Tensor, W2: Tensor) -> Tensor:
 def _mm(A: Tensor, W: Tensor) -> Tensor:
     """``A @ Wᵀ`` for a [T, B, ·] operand."""
     return (A.reshape(-1, A.shape[-1]) @ W.T).view(*A.shape[:-1], -1)
+
+
+# -- contrastive mode: each unit's positive and negative sides, summed directly ---------------
+def _signed_parts(a: Tensor, W: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The units ``a @ Wᵀ`` as products of non-negative factors (``rules/core._sign_parts``):
+    ``(A, M, k)`` with ``A = [a⁺ | a⁻]`` (``a`` alone, ``k = 1``, when it has no negative
+    entry) and ``M = [[W⁺, W⁻], [W⁻, W⁺]]`` (shape [2 U, k I]: its first block column
+    only when ``k = 1``), so that ``A @ Mᵀ = [P | N]`` of every unit and ``[cp | cn] @ M``
+    is what each part of ``a`` receives per unit of |contribution| (:func:`_receive`)."""
+    parts = _sign_parts(a, W, False)
+    A = parts[0][0] if len(parts) == 1 else torch.cat([ax for ax, _, _ in parts], dim=-1)
+    M = torch.cat([torch.cat([wp, wn]) for _, wp, wn in parts], dim=1)
+    return A, M, len(parts)
+
+
+def _side_coefs(G: Tensor, split, out: Tensor, absorbed: list[Tensor]) -> None:
+    """Contrastive §2 split of the units' relevance ``G`` [2, B, U] (the streams stacked)
+    into ``out`` [2, B, 2, U]: per stream, the coefficients ``(cp, cn)`` that positive and
+    negative contributions receive per unit of |contribution|. Adds what units without
+    contributions lose to ``absorbed``."""
+    pairs, ab = contrastive_side_coefficients(Streams(G[0], G[1]), split)
+    if split.lost is not None:  # (else nothing is lost)
+        _acc(absorbed, ab)
+    for k, (cp, cn) in enumerate(pairs):
+        torch.stack((cp, cn), dim=-2, out=out[k])
+
+
+def _receive(c: Tensor, M: Tensor, A: Tensor, k: int) -> Tensor:
+    """Relevance of the inputs of units given their coefficients ``c`` [..., 2, U]
+    (``(cp, cn)``), with ``(A, M, k)`` of :func:`_signed_parts` (``A`` broadcastable to
+    the result): ``Σ_parts a_part ⊙ (cp W_P + cn W_N)``, non-negative terms only."""
+    g = (c.flatten(-2) @ M).mul_(A)
+    if k == 1:
+        return g
+    n = g.shape[-1] // 2
+    return g[..., :n].add_(g[..., n:])
 
 
 @dataclass
@@ -195,30 +236,29 @@ def lstm_reverse(st, w, R_seq, R_h, R_c, reverse, saturate, absorbed):
     T, B = X.shape[:2]
     H = w.W_hh.shape[1]
     b = _bias(w.b_ih, w.b_hh)
+    terms = [st["fc"], st["ig"]]  # c = f c' + i g
+    n = len(R_seq)
+    order = _order(T, not reverse)  # against the recurrence
+    if n > 1:
+        (a_fc, a_ig), _ = add_rule(X.new_ones(()), terms)  # split of unit relevance
+        RC = X.new_zeros(n, T, B, H)  # relevance on c_t (touched: no page faults in the loop)
+        R_X, R_h, R_c = _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, b,
+                                           absorbed)
+        for k in range(n):  # the add rule's guard losses, all steps at once
+            absorbed[k] = absorbed[k] + add_rule(RC[k], terms)[1]
+        return R_X, R_h, R_c
     absW_ih = w.abs_ih
     absHp = Hp.abs()
     # |contributions| with the same operations as the signed sums, so that a unit whose
     # contributions all share one sign gets P or N exactly 0 (made where used and
     # dropped as soon as possible: big temporaries are what costs here)
-    def abs_total():
-        return _mm2(X.abs(), absW_ih, absHp, w.abs_hh)
-
+    abs_total = _mm2(X.abs(), absW_ih, absHp, w.abs_hh)
     bounds = _gate_bounds([SIGMOID, SIGMOID, TANH, SIGMOID], H, X, saturate)
-    terms = [st["fc"], st["ig"]]  # c = f c' + i g
     (a_fc, a_ig), add_lost = add_rule(X.new_ones(()), terms)  # split of unit relevance
-    n = len(R_seq)
-    order = _order(T, not reverse)  # against the recurrence
-    if n == 1:
-        coefs, R_h, R_c, kept = _lstm_loop(st, w, R_seq[0], R_h[0], R_c[0], order, a_fc,
-                                           a_ig, abs_total(), b, bounds, absHp,
-                                           add_guard=bool(add_lost != 0))
-        absorbed[0] = absorbed[0] + kept
-    else:
-        RC = X.new_zeros(n, T, B, H)  # relevance on c_t (touched: no page faults in the loop)
-        coefs, R_h, R_c = _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig,
-                                             abs_total(), b, absHp, absorbed)
-        for k in range(n):  # the add rule's guard losses, all steps at once
-            absorbed[k] = absorbed[k] + add_rule(RC[k], terms)[1]
+    coefs, R_h, R_c, kept = _lstm_loop(st, w, R_seq[0], R_h[0], R_c[0], order, a_fc, a_ig,
+                                       abs_total, b, bounds, absHp,
+                                       add_guard=bool(add_lost != 0))
+    absorbed[0] = absorbed[0] + kept
     return _apply(coefs, X, w.W_ih, absW_ih), R_h, R_c
 
 
@@ -325,21 +365,27 @@ def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, 
     return coefs, [R_h0], [(rc * fc).view(B, H)], kept
 
 
-def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total, b, absHp,
-                       absorbed):
+def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, b, absorbed):
     """Contrastive mode: the per-relevance part of the §2 split once per step; the two
-    streams travel stacked ([2, B, ·]), so every other operation serves both. ``RC``
-    [2, T, B, H] receives the relevance on every c_t."""
+    streams travel stacked ([2, B, ·]), so every other operation serves both. Each gate
+    unit's sides P and N are summed directly over the contributions (x⁺, x⁻, h'⁺, h'⁻
+    against W⁺, W⁻: exact to rounding however small a side), for all steps at once, and
+    relevance goes back through the same non-negative products. ``RC`` [2, T, B, H]
+    receives the relevance on every c_t. Returns per stream (R_X, R_h0, R_c0)."""
     T, B, H = a_fc.shape
-    Hp, signed = st["Hp"], st["signed"]
-    W, absW = w.W_hh, w.abs_hh
-    # [stream, (c_abs, c_sgn), step, ...]; zeroed (touched) here so that its page faults
+    AX, M_ih, kx = _signed_parts(st["X"], w.W_ih)
+    AH, M_hh, kh = _signed_parts(st["Hp"], w.W_hh)
+    PN = _mm2(AX, M_ih, AH, M_hh)  # [P | N] of every gate unit of every step
+    P, N = PN[..., :4 * H], PN[..., 4 * H:]
+    splits = contrastive_split(P + N, st["signed"], b, sides=(P, N)).unbind()
+    del PN, P, N
+    # [step, stream, B, (cp, cn), unit]; zeroed (touched) here so that its page faults
     # come in one pass, not one step at a time inside the sequential loop
-    C = a_fc.new_zeros(2, 2, T, B, 4 * H)
+    C = a_fc.new_zeros(T, 2, B, 2, 4 * H)
+    AHt = AH.unbind(0)
     R_seq = torch.stack(R_seq)  # [2, T, B, H]
     rh = torch.stack(R_h).add_(R_seq[:, order[0]])
     rc_next = torch.stack(R_c)
-    splits = contrastive_split(abs_total, signed, b).unbind()  # (forward-only: all steps)
     for j, t in enumerate(order):
         u = rh * 0.5  # h = o tanh(c): half to o, half to c
         rc = torch.add(rc_next, u, out=RC[:, t])
@@ -347,16 +393,11 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, abs_total,
         r_ig = rc * a_ig[t]
         rc_next.mul_(0.5)
         r_ig.mul_(0.5)
-        G = torch.cat([r_ig, rc_next, r_ig, u], dim=-1)
-        coefs, ab = contrastive_coefficients(Streams(G[0], G[1]), splits[t])
-        _acc(absorbed, ab)
-        c = C[:, :, t]
-        torch.stack([c_abs for c_abs, _ in coefs], out=c[:, 0])
-        torch.stack([c_sgn for _, c_sgn in coefs], out=c[:, 1])
-        back = (c[:, 0] @ absW).mul_(absHp[t])
-        back.add_((c[:, 1] @ W).mul_(Hp[t]))
+        _side_coefs(torch.cat([r_ig, rc_next, r_ig, u], dim=-1), splits[t], C[t], absorbed)
+        back = _receive(C[t], M_hh, AHt[t], kh)
         rh = back.add_(R_seq[:, order[j + 1]]) if j + 1 < len(order) else back
-    return [(C[k, 0], C[k, 1]) for k in range(2)], list(rh.unbind(0)), list(rc_next.unbind(0))
+    R_X = _receive(C, M_ih, AX.unsqueeze(1), kx)  # the W_ih x part, all steps at once
+    return [r.contiguous() for r in R_X.unbind(1)], list(rh.unbind(0)), list(rc_next.unbind(0))
 
 
 # -- GRU --------------------------------------------------------------------------------------
@@ -393,32 +434,30 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     X, Hp, Q, Z = st["X"], st["Hp"], st["q"], st["z"]
     T, B = X.shape[:2]
     H = w.W_hh.shape[1]
+    terms = [(1 - Z) * st["n"], Z * Hp]  # h = (1-z) n + z h'
+    (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
+    order = _order(T, not reverse)
+    n = len(R_seq)
+    if n > 1:
+        RH = X.new_zeros(n, T, B, H)  # relevance on h_t (all of it; touched)
+        R_X, R_h = _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, absorbed)
+        for k in range(n):  # the add rule's guard losses, all steps at once
+            absorbed[k] = absorbed[k] + add_rule(RH[k], terms)[1]
+        return R_X, R_h
     b_rz, b_in, b_hn = _gru_biases(w, H)
     absW_ih = w.abs_ih
     absHp = Hp.abs()
     # |contributions| and signed sums with the same operations (see lstm_reverse)
     absXW, absHW = _mm(X.abs(), absW_ih), _mm(absHp, w.abs_hh)
     XW, HW = st["XW"], st["HW"]
-    n = len(R_seq)
-    signed = saturate or n > 1  # the signed totals are needed (else None)
     sums = {  # (abs total, signed total, bias, bounds) of each weighted sum
         "rz": (absXW[..., :2 * H] + absHW[..., :2 * H],
-               XW[..., :2 * H] + HW[..., :2 * H] if signed else None,
+               XW[..., :2 * H] + HW[..., :2 * H] if saturate else None,
                b_rz, _gate_bounds([SIGMOID, SIGMOID], H, X, saturate)),
-        "n": (absXW[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q if signed else None, b_in,
+        "n": (absXW[..., 2 * H:] + Q.abs(), XW[..., 2 * H:] + Q if saturate else None, b_in,
               _gate_bounds([TANH], H, X, saturate)),
         "hn": (absHW[..., 2 * H:], HW[..., 2 * H:], b_hn, None),
     }
-    terms = [(1 - Z) * st["n"], Z * Hp]  # h = (1-z) n + z h'
-    (a_a, a_b), _ = add_rule(X.new_ones(()), terms)  # add-rule split of unit relevance
-    order = _order(T, not reverse)
-    if n > 1:
-        RH = X.new_zeros(n, T, B, H)  # relevance on h_t (all of it; touched)
-        coefs, R_h = _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp,
-                                       absorbed)
-        for k in range(n):  # the add rule's guard losses, all steps at once
-            absorbed[k] = absorbed[k] + add_rule(RH[k], terms)[1]
-        return _apply(coefs, X, w.W_ih, absW_ih), R_h
     coefs, R_h, kept = _gru_loop(st, w, R_seq[0], R_h[0], order, a_a, a_b, sums, absHp)
     absorbed[0] = absorbed[0] + kept
     return _apply(coefs, X, w.W_ih, absW_ih), R_h
@@ -491,56 +530,56 @@ def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     return coefs, [rh.view(B, H)], RH.view(-1).dot(w_h.view(-1)).double()
 
 
-def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, sums, absHp, absorbed):
+def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, absorbed):
     """Contrastive mode: the per-relevance part of the §2 split per step and weighted sum:
-    the n gate, then the r, z gates and ``W_hn h' + b_hn`` together (all three take their
-    relevance from what ``q`` got). The two streams travel stacked ([2, B, ·]).
+    the n gate (contributions ``W_in x`` and ``q``), then the r, z gates and ``W_hn h' +
+    b_hn`` together (all three take their relevance from what ``q`` got). Sides P and N
+    are summed directly and relevance goes back through non-negative products (see
+    :func:`_lstm_loop_streams`). The two streams travel stacked ([2, B, ·]).
 
-    Fills ``RH`` [2, T, B, H]; returns the §2 coefficients of the input part and the
-    relevance of the initial h, per stream."""
+    Fills ``RH`` [2, T, B, H]; returns per stream (R_X, R_h0)."""
     T, B, H = a_a.shape
-    Hp, Q = st["Hp"], st["q"]
-    W, absW = w.W_hh, w.abs_hh
-    # the r, z and W_hn h' units side by side, like the rows of W_hh
-    (abs_rz, signed_rz, b_rz, _), (abs_hn, signed_hn, b_hn, _) = sums["rz"], sums["hn"]
-    abs_h = torch.cat([abs_rz, abs_hn], dim=-1)
-    signed_h = torch.cat([signed_rz, signed_hn], dim=-1)
+    Q, XW, HW = st["q"], st["XW"], st["HW"]
+    b_rz, b_in, b_hn = _gru_biases(w, H)
+    AX, M_ih, kx = _signed_parts(st["X"], w.W_ih)
+    AH, M_hh, kh = _signed_parts(st["Hp"], w.W_hh)
+    # [P | N] of the r, z, n units from x and of the r, z, W_hn h' units from h'
+    PNx, PNh = _mm(AX, M_ih), _mm(AH, M_hh)
+    Ph, Nh = PNh[..., :3 * H], PNh[..., 3 * H:]  # the r, z and W_hn h' units ("h units")
+    Ph[..., :2 * H] += PNx[..., :2 * H]  # r and z have contributions from x too
+    Nh[..., :2 * H] += PNx[..., 3 * H:5 * H]
+    Qs = torch.stack([Q.clamp_min(0.0), Q.clamp_max(0.0).neg_()], dim=-2)  # q⁺, q⁻
+    Pn, Nn = PNx[..., 2 * H:3 * H] + Qs[..., 0, :], PNx[..., 5 * H:] + Qs[..., 1, :]
+    del PNx
+    signed_h = torch.cat([XW[..., :2 * H] + HW[..., :2 * H], HW[..., 2 * H:]], dim=-1)
     b_h = None if b_rz is None and b_hn is None else torch.cat(
-        [b_rz if b_rz is not None else abs_rz.new_zeros(2 * H),
-         b_hn if b_hn is not None else abs_rz.new_zeros(H)])
-    abs_n, signed_n, b_in, _ = sums["n"]
-    C = a_a.new_zeros(2, 2, T, B, 3 * H)  # [stream, (c_abs, c_sgn), step, ...] (touched)
+        [b_rz if b_rz is not None else Q.new_zeros(2 * H),
+         b_hn if b_hn is not None else Q.new_zeros(H)])
+    # the forward-only part of the per-unit split, for all steps at once
+    splits_n = contrastive_split(Pn + Nn, XW[..., 2 * H:] + Q, b_in, sides=(Pn, Nn)).unbind()
+    splits_h = contrastive_split(Ph + Nh, signed_h, b_h, sides=(Ph, Nh)).unbind()
+    del Pn, Nn, Ph, Nh, PNh, signed_h
+    # [step, stream, B, (cp, cn), unit] of the h units and of the n units (touched)
+    C, Cn = a_a.new_zeros(T, 2, B, 2, 3 * H), a_a.new_zeros(T, 2, B, 2, H)
+    AHt, Qt = AH.unbind(0), Qs.unbind(0)
     R_seq = torch.stack(R_seq)  # [2, T, B, H]
     rh = torch.add(torch.stack(R_h), R_seq[:, order[0]], out=RH[:, order[0]])
-    # the forward-only part of the per-unit split, for all steps at once
-    splits_n = contrastive_split(abs_n, signed_n, b_in).unbind()
-    splits_h = contrastive_split(abs_h, signed_h, b_h).unbind()
-    Q_abs = Q.abs()
     for j, t in enumerate(order):
         r_a, r_b = rh * a_a[t], rh * a_b[t]
         R_z = torch.add(r_a, r_b).mul_(0.5)
         R_n, R_direct = r_a.mul_(0.5), r_b.mul_(0.5)
-        coefs_n, ab = contrastive_coefficients(Streams(R_n[0], R_n[1]), splits_n[t])
-        _acc(absorbed, ab)
-        n_abs = torch.stack([c for c, _ in coefs_n])
-        n_sgn = torch.stack([c for _, c in coefs_n])
-        # r: half of R_q, z: R_z, W_hn h' + b_hn: the other half of R_q
-        r_q = (n_abs * Q_abs[t]).add_(n_sgn * Q[t]).mul_(0.5)
-        units = torch.cat([r_q, R_z, r_q], dim=-1)
-        coefs_h, ab = contrastive_coefficients(Streams(units[0], units[1]), splits_h[t])
-        _acc(absorbed, ab)
-        h_abs = torch.stack([c for c, _ in coefs_h])
-        h_sgn = torch.stack([c for _, c in coefs_h])
-        c = C[:, :, t]
-        for k, (rz, nn_) in enumerate(((h_abs, n_abs), (h_sgn, n_sgn))):
-            c[:, k, :, :2 * H] = rz[..., :2 * H]  # the input part: r, z and n units
-            c[:, k, :, 2 * H:] = nn_
-        back = (h_abs @ absW).mul_(absHp[t]).add_((h_sgn @ W).mul_(Hp[t])).add_(R_direct)
+        _side_coefs(R_n, splits_n[t], Cn[t], absorbed)
+        # q's share; r: half of it, z: R_z, W_hn h' + b_hn: the other half
+        r_q = (Cn[t] * Qt[t]).sum(-2).mul_(0.5)
+        _side_coefs(torch.cat([r_q, R_z, r_q], dim=-1), splits_h[t], C[t], absorbed)
+        back = _receive(C[t], M_hh, AHt[t], kh).add_(R_direct)
         if j + 1 < len(order):
             rh = torch.add(back, R_seq[:, order[j + 1]], out=RH[:, order[j + 1]])
         else:
             rh = back
-    return [(C[k, 0], C[k, 1]) for k in range(2)], list(rh.unbind(0))
+    C[..., 2 * H:] = Cn  # the input part: the r, z and n units
+    R_X = _receive(C, M_ih, AX.unsqueeze(1), kx)
+    return [r.contiguous() for r in R_X.unbind(1)], list(rh.unbind(0))
 
 
 # -- whole modules ----------------------------------------------------------------------------
