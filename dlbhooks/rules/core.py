@@ -95,16 +95,6 @@ def _absorbed(R: Tensor, s: Tensor, babs: Tensor | None, zero: Tensor | None) ->
     return R.new_zeros((), dtype=torch.float64) if absorbed is None else absorbed.double()
 
 
-def split_signs(abs_total: Tensor, signed_total: Tensor) -> tuple[Tensor, Tensor]:
-    """P (sum of positive contributions) and N (sum of |negative| ones) from their sum and
-    difference; a side that is only rounding noise (<= 64 eps of the total) is exactly 0."""
-    tol = abs_total * (64 * torch.finfo(abs_total.dtype).eps)
-    P = torch.add(abs_total, signed_total).mul_(0.5)
-    N = torch.sub(abs_total, signed_total).mul_(0.5)
-    # keep a side only where it exceeds tol (>= 0: negative rounding noise goes too)
-    return P.masked_fill_(P <= tol, 0.0), N.masked_fill_(N <= tol, 0.0)
-
-
 def coefficients(
     R: Rel,
     abs_total: Tensor,
@@ -113,16 +103,19 @@ def coefficients(
     *,
     bounds: Bounds | None = None,
 ) -> tuple[list[tuple[Tensor, Tensor | None]], Rel]:
-    """Per-unit split coefficients and the relevance absorbed (bias shares, guards).
+    """Default mode's per-unit split coefficients and the relevance absorbed (bias shares,
+    guards).
 
     ``abs_total = sum_i |w_ji a_i|`` (= P_j + N_j), ``signed_total = sum_i w_ji a_i``
-    (= P_j - N_j; needed for saturation and contrastive mode), ``bias`` broadcastable to
-    the units or ``None``. ``bounds`` = (lower, upper) of the following activation on
-    ``t_j``, applied in default mode only (saturation). Returns one ``(c_abs, c_sgn)``
-    per stream and the absorbed total (a scalar, or :class:`Streams` of scalars).
+    (= P_j - N_j; needed for saturation), ``bias`` broadcastable to the units or ``None``.
+    ``bounds`` = (lower, upper) of the following activation on ``t_j`` (saturation).
+    Returns ``[(c_abs, c_sgn)]`` and the absorbed total. Contrastive mode needs each
+    unit's sides summed directly: :func:`contrastive_split` and
+    :func:`contrastive_side_coefficients` (or :func:`weighted_sum`).
     """
     if isinstance(R, Streams):
-        return _contrastive(R, abs_total, signed_total, bias)
+        raise TypeError("contrastive relevance: split it with contrastive_split(P, N, ...) and "
+                        "contrastive_side_coefficients, or use weighted_sum")
     if _has_bounds(bounds) and signed_total is None:
         raise ValueError("saturation needs the signed total of the contributions")
     return _default(R, abs_total, signed_total, bias, bounds)
@@ -236,31 +229,26 @@ class ContrastiveSplit:
                 for k in range(self.up.shape[0])]
 
 
-def contrastive_split(abs_total: Tensor, signed_total: Tensor, bias: Tensor | None,
-                      sides: tuple[Tensor, Tensor] | None = None) -> ContrastiveSplit:
+def contrastive_split(P: Tensor, N: Tensor, signed_total: Tensor,
+                      bias: Tensor | None) -> ContrastiveSplit:
     """The forward-only part of contrastive mode's per-unit split (see
-    :func:`contrastive_coefficients`) from ``Σ|w a|``, ``Σ w a`` and the bias. ``sides``:
-    ``(P, N)`` summed directly over the contributions, when the caller has them (then a
-    small side keeps its full precision; from the totals it carries ``eps·(P + N)``, and
-    a side below 64 eps of the total counts as empty). Given ``sides`` are not modified."""
+    :func:`contrastive_side_coefficients`) from each unit's sides — ``P`` the sum of its
+    positive contributions, ``N`` of its |negative| ones, both summed directly (from
+    ``Σ|w a| ± Σ w a`` a small side would carry ``eps·(P + N)``, amplified in its stream
+    by ``(P + N) / side``) — its signed total and the bias (their sum's sign decides
+    alignment). ``P`` and ``N`` are not modified."""
     t = signed_total + bias if bias is not None else signed_total
-    dt = abs_total.dtype
-    if sides is None:
-        P, N = split_signs(abs_total, signed_total)
-        small = 0.0
-    else:
-        P, N = sides
-        small = torch.finfo(dt).tiny * 2.0**24  # far from overflow in R / P
+    dt = P.dtype
+    small = torch.finfo(dt).tiny * 2.0**24  # a side below is empty (far from overflow in R/P)
     side = torch.minimum(P, N)  # > small where both sides exist
     if side.numel() and float(side.amin()) > small:
         # no degenerate (or empty) unit: nothing is lost, every unit splits both ways
-        if sides is None:
-            return ContrastiveSplit(t > 0, P.reciprocal_(), N.reciprocal_())
         return ContrastiveSplit(t > 0, P.reciprocal(), N.reciprocal())
     tiny = torch.finfo(dt).tiny
     ND = (side > small).to(dt)  # 0 where a side is empty (degenerate or lost)
-    live = abs_total > 0
-    inv_s = live.to(dt).div_(abs_total.clamp_min(tiny)).mul_(1.0 - ND)
+    S = P + N
+    live = S > 0
+    inv_s = live.to(dt).div_(S.clamp_min(tiny)).mul_(1.0 - ND)
     return ContrastiveSplit(t > 0, ND / P.clamp_min(tiny), ND / N.clamp_min(tiny), inv_s,
                             (~live).to(dt))  # (P, N > small wherever ND = 1)
 
@@ -289,39 +277,6 @@ def contrastive_side_coefficients(R: Streams, split: ContrastiveSplit):
         coefs.append((x.mul_(r) if x.shape == r.shape else x * r,
                       y.mul_(r) if y.shape == r.shape else y * r))
     return coefs, absorbed
-
-
-def contrastive_coefficients(R: Streams, split: ContrastiveSplit):
-    """Contrastive mode of §2 per unit: aligned (the + stream from the positive
-    contributions, the - stream from the negative ones), crossed (the other way round) or
-    degenerate (one side empty: both streams ∝ |contribution|); a unit without
-    contributions loses its relevance. Float masks, no ``where`` chains: with
-    ``A`` = aligned, ``D`` = degenerate and ``ND = 1 - D``, stream ``r`` of a unit gives
-    ``c_abs = r (ND (x + y) / 2 + D / S)`` and ``c_sgn = r ND (x - y) / 2`` with
-    ``(x, y) = (A/P, (1-A)/N)`` for the + stream and ``((1-A)/P, A/N)`` for the - stream."""
-    rp, rn = R.pos, R.neg
-    A = torch.eq(split.up, rp > rn).to(split.inv_p.dtype)  # aligned: t > 0 and R+ > R-, or neither
-    x_pos, y_neg = A * split.inv_p, A * split.inv_n  # A/P, A/N
-    x_neg, y_pos = torch.sub(split.inv_p, x_pos), torch.sub(split.inv_n, y_neg)  # (1-A)/P, (1-A)/N
-    if split.lost is None:
-        absorbed = Streams(rp.new_zeros(()), rn.new_zeros(()))
-    else:
-        absorbed = Streams((rp * split.lost).sum(), (rn * split.lost).sum())
-    coefs = []
-    for r, x, y in ((rp, x_pos, y_pos), (rn, x_neg, y_neg)):
-        half = r * 0.5
-        c_abs = torch.add(x, y).mul_(half)
-        if split.inv_s is not None:
-            c_abs.addcmul_(r, split.inv_s)
-        c_sgn = torch.sub(x, y).mul_(half)
-        coefs.append((c_abs, c_sgn))
-    return coefs, absorbed
-
-
-def _contrastive(R: Streams, abs_total: Tensor, signed_total: Tensor | None, bias: Tensor | None):
-    if signed_total is None:
-        raise ValueError("contrastive mode needs the signed total of the contributions")
-    return contrastive_coefficients(R, contrastive_split(abs_total, signed_total, bias))
 
 
 def _abs_input(a: Tensor) -> Tensor:
@@ -461,8 +416,7 @@ def _contrastive_weighted_sum(
         signed = output - bias if bias is not None else output
     else:
         signed = P - N
-    pairs, absorbed = contrastive_side_coefficients(
-        R, contrastive_split(P + N, signed, bias, sides=(P, N)))
+    pairs, absorbed = contrastive_side_coefficients(R, contrastive_split(P, N, signed, bias))
     (cp_pos, cn_pos), (cp_neg, cn_neg) = pairs
     stack = adjoint is not None and cp_pos.dim() >= 2
     if stack:  # both streams in one product per weight half: a leading dim of 2N

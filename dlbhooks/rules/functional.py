@@ -30,7 +30,7 @@ from ..errors import DLBError, UnsupportedModuleError
 from ..records import Record
 from ..relevance import Rel, Streams, radd, rmap, rmap_multi
 from ..storage import check_tolerance
-from .core import contrastive_coefficients, contrastive_split, nonneg_div
+from .core import contrastive_side_coefficients, contrastive_split, nonneg_div
 from .elementwise import add_rule, product_rule
 
 
@@ -493,16 +493,15 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Rel]:
         return rA, absorbed
     A = x * c
     B = torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
-    # P and N summed directly: from |A| + |B| and A + B, a small side (|B| << |A| where
-    # sin is small) would carry a rounding error eps·|A| and its stream would not conserve
-    P = A.clamp_min(0.0).add_(B.clamp_min(0.0))
-    N = A.clamp_max(0.0).add_(B.clamp_max(0.0)).neg_()
-    coefs, absorbed = contrastive_coefficients(
-        R, contrastive_split(P + N, A + B, None, sides=(P, N)))
+    # each unit's two contributions by sign: P and N summed directly (from |A| + |B| and
+    # A + B, a small side, |B| << |A| where sin is small, would not conserve its stream)
+    Ap, An = A.clamp_min(0.0), A.clamp_max(0.0).neg_()
+    Bp, Bn = B.clamp_min(0.0), B.clamp_max(0.0).neg_()
+    split = contrastive_split(Ap + Bp, An + Bn, A + B, None)
+    pairs, absorbed = contrastive_side_coefficients(R, split)
     outs = []
-    for c_abs, c_sgn in coefs:
-        rA = c_abs * A.abs() + (c_sgn * A if c_sgn is not None else 0)
-        rB = c_abs * B.abs() + (c_sgn * B if c_sgn is not None else 0)
+    for cp, cn in pairs:
+        rA, rB = cp * Ap + cn * An, cp * Bp + cn * Bn
         outs.append(rA + torch.cat((rB[..., half:], rB[..., :half]), dim=-1))
     return Streams(*outs), absorbed
 

@@ -291,7 +291,7 @@ def _bilinear_contrastive(R: Streams, x1: torch.Tensor, x2: torch.Tensor, W: tor
         pn = F.bilinear(a1, a2, Wc)
         PN = pn if PN is None else PN.add_(pn)
     P, N = PN.split(W.shape[0], dim=-1)
-    split = contrastive_split(P + N, P - N, b, sides=(P, N))
+    split = contrastive_split(P, N, P - N, b)
     pairs, absorbed = contrastive_side_coefficients(R, split)
     r1s, r2s = [], []
     for cp, cn in pairs:

@@ -377,7 +377,7 @@ def _lstm_loop_streams(st, w, R_seq, R_h, R_c, RC, order, a_fc, a_ig, b, absorbe
     AH, M_hh, kh = _signed_parts(st["Hp"], w.W_hh)
     PN = _mm2(AX, M_ih, AH, M_hh)  # [P | N] of every gate unit of every step
     P, N = PN[..., :4 * H], PN[..., 4 * H:]
-    splits = contrastive_split(P + N, st["signed"], b, sides=(P, N)).unbind()
+    splits = contrastive_split(P, N, st["signed"], b).unbind()
     del PN, P, N
     # [step, stream, B, (cp, cn), unit]; zeroed (touched) here so that its page faults
     # come in one pass, not one step at a time inside the sequential loop
@@ -556,8 +556,8 @@ def _gru_loop_streams(st, w, R_seq, R_h, RH, order, a_a, a_b, absorbed):
         [b_rz if b_rz is not None else Q.new_zeros(2 * H),
          b_hn if b_hn is not None else Q.new_zeros(H)])
     # the forward-only part of the per-unit split, for all steps at once
-    splits_n = contrastive_split(Pn + Nn, XW[..., 2 * H:] + Q, b_in, sides=(Pn, Nn)).unbind()
-    splits_h = contrastive_split(Ph + Nh, signed_h, b_h, sides=(Ph, Nh)).unbind()
+    splits_n = contrastive_split(Pn, Nn, XW[..., 2 * H:] + Q, b_in).unbind()
+    splits_h = contrastive_split(Ph, Nh, signed_h, b_h).unbind()
     del Pn, Nn, Ph, Nh, PNh, signed_h
     # [step, stream, B, (cp, cn), unit] of the h units and of the n units (touched)
     C, Cn = a_a.new_zeros(T, 2, B, 2, 3 * H), a_a.new_zeros(T, 2, B, 2, H)
