@@ -15,13 +15,12 @@ import math
 
 import pytest
 import torch
+import transformers
 from test_rules_reference import linear_units, ref_contrastive, ref_default
 
 import dlbhooks as dlb
 from dlbhooks.relevance import Streams
 from dlbhooks.rules.functional import rope_relevance
-
-transformers = pytest.importorskip("transformers")
 
 D = torch.float64
 RTOL = 1e-9

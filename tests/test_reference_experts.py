@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
+import transformers as t
 from helpers import assert_conserved
 
 import dlbhooks as dlb
-
-t = pytest.importorskip("transformers")
 
 H, I, E, K = 12, 6, 4, 2  # hidden, expert intermediate, experts, top-k
 SHAPE = (2, 4)  # batch, tokens
