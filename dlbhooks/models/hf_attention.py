@@ -10,11 +10,13 @@ families whose eager softmax runs in float32 do not turn left-padded sequences t
 records Q, K (after RoPE and q/k norms), V, the mask, scaling, soft-capping and sinks as a
 child record ``attention_fn`` of the attention module. Its rule is METHOD.md §4
 (:func:`dlbhooks.rules.attention.attention_relevance`). ``use_cache`` is switched off for
-the recorded forward. Both settings are restored on exit.
+the recorded forward. Both settings are restored on exit. The private transformers
+internals this needs are read and written only through :mod:`dlbhooks.models.hf_internals`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -26,6 +28,13 @@ from ..relevance import rmap
 from ..rules.attention import attention_relevance
 from ..rules.registry import register_rule
 from ..trace import ACTIVE, SWITCHES
+from .hf_internals import (
+    TransformersInternalError,
+    collected_outputs,
+    get_attn_implementation,
+    set_attn_implementation,
+    upcast_attention,
+)
 
 NAME = "dlbhooks"
 CHILD = "attention_fn"  # path suffix of the recorded attention call
@@ -68,11 +77,12 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         # eager softmax runs in float32, where float64's finfo.min becomes -inf and a fully
         # masked (padding) row turns to NaN; float32's min gives the same zeros elsewhere
         attention_mask = attention_mask.clamp_min(torch.finfo(torch.float32).min)
-    if _upcast_path(module, attention_mask):
+    upcast = _upcast_path(module, attention_mask)
+    if upcast is not None:
         # GPT-2 family with reorder_and_upcast_attn: its eager path is this method (scores
         # and softmax in float32), not eager_attention_forward (which would differ in half
         # precision); the rule recomputes in float32 at least, as it does
-        out, weights = module._upcast_and_reordered_attn(query, key, value, attention_mask)
+        out, weights = upcast(query, key, value, attention_mask)
     else:
         out, weights = family_eager(module)(module, query, key, value, attention_mask, *args,
                                             **kwargs)
@@ -93,23 +103,20 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     return out, weights if _attentions_wanted() else None
 
 
-def _upcast_path(module: nn.Module, mask: Tensor | None) -> bool:
-    """Does the module's eager attention run its own ``_upcast_and_reordered_attn`` (GPT-2's
-    ``reorder_and_upcast_attn``)? Not with a float64 mask: that method then raises (its
-    scores leave float32), so eager cannot run and the family's function stands in."""
-    return (bool(getattr(module, "reorder_and_upcast_attn", False))
-            and hasattr(module, "_upcast_and_reordered_attn")
-            and (mask is None or mask.dtype != torch.float64))
+def _upcast_path(module: nn.Module, mask: Tensor | None):
+    """The module's own ``_upcast_and_reordered_attn`` if its eager attention runs it
+    (GPT-2's ``reorder_and_upcast_attn``), else ``None``. Not with a float64 mask: that
+    method then raises (its scores leave float32), so eager cannot run and the family's
+    function stands in."""
+    if mask is not None and mask.dtype == torch.float64:
+        return None
+    return upcast_attention(module)
 
 
 def _attentions_wanted() -> bool:
     """Whether transformers' output collector asks for attention weights (``True`` when
     no collector is active, e.g. an attention module called on its own)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - other transformers versions: keep them
-        return True
-    collected = _active_collector.get()
+    collected = collected_outputs()
     return collected is None or any("attention" in key for key in collected)
 
 
@@ -132,30 +139,40 @@ def attention_call_rule(rec, R_out, ctx):
 
 def _configs(model: nn.Module):
     """Every transformers config reachable from the model (sub-configs included)."""
+    from transformers import PreTrainedConfig
+
     seen: dict[int, Any] = {}
 
     def visit(cfg):
-        if cfg is None or id(cfg) in seen:
+        if not isinstance(cfg, PreTrainedConfig) or id(cfg) in seen:
             return
         seen[id(cfg)] = cfg
         for key in getattr(cfg, "sub_configs", {}) or {}:
             visit(getattr(cfg, key, None))
 
     for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
-            visit(cfg)
+        visit(getattr(m, "config", None))
     return list(seen.values())
 
 
 def _ensure_registered() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    """Register the attention function and its mask builder (public API: the classes'
+    ``register`` and the mapping interface of the instances models dispatch through)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if AttentionInterface._global_mapping.get(NAME) is not dlbhooks_attention:
-        AttentionInterface.register(NAME, dlbhooks_attention)
-    if AttentionMaskInterface._global_mapping.get(NAME) is not eager_mask:
-        AttentionMaskInterface.register(NAME, eager_mask)
+    for interface, table, fn in ((AttentionInterface, ALL_ATTENTION_FUNCTIONS,
+                                  dlbhooks_attention),
+                                 (AttentionMaskInterface, ALL_MASK_ATTENTION_FUNCTIONS,
+                                  eager_mask)):
+        if table.get(NAME) is not fn:
+            interface.register(NAME, fn)
+        if table.get(NAME) is not fn:
+            raise TransformersInternalError(
+                f"{interface.__name__}.register({NAME!r}, ...) did not make models dispatch "
+                f"{NAME!r} to dlbhooks' function (a local override in the dispatch table?)"
+            )
 
 
 def switch_transformers(model: nn.Module):
@@ -166,18 +183,23 @@ def switch_transformers(model: nn.Module):
     if not configs:
         return None
     _ensure_registered()
-    saved = [(c, c._attn_implementation_internal, getattr(c, "use_cache", None)) for c in configs]
-    for c in configs:
-        c._attn_implementation_internal = NAME
-        if getattr(c, "use_cache", None) is not None:
-            c.use_cache = False
+    saved = [(c, get_attn_implementation(c), getattr(c, "use_cache", None)) for c in configs]
 
     def undo() -> None:
         for c, impl, cache in saved:
-            c._attn_implementation_internal = impl
+            set_attn_implementation(c, impl)
             if cache is not None:
                 c.use_cache = cache
 
+    try:
+        for c, _, cache in saved:
+            set_attn_implementation(c, NAME)
+            if cache is not None:
+                c.use_cache = False
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            undo()
+        raise
     return undo
 
 
