@@ -25,13 +25,14 @@ from .errors import (
 )
 from .generation import GenerationExplanation, explain_generation
 from .memory import MemoryEstimate, estimate_memory, record_bytes
-from .records import Record, Tape, set_weight_cache
+from .records import Record, Tape
 from .relevance import Streams
 from .results import Explanation
 from .rules.elementwise import register_saturation
 from .rules.registry import register_rule, unregister_rule
 from .storage import Storage
 from .trace import trace
+from .weights import set_weight_cache
 
 __version__ = "0.1.0"
 

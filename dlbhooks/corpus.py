@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .analysis.experts import ExpertStats
 from .integrations.accelerate import input_device
 from .results import Explanation
+from .trace import trace
 
 Batch = Tensor | Mapping[str, Any]
 #: ``None`` (the model's argmax), ``"next"`` (the batch's own next token) or a callable
@@ -129,8 +130,6 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     position. ``storage`` is :func:`dlbhooks.trace`'s record storage policy.
     ``explain_kwargs`` go to ``tape.explain`` (``keep=False`` unless given; several
     positions share the denominators, ``share=True``, unless given)."""
-    from .trace import trace
-
     inputs = _model_inputs(batch, input_device(model))  # (accelerate-aware)
     pos_list = [positions] if isinstance(positions, int) else list(positions)
     ids = inputs.get("input_ids")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from torch import nn
@@ -36,13 +37,18 @@ class Coverage:
         return "\n".join(lines)
 
 
-def coverage(model: nn.Module) -> Coverage:
-    """The rule each module of ``model`` would get. Containers without a rule are routed
-    through their children; whether their forward hides functional maths only shows when
-    explaining (a :class:`~dlbhooks.errors.FunctionalGapError` names it)."""
+def coverage(
+    model: nn.Module,
+    rules: Mapping[type | str, registry.RuleFn | registry.Rule] | None = None,
+) -> Coverage:
+    """The rule each module of ``model`` would get (with ``rules``, as under
+    ``dlb.trace(model, rules=rules)``). Containers without a rule are routed through their
+    children; whether their forward hides functional maths only shows when explaining (a
+    :class:`~dlbhooks.errors.FunctionalGapError` names it)."""
+    overlay = registry.RuleOverlay.of(rules)
     out: dict[str, str | None] = {}
     for path, m in model.named_modules():
-        rule = registry.lookup(type(m))
+        rule = registry.lookup(type(m), overlay)
         if rule is not None:
             out[path] = rule.name
         elif any(True for _ in m.children()):

@@ -12,38 +12,23 @@ and raises :class:`~dlbhooks.errors.FunctionalGapError`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
-from .records import (
-    Record,
-    Tape,
-    all_positive,
-    base_to_view,
-    fetch_abs_param,
-    fetch_param,
-    view_to_base,
-)
+from .integrations.accelerate import materialise
+from .ledger import LedgerEntry
 from .relevance import Rel, Streams, radd, rmap, rsum, total64
 from .rules import registry
 from .rules.elementwise import nonnegative_output, saturation_bounds
 from .storage import record_tensors
+from .views import base_to_view, view_to_base
+from .weights import all_positive, fetch_abs_param, fetch_param
 
-
-@dataclass
-class LedgerEntry:
-    """Relevance accounting of one processed call (METHOD.md §6)."""
-
-    key: str
-    path: str
-    type: str
-    relevance_out: float | tuple[float, float]
-    relevance_in: float | tuple[float, float]
-    absorbed: float | tuple[float, float]  # by this module's own rule
-    absorbed_inside: float | tuple[float, float]  # own + everything below it
-    leaf: bool
+if TYPE_CHECKING:
+    from .records import Record, Tape
 
 
 class Bag:
@@ -129,6 +114,11 @@ class Engine:
     def contrastive(self) -> bool:
         return self.mode == "contrastive"
 
+    def lookup(self, module_type: type) -> registry.Rule | None:
+        """The rule for ``module_type`` in this explanation: the tape's own rules
+        (``dlb.trace(model, rules=...)``) over the global registry."""
+        return registry.lookup(module_type, self.tape.rules)
+
     def param(self, module: nn.Module, name: str) -> Tensor | None:
         """A module's parameter or buffer, fetched through the one weight-access function.
 
@@ -148,8 +138,6 @@ class Engine:
                     for k in range(len(parts) - 1, -1, -1)
                 )
                 try:
-                    from .integrations.accelerate import materialise
-
                     self._param_cache[name] = materialise(module, name, ancestors)
                 except OffloadError:
                     raise OffloadError(f"module '{path}': {err}") from None
@@ -157,7 +145,7 @@ class Engine:
 
     def abs_param(self, module: nn.Module, name: str) -> Tensor | None:
         """``|weight|``, cached across explanations within a budget
-        (:func:`dlbhooks.records.set_weight_cache`); an offloaded weight is loaded once,
+        (:func:`dlbhooks.weights.set_weight_cache`); an offloaded weight is loaded once,
         through :meth:`param`, and its ``|W|`` is not kept."""
         value = getattr(module, name, None)
         if isinstance(value, Tensor) and value.device.type != "meta":
@@ -250,7 +238,7 @@ class Engine:
         start = len(self._absorbed_log)
         slot = len(self.ledger)
         self.ledger.append(None)  # filled below: keeps output->input order
-        rule = registry.lookup(type(rec.module))
+        rule = self.lookup(type(rec.module))
         if rule is not None:
             R_in, absorbed = self._apply_loaded(rule, rec, R_out)
         elif rec.children:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .integrations.accelerate import input_device
 from .results import Explanation, read_saved, write_saved
 from .trace import trace
 
@@ -234,8 +235,6 @@ def explain_generation(
     share=True)``; about one more copy of the layer activations while it runs).
     """
     ids, mask, tok = _prompt_ids(tokenizer_or_ids, prompt, attention_mask)
-    from .integrations.accelerate import input_device
-
     device = input_device(model)
     ids = ids.to(device)
     mask = None if mask is None else mask.to(device)

@@ -1,4 +1,5 @@
-"""How much memory records take: measured on a tape, predicted for a sequence length.
+"""How much memory records take: measured on a tape (:func:`record_bytes`, from
+:mod:`dlbhooks.footprint`), predicted for a sequence length (:func:`estimate_memory`).
 
 Records hold every module's inputs and outputs until the explanation is done (the
 reverse pass needs them), so their size is what an explanation adds to a forward. For a
@@ -15,44 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .records import Tape, tensor_leaves
-
-
-def _tape_tensors(tape: Tape):
-    for rec in tape.records:
-        yield rec.type_name, rec.inputs
-        yield rec.type_name, rec.outputs
-        yield rec.type_name, list(rec.snapshots.values())
-        yield rec.type_name, [t for _, t in tensor_leaves(rec.arguments)]
-
-
-def record_bytes(tape: Tape, by_type: bool = False) -> int | dict[str, int]:
-    """Bytes the records of ``tape`` keep alive: each storage counted once, the model's
-    own parameters and buffers excluded. With ``by_type``, split by the module type that
-    first recorded each storage."""
-    own = set()
-    for t in list(tape.model.parameters()) + list(tape.model.buffers()):
-        try:
-            own.add(t.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):
-            continue
-    seen: dict[int, tuple[str, int]] = {}
-    for type_name, tensors in _tape_tensors(tape):
-        for t in tensors:
-            if not isinstance(t, Tensor) or t.device.type == "meta":
-                continue
-            st = t.untyped_storage()
-            ptr = st.data_ptr()
-            if ptr and ptr not in own and ptr not in seen:
-                seen[ptr] = (type_name, st.nbytes())
-    if not by_type:
-        return sum(n for _, n in seen.values())
-    out: dict[str, int] = {}
-    for type_name, n in seen.values():
-        out[type_name] = out.get(type_name, 0) + n
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+from .api import call_model
+from .footprint import record_bytes
+from .integrations.accelerate import input_device
+from .trace import trace
 
 
 @dataclass
@@ -100,8 +69,6 @@ def _token_inputs(model: nn.Module) -> Callable[[int, int], dict[str, Any]]:
             "estimate_memory needs make_inputs=(lambda seq_len, batch_size: ...) for a model "
             "without config.vocab_size (it builds input_ids for Hugging Face models only)"
         )
-    from .integrations.accelerate import input_device
-
     device = input_device(model)
 
     def make(seq_len: int, batch_size: int) -> dict[str, Any]:
@@ -129,9 +96,6 @@ def estimate_memory(
     batch_size)`` returns the forward's inputs (a dict of keyword arguments, a tuple or a
     tensor); by default random ``input_ids`` for a Hugging Face model.
     """
-    from .api import call_model
-    from .trace import trace
-
     if len(set(probe_lengths)) < 3:
         raise ValueError("estimate_memory needs three different probe lengths to fit a·T²+b·T+c")
     make = make_inputs or _token_inputs(model)

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .errors import SavedFileError, TraceError
+from .ledger import LedgerEntry
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Explanation:
     positive: dict[str, Tensor] | None = None
     negative: dict[str, Tensor] | None = None
     target: Any = None
-    ledger: list[Any] = field(default_factory=list)
+    ledger: list[LedgerEntry] = field(default_factory=list)
     tensors: dict[str, list[Tensor | None]] = field(default_factory=dict)
     scaler: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -140,8 +141,6 @@ class Explanation:
 
     @classmethod
     def load(cls, path: str | Path) -> Explanation:
-        from .engine import LedgerEntry
-
         meta, saved = read_saved(path, "dlbhooks")
         groups: dict[str, dict[str, Tensor]] = {
             "inputs": {}, "positive": {}, "negative": {}, "heads": {}, "experts": {},

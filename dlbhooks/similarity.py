@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import TargetError
+from .integrations.accelerate import input_device
 from .results import Explanation
 from .trace import trace
 
@@ -176,8 +177,6 @@ def explain_similarity(
         raise TargetError("the model is in training mode (dropout active); call model.eval()")
     enc = tokenizer([a, b], padding=True, truncation=max_length is not None,
                     max_length=max_length, return_tensors="pt")
-    from .integrations.accelerate import input_device
-
     device = input_device(model)
     batch = {k: v.to(device) for k, v in enc.items()}
     with torch.no_grad(), trace(model) as tape:

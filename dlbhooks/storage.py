@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .binding import tensor_leaves
+from .views import dense
+
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
            "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
            "float32": torch.float32}
@@ -134,8 +137,6 @@ class Store:
                 st = t.untyped_storage()
             except (RuntimeError, NotImplementedError):
                 st = None
-            from .records import dense  # (records imports this module)
-
             if st is not None and st.data_ptr() and dense(t) and copy.stride() == t.stride():
                 meta = (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype)
                 self._by_storage.setdefault(st.data_ptr(), []).append(
@@ -258,8 +259,6 @@ def _inside(t: Tensor, shape: tuple, stride: tuple, offset: int) -> bool:
 
 def record_tensors(rec) -> list[Tensor]:
     """Every tensor a record (and its descendants) holds: what a rule for it may read."""
-    from .records import tensor_leaves  # (records imports this module)
-
     out: list[Tensor] = []
     stack = [rec]
     while stack:

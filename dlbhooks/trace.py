@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .binding import bind_arguments, tensor_leaves
 from .errors import OutOfMemoryError, TraceError, is_out_of_memory, memory_advice
-from .records import Record, Tape, bind_arguments, tensor_leaves
+from .footprint import record_bytes
+from .records import Record, Tape
 from .rules import registry
 from .storage import Storage, Store, version_of
 
@@ -40,14 +43,25 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     ``None`` (by reference, on the computing device), ``"cpu"`` (copies in CPU memory),
     ``"bf16"``/``"fp16"``/``"fp32"`` (cast copies), or ``"cpu+bf16"``. The reverse pass
     always computes on the original device and dtype.
+
+    ``rules`` gives rules for this trace only, without registering them:
+    ``{nn.Linear: my_rule, "pkg.module.Block": block_rule}`` — keys are module classes or
+    dotted class names, values functions like those :func:`dlbhooks.register_rule` takes
+    or :class:`~dlbhooks.rules.registry.Rule` objects (``streamwise``, ``snapshot``).
+    They count together with the global registry: the most specific class in a module's
+    MRO wins, this trace's rule first at equal specificity. Every rule lookup for this
+    tape (its explanations, the snapshots taken while recording, a composite rule's
+    ``ctx.lookup(type)``) sees them; the global registry is left as it is.
     """
 
     def __init__(
         self, model: nn.Module, *, grad: bool = False,
         storage: Storage | str | torch.dtype | None = None,
+        rules: Mapping[type | str, registry.RuleFn | registry.Rule] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"dlb.trace expects an nn.Module, got {type(model).__name__}")
+        self.rules = registry.RuleOverlay.of(rules)
         # torch.compile(model) wraps the model: record (and name paths) from the original
         self.model = model._orig_mod if _wrapped(model) else model
         self.compiled = any(_wrapped(m) or m.__dict__.get("_compiled_call_impl") is not None
@@ -73,11 +87,11 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
                 "dlbhooks records with. Trace the uncompiled model (model._orig_mod), or "
                 "upgrade torch to >= 2.6."
             )
-        self.tape = Tape(self.model, store=Store(self.storage))
+        self.tape = Tape(self.model, store=Store(self.storage), rules=self.rules)
         self._restore = []
         modules = list(self.model.named_modules())  # each module once, first path
         self._paths = {id(m): path for path, m in modules}
-        self._snap = _snapshot_targets(m for _, m in modules)
+        self._snap = _snapshot_targets((m for _, m in modules), self.rules)
         self._grad_before = torch.is_grad_enabled()
         try:
             for _, m in modules:
@@ -122,8 +136,6 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         inside = self._stack[-1].describe() if self._stack else None
         self._stack.clear()
         if exc is not None and is_out_of_memory(exc):
-            from .memory import record_bytes
-
             where = f"while recording {inside}" if inside else "in the traced block"
             raise OutOfMemoryError(
                 memory_advice(where, str(self.storage), record_bytes(self.tape))
@@ -248,11 +260,11 @@ def _has_hf_hook(module: nn.Module) -> bool:
     return module.__dict__.get("_hf_hook") is not None
 
 
-def _snapshot_targets(modules) -> set[int]:
+def _snapshot_targets(modules, overlay: registry.RuleOverlay | None = None) -> set[int]:
     """Modules whose outputs a composite rule asked to be cloned at call time."""
     targets: set[int] = set()
     for m in modules:
-        rule = registry.lookup(type(m))
+        rule = registry.lookup(type(m), overlay)
         for name in rule.snapshot if rule is not None else ():
             try:
                 targets.add(id(m.get_submodule(name)))

@@ -2,7 +2,7 @@
 
 accelerate keeps an offloaded module's parameters on the meta device outside its forward
 and loads them (from CPU memory or disk) inside it. The reverse pass reads weights through
-:func:`dlbhooks.records.fetch_param`, which calls :func:`materialise` for a meta tensor: the
+:func:`dlbhooks.weights.fetch_param`, which calls :func:`materialise` for a meta tensor: the
 module's weights are brought to its execution device with accelerate's own
 ``align_module_device`` only while the rule that asked for them runs, then dropped, so the
 whole model is never held in memory.

@@ -35,7 +35,6 @@ from ..rules.core import weighted_sum
 from ..rules.elementwise import add_rule, product_rule, saturation_bounds
 from ..rules.functional import close_to_recorded, rope_relevance
 from ..rules.linear import exact_output
-from ..rules.registry import lookup
 from .hf_attention import CHILD as ATTN
 
 
@@ -89,7 +88,7 @@ def _gate_bounds(rec, ctx, units: int):
     activation (the MLP's ``act(gate) * up``), from the parent's composite spec."""
     if not ctx.saturation or ctx.contrastive or rec.parent is None:
         return None
-    rule = lookup(type(rec.parent.module))
+    rule = ctx.lookup(type(rec.parent.module))
     spec = getattr(getattr(rule, "fn", None), "spec", None)
     if not isinstance(spec, ScatteredExperts) or spec.activation is None:
         return None

@@ -14,17 +14,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from ..records import Record, fetch_param
 from ..relevance import Rel, Streams, radd, rmap
-from .core import broadcasts_into, nonzero_along, safe_div, weighted_sum
+from ..weights import fetch_param
+from .arith import broadcasts_into, nonzero_along, safe_div
+from .core import weighted_sum
 from .registry import register_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 __all__ = [
     "AttentionRelevance",

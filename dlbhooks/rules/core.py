@@ -24,45 +24,17 @@ from torch import Tensor
 
 from ..relevance import Rel, Streams
 
+# the arithmetic helpers lived here before rules/arith.py; importable from here still
+from .arith import (  # noqa: F401
+    broadcasts_into,
+    fits,
+    nonneg_div,
+    nonzero_along,
+    reduce_to,
+    safe_div,
+)
+
 Bounds = tuple[float | Tensor | None, float | Tensor | None]
-
-
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0 (one division, one clean-up pass)."""
-    return torch.nan_to_num_(num / den, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def broadcasts_into(shape, target) -> bool:
-    """Does a tensor of ``shape`` broadcast to exactly ``target`` (so that an in-place op
-    on a ``target``-shaped tensor can take it)? A cheap ``torch.broadcast_shapes`` check."""
-    n, m = len(shape), len(target)
-    if n > m:
-        return False
-    return all(a == 1 or a == b for a, b in zip(shape, tuple(target)[m - n:]))
-
-
-def nonzero_along(t: Tensor, dim) -> Tensor:
-    """Bool: does ``t`` have a non-zero entry along ``dim`` (an int or tuple of dims)? Two
-    fast min/max reductions (``count_nonzero`` with a dim is several times slower)."""
-    return (t.amax(dim) > 0) | (t.amin(dim) < 0)
-
-
-def _fits(out: Tensor, other: Tensor) -> bool:
-    """Can ``out ∘ other`` (element-wise, broadcasting) be written into ``out`` with the
-    shape and dtype the out-of-place op would give?"""
-    return (broadcasts_into(other.shape, out.shape)
-            and (other.dtype == out.dtype or torch.result_type(out, other) == out.dtype))
-
-
-def nonneg_div(num: Tensor, den: Tensor, own: bool = False, positive: bool = False) -> Tensor:
-    """``num / den`` with 0 where ``den == 0`` (``den`` is never negative). ``own``: ``den``
-    is a temporary of the caller and may be overwritten with the result. ``positive``: the
-    caller knows ``den > 0`` everywhere, so there is nothing to clean up (one pass less)."""
-    if own and _fits(den, num):
-        s = torch.div(num, den, out=den)
-    else:
-        s = num / den
-    return s if positive else torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _zero_units(T: Tensor, babs: Tensor | None, positive: bool | None = None) -> Tensor | None:
@@ -86,8 +58,6 @@ def _absorbed(R: Tensor, s: Tensor, babs: Tensor | None, zero: Tensor | None) ->
         if babs.dim() == 1 and s.dim() >= 1 and s.shape[-1] == babs.shape[0]:
             absorbed = torch.matmul(s, babs.to(s.dtype)).sum()
         else:
-            from .elementwise import reduce_to
-
             absorbed = (reduce_to(s, babs.shape) * babs).sum()
     if zero is not None:
         lost = torch.where(zero, R, 0.0).sum()
@@ -158,7 +128,7 @@ def _default(
                     sg = signed() if callable(signed) else signed
                     return _saturated(R, abs_total, sg, babs, d, own, positive)
     if babs is not None:
-        T = abs_total.add_(babs) if own and _fits(abs_total, babs) else abs_total + babs
+        T = abs_total.add_(babs) if own and fits(abs_total, babs) else abs_total + babs
         own = True
     else:
         T = abs_total
@@ -195,17 +165,17 @@ def _saturated(R, abs_total, signed, babs, d, own, positive=None):
     and ``c_sgn = s d``."""
     h = d.abs().neg_().add_(1.0)
     tol = abs_total * (64 * torch.finfo(abs_total.dtype).eps)
-    moving = abs_total.mul_(h) if own and _fits(abs_total, h) else abs_total * h
+    moving = abs_total.mul_(h) if own and fits(abs_total, h) else abs_total * h
     moving.addcmul_(d, signed)
     moving.mul_(torch.sub(moving, tol, out=tol).sign_().clamp_min_(0.0))
     if babs is not None:
-        T = moving.add_(babs) if _fits(moving, babs) else moving + babs
+        T = moving.add_(babs) if fits(moving, babs) else moving + babs
     else:
         T = moving
     zero = _zero_units(T, babs, positive)
     s = nonneg_div(R, T, own=True, positive=zero is None)
     absorbed = _absorbed(R, s, babs, zero)
-    return [(h.mul_(s) if _fits(h, s) else h * s, d.mul_(s) if _fits(d, s) else d * s)], absorbed
+    return [(h.mul_(s) if fits(h, s) else h * s, d.mul_(s) if fits(d, s) else d * s)], absorbed
 
 
 @dataclass
@@ -362,11 +332,11 @@ def weighted_sum(
         pre=output if saturate else None, own=own_total, babs=abs_bias,
         positive=bias_positive)
     r = adj_abs(c_abs)
-    r = r.mul_(absa) if own and _fits(r, absa) else absa * r
+    r = r.mul_(absa) if own and fits(r, absa) else absa * r
     if c_sgn is not None:
         signed()
         q = sgn["adj"](c_sgn)
-        r = r.add_(q.mul_(a) if own and _fits(q, a) else a * q)
+        r = r.add_(q.mul_(a) if own and fits(q, a) else a * q)
     return r, absorbed
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .core import broadcasts_into, nonneg_div
+from .arith import broadcasts_into, nonneg_div, reduce_to
 from .registry import register_rule
 
 #: (lower, upper) bound on the pre-activation beyond which the activation is saturated.
@@ -67,18 +67,6 @@ def passthrough_rule(rec, R_out, ctx):
 
 for _cls in PASSTHROUGH:
     register_rule(_cls, passthrough_rule, streamwise=True, name="passthrough")
-
-
-def reduce_to(t: Tensor, shape) -> Tensor:
-    """Sum ``t`` over the axes along which a tensor of ``shape`` was broadcast to it."""
-    shape = tuple(shape)
-    if tuple(t.shape) == shape:
-        return t
-    lead = t.dim() - len(shape)
-    if lead:
-        t = t.sum(dim=tuple(range(lead)))
-    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1)
-    return t.sum(dim=dims, keepdim=True) if dims else t
 
 
 def add_rule(R: Tensor, terms: list[Tensor]) -> tuple[list[Tensor], Tensor]:

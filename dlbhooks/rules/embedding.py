@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .core import safe_div
+from .arith import safe_div
 from .registry import register_rule
 
 

@@ -27,7 +27,7 @@ from ..relevance import Streams, radd, rmap
 from ..storage import check_tolerance
 from .core import weighted_sum
 from .elementwise import add_rule, saturation_bounds
-from .registry import lookup, register_rule
+from .registry import register_rule
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def _rel_dtype(R) -> torch.dtype:
 def routed_contributions(rec, ctx, dt: torch.dtype) -> Tensor:
     """``g_te · E_e(x_t)`` of every token's selected experts, [T, k, H], for a recorded call
     of a fused experts module with a registered §5 rule (used by shared-expert blocks)."""
-    rule = lookup(type(rec.module))
+    rule = ctx.lookup(type(rec.module))
     layout = getattr(rule.fn, "layout", None) if rule is not None else None
     if layout is None:
         raise UnsupportedModuleError(

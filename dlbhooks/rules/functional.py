@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
-from ..records import Record
 from ..relevance import Rel, Streams, radd, rmap, rmap_multi
 from ..storage import check_tolerance
-from .core import contrastive_side_coefficients, contrastive_split, nonneg_div
+from .arith import nonneg_div
+from .core import contrastive_side_coefficients, contrastive_split
 from .elementwise import add_rule, product_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 
 @dataclass

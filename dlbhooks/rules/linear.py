@@ -10,12 +10,12 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from ..relevance import Streams, rmap
+from .arith import nonzero_along
 from .core import (
     _sign_parts,
     coefficients,
     contrastive_side_coefficients,
     contrastive_split,
-    nonzero_along,
     weighted_sum,
 )
 from .registry import register_rule

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import _fits, nonneg_div
-from .elementwise import reduce_to
+from .arith import fits, nonneg_div, reduce_to
 from .registry import register_rule
 
 
@@ -28,12 +27,12 @@ def affine_split(R: Tensor, scaled: Tensor, beta: Tensor | None,
     if positive is None:
         positive = bool((babs > 0).all())
     if positive:  # den >= |β| > 0: no guard needed
-        q = torch.div(R, den, out=den) if _fits(den, R) else R / den
+        q = torch.div(R, den, out=den) if fits(den, R) else R / den
         lost = (reduce_to(q, babs.shape) * babs).sum()
     else:
         q = nonneg_div(R, den, own=True)
         lost = None
-    R_x = q.mul_(mag) if _fits(q, mag) else q * mag
+    R_x = q.mul_(mag) if fits(q, mag) else q * mag
     if lost is None:
         lost = R.sum() - R_x.sum()
     return R_x, lost

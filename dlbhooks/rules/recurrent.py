@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import UnsupportedModuleError
-from ..records import fetch_param
 from ..relevance import Streams
+from ..weights import fetch_param
 from .core import _sign_parts, coefficients, contrastive_side_coefficients, contrastive_split
 from .elementwise import add_rule
 from .registry import register_rule

@@ -8,11 +8,15 @@ inputs that get none, such as masks), optionally with what it absorbed:
 
 ``streamwise=True`` marks rules that never mix the two contrastive streams: they are
 written for one tensor and the engine calls them once per stream.
+
+Rules registered here are global. A :class:`RuleOverlay` (``dlb.trace(model, rules=...)``)
+holds rules for one trace only, consulted together with the global registry: the most
+specific class in the module's MRO wins, the overlay first at equal specificity.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,14 @@ _BY_NAME: dict[str, Rule] = {}  # registered by dotted class name (and every cla
 # lookups resolved through the MRO, cleared by every (un)registration so a change of the
 # registry is seen at once
 _RESOLVED: dict[type, Rule | None] = {}
+# how many times the registry changed: overlays drop their own resolved lookups when it moves
+_generation = 0
+
+
+def _changed() -> None:
+    global _generation
+    _RESOLVED.clear()
+    _generation += 1
 
 
 def register_rule(
@@ -64,7 +76,7 @@ def register_rule(
         if isinstance(module_type, type):
             _BY_TYPE[module_type] = rule
         _BY_NAME[key] = rule
-        _RESOLVED.clear()
+        _changed()
         return f
 
     return deco(fn) if fn is not None else deco
@@ -77,23 +89,101 @@ def unregister_rule(module_type: type[nn.Module] | str) -> None:
     _BY_NAME.pop(key, None)
     for cls in [c for c in _BY_TYPE if _qualname(c) == key]:
         del _BY_TYPE[cls]
-    _RESOLVED.clear()
+    _changed()
 
 
-def lookup(module_type: type) -> Rule | None:
+def lookup(module_type: type, overlay: RuleOverlay | None = None) -> Rule | None:
     """The rule of the most specific registered class in ``module_type``'s MRO (by class
-    or by dotted name)."""
+    or by dotted name); with an ``overlay``, its rules count too (first at equal
+    specificity)."""
+    if overlay is not None:
+        return overlay.lookup(module_type)
     try:
         return _RESOLVED[module_type]
     except KeyError:
         pass
     found = None
     for cls in module_type.__mro__:
-        found = _BY_TYPE.get(cls) or _BY_NAME.get(_qualname(cls))
+        found = _global(cls)
         if found is not None:
             break
     _RESOLVED[module_type] = found
     return found
+
+
+def _global(cls: type) -> Rule | None:
+    """The rule registered globally for exactly ``cls`` (by class or by dotted name)."""
+    return _BY_TYPE.get(cls) or _BY_NAME.get(_qualname(cls))
+
+
+class RuleOverlay:
+    """Rules for one trace, over the global registry (``dlb.trace(model, rules=...)``).
+
+    ``rules`` maps a module class or its dotted name to a rule: a function like those
+    :func:`register_rule` takes (returning the relevance per input, or ``(relevance,
+    absorbed)``) or a :class:`Rule` (to set ``streamwise`` or ``snapshot``). Lookups walk
+    the module's MRO, most specific class first; at each class the overlay comes before
+    the global registry. The global registry is never changed.
+    """
+
+    def __init__(self, rules: Mapping[type | str, RuleFn | Rule]):
+        if not isinstance(rules, Mapping):
+            raise TypeError(
+                f"rules must be a mapping {{module class or dotted name: rule}}, got {rules!r}")
+        self._by_type: dict[type, Rule] = {}
+        self._by_name: dict[str, Rule] = {}
+        for key, value in rules.items():
+            if not isinstance(key, (type, str)):
+                raise TypeError(
+                    f"rules keys must be module classes or dotted class names, got {key!r}")
+            rule = _as_rule(key, value)
+            if isinstance(key, type):
+                self._by_type[key] = rule
+            self._by_name[key if isinstance(key, str) else _qualname(key)] = rule
+        self._resolved: dict[type, Rule | None] = {}
+        self._seen = _generation
+
+    @classmethod
+    def of(cls, rules: RuleOverlay | Mapping[type | str, RuleFn | Rule] | None
+           ) -> RuleOverlay | None:
+        """``rules`` as an overlay; ``None`` for none (or an empty mapping)."""
+        if rules is None or isinstance(rules, RuleOverlay):
+            return rules
+        overlay = cls(rules)
+        return overlay if len(overlay) else None
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __repr__(self) -> str:
+        return f"RuleOverlay({sorted(self._by_name)})"
+
+    def lookup(self, module_type: type) -> Rule | None:
+        """The rule of the most specific class in ``module_type``'s MRO, here or global."""
+        if self._seen != _generation:  # the global registry changed since
+            self._resolved.clear()
+            self._seen = _generation
+        try:
+            return self._resolved[module_type]
+        except KeyError:
+            pass
+        found = None
+        for cls in module_type.__mro__:
+            found = (self._by_type.get(cls) or self._by_name.get(_qualname(cls))
+                     or _global(cls))
+            if found is not None:
+                break
+        self._resolved[module_type] = found
+        return found
+
+
+def _as_rule(key: type | str, value: RuleFn | Rule) -> Rule:
+    if isinstance(value, Rule):
+        return value
+    if not callable(value):
+        raise TypeError(f"the rule for {key!r} must be a function or a registry.Rule, "
+                        f"got {value!r}")
+    return Rule(value, getattr(value, "__name__", repr(value)))
 
 
 def rule_named(name: str) -> Rule | None:

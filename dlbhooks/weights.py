@@ -1,0 +1,106 @@
+"""Weight access for rules: :func:`fetch_param`, the one place a parameter is read, and
+the ``|W|`` cache kept across explanations (:func:`fetch_abs_param`,
+:func:`set_weight_cache`)."""
+
+from __future__ import annotations
+
+import weakref
+
+from torch import Tensor, nn
+
+from .integrations.accelerate import materialise
+from .storage import version_of
+
+
+def fetch_param(module: nn.Module, name: str) -> Tensor | None:
+    """The single place rules read a parameter or buffer (``None`` if the module has none).
+
+    A weight on the meta device (offloaded by accelerate) is loaded for the caller only,
+    through :func:`dlbhooks.integrations.accelerate.materialise`; the module keeps it
+    offloaded.
+    """
+    value = getattr(module, name, None)
+    if value is None:
+        return None
+    if not isinstance(value, Tensor):
+        return value
+    if value.device.type == "meta":  # offloaded by accelerate: load it for this rule only
+        return materialise(module, name)
+    return value.detach()
+
+
+class _AbsWeights:
+    """``|W|`` of parameters, kept across explanations within a byte budget.
+
+    Explaining many inputs with one model recomputes ``|W|`` for every weighted-sum layer
+    each time (an element-wise pass over every weight). Entries are keyed by the
+    parameter object (weakly: they go with it), checked against its ``_version`` and data
+    pointer (an in-place update or a new ``.data`` recomputes), and taken first come,
+    first served until ``budget`` bytes are used; offloaded (meta) weights are never kept.
+    """
+
+    def __init__(self, budget: int = 256 * 2**20):
+        self.budget = budget
+        # id(parameter) -> (weak ref to it, its _version, its data pointer, |W|)
+        self._entries: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}
+
+    @property
+    def used(self) -> int:
+        return sum(v[3].nbytes for v in self._entries.values())
+
+    def get(self, param: Tensor) -> Tensor:
+        hit = self._entries.get(id(param))
+        if hit is not None and hit[0]() is param and hit[1] == version_of(param) \
+                and hit[2] == param.data_ptr():
+            return hit[3]
+        value = param.detach().abs()
+        self._entries.pop(id(param), None)
+        # entries of parameters that are gone make room first
+        for key in [k for k, v in self._entries.items() if v[0]() is None]:
+            del self._entries[key]
+        if self.used + value.nbytes <= self.budget:
+            self._entries[id(param)] = (weakref.ref(param), version_of(param), param.data_ptr(),
+                                        value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+ABS_WEIGHTS = _AbsWeights()
+
+# id(tensor) -> (weak ref to it, its _version, all entries > 0): a cached |b| is checked once
+_POSITIVE: dict[int, tuple[weakref.ref, int, bool]] = {}
+
+
+def all_positive(t: Tensor) -> bool:
+    """Are all entries of ``t`` > 0? Remembered for the tensor object (until it changes in
+    place or is freed), so a cached ``|bias|`` is checked once, not once per explanation."""
+    hit = _POSITIVE.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == version_of(t):
+        return hit[2]
+    value = t.numel() > 0 and float(t.detach().amin()) > 0
+    key = id(t)
+    _POSITIVE[key] = (weakref.ref(t, lambda _ref, key=key: _POSITIVE.pop(key, None)),
+                      version_of(t), value)
+    return value
+
+
+def set_weight_cache(max_bytes: int) -> None:
+    """Bytes dlbhooks may keep of ``|W|`` across explanations (default 256 MiB; 0 turns
+    the cache off and empties it)."""
+    if max_bytes < 0:
+        raise ValueError("max_bytes must be >= 0")
+    ABS_WEIGHTS.budget = int(max_bytes)
+    if max_bytes == 0:
+        ABS_WEIGHTS.clear()
+
+
+def fetch_abs_param(module: nn.Module, name: str) -> Tensor | None:
+    """``|module.<name>|``, through :func:`fetch_param`, cached across explanations for
+    weights in memory (see :func:`set_weight_cache`)."""
+    value = getattr(module, name, None)
+    if not isinstance(value, Tensor) or value.device.type == "meta" or not ABS_WEIGHTS.budget:
+        fetched = fetch_param(module, name)
+        return None if fetched is None else fetched.abs()
+    return ABS_WEIGHTS.get(value)
