@@ -12,6 +12,7 @@ from torch import nn
 from .binding import bind_arguments, tensor_leaves
 from .errors import OutOfMemoryError, TraceError, is_out_of_memory, memory_advice
 from .footprint import record_bytes
+from .integrations.accelerate import hf_hook
 from .records import Record, Tape
 from .rules import registry
 from .storage import Storage, Store, version_of
@@ -257,7 +258,7 @@ def _wrapped(model: nn.Module) -> bool:
 
 def _has_hf_hook(module: nn.Module) -> bool:
     """Does accelerate's hook (``add_hook_to_module``) wrap this module's forward?"""
-    return module.__dict__.get("_hf_hook") is not None
+    return hf_hook(module) is not None
 
 
 def _snapshot_targets(modules, overlay: registry.RuleOverlay | None = None) -> set[int]:

@@ -15,8 +15,15 @@ from torch import Tensor, nn
 from ..errors import OffloadError
 
 
+def hf_hook(module: nn.Module):
+    """accelerate's hook on ``module`` (``add_hook_to_module`` keeps it in the private
+    attribute ``_hf_hook``, accelerate 1.x; pinned by tests/test_hf_internals.py), or
+    ``None``. The one place dlbhooks reads it."""
+    return module.__dict__.get("_hf_hook")
+
+
 def _has_offloaded_params(module: nn.Module) -> bool:
-    if getattr(module, "_hf_hook", None) is None:
+    if hf_hook(module) is None:
         return False
     from accelerate.utils import has_offloaded_params
 
@@ -51,8 +58,7 @@ def materialise(module: nn.Module, name: str, ancestors: tuple[nn.Module, ...] =
 
 def execution_device(module: nn.Module):
     """The device accelerate runs ``module`` on, or ``None`` if no hook says."""
-    hook = getattr(module, "_hf_hook", None)
-    return getattr(hook, "execution_device", None)
+    return getattr(hf_hook(module), "execution_device", None)
 
 
 def input_device(model: nn.Module):
