@@ -1,4 +1,6 @@
-"""Command line: ``dlbhooks demo`` explains the shipped digits CNN (no network)."""
+"""The dlbhooks command line: ``dlbhooks demo`` explains a model that ships with the package
+(the tiny MoE language model by default, ``--model digits`` the digits CNN; no network) and
+``dlbhooks corpus-stats`` gathers expert statistics over a corpus."""
 
 from __future__ import annotations
 
@@ -173,25 +175,50 @@ def corpus_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# What --help prints (plain text: argparse shows it as written, reflowed).
+DESCRIPTION = (
+    "Explain PyTorch models with the DLBacktrace method. 'dlbhooks demo' explains a model "
+    "that ships with dlbhooks, without network access: by default the tiny byte-level "
+    "mixture-of-experts language model (the next byte after a code prompt, per prompt byte "
+    "and per expert), with '--model digits' a CNN on 8x8 digit images. 'dlbhooks "
+    "corpus-stats' gathers expert statistics over a corpus, on one process or several.")
+DEMO_DESCRIPTION = (
+    "Explain a model that ships with dlbhooks (no network). --model moe (default): the tiny "
+    "byte-level mixture-of-experts language model predicts the next byte after --prompt; "
+    "the demo prints the relevance of each prompt byte and of each expert. --model digits: "
+    "a CNN trained on scikit-learn's 8x8 digits explains --samples held-out images and "
+    "prints the relevance as text heatmaps.")
+CORPUS_STATS_DESCRIPTION = (
+    "Expert statistics (dlb.ExpertStats) of the tiny MoE language model, or of --model, over "
+    "random windows of the tiny MoE's training or held-out text, saved to --out. Runs on one "
+    "process, or on several with: accelerate launch -m dlbhooks.cli corpus-stats ... "
+    "(see docs/corpus_runs.md).")
+
+
 def add_corpus_stats_arguments(p: argparse.ArgumentParser) -> None:
     from dlbhooks.tiny_moe import DOMAINS, SPLITS
 
     p.add_argument("--model", default=None,
                    help="a local HF causal-LM folder with the byte vocabulary of "
                         "dlbhooks.tiny_moe (default: the shipped tiny MoE)")
-    p.add_argument("--domain", choices=DOMAINS, default="prose")
-    p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument("--domain", choices=DOMAINS, default="prose",
+                   help="which text: the standard library's sources (code) or pydoc topics "
+                        "(prose, the default)")
+    p.add_argument("--split", choices=SPLITS, default="train",
+                   help="the training text (default) or the held-out text")
     p.add_argument("--sequences", type=int, default=64, help="random windows (seeded)")
     p.add_argument("--length", type=int, default=64, help="bytes the model reads per window")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
     p.add_argument("--positions", type=int, default=1,
                    help="explained positions per window (1: the last; k: spread over the "
                         "last three quarters)")
     p.add_argument("--target", choices=["next", "argmax"], default="next",
                    help="the true next byte (default) or the model's prediction")
-    p.add_argument("--mode", choices=["default", "contrastive"], default="default")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--mode", choices=["default", "contrastive"], default="default",
+                   help="the method's mode (default: default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random windows")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="dtype of the model and the explanations")
     p.add_argument("--experts-implementation", default=None,
                    help="eager, grouped_mm, batched_mm (default: the model's)")
     p.add_argument("--out", default="expert_stats.safetensors", help="ExpertStats file")
@@ -205,17 +232,22 @@ def add_corpus_stats_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dlbhooks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dlbhooks", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="explain a small model that ships with dlbhooks")
+    p = sub.add_parser("demo", help="explain a small model that ships with dlbhooks "
+                       "(default: the tiny MoE language model)", description=DEMO_DESCRIPTION)
     p.add_argument("--model", choices=["moe", "digits"], default="moe",
-                   help="the tiny byte-level MoE LM (default) or the digits CNN")
-    p.add_argument("--prompt", default="def __init__(self")
-    p.add_argument("--mode", choices=["default", "contrastive"], default="default")
-    p.add_argument("--samples", type=int, default=3)
+                   help="moe: the tiny byte-level MoE language model (default); digits: the "
+                        "digits CNN")
+    p.add_argument("--prompt", default="def __init__(self",
+                   help="moe: the text whose next byte is explained (default: %(default)r)")
+    p.add_argument("--mode", choices=["default", "contrastive"], default="default",
+                   help="the method's mode (default: default)")
+    p.add_argument("--samples", type=int, default=3,
+                   help="digits: how many held-out images to explain (default: 3)")
     p.set_defaults(func=demo)
-    p = sub.add_parser("corpus-stats", help="ExpertStats over a corpus, on one or several "
-                       "processes (accelerate launch -m dlbhooks.cli corpus-stats ...)")
+    p = sub.add_parser("corpus-stats", help="expert statistics over a corpus, on one or "
+                       "several processes", description=CORPUS_STATS_DESCRIPTION)
     add_corpus_stats_arguments(p)
     p.set_defaults(func=corpus_stats)
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
-"""The small model that ships with dlbhooks: a CNN trained on scikit-learn's 8×8 digits
-(``scripts/train_digits_cnn.py``), with held-out sample images, for ``dlbhooks demo``."""
+"""The digits CNN that ships with dlbhooks: a CNN trained on scikit-learn's 8×8 digits
+(``scripts/train_digits_cnn.py``), with held-out sample images, for ``dlbhooks demo --model
+digits``. (The default demo explains the shipped tiny MoE language model,
+:mod:`dlbhooks.tiny_moe`.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """The README's main job: `dlbhooks demo` on the models that ship with the package."""
 
+import pytest
+
 from dlbhooks.cli import main
 
 
@@ -14,3 +16,19 @@ def test_demo_digits(capsys):
     assert main(["demo", "--model", "digits", "--samples", "2", "--mode", "contrastive"]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "sample" in out
+
+
+def test_help_texts(capsys):
+    """`--help` says what each command does, in plain text (no reStructuredText markup)."""
+    outs = {}
+    for argv in ([], ["demo"], ["corpus-stats"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        assert exit_.value.code == 0
+        outs[" ".join(argv)] = " ".join(capsys.readouterr().out.split())
+    for out in outs.values():
+        assert "``" not in out and ":mod:" not in out and ":func:" not in out, out
+    assert "by default the tiny byte-level mixture-of-experts language model" in outs[""]
+    assert "--model digits" in outs[""] and "--model digits" in outs["demo"]
+    assert "--prompt" in outs["demo"] and "--samples" in outs["demo"]
+    assert "accelerate launch -m dlbhooks.cli corpus-stats" in outs["corpus-stats"]
