@@ -2,7 +2,8 @@
 
 Explanation time = recorded forward (hooks on) + reverse pass. The default rule needs, per
 layer, the forward, one product for the denominators (|a|·|W|ᵀ) and one for the reverse
-step, so about 3× is the floor (target ≤ 4, goal ≤ 3.3).
+step, so about 3× is the floor (target ≤ 4 for the MLP and CNN; ≤ 6 for the LSTM, whose
+rule recomputes the gates).
 
     python scripts/bench_core.py [--threads 2] [--repeats 5] [--saturation]
 """
