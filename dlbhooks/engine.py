@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
 from .integrations.accelerate import materialise
-from .ledger import LedgerEntry
+from .ledger import LedgerEntry, PendingEntry, finish_ledger
 from .relevance import Rel, Streams, radd, rmap, rsum, total64
 from .rules import registry
 from .rules.elementwise import nonnegative_output, saturation_bounds
@@ -96,10 +96,12 @@ class Engine:
     saturation: bool = True
     keep: bool = True
     share: bool = False
-    ledger: list[LedgerEntry] = field(default_factory=list)
+    # the ledger being built, output->input order; finish() makes the final one
+    ledger: list[PendingEntry] = field(default_factory=list)
     kept: dict[str, list[Rel | None]] = field(default_factory=dict)
-    # what each processed call absorbed (float64 scalars or Streams of them), in order
-    _absorbed_log: list[Rel] = field(default_factory=list)
+    # length of the log of absorptions: one item per processed call that absorbed, in
+    # order (a pending entry spans the items its call and the calls below it made)
+    _absorptions: int = 0
     # id(relevance tensor) -> (tensor, its float64 total): a tensor passed from one record
     # to the next is summed once for the ledger
     _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -224,9 +226,18 @@ class Engine:
         entry = self.reports.setdefault(kind, {})
         entry[key] = radd(entry.get(key), rmap(lambda t: t.detach(), value))
 
-    def seed_outputs(self, rec: Record, R_out: list[Rel | None]) -> Bag:
-        """A bag for walking ``rec``'s children, holding the relevance of its outputs."""
-        bag = self.new_bag(rec)
+    def seed_outputs(self, rec: Record, R_out: list[Rel | None], *,
+                     keep_inputs: bool = True) -> Bag:
+        """A bag for walking ``rec``'s children, holding the relevance of its outputs (the
+        one way composite rules seed a bag from a record).
+
+        ``keep_inputs``: the bag is ``rec``'s own (:meth:`new_bag` with ``rec``): relevance
+        put on ``rec``'s inputs stays on those very tensors, even when they are views of
+        outer tensors or device copies, for :meth:`collect` to take. ``False``: a bag
+        without an owner (the torchvision CNN composites): relevance reaching an input
+        that is a view of an outer tensor moves onto that tensor at once, and
+        :meth:`collect` takes the view's elements back from it."""
+        bag = self.new_bag(rec if keep_inputs else None)
         for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
             if R is not None:
                 bag.add(o, R, None, base=rec.output_views.get(i))
@@ -235,9 +246,8 @@ class Engine:
     def propagate(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
         """Relevance on ``rec``'s inputs, given relevance on its outputs."""
         R_out = self._fill(rec, R_out)
-        start = len(self._absorbed_log)
-        slot = len(self.ledger)
-        self.ledger.append(None)  # filled below: keeps output->input order
+        entry = PendingEntry(rec.key, rec.path, rec.type_name, self._absorptions)
+        self.ledger.append(entry)  # before its children's entries: output->input order
         rule = self.lookup(type(rec.module))
         if rule is not None:
             R_in, absorbed = self._apply_loaded(rule, rec, R_out)
@@ -256,58 +266,21 @@ class Engine:
                 f"{len(rec.inputs)} tensor inputs"
             )
         if absorbed is not None:
-            self._absorbed_log.append(absorbed)
+            self._absorptions += 1  # the call's own absorption: the last item of its span
         # totals stay tensors here (no device sync per call); finish() makes them floats
-        # and derives what was absorbed inside this call from the log positions
-        self.ledger[slot] = (LedgerEntry(
-            key=rec.key, path=rec.path, type=rec.type_name,
-            relevance_out=self._total(R_out, pop=True, keep=R_in),
-            relevance_in=self._total(R_in),
-            absorbed=absorbed,  # the last log entry this call made (finish() relies on it)
-            absorbed_inside=(start, len(self._absorbed_log)),
-            leaf=rule is not None and not rec.children,
-        ))
+        entry.relevance_out = self._total(R_out, pop=True, keep=R_in)
+        entry.relevance_in = self._total(R_in)
+        entry.absorbed = absorbed
+        entry.leaf = rule is not None and not rec.children
+        entry.log_end = self._absorptions
         if self.keep:
             self.kept.setdefault(rec.key, R_in)
         return R_in
 
-    def finish(self) -> None:
-        """Turn the ledger's totals into floats (``(pos, neg)`` in contrastive mode), with
-        one transfer per device instead of one per value. ``absorbed_inside`` (a call's own
-        absorption plus its children's) is a difference of running sums over the log of
-        absorptions, in the order the calls were processed."""
-        entries = [e for e in self.ledger if e is not None]
-        scalars: dict[torch.device, list[Tensor]] = {}
-        for e in entries:
-            for v in (e.relevance_out, e.relevance_in, e.absorbed):
-                for t in () if v is None else _streams(v):
-                    scalars.setdefault(t.device, []).append(t)
-        values = {dev: iter(torch.stack(ts).tolist()) for dev, ts in scalars.items()}
-        zero = (0.0, 0.0) if self.contrastive else 0.0
-
-        def value(v):
-            if v is None:  # nothing (absorbed, or reaching the inputs): per stream too
-                return zero
-            if isinstance(v, Streams):
-                return next(values[v.pos.device]), next(values[v.neg.device])
-            return next(values[v.device])
-
-        log = [zero] * len(self._absorbed_log)
-        for e in entries:
-            own = e.absorbed is not None
-            e.relevance_out, e.relevance_in = value(e.relevance_out), value(e.relevance_in)
-            e.absorbed = value(e.absorbed)
-            if own:  # a call's own absorption is the last log entry it made
-                log[e.absorbed_inside[1] - 1] = e.absorbed
-            # (a contrastive rule's absorption is a pair, like everything it returns)
-        running = [zero]
-        for f in log:
-            prev = running[-1]
-            running.append((prev[0] + f[0], prev[1] + f[1]) if self.contrastive else prev + f)
-        for e in entries:
-            lo, hi = e.absorbed_inside
-            a, b = running[lo], running[hi]
-            e.absorbed_inside = (b[0] - a[0], b[1] - a[1]) if self.contrastive else b - a
+    def finish(self) -> list[LedgerEntry]:
+        """The final ledger (:func:`~dlbhooks.ledger.finish_ledger`): the totals as floats
+        (``(pos, neg)`` in contrastive mode), with what each call absorbed inside it."""
+        return finish_ledger(self.ledger, self._absorptions, self.contrastive)
 
     def _total(self, rels: list[Rel | None], pop: bool = False,
                keep: list[Rel | None] = ()) -> Rel | None:

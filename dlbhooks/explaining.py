@@ -3,6 +3,7 @@ over the records in reverse, and assemble the :class:`~dlbhooks.results.Explanat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,7 +18,8 @@ from .errors import (
     memory_advice,
 )
 from .footprint import record_bytes
-from .relevance import Streams, all_finite, has_nan, net, to_float
+from .ledger import LedgerEntry
+from .relevance import Rel, Streams, all_finite, has_nan, net, to_float
 from .results import Explanation
 from .seeds import TASKS, make_seed, sequence_positions
 
@@ -74,6 +76,20 @@ def explain_tape(
     tape for later explanations of the same forward (several targets): faster from the
     second target on, at the cost of about one more copy of the layers' activations
     (``tape.shared.clear()`` frees it)."""
+    root = _checked_root(tape)
+    k = select_output(root, output)
+    seeded = _seed(tape, root, k, target, task=task, multiplier=multiplier, mode=mode,
+                   thresholding=thresholding, position=position, saturation=saturation)
+    engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share)
+    R_out = [seeded.relevance if i == k else None for i in range(len(root.outputs))]
+    R_in, ledger = _run(engine, root, R_out)
+    inputs = _input_relevance(tape, root, R_in, seeded.dtype, mode)
+    return _assemble(engine, ledger, inputs, mode=mode, multiplier=multiplier,
+                     target=seeded.target, scaler=scaler, info=seeded.info)
+
+
+def _checked_root(tape: Tape) -> Record:
+    """The last recorded model call, if it finished and no float input holds NaN."""
     root = tape.last_root()
     if not root.done:
         raise TargetError("the recorded forward did not finish (it raised): nothing to explain")
@@ -83,27 +99,49 @@ def explain_tape(
                 f"model input {name!r} holds NaN; relevance would be meaningless. "
                 "Clean the input (torch.nan_to_num) before explaining."
             )
-    k = select_output(root, output)
-    with tape.store.loaded([root.outputs[k]]):  # the output's own device and dtype
+    return root
+
+
+@dataclass
+class _Seeded:
+    """The seed of output ``k`` and what the explanation reports about it."""
+
+    relevance: Rel  # the seed (Streams in contrastive mode)
+    dtype: torch.dtype  # of the relevance (for the inputs it does not reach)
+    target: Any  # the target as resolved (a default becomes the arg-max classes)
+    info: dict[str, Any]
+
+
+def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplier: float,
+          mode: str, thresholding: float, position: Any, saturation: bool) -> _Seeded:
+    """Seed ``root``'s output ``k`` for ``target`` and resolve the target and positions."""
+    out = root.outputs[k]
+    with tape.store.loaded([out]):  # the output's own device and dtype
         mask = root.arguments.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) else None
         seed = make_seed(
-            root.outputs[k], target, task=task, multiplier=multiplier, mode=mode,
+            out, target, task=task, multiplier=multiplier, mode=mode,
             thresholding=thresholding, position=position, attention_mask=mask,
         )
-        resolved = _resolved_target(root.outputs[k], target, task, position, mask)
+        resolved = _resolved_target(out, target, task, position, mask)
         info = {"task": task, "saturation": saturation, "output": root.output_names[k]}
-        if root.outputs[k].dim() == 3 and TASKS.get(task) == "multiclass":
-            info["position"] = sequence_positions(root.outputs[k], position, mask).tolist()
-        seed_like = seed.pos if isinstance(seed, Streams) else seed
-    engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share)
-    R_out = [seed if i == k else None for i in range(len(root.outputs))]
+        if out.dim() == 3 and TASKS.get(task) == "multiclass":
+            info["position"] = sequence_positions(out, position, mask).tolist()
+    dtype = seed.pos.dtype if isinstance(seed, Streams) else seed.dtype
+    return _Seeded(seed, dtype, resolved, info)
+
+
+def _run(engine: Engine, root: Record,
+         R_out: list[Rel | None]) -> tuple[list[Rel | None], list[LedgerEntry]]:
+    """Relevance on ``root``'s inputs and the final ledger; running out of memory raises
+    :class:`~dlbhooks.errors.OutOfMemoryError` with advice."""
+    tape = engine.tape
     try:
         # relevance is not differentiated: no autograd graph, even for a tape recorded
         # with grad=True or an explanation asked for inside torch.inference_mode()
         with torch.inference_mode(False), torch.no_grad(), tape.store.checks():
             R_in = engine.propagate(root, R_out)
-            engine.finish()
+            ledger = engine.finish()
     except Exception as err:
         if not is_out_of_memory(err):
             raise
@@ -112,8 +150,14 @@ def explain_tape(
             memory_advice(where or "while explaining", str(tape.store.policy),
                           record_bytes(tape))
         ) from err
+    return R_in, ledger
 
-    inputs, pos, neg = {}, {}, {}
+
+def _input_relevance(tape: Tape, root: Record, R_in: list[Rel | None], dtype: torch.dtype,
+                     mode: str) -> dict[str, Rel]:
+    """Relevance per model input, by name: zeros for an input it did not reach; raises on
+    an input holding inf that it did reach."""
+    inputs: dict[str, Rel] = {}
     for name, t, R in zip(root.input_names, root.inputs, R_in):
         if R is not None and t.is_floating_point() and not all_finite(t):
             raise NonFiniteError(
@@ -121,34 +165,41 @@ def explain_tape(
                 "meaningless. Clean the input (torch.nan_to_num) before explaining."
             )
         if R is None:
-            R = torch.zeros(t.shape, dtype=seed_like.dtype, device=tape.store.device_of(t))
+            R = torch.zeros(t.shape, dtype=dtype, device=tape.store.device_of(t))
             R = Streams(R, R.clone()) if mode == "contrastive" else R
-        inputs[name] = net(R)
-        if isinstance(R, Streams):
-            pos[name], neg[name] = R.pos, R.neg
-    ledger = [e for e in engine.ledger if e is not None]
-    layers = {e.key: _net(e.relevance_in) for e in ledger if e.path}
+        inputs[name] = R
+    return inputs
+
+
+def _assemble(engine: Engine, ledger: list[LedgerEntry], inputs: dict[str, Rel], *,
+              mode: str, multiplier: float, target: Any, scaler: float | None,
+              info: dict[str, Any]) -> Explanation:
+    """The :class:`Explanation` of a finished engine run."""
+    streams = {name: R for name, R in inputs.items() if isinstance(R, Streams)}
     absorbing = [e for e in ledger if e.leaf or e.absorbed not in (0.0, (0.0, 0.0))]
-    absorbed = {e.key: _net(e.absorbed) for e in absorbing}
-    streams = mode == "contrastive"
-    tensors = {
-        key: [None if r is None else net(r) for r in rs]
-        for key, rs in engine.kept.items() if key != "<root>"
-    }
+    contrastive = mode == "contrastive"
+    reports = engine.reports
     return Explanation(
-        inputs=inputs, layers=layers, absorbed=absorbed, mode=mode,
-        multiplier=float(multiplier), positive=pos or None, negative=neg or None,
-        absorbed_positive={e.key: e.absorbed[0] for e in absorbing} if streams else None,
-        absorbed_negative={e.key: e.absorbed[1] for e in absorbing} if streams else None,
-        target=resolved, ledger=ledger,
-        tensors=tensors, scaler=scaler,
-        info=info,
-        heads={k2: net(v) for k2, v in engine.reports.get("heads", {}).items()},
-        experts={k2: net(v) for k2, v in engine.reports.get("experts", {}).items()},
-        routing=dict(engine.reports.get("routing", {})),
+        inputs={name: net(R) for name, R in inputs.items()},
+        layers={e.key: _net(e.relevance_in) for e in ledger if e.path},
+        absorbed={e.key: _net(e.absorbed) for e in absorbing}, mode=mode,
+        multiplier=float(multiplier),
+        positive={name: R.pos for name, R in streams.items()} or None,
+        negative={name: R.neg for name, R in streams.items()} or None,
+        absorbed_positive={e.key: e.absorbed[0] for e in absorbing} if contrastive else None,
+        absorbed_negative={e.key: e.absorbed[1] for e in absorbing} if contrastive else None,
+        target=target, ledger=ledger,
+        tensors={
+            key: [None if r is None else net(r) for r in rs]
+            for key, rs in engine.kept.items() if key != "<root>"
+        },
+        scaler=scaler, info=info,
+        heads={k: net(v) for k, v in reports.get("heads", {}).items()},
+        experts={k: net(v) for k, v in reports.get("experts", {}).items()},
+        routing=dict(reports.get("routing", {})),
         blocks={
-            k2: {name: _net(to_float(v)) for name, v in d.items()}
-            for k2, d in engine.reports.get("blocks", {}).items()
+            k: {name: _net(to_float(v)) for name, v in d.items()}
+            for k, d in reports.get("blocks", {}).items()
         },
     )
 

@@ -238,67 +238,107 @@ def explain_generation(
     device = input_device(model)
     ids = ids.to(device)
     mask = None if mask is None else mask.to(device)
+    gen = _continuation(model, ids, mask, tok, max_new_tokens, generated_ids, generate_kwargs)
+    n = int(gen.numel())
+    seq = torch.cat([ids[0], gen])
     T = ids.shape[1]
+    with trace(model, storage=storage) as tape:
+        model(**_forward_inputs(seq, mask, n))
+    rows = _TokenRows(keep=keep)
+    for k in range(n):
+        rows.add(tape.explain(target=int(gen[k]), position=T + k - 1, mode=mode,
+                              multiplier=multiplier, saturation=saturation, keep=keep,
+                              share=share and n > 1))
+    del tape
+    tokens = None if tok is None else [tok.decode([int(i)]) for i in seq.tolist()]
+    return rows.result(
+        ids=seq.cpu(), generated=gen.cpu(), prompt_length=T, mode=mode,
+        multiplier=float(multiplier), tokens=tokens,
+        info={"saturation": saturation, "generated_here": generated_ids is None},
+    )
+
+
+def _continuation(model: nn.Module, ids: Tensor, mask: Tensor | None, tok: Any,
+                  max_new_tokens: int, generated_ids: Tensor | None,
+                  generate_kwargs: dict[str, Any]) -> Tensor:
+    """The generated ids to explain, ``[n]`` with ``n >= 1``: ``generated_ids`` if given,
+    else what the model generates after ``ids``."""
     if generated_ids is None:
-        if max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
-        if mask is not None:
-            kwargs["attention_mask"] = mask
-        if "pad_token_id" not in kwargs and tok is not None:
-            pad = getattr(tok, "pad_token_id", None)
-            kwargs["pad_token_id"] = pad if pad is not None else getattr(tok, "eos_token_id",
-                                                                         None)
-        with torch.no_grad():
-            out = model.generate(ids, **kwargs)
-        out = out.sequences if hasattr(out, "sequences") else out
-        gen = out[0, T:]
+        gen = _generate(model, ids, mask, tok, max_new_tokens, generate_kwargs)
     else:
         if generate_kwargs:
             raise TypeError(f"generate kwargs {sorted(generate_kwargs)} given with "
                             "generated_ids: nothing is generated")
-        gen = torch.as_tensor(generated_ids).to(device).long().reshape(-1)
-    n = int(gen.numel())
-    if n == 0:
+        gen = torch.as_tensor(generated_ids).to(ids.device).long().reshape(-1)
+    if gen.numel() == 0:
         raise ValueError("nothing was generated (the model stopped at once): nothing to explain")
-    seq = torch.cat([ids[0], gen])
-    inp = seq[:-1].unsqueeze(0)
-    fwd: dict[str, Tensor] = {"input_ids": inp}
+    return gen
+
+
+def _generate(model: nn.Module, ids: Tensor, mask: Tensor | None, tok: Any,
+              max_new_tokens: int, generate_kwargs: dict[str, Any]) -> Tensor:
+    """The ids ``model.generate`` appends to the prompt ``ids`` [1, T] (greedy unless
+    ``generate_kwargs`` say otherwise), outside any trace: ``[n]``."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if "pad_token_id" not in kwargs and tok is not None:
+        pad = getattr(tok, "pad_token_id", None)
+        kwargs["pad_token_id"] = pad if pad is not None else getattr(tok, "eos_token_id", None)
+    with torch.no_grad():
+        out = model.generate(ids, **kwargs)
+    out = out.sequences if hasattr(out, "sequences") else out
+    return out[0, ids.shape[1]:]
+
+
+def _forward_inputs(seq: Tensor, mask: Tensor | None, n: int) -> dict[str, Tensor]:
+    """Keyword inputs of the one traced forward: ``prompt + generated[:-1]`` (``seq``
+    without its last id), the prompt's mask extended over the ``n - 1`` generated ids."""
+    fwd: dict[str, Tensor] = {"input_ids": seq[:-1].unsqueeze(0)}
     if mask is not None:
         fwd["attention_mask"] = torch.cat([mask, mask.new_ones(1, n - 1)], dim=1)
+    return fwd
 
-    with trace(model, storage=storage) as tape:
-        model(**fwd)
-    rows, pos_rows, neg_rows, absorbed, kept = [], [], [], [], []
-    streams: list[tuple[float, float]] = []
-    for k in range(n):
-        exp = tape.explain(target=int(gen[k]), position=T + k - 1, mode=mode,
-                           multiplier=multiplier, saturation=saturation, keep=keep,
-                           share=share and n > 1)
-        rows.append(exp.inputs["input_ids"][0])
+
+@dataclass
+class _TokenRows:
+    """The per-token explanations, gathered into the rows of a
+    :class:`GenerationExplanation`."""
+
+    keep: bool  # keep the whole explanations
+    rows: list[Tensor] = field(default_factory=list)
+    pos_rows: list[Tensor] = field(default_factory=list)
+    neg_rows: list[Tensor] = field(default_factory=list)
+    absorbed: list[float] = field(default_factory=list)
+    streams: list[tuple[float, float]] = field(default_factory=list)  # absorbed per stream
+    kept: list[Explanation] = field(default_factory=list)
+
+    def add(self, exp: Explanation) -> None:
+        """Add the explanation of the next generated token."""
+        self.rows.append(exp.inputs["input_ids"][0])
         if exp.positive is not None:
-            pos_rows.append(exp.positive["input_ids"][0])
-            neg_rows.append(exp.negative["input_ids"][0])
-            streams.append((sum(exp.absorbed_positive.values()),
-                            sum(exp.absorbed_negative.values())))
-        absorbed.append(exp.total_absorbed)
-        if keep:
-            kept.append(exp)
-    del tape
-    tokens = None
-    if tok is not None:
-        tokens = [tok.decode([int(i)]) for i in seq.tolist()]
-    matrix = torch.stack(rows)
-    return GenerationExplanation(
-        ids=seq.cpu(), generated=gen.cpu(), matrix=matrix.cpu(),
-        absorbed=torch.tensor(absorbed, dtype=torch.float64), prompt_length=T, mode=mode,
-        multiplier=float(multiplier), tokens=tokens,
-        positive=torch.stack(pos_rows).cpu() if pos_rows else None,
-        negative=torch.stack(neg_rows).cpu() if neg_rows else None,
-        explanations=kept if keep else None,
-        absorbed_positive=torch.tensor([a for a, _ in streams], dtype=torch.float64)
-        if streams else None,
-        absorbed_negative=torch.tensor([b for _, b in streams], dtype=torch.float64)
-        if streams else None,
-        info={"saturation": saturation, "generated_here": generated_ids is None},
-    )
+            self.pos_rows.append(exp.positive["input_ids"][0])
+            self.neg_rows.append(exp.negative["input_ids"][0])
+            self.streams.append((sum(exp.absorbed_positive.values()),
+                                 sum(exp.absorbed_negative.values())))
+        self.absorbed.append(exp.total_absorbed)
+        if self.keep:
+            self.kept.append(exp)
+
+    def result(self, **fields: Any) -> GenerationExplanation:
+        """The :class:`GenerationExplanation` of these rows and the other ``fields``."""
+        def f64(values: list[float]) -> Tensor | None:  # None outside contrastive mode
+            return torch.tensor(values, dtype=torch.float64) if self.streams else None
+
+        return GenerationExplanation(
+            matrix=torch.stack(self.rows).cpu(),
+            absorbed=torch.tensor(self.absorbed, dtype=torch.float64),
+            positive=torch.stack(self.pos_rows).cpu() if self.pos_rows else None,
+            negative=torch.stack(self.neg_rows).cpu() if self.neg_rows else None,
+            explanations=self.kept if self.keep else None,
+            absorbed_positive=f64([a for a, _ in self.streams]),
+            absorbed_negative=f64([b for _, b in self.streams]),
+            **fields,
+        )

@@ -1,8 +1,20 @@
-"""One line of an explanation's relevance accounting (:class:`LedgerEntry`, METHOD.md §6)."""
+"""An explanation's relevance accounting (METHOD.md §6), in two types: the ledger being
+built during the reverse walk (:class:`PendingEntry`: totals still tensors, absorption as
+positions in a log) and the final one (:class:`LedgerEntry`: floats), which
+:func:`finish_ledger` makes from it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from .relevance import Rel, Streams
+
+#: A final ledger value: a float, or ``(pos, neg)`` in contrastive mode.
+Value = Union[float, tuple[float, float]]
 
 
 @dataclass
@@ -17,3 +29,75 @@ class LedgerEntry:
     absorbed: float | tuple[float, float]  # by this module's own rule
     absorbed_inside: float | tuple[float, float]  # own + everything below it
     leaf: bool
+
+
+@dataclass(slots=True)
+class PendingEntry:
+    """One call's ledger line while the walk runs (``Engine.ledger``).
+
+    The totals are float64 0-d tensors (:class:`~dlbhooks.relevance.Streams` of them in
+    contrastive mode; ``None`` for nothing), so that no value goes to the host per call.
+    What the call and everything below it absorbed is the span ``log_start:log_end`` of
+    the engine's log of absorptions (one item per call that absorbed, in processing
+    order); the call's own absorption, if any, is the span's last item. ``log_end`` is
+    ``None`` until the call is done."""
+
+    key: str
+    path: str
+    type: str
+    log_start: int
+    relevance_out: Rel | None = None
+    relevance_in: Rel | None = None
+    absorbed: Rel | None = None
+    log_end: int | None = None
+    leaf: bool = False
+
+
+def finish_ledger(pending: list[PendingEntry], log_length: int,
+                  contrastive: bool) -> list[LedgerEntry]:
+    """The final ledger of the finished entries, in their order: totals as floats (``(pos,
+    neg)`` in contrastive mode), ``absorbed_inside`` as a difference of running sums over
+    the log of absorptions (``log_length`` items)."""
+    done = [e for e in pending if e.log_end is not None]
+    values = _host_values(done, contrastive)
+    zero: Value = (0.0, 0.0) if contrastive else 0.0
+    log = [zero] * log_length
+    for e, (_, _, absorbed) in zip(done, values):
+        if e.absorbed is not None:  # a call's own absorption is the last log item it made
+            log[e.log_end - 1] = absorbed
+    running = [zero]
+    for f in log:
+        prev = running[-1]
+        running.append((prev[0] + f[0], prev[1] + f[1]) if contrastive else prev + f)
+    entries = []
+    for e, (out, inn, absorbed) in zip(done, values):
+        a, b = running[e.log_start], running[e.log_end]
+        inside = (b[0] - a[0], b[1] - a[1]) if contrastive else b - a
+        # positional (key, path, type, out, in, absorbed, absorbed inside, leaf): one entry
+        # per call, and keywords cost twice as much
+        entries.append(LedgerEntry(e.key, e.path, e.type, out, inn, absorbed, inside, e.leaf))
+    return entries
+
+
+def _host_values(entries: list[PendingEntry],
+                 contrastive: bool) -> list[tuple[Value, Value, Value]]:
+    """Each entry's ``(relevance_out, relevance_in, absorbed)`` as floats, with one transfer
+    per device instead of one per value; ``None`` (nothing) is 0, per stream too."""
+    scalars: dict[torch.device, list[Tensor]] = {}
+    for e in entries:
+        for v in (e.relevance_out, e.relevance_in, e.absorbed):
+            for t in () if v is None else (v.pos, v.neg) if isinstance(v, Streams) else (v,):
+                scalars.setdefault(t.device, []).append(t)
+    floats = {dev: iter(torch.stack(ts).tolist()) for dev, ts in scalars.items()}
+    zero: Value = (0.0, 0.0) if contrastive else 0.0
+
+    def value(v: Rel | None) -> Value:
+        if v is None:
+            return zero
+        if isinstance(v, Streams):
+            return next(floats[v.pos.device]), next(floats[v.neg.device])
+        return next(floats[v.device])
+
+    # left to right, as stacked: out, in, absorbed (a pair: pos, neg)
+    return [(value(e.relevance_out), value(e.relevance_in), value(e.absorbed))
+            for e in entries]

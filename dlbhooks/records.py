@@ -35,6 +35,15 @@ if TYPE_CHECKING:
     from .rules.registry import RuleOverlay
 
 
+#: The rest of the message when a recorded input / output changed after the call.
+_MODIFIED = {
+    "input": "; its recorded values are no longer what the module saw. Register a composite "
+             "rule for the parent module that snapshots it (snapshot=...).",
+    "output": " (e.g. `out += identity` or an in-place activation) and no snapshot was "
+              "taken. Give the parent's composite rule snapshot=('<child name>',).",
+}
+
+
 @dataclass(eq=False, repr=False)
 class Record:
     """One call of one module: what went in, what came out, and what ran inside it."""
@@ -75,39 +84,55 @@ class Record:
     def describe(self) -> str:
         return f"'{self.path or '<root>'}' ({type(self.module).__module__}.{self.type_name})"
 
-    def child(self, name: str, call: int = 0) -> Record | None:
-        """The ``call``-th record of the child (or descendant) at relative path ``name``."""
-        full = f"{self.path}.{name}" if self.path else name
-        found = [r for r in self.descendants() if r.path == full]
-        return found[call] if len(found) > call else None
+    def path_of(self, name: str) -> str:
+        """The module path of this record's descendant at relative path ``name``."""
+        return f"{self.path}.{name}" if self.path else name
+
+    def child(self, name: str, call: int = 0, *, direct: bool = False,
+              lift: bool = False) -> Record | None:
+        """The ``call``-th record of the child (or descendant) at relative path ``name``,
+        ``None`` if there is none.
+
+        ``direct``: look among this record's own children only, not the whole subtree (a
+        composite of a whole model looks children up often). ``lift``: return the child of
+        this record that holds the one found (itself when it is a direct child): the unit a
+        composite walks when ``name`` is nested (``"conv.3"``) or called through a wrapper.
+        """
+        full = self.path_of(name)
+        seen = 0
+        for r in self.children if direct else self.descendants():
+            if r.path == full:
+                if seen == call:
+                    break
+                seen += 1
+        else:
+            return None
+        while lift and r.parent is not self:
+            r = r.parent
+        return r
 
     def descendants(self) -> Iterator[Record]:
+        """Every record below this one, depth first, in call order."""
         for c in self.children:
             yield c
             yield from c.descendants()
 
     def input_value(self, i: int = 0) -> Tensor:
         """Input ``i`` as the module saw it; raises if it was modified in place since."""
-        t = self.inputs[i]
-        if version_of(t) != self.in_versions[i]:
-            raise RecordModifiedError(
-                f"input {i} of {self.describe()} was modified in place after the call; "
-                "its recorded values are no longer what the module saw. Register a composite "
-                "rule for the parent module that snapshots it (snapshot=...)."
-            )
-        return t
+        return self._unchanged("input", i, self.inputs[i], self.in_versions[i])
 
     def output_value(self, i: int = 0) -> Tensor:
         """Output ``i`` as the module returned it (the snapshot if one was taken)."""
         if i in self.snapshots:
             return self.snapshots[i]
-        t = self.outputs[i]
-        if version_of(t) != self.out_versions[i]:
+        return self._unchanged("output", i, self.outputs[i], self.out_versions[i])
+
+    def _unchanged(self, kind: str, i: int, t: Tensor, version: int) -> Tensor:
+        """``t`` (input or output ``i``), if its version is still the recorded one."""
+        if version_of(t) != version:
             raise RecordModifiedError(
-                f"output {i} of {self.describe()} was modified in place after the call "
-                "(e.g. `out += identity` or an in-place activation) and no snapshot was "
-                "taken. Give the parent's composite rule snapshot=('<child name>',)."
-            )
+                f"{kind} {i} of {self.describe()} was modified in place after the call"
+                + _MODIFIED[kind])
         return t
 
     def output_intact(self, i: int = 0) -> bool:

@@ -412,3 +412,68 @@ def test_nonnegative_input_only_for_an_unchanged_relu_output():
     assert engine.nonnegative_input(recs["a"], 0)
     assert not engine.nonnegative_input(recs["b"], 0)
     assert not engine.nonnegative_input(recs["c"], 0)
+
+
+def test_the_ledger_being_built_and_the_final_ledger_are_two_types():
+    """``Engine.ledger`` holds :class:`PendingEntry` lines (tensor totals, log spans) in
+    output->input order; ``finish()`` makes the final :class:`LedgerEntry` lines (floats)."""
+    from dlbhooks.engine import Engine
+    from dlbhooks.ledger import LedgerEntry, PendingEntry
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(6, 8), nn.ReLU()), nn.Linear(8, 3)).double()
+    with dlb.trace(model) as tape:
+        out = model(X)
+    for mode in ("default", "contrastive"):
+        engine = Engine(tape, mode=mode)
+        seed = torch.ones_like(out)
+        engine.propagate(tape.last_root(), [dlb.Streams(seed, seed / 2)
+                                            if mode == "contrastive" else seed])
+        pending = engine.ledger
+        assert all(type(e) is PendingEntry and e.log_end is not None for e in pending)
+        assert [e.key for e in pending] == ["<root>", "1", "0", "0.1", "0.0"]
+        assert all(isinstance(e.relevance_out, (torch.Tensor, dlb.Streams)) for e in pending)
+        final = engine.finish()
+        assert [e.key for e in final] == [e.key for e in pending]
+        assert all(type(e) is LedgerEntry for e in final)
+        pairs = mode == "contrastive"
+        for e in final:
+            for v in (e.relevance_out, e.relevance_in, e.absorbed, e.absorbed_inside):
+                assert isinstance(v, tuple) and all(type(x) is float for x in v) if pairs \
+                    else type(v) is float, (mode, e)
+        streams = (0, 1) if pairs else (None,)
+        at = {e.key: e for e in final}
+        for s in streams:
+            def get(v, s=s):
+                return v if s is None else v[s]
+            # what a call absorbed inside it: its own share plus its children's
+            assert get(at["<root>"].absorbed_inside) == pytest.approx(
+                sum(get(e.absorbed) for e in final), rel=1e-12)
+            assert get(at["0"].absorbed_inside) == pytest.approx(
+                get(at["0.0"].absorbed) + get(at["0.1"].absorbed), rel=1e-12)
+            for e in final:  # each call conserves
+                assert get(e.relevance_out) == pytest.approx(
+                    get(e.relevance_in) + get(e.absorbed_inside), rel=1e-12, abs=1e-12)
+
+
+def test_finish_ledger_spans_pairs_and_unfinished_entries():
+    from dlbhooks.ledger import PendingEntry, finish_ledger
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.float64)
+
+    pending = [  # a container (log 0:2) around two calls that absorbed, then an unfinished one
+        PendingEntry("c", "c", "C", 0, t(10.0), t(7.0), None, 2, False),
+        PendingEntry("a", "c.a", "A", 0, t(10.0), t(8.0), t(2.0), 1, True),
+        PendingEntry("b", "c.b", "B", 1, t(8.0), t(7.0), t(1.0), 2, True),
+        PendingEntry("x", "c.x", "X", 2),
+    ]
+    final = finish_ledger(pending, 2, contrastive=False)
+    assert [(e.key, e.relevance_out, e.relevance_in, e.absorbed, e.absorbed_inside, e.leaf)
+            for e in final] == [("c", 10.0, 7.0, 0.0, 3.0, False),
+                                ("a", 10.0, 8.0, 2.0, 2.0, True),
+                                ("b", 8.0, 7.0, 1.0, 1.0, True)]
+    pair = [PendingEntry("r", "", "R", 0, dlb.Streams(t(4.0), t(1.0)), None,
+                         dlb.Streams(t(0.5), t(0.25)), 1, True)]
+    (e,) = finish_ledger(pair, 1, contrastive=True)
+    assert (e.relevance_out, e.relevance_in, e.absorbed, e.absorbed_inside) == \
+        ((4.0, 1.0), (0.0, 0.0), (0.5, 0.25), (0.5, 0.25))

@@ -10,6 +10,7 @@ A family that looks like Llama is a few lines here; see README, "Adding a family
 from __future__ import annotations
 
 from ..relevance import Streams
+from ..rules.composite import matmul_adj, matmul_fwd
 from ..rules.core import weighted_sum
 from ..rules.elementwise import passthrough_rule, register_saturation
 from ..rules.experts import SharedExpert, router_rule, shared_expert_moe
@@ -53,7 +54,7 @@ def conv1d_rule(rec, R_out, ctx):
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     out = exact_output(rec, ctx)
     R, absorbed = weighted_sum(
-        R_out[0], rec.input_value(0), W, b, lambda x, w: x @ w, lambda s, w: s @ w.T,
+        R_out[0], rec.input_value(0), W, b, matmul_fwd, matmul_adj,
         bounds=ctx.bounds_after(rec), output=out,
     )
     return [R], absorbed

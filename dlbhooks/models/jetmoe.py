@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
-from ..relevance import Rel, Streams, radd, rmap
+from ..relevance import Rel, radd, rmap
+from ..rules.composite import first_stream, linear_adj, linear_fwd, per_stream, require_child
 from ..rules.core import weighted_sum
 from ..rules.elementwise import add_rule, product_rule, saturation_bounds
 from ..rules.functional import close_to_recorded, rope_relevance
@@ -92,7 +93,7 @@ def _gate_bounds(rec, ctx, units: int):
     spec = getattr(getattr(rule, "fn", None), "spec", None)
     if not isinstance(spec, ScatteredExperts) or spec.activation is None:
         return None
-    if rec.path != _full(rec.parent, spec.input_linear):
+    if rec.path != rec.parent.path_of(spec.input_linear):
         return None
     b = saturation_bounds(getattr(rec.parent.module, spec.activation))
     if b is None:
@@ -111,7 +112,7 @@ def parallel_experts_rule(rec, R_out, ctx):
     W = ctx.param(rec.module, "weight")
     x = rec.input_value(0)
     R = R_out[0]
-    dt = R.pos.dtype if isinstance(R, Streams) else R.dtype
+    dt = first_stream(R).dtype
     out = exact_output(rec, ctx)
     bounds = _gate_bounds(rec, ctx, W.shape[1])
     if bounds is not None:
@@ -121,7 +122,7 @@ def parallel_experts_rule(rec, R_out, ctx):
     for e, a, b in _segments(rec):
         R_e, ab = weighted_sum(
             rmap(lambda r: r[a:b], R), x[a:b].to(dt), W[e].to(dt), None,
-            lambda v, w: v @ w.T, lambda s, w: s @ w, bounds=bounds,
+            linear_fwd, linear_adj, bounds=bounds,
             output=None if out is None else out[a:b].to(dt))
         absorbed = radd(absorbed, ab)
         R_x = rmap(lambda acc, r: acc.index_copy_(0, torch.arange(a, b, device=acc.device), r),
@@ -132,17 +133,8 @@ def parallel_experts_rule(rec, R_out, ctx):
 # -- shared pieces of the two composites -------------------------------------------------
 
 
-def _full(rec, name: str) -> str:
-    return f"{rec.path}.{name}" if rec.path else name
-
-
 def _child(rec, name: str):
-    c = rec.child(name)
-    if c is None:
-        raise UnsupportedModuleError(
-            f"composite rule for {rec.describe()}: no recorded call of {name!r}; the model's "
-            "forward differs from what the JetMoE rule expects")
-    return c
+    return require_child(rec, name, expected="what the JetMoE rule expects")
 
 
 @dataclass
@@ -185,7 +177,7 @@ def _reduce(rec, spec: ScatteredExperts, R: Rel, rt: _Routing, out_layer, ctx, k
     reports relevance per expert and the routing under ``key``."""
     owner = rec.module.get_submodule(spec.owner) if spec.owner else rec.module
     bias = ctx.param(owner, spec.bias)
-    dt = R.pos.dtype if isinstance(R, Streams) else R.dtype
+    dt = first_stream(R).dtype
     rows = out_layer.output_value(0).to(dt) * rt.gates[:, None].to(dt)
     Y = _slots(rt, rows)  # [T, k, H]
     H = Y.shape[-1]
@@ -196,9 +188,7 @@ def _reduce(rec, spec: ScatteredExperts, R: Rel, rt: _Routing, out_layer, ctx, k
         kept = parts[-1].sum() if bias is not None else 0.0
         return torch.stack(parts[: rt.k], 1), lost + kept
 
-    res = rmap(split, R)
-    shares = rmap(lambda p: p[0], res)  # [T, k, H]
-    absorbed = rmap(lambda p: p[1], res)
+    shares, absorbed = per_stream(split, R)  # [T, k, H] per stream
     flat = rt.token * rt.E + rt.expert
     per_expert = rmap(lambda s: s.new_zeros(rt.T * rt.E).index_add_(
         0, flat, _sorted(rt, s.sum(-1, keepdim=True))[:, 0]).view(*batch_shape, rt.E), shares)
@@ -217,7 +207,7 @@ def _scatter_rows(rt: _Routing, R_rows: Rel, shape) -> Rel:
 
 
 def _key(rec, suffix: str = "") -> str:
-    base = _full(rec, suffix) if suffix else (rec.path or "<root>")
+    base = rec.path_of(suffix) if suffix else (rec.path or "<root>")
     return base if rec.call == 0 else f"{base}#{rec.call}"
 
 
@@ -287,26 +277,14 @@ def mixture_of_attention(spec: MixtureOfAttention):
         ctx.step(attn, bag)
         q_rot, k_rep, v_rep = attn.inputs[:3]
         R_q, R_krep, R_vrep = (bag.pop(t) for t in (q_rot, k_rep, v_rep))
-        nh, d = q_rot.shape[1], q_rot.shape[3]
+        d = q_rot.shape[3]
         kvh = k_rep.shape[1] // rt.k
         # keys / values are the kv_proj heads repeated once per slot: sum the copies
         R_k = rmap(lambda r: r.view(b, rt.k, kvh, s, d).sum(1), R_krep)
         R_v = rmap(lambda r: r.view(b, rt.k, kvh, s, d).sum(1), R_vrep)
         # 3. RoPE on queries (the experts' projections) and keys (kv_proj's first half)
-        cos, sin = rec.arguments["position_embeddings"]
-        dt = (R_q.pos if isinstance(R_q, Streams) else R_q).dtype
-        q_pre = _slots(rt, lin_in.output_value(0).to(dt)).reshape(b, s, nh, d).transpose(1, 2)
-        kv_out = kv.output_value(0).to(dt)
-        k_pre = kv_out[..., : kvh * d].reshape(b, s, kvh, d).transpose(1, 2)
-        c, sn = cos.unsqueeze(1).to(dt), sin.unsqueeze(1).to(dt)
-        for pre, rot in ((q_pre, q_rot), (k_pre, k_rep[:, :kvh])):
-            again = pre * c + torch.cat((-pre[..., d // 2:], pre[..., : d // 2]), -1) * sn
-            if not close_to_recorded(again, rot):
-                raise DLBError(f"{rec.describe()}: re-applying RoPE to the recorded "
-                               "projections does not give the attention's query/key; the "
-                               "JetMoE spec does not fit this model")
-        R_qp, ab_q = rope_relevance(R_q, q_pre, c, sn)
-        R_kp, ab_k = rope_relevance(R_k, k_pre, c, sn)
+        R_qp, R_kp, ab_q, ab_k = _unrotate(rec, rt, lin_in, kv, (b, s), R_q, R_k, q_rot,
+                                           k_rep[:, :kvh])
         absorbed = radd(radd(absorbed, ab_q), ab_k)
 
         def heads_to_rows(r: Tensor) -> Tensor:  # [b, h, s, d] -> [b, s, h·d]
@@ -325,3 +303,28 @@ def mixture_of_attention(spec: MixtureOfAttention):
     rule.__name__ = "mixture_of_attention"
     rule.spec = spec
     return rule
+
+
+def _unrotate(rec, rt: _Routing, lin_in, kv, bs: tuple[int, int], R_q: Rel, R_k: Rel,
+              q_rot: Tensor, k_rot: Tensor):
+    """RoPE back (the §2 rule on its 2×2 rotation) from the attention's queries and keys
+    ``q_rot``, ``k_rot`` to the experts' query projections (``lin_in``, rows in (token,
+    slot) order) and the key half of ``kv``'s output, after checking that re-applying it
+    gives the recorded values. Returns ``(R_q, R_k)`` before the rotation, [b, heads, s,
+    d], and what each absorbed."""
+    (b, s), nh, kvh, d = bs, q_rot.shape[1], k_rot.shape[1], q_rot.shape[3]
+    cos, sin = rec.arguments["position_embeddings"]
+    dt = first_stream(R_q).dtype
+    q_pre = _slots(rt, lin_in.output_value(0).to(dt)).reshape(b, s, nh, d).transpose(1, 2)
+    kv_out = kv.output_value(0).to(dt)
+    k_pre = kv_out[..., : kvh * d].reshape(b, s, kvh, d).transpose(1, 2)
+    c, sn = cos.unsqueeze(1).to(dt), sin.unsqueeze(1).to(dt)
+    for pre, rot in ((q_pre, q_rot), (k_pre, k_rot)):
+        again = pre * c + torch.cat((-pre[..., d // 2:], pre[..., : d // 2]), -1) * sn
+        if not close_to_recorded(again, rot):
+            raise DLBError(f"{rec.describe()}: re-applying RoPE to the recorded "
+                           "projections does not give the attention's query/key; the "
+                           "JetMoE spec does not fit this model")
+    R_qp, ab_q = rope_relevance(R_q, q_pre, c, sn)
+    R_kp, ab_k = rope_relevance(R_k, k_pre, c, sn)
+    return R_qp, R_kp, ab_q, ab_k

@@ -17,9 +17,11 @@ parameterised by child names (data, not code per block):
 * :class:`PooledHead` — ``features -> [relu] -> adaptive_avg_pool(1) -> flatten ->
   classifier`` done functionally (DenseNet, MobileNetV2).
 
-Every composite seeds a bag with its output relevance, handles the functional step with
-the §3 helpers, walks its children's records and collects the relevance of its inputs. What
-a functional add or pool loses (positions where every term is 0) is returned as absorbed.
+Every composite seeds a bag with its output relevance (a bag without an owner: see
+``keep_inputs`` of :meth:`~dlbhooks.engine.Engine.seed_outputs`), handles the functional
+step with the §3 helpers (``rules/composite.py``), walks its children's records and
+collects the relevance of its inputs. What a functional add or pool loses (positions where
+every term is 0) is returned as absorbed.
 """
 
 from __future__ import annotations
@@ -31,58 +33,24 @@ from torch import Tensor
 
 from ..errors import UnsupportedModuleError
 from ..records import Record
-from ..relevance import Rel, Streams, rmap, rmap_multi
-from ..rules.elementwise import add_rule, passthrough_rule, product_rule
+from ..relevance import Rel, rmap
+from ..rules.composite import add_split, per_stream, require_child
+from ..rules.elementwise import passthrough_rule, product_rule
 from ..rules.pooling import adaptive_avg_pool_relevance
 from ..rules.registry import register_rule
 
 # -- helpers shared by the composites -------------------------------------------------------
 
 
-def _streamwise(fn, R: Rel) -> tuple[list[Rel], Rel]:
-    """Apply ``fn(tensor) -> (parts, lost)`` to each stream of ``R``, re-pairing results."""
-    if isinstance(R, Streams):
-        (pp, lp), (pn, ln) = fn(R.pos), fn(R.neg)
-        return [Streams(a, b) for a, b in zip(pp, pn)], Streams(lp, ln)
-    return fn(R)
-
-
 def _zero_lost(R: Rel) -> Rel:
     return rmap(lambda t: t.new_zeros(()), R)
 
 
-def _seeded_bag(rec: Record, R_out: list[Rel | None], ctx):
-    bag = ctx.new_bag()
-    for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
-        if R is not None:
-            bag.add(o, R, None, base=rec.output_views.get(i))
-    return bag
-
-
 def _walk_all(rec: Record, R_out: list[Rel | None], ctx) -> list[Rel | None]:
     """What the engine does for a container without a rule: walk every child."""
-    bag = _seeded_bag(rec, R_out, ctx)
+    bag = ctx.seed_outputs(rec, R_out, keep_inputs=False)
     ctx.walk(rec.children, bag)
     return ctx.collect(rec, bag)
-
-
-def _direct_child(rec: Record, name: str, call: int = 0) -> Record | None:
-    """The record of child ``name`` (any depth), lifted to the direct child of ``rec``."""
-    found = rec.child(name, call)
-    while found is not None and found.parent is not rec:
-        found = found.parent
-    return found
-
-
-def _need(rec: Record, name: str) -> Record:
-    found = _direct_child(rec, name)
-    if found is None:
-        raise UnsupportedModuleError(
-            f"composite rule for {rec.describe()} expected a call of child {name!r}, but the "
-            "recorded forward made none; the module's forward differs from the one the rule "
-            "was written for. Register a rule for it with @dlb.register_rule."
-        )
-    return found
 
 
 def _first_relevance(R_out: list[Rel | None]) -> Rel:
@@ -115,13 +83,13 @@ class ResidualAdd:
     def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
         if self.when is not None and not getattr(rec.module, self.when):
             return _walk_all(rec, R_out, ctx)
-        body = _need(rec, self.body)
-        short = _direct_child(rec, self.shortcut) if self.shortcut else None
+        body = require_child(rec, self.body, lift=True)
+        short = rec.child(self.shortcut, lift=True) if self.shortcut else None
         kids = rec.children
         cut = max(kids.index(body), kids.index(short) if short is not None else -1) + 1
         pre, post = kids[:cut], kids[cut:]
 
-        bag = _seeded_bag(rec, R_out, ctx)
+        bag = ctx.seed_outputs(rec, R_out, keep_inputs=False)
         ctx.walk(post, bag)
         add_out = post[0].inputs[0] if post else rec.outputs[0]
         R = bag.pop(add_out)
@@ -134,7 +102,7 @@ class ResidualAdd:
             b_tensor, b = short.outputs[0], short.output_value(0)
         else:
             b_tensor, b = rec.inputs[0], rec.input_value(0)
-        (R_a, R_b), lost = _streamwise(lambda r: add_rule(r, [a, b]), R)
+        (R_a, R_b), lost = add_split(R, [a, b])
         bag.add(body.outputs[0], R_a, body)
         bag.add(b_tensor, R_b, short)
         ctx.walk(pre, bag)
@@ -151,9 +119,9 @@ class GateProduct:
 
     def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
         R = _first_relevance(R_out)
-        g = _need(rec, self.gate)
+        g = require_child(rec, self.gate, lift=True)
         gate_t, x = g.outputs[0], rec.inputs[0]
-        R_g, R_x = rmap_multi(lambda r: product_rule(r, [gate_t, x]), R)
+        R_g, R_x = per_stream(lambda r: product_rule(r, [gate_t, x]), R)
         bag = ctx.new_bag()
         bag.add(gate_t, R_g, g)
         bag.add(x, R_x, None)
@@ -163,10 +131,7 @@ class GateProduct:
 
 def _split_cat(R: Rel, sizes: list[int], dim: int) -> list[Rel]:
     """Exact inverse of ``torch.cat`` along ``dim``: move relevance with the data."""
-    if isinstance(R, Streams):
-        return [Streams(p, n) for p, n in
-                zip(torch.split(R.pos, sizes, dim), torch.split(R.neg, sizes, dim))]
-    return list(torch.split(R, sizes, dim))
+    return per_stream(lambda r: list(torch.split(r, sizes, dim)), R)
 
 
 def _check_cat(rec: Record, pieces: list[Tensor], total: int, dim: int) -> list[int]:
@@ -189,7 +154,7 @@ class CatInputs:
     dim: int = 1
 
     def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
-        bag = _seeded_bag(rec, R_out, ctx)
+        bag = ctx.seed_outputs(rec, R_out, keep_inputs=False)
         last = rec.children[-1] if rec.children else None
         if last is not None and rec.outputs[0] is not last.outputs[0]:
             # an eval-mode functional dropout after the last child returns its input; any
@@ -203,7 +168,7 @@ class CatInputs:
             if R is not None:
                 bag.add(last.outputs[0], R, None)
         ctx.walk(rec.children, bag)
-        cat = _need(rec, self.consumer).inputs[0]
+        cat = require_child(rec, self.consumer, lift=True).inputs[0]
         R_cat = bag.pop(cat)
         if R_cat is not None:
             sizes = _check_cat(rec, rec.inputs, cat.shape[self.dim], self.dim)
@@ -241,11 +206,11 @@ class PooledHead:
     relu: bool = False
 
     def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
-        feats = _need(rec, self.features)
-        clf = _need(rec, self.classifier)
+        feats = require_child(rec, self.features, lift=True)
+        clf = require_child(rec, self.classifier, lift=True)
         kids = rec.children
         post = kids[kids.index(feats) + 1:]
-        bag = _seeded_bag(rec, R_out, ctx)
+        bag = ctx.seed_outputs(rec, R_out, keep_inputs=False)
         ctx.walk(post, bag)
         flat = clf.inputs[0]
         R_flat = bag.pop(flat)
@@ -261,16 +226,10 @@ class PooledHead:
                     f"{tuple(flat.shape)}, not the pooled features {pooled}."
                 )
             R_p = rmap(lambda r: r.reshape(pooled), R_flat)
-            (R_x,), lost = _streamwise(
-                lambda r: _one(adaptive_avg_pool_relevance(r, x)), R_p
-            )
+            R_x, lost = per_stream(lambda r: adaptive_avg_pool_relevance(r, x), R_p)
             bag.add(feats.outputs[0], R_x, feats)
         ctx.walk(kids[: kids.index(feats) + 1], bag)
         return ctx.collect(rec, bag), lost
-
-
-def _one(res: tuple[Tensor, Tensor]) -> tuple[list[Tensor], Tensor]:
-    return [res[0]], res[1]
 
 
 # -- registrations --------------------------------------------------------------------------

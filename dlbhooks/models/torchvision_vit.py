@@ -15,23 +15,13 @@ functional parts of the forwards are handled here; everything else (conv_proj, L
 
 from __future__ import annotations
 
-from torch import Tensor
-
 from ..errors import UnsupportedModuleError
 from ..records import Record
-from ..relevance import Rel, Streams, radd, rmap
-from ..rules.elementwise import add_rule
+from ..relevance import Rel, radd, rmap
+from ..rules.composite import add_split, first_stream, require_child
 from ..rules.registry import register_rule
 
 _VIT = "torchvision.models.vision_transformer"
-
-
-def _add(R: Rel, terms: list[Tensor]) -> tuple[list[Rel], Rel]:
-    """The add rule per stream: relevance of each term and what was lost."""
-    if isinstance(R, Streams):
-        (pp, lp), (pn, ln) = add_rule(R.pos, terms), add_rule(R.neg, terms)
-        return [Streams(a, b) for a, b in zip(pp, pn)], Streams(lp, ln)
-    return add_rule(R, terms)
 
 
 def _total(R: Rel) -> Rel:
@@ -39,21 +29,7 @@ def _total(R: Rel) -> Rel:
 
 
 def _child(rec: Record, name: str) -> Record:
-    c = rec.child(name)
-    if c is None:
-        raise UnsupportedModuleError(
-            f"{rec.describe()}: expected a call of its submodule {name!r}, found none; "
-            "the module's forward differs from torchvision's. Register your own rule."
-        )
-    return c
-
-
-def _seed(rec: Record, R_out: list, ctx):
-    bag = ctx.new_bag(rec)
-    for i, (o, R) in enumerate(zip(rec.outputs, R_out)):
-        if R is not None:
-            bag.add(o, R, None, base=rec.output_views.get(i))
-    return bag
+    return require_child(rec, name, expected="torchvision's")
 
 
 @register_rule(f"{_VIT}.EncoderBlock", name="torchvision_vit_encoder_block")
@@ -61,13 +37,13 @@ def encoder_block_rule(rec: Record, R_out: list, ctx):
     """Pre-norm transformer block with two functional residual adds."""
     drop, ln_2, mlp = _child(rec, "dropout"), _child(rec, "ln_2"), _child(rec, "mlp")
     x_mid = ln_2.inputs[0]  # dropout(attention) + input
-    (R_mid, R_mlp), lost = _add(R_out[0], [ln_2.input_value(0), mlp.output_value(0)])
+    (R_mid, R_mlp), lost = add_split(R_out[0], [ln_2.input_value(0), mlp.output_value(0)])
     bag = ctx.new_bag(rec)
     bag.add(x_mid, R_mid, None)
     bag.add(mlp.outputs[0], R_mlp, None)
     ctx.walk([c for c in rec.children if c.index >= ln_2.index], bag)
     R_mid = bag.pop(x_mid)
-    (R_attn, R_res), lost_1 = _add(R_mid, [drop.output_value(0), rec.input_value(0)])
+    (R_attn, R_res), lost_1 = add_split(R_mid, [drop.output_value(0), rec.input_value(0)])
     bag.add(drop.outputs[0], R_attn, None)
     bag.add(rec.inputs[0], R_res, None)
     ctx.walk([c for c in rec.children if c.index < ln_2.index], bag)
@@ -78,13 +54,13 @@ def encoder_block_rule(rec: Record, R_out: list, ctx):
 def encoder_rule(rec: Record, R_out: list, ctx):
     """``ln(layers(dropout(input + pos_embedding)))``: pos_embedding's share is absorbed."""
     summed = _child(rec, "dropout").inputs[0]
-    bag = _seed(rec, R_out, ctx)
+    bag = ctx.seed_outputs(rec, R_out)
     ctx.walk(rec.children, bag)
     R = bag.pop(summed)
     if R is None:
         return ctx.collect(rec, bag), None
     pos = ctx.param(rec.module, "pos_embedding")
-    (R_x, R_pos), lost = _add(R, [rec.input_value(0), pos])
+    (R_x, R_pos), lost = add_split(R, [rec.input_value(0), pos])
     bag.add(rec.inputs[0], R_x, None)
     return ctx.collect(rec, bag), radd(_total(R_pos), lost)
 
@@ -94,7 +70,7 @@ def vision_transformer_rule(rec: Record, R_out: list, ctx):
     """``heads(encoder(cat([class_token, patches(conv_proj(x))]))[:, 0])``: the class
     token's share is absorbed; patch relevance returns to conv_proj's output."""
     conv, enc = _child(rec, "conv_proj"), _child(rec, "encoder")
-    bag = _seed(rec, R_out, ctx)
+    bag = ctx.seed_outputs(rec, R_out)
     ctx.walk([c for c in rec.children if c.index >= enc.index], bag)
     R = bag.pop(enc.inputs[0])
     if R is None:
@@ -103,7 +79,7 @@ def vision_transformer_rule(rec: Record, R_out: list, ctx):
     n_prefix = token.shape[1] if token is not None else 0
     feat = conv.outputs[0]  # [n, hidden, n_h, n_w]
     n_patches = feat.shape[2] * feat.shape[3]
-    n_tokens = (R.pos if isinstance(R, Streams) else R).shape[1]
+    n_tokens = first_stream(R).shape[1]
     if n_tokens != n_prefix + n_patches:
         raise UnsupportedModuleError(
             f"{rec.describe()}: the encoder input does not have class token + "

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from ..relevance import Rel, Streams, radd, rmap
+from ..relevance import Rel, radd, rmap
 from ..weights import fetch_param
 from .arith import broadcasts_into, nonzero_along, safe_div
+from .composite import join_streams, linear_adj, linear_fwd, streams_of
 from .core import weighted_sum
 from .registry import register_rule
 
@@ -264,16 +265,8 @@ def attention_output(
 
 
 def attention_relevance(
-    R_O: Rel,
-    Q: Tensor,
-    K: Tensor,
-    V: Tensor,
-    *,
-    scale: float,
-    mask: Tensor | None = None,
-    sinks: Tensor | None = None,
-    chunk: int = DEFAULT_CHUNK,
-    softcap: float | None = None,
+    R_O: Rel, Q: Tensor, K: Tensor, V: Tensor, *, scale: float, mask: Tensor | None = None,
+    sinks: Tensor | None = None, chunk: int = DEFAULT_CHUNK, softcap: float | None = None,
 ) -> AttentionRelevance:
     """Relevance of ``Q``, ``K``, ``V`` given relevance ``R_O`` of ``O = softmax(Q·Kᵀ·scale +
     mask)·V`` (METHOD.md §4), per head.
@@ -303,39 +296,81 @@ def attention_relevance(
     absorbed == R_O`` in total (per stream).
     """
     lay = _layout(Q, K, V, mask, sinks)
-    streams = isinstance(R_O, Streams)
-    rels = list(R_O) if streams else [R_O]
-    out_dtype = rels[0].dtype
-    expect = (lay.B, lay.H, lay.Tq, lay.dv)
-    for r in rels:
-        if tuple(r.shape) != expect:
-            raise ValueError(f"R_O has shape {tuple(r.shape)}; expected {expect}")
-    Rg = [r.to(lay.dtype).reshape(lay.B, lay.Hkv, lay.g, lay.Tq, lay.dv) for r in rels]
-    Qg, mask_g, sinks_g = lay.Q, lay.mask, lay.sinks
-    rows = _live_queries(Rg)  # queries without relevance give nothing: leave them out
-    if rows is not None:
-        Rg = [r.index_select(-2, rows) for r in Rg]
-        Qg = Qg.index_select(-2, rows)
-        pick = lambda t: t if t is None or t.shape[-2] == 1 else t.index_select(-2, rows)  # noqa: E731
-        mask_g, sinks_g = pick(mask_g), pick(sinks_g)
-    Tq = Qg.shape[-2]
-    absK, absV = lay.K.abs(), lay.V.abs()
-    RQ: list[list[Tensor]] = [[] for _ in rels]
-    RK = [lay.K.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.d) for _ in rels]
-    RV = [lay.V.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.dv) for _ in rels]
-    lost = [lay.Q.new_zeros(()) for _ in rels]
+    q = _Queries.of(lay, R_O)
+    acc = _Sums.zeros(lay, len(q.R))
+    Tq = q.Q.shape[-2]
     for i0 in range(0, Tq, chunk):
-        i1 = min(Tq, i0 + chunk)
-        mc = _rows(mask_g, i0, i1)
+        acc.add_chunk(lay, q, i0, min(Tq, i0 + chunk), scale, softcap)
+    per = acc.result(lay, q)  # (R_Q, R_K, R_V, absorbed) of each stream
+    return AttentionRelevance(*(join_streams(list(r)) for r in zip(*per)))
+
+
+@dataclass
+class _Queries:
+    """The queries :func:`attention_relevance` works on, in the grouped layout: the
+    relevance per stream ``R`` ([B, Hkv, g, T, dv]), ``Q``, the mask and sinks rows of the
+    queries that receive relevance (``rows``; all of them when ``rows`` is ``None``)."""
+
+    R: list[Tensor]
+    Q: Tensor
+    mask: Tensor | None
+    sinks: Tensor | None
+    rows: Tensor | None
+    dtype: torch.dtype  # of the relevance (the results')
+
+    @classmethod
+    def of(cls, lay: _Layout, R_O: Rel) -> _Queries:
+        rels = streams_of(R_O)
+        expect = (lay.B, lay.H, lay.Tq, lay.dv)
+        for r in rels:
+            if tuple(r.shape) != expect:
+                raise ValueError(f"R_O has shape {tuple(r.shape)}; expected {expect}")
+        Rg = [r.to(lay.dtype).reshape(lay.B, lay.Hkv, lay.g, lay.Tq, lay.dv) for r in rels]
+        q = cls(Rg, lay.Q, lay.mask, lay.sinks, _live_queries(Rg), rels[0].dtype)
+        if q.rows is not None:  # queries without relevance give nothing: leave them out
+            rows = q.rows
+            pick = lambda t: t if t is None or t.shape[-2] == 1 else t.index_select(-2, rows)  # noqa: E731
+            q.R = [r.index_select(-2, rows) for r in Rg]
+            q.Q = q.Q.index_select(-2, rows)
+            q.mask, q.sinks = pick(q.mask), pick(q.sinks)
+        return q
+
+
+@dataclass
+class _Sums:
+    """What :func:`attention_relevance` accumulates per stream over the query chunks:
+    ``R_Q`` chunk by chunk, ``R_K`` and ``R_V`` (before their factor ``½·|K|``, ``½·|V|``)
+    and the relevance absorbed."""
+
+    absK: Tensor
+    absV: Tensor
+    RQ: list[list[Tensor]]
+    RK: list[Tensor]
+    RV: list[Tensor]
+    lost: list[Tensor]
+
+    @classmethod
+    def zeros(cls, lay: _Layout, n: int) -> _Sums:
+        return cls(lay.K.abs(), lay.V.abs(), [[] for _ in range(n)],
+                   [lay.K.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.d) for _ in range(n)],
+                   [lay.V.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.dv) for _ in range(n)],
+                   [lay.Q.new_zeros(()) for _ in range(n)])
+
+    def add_chunk(self, lay: _Layout, q: _Queries, i0: int, i1: int, scale: float,
+                  softcap: float | None) -> None:
+        """Queries ``i0:i1``: recompute their ``A`` (over the keys they may attend) and
+        add what each stream gives ``Q``, ``K``, ``V`` (the steps of §4)."""
+        mc = _rows(q.mask, i0, i1)
         k0, k1 = _key_range(mc, lay.Tk)
-        Kc, aK, aV = lay.K[..., k0:k1, :], absK[..., k0:k1, :], absV[..., k0:k1, :]
-        Qc = Qg[..., i0:i1, :]
-        A, p_sink = _probs(Qc, Kc, scale, _cols(mc, k0, k1), _rows(sinks_g, i0, i1), softcap)
+        Kc, aK, aV = lay.K[..., k0:k1, :], self.absK[..., k0:k1, :], self.absV[..., k0:k1, :]
+        Qc = q.Q[..., i0:i1, :]
+        A, p_sink = _probs(Qc, Kc, scale, _cols(mc, k0, k1), _rows(q.sinks, i0, i1), softcap)
         absQc = Qc.abs()
         D = torch.matmul(A, aV)  # [B, Hkv, g, c, dv]
         Dp = torch.matmul(absQc, aK.transpose(-1, -2))  # [B, Hkv, g, c, kc]
         dp_zero = Dp.numel() > 0 and not bool(Dp.amin() > 0)
-        for n, R in enumerate(Rg):
+        lost = self.lost
+        for n, R in enumerate(q.R):
             r = R[..., i0:i1, :]
             if p_sink is not None:
                 r_sink = r * p_sink
@@ -344,37 +379,30 @@ def attention_relevance(
             s = safe_div(r, D)
             lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
             RA = torch.matmul(s * 0.5, aV.transpose(-1, -2)).mul_(A)  # ½ A ⊙ (s @ |V|ᵀ)
-            RV[n][..., k0:k1, :] += _sum_groups(torch.matmul(A.transpose(-1, -2), s))
+            self.RV[n][..., k0:k1, :] += _sum_groups(torch.matmul(A.transpose(-1, -2), s))
             if dp_zero:
                 lost[n] = lost[n] + torch.where(Dp == 0, RA, 0.0).sum()
                 s2 = RA.div_(Dp).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             else:
                 s2 = RA.div_(Dp)
-            RQ[n].append(torch.matmul(s2, aK).mul_(absQc).mul_(0.5))
-            RK[n][..., k0:k1, :] += _sum_groups(torch.matmul(s2.transpose(-1, -2), absQc))
-    half_K, half_V = 0.5 * absK.squeeze(2), 0.5 * absV.squeeze(2)
-    res = []
-    for n in range(len(rels)):
-        rq = torch.cat(RQ[n], dim=-2) if RQ[n] else Qg.new_zeros(Qg.shape)
-        if rows is not None:
-            rq = Qg.new_zeros(lay.Q.shape).index_copy_(-2, rows, rq)
-        rq = rq.reshape(lay.B, lay.H, lay.Tq, lay.d)
-        res.append((rq.to(out_dtype), (half_K * RK[n].squeeze(2)).to(out_dtype),
-                    (half_V * RV[n].squeeze(2)).to(out_dtype), lost[n].to(out_dtype)))
-    if streams:
-        return AttentionRelevance(*(Streams(p, q) for p, q in zip(res[0], res[1])))
-    return AttentionRelevance(*res[0])
+            self.RQ[n].append(torch.matmul(s2, aK).mul_(absQc).mul_(0.5))
+            self.RK[n][..., k0:k1, :] += _sum_groups(torch.matmul(s2.transpose(-1, -2), absQc))
+
+    def result(self, lay: _Layout, q: _Queries) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``(R_Q, R_K, R_V, absorbed)`` per stream, shaped like ``Q``, ``K``, ``V``."""
+        half_K, half_V = 0.5 * self.absK.squeeze(2), 0.5 * self.absV.squeeze(2)
+        res = []
+        for n in range(len(q.R)):
+            rq = torch.cat(self.RQ[n], dim=-2) if self.RQ[n] else q.Q.new_zeros(q.Q.shape)
+            if q.rows is not None:
+                rq = q.Q.new_zeros(lay.Q.shape).index_copy_(-2, q.rows, rq)
+            rq = rq.reshape(lay.B, lay.H, lay.Tq, lay.d)
+            res.append((rq.to(q.dtype), (half_K * self.RK[n].squeeze(2)).to(q.dtype),
+                        (half_V * self.RV[n].squeeze(2)).to(q.dtype), self.lost[n].to(q.dtype)))
+        return res
 
 
 # -- nn.MultiheadAttention --------------------------------------------------------------------
-
-
-def _linear_fwd(x: Tensor, W: Tensor) -> Tensor:
-    return x @ W.T
-
-
-def _linear_adj(s: Tensor, W: Tensor) -> Tensor:
-    return s @ W
 
 
 def _float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -457,7 +485,33 @@ def _check_mha(rec: Record) -> None:
 def _mha_call(rec: Record, param: Callable[[nn.Module, str], Tensor | None]) -> _MHACall:
     _check_mha(rec)
     m = rec.module
-    args = rec.arguments
+    query, key, value = _mha_inputs(rec)
+    E, H = m.embed_dim, m.num_heads
+    call = _MHACall(
+        rec=rec, batched=query.dim() == 3, batch_first=bool(m.batch_first), N=0, L=0, S=0,
+        E=E, H=H, hd=E // H, query=query, key=key, value=value, weights=_mha_weights(m, param),
+        q=query, k=key, v=value, mask=None, sinks=None, extra_kv=False,
+    )
+    query, key, value = call.to_nle(query), call.to_nle(key), call.to_nle(value)
+    N = query.shape[0]
+    call.N, call.L, call.S = N, query.shape[1], key.shape[1]
+    call.query, call.key, call.value = query, key, value
+    w = call.weights
+    q = F.linear(query, w["q"], w["bq"])
+    k = F.linear(key, w["k"], w["bk"])
+    v = F.linear(value, w["v"], w["bv"])
+    bias_k, bias_v = param(m, "bias_k"), param(m, "bias_v")
+    if bias_k is not None and bias_v is not None:
+        k = torch.cat([k, bias_k.reshape(1, 1, E).expand(N, 1, E).to(k.dtype)], dim=1)
+        v = torch.cat([v, bias_v.reshape(1, 1, E).expand(N, 1, E).to(v.dtype)], dim=1)
+        call.extra_kv = True
+    call.q, call.k, call.v = call.split_heads(q), call.split_heads(k), call.split_heads(v)
+    call.mask, call.sinks = _mha_mask(call, rec.arguments, bool(m.add_zero_attn), q)
+    return call
+
+
+def _mha_inputs(rec: Record) -> tuple[Tensor, Tensor, Tensor]:
+    """The call's query, key and value tensors (as the module saw them)."""
     idx = {name: i for i, name in enumerate(rec.input_names)}
     for name in ("query", "key", "value"):
         if name not in idx:
@@ -465,42 +519,27 @@ def _mha_call(rec: Record, param: Callable[[nn.Module, str], Tensor | None]) -> 
                 f"{rec.describe()}: could not find the {name!r} tensor among the call's "
                 f"arguments {rec.input_names}"
             )
-    query, key, value = (rec.input_value(idx[n]) for n in ("query", "key", "value"))
-    batched = query.dim() == 3
-    E, H = m.embed_dim, m.num_heads
-    hd = E // H
-    call = _MHACall(
-        rec=rec, batched=batched, batch_first=bool(m.batch_first), N=0, L=0, S=0, E=E, H=H,
-        hd=hd, query=query, key=key, value=value, weights={}, q=query, k=key, v=value,
-        mask=None, sinks=None, extra_kv=False,
-    )
-    query, key, value = call.to_nle(query), call.to_nle(key), call.to_nle(value)
-    N, L, S = query.shape[0], query.shape[1], key.shape[1]
-    call.N, call.L, call.S = N, L, S
-    call.query, call.key, call.value = query, key, value
+    return tuple(rec.input_value(idx[n]) for n in ("query", "key", "value"))
+
+
+def _mha_weights(m: nn.Module, param) -> dict[str, Tensor | None]:
+    """The projections' weights and biases: ``q``, ``k``, ``v``, ``o`` and ``b*``."""
     b_in = param(m, "in_proj_bias")
     bq, bk, bv = b_in.chunk(3) if b_in is not None else (None, None, None)
     if m._qkv_same_embed_dim:
         Wq, Wk, Wv = param(m, "in_proj_weight").chunk(3)
     else:
         Wq, Wk, Wv = (param(m, f"{x}_proj_weight") for x in "qkv")
-    call.weights = {
-        "q": Wq, "k": Wk, "v": Wv, "bq": bq, "bk": bk, "bv": bv,
-        "o": param(m.out_proj, "weight"), "bo": param(m.out_proj, "bias"),
-    }
-    q = F.linear(query, Wq, bq)
-    k = F.linear(key, Wk, bk)
-    v = F.linear(value, Wv, bv)
-    bias_k, bias_v = param(m, "bias_k"), param(m, "bias_v")
-    if bias_k is not None and bias_v is not None:
-        k = torch.cat([k, bias_k.reshape(1, 1, E).expand(N, 1, E).to(k.dtype)], dim=1)
-        v = torch.cat([v, bias_v.reshape(1, 1, E).expand(N, 1, E).to(v.dtype)], dim=1)
-        call.extra_kv = True
-    call.q, call.k, call.v = call.split_heads(q), call.split_heads(k), call.split_heads(v)
+    return {"q": Wq, "k": Wk, "v": Wv, "bq": bq, "bk": bk, "bv": bv,
+            "o": param(m.out_proj, "weight"), "bo": param(m.out_proj, "bias")}
 
-    dtype = q.dtype
-    zero_attn = bool(m.add_zero_attn)
-    mask = None
+
+def _mha_mask(call: _MHACall, args: dict, zero_attn: bool,
+              q: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """The additive (or boolean) mask over [N, H, L, keys] and the sinks (the
+    ``add_zero_attn`` column) the attention ran with; ``q``: the projected queries."""
+    L, S, N, H = call.L, call.S, call.N, call.H
+    sinks = None
     attn_mask, kpm = args.get("attn_mask"), args.get("key_padding_mask")
     if args.get("is_causal", False) and kpm is None and not args.get("need_weights", True):
         # F.multi_head_attention_forward then drops attn_mask and runs SDPA with
@@ -509,23 +548,22 @@ def _mha_call(rec: Record, param: Callable[[nn.Module, str], Tensor | None]) -> 
         causal = torch.ones(L, n_cols, dtype=torch.bool, device=q.device).tril()
         mask = causal[:, : S + call.extra_kv].reshape(1, 1, L, -1)
         if zero_attn:
-            call.sinks = q.new_zeros(L).masked_fill(~causal[:, -1], float("-inf"))
-            call.sinks = call.sinks.reshape(1, 1, L, 1)
-        call.mask = mask
-        return call
+            sinks = q.new_zeros(L).masked_fill(~causal[:, -1], float("-inf"))
+            sinks = sinks.reshape(1, 1, L, 1)
+        return mask, sinks
+    mask = None
     if isinstance(attn_mask, Tensor):
-        am = _float_mask(attn_mask, dtype)
+        am = _float_mask(attn_mask, q.dtype)
         mask = am.reshape(1, 1, L, S) if am.dim() == 2 else am.reshape(N, H, L, S)
     if isinstance(kpm, Tensor):
-        kp = _float_mask(kpm, dtype).reshape(N, 1, 1, S)
+        kp = _float_mask(kpm, q.dtype).reshape(N, 1, 1, S)
         mask = kp if mask is None else mask + kp
     if mask is not None and call.extra_kv:
         mask = F.pad(mask, (0, 1))
-    call.mask = mask
     if zero_attn:
         # a zero key and value: a column with logit exactly 0 and no value, i.e. a sink
-        call.sinks = q.new_zeros(1, 1, 1, 1)
-    return call
+        sinks = q.new_zeros(1, 1, 1, 1)
+    return mask, sinks
 
 
 def mha_recompute(
@@ -551,7 +589,7 @@ def multihead_attention_rule(rec: Record, R_out: list, ctx) -> tuple[list, Rel]:
     w = call.weights
     R_y = rmap(call.to_nle, R_out[0])
     R_cat, absorbed = weighted_sum(
-        R_y, call.attention(), w["o"], w["bo"], _linear_fwd, _linear_adj,
+        R_y, call.attention(), w["o"], w["bo"], linear_fwd, linear_adj,
         bounds=ctx.bounds_after(rec),
     )
     R_O = rmap(call.split_heads, R_cat)
@@ -568,7 +606,7 @@ def multihead_attention_rule(rec: Record, R_out: list, ctx) -> tuple[list, Rel]:
     for name, R, x in (("query", R_q, call.query), ("key", R_k, call.key),
                        ("value", R_v, call.value)):
         R_x, ab = weighted_sum(
-            rmap(call.merge_heads, R), x, w[name[0]], w["b" + name[0]], _linear_fwd, _linear_adj
+            rmap(call.merge_heads, R), x, w[name[0]], w["b" + name[0]], linear_fwd, linear_adj
         )
         absorbed = radd(absorbed, ab)
         R_in[name] = rmap(call.from_nle, R_x)

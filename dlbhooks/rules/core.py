@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -294,50 +295,79 @@ def weighted_sum(
                                          nonneg_input=nonneg_input, shared=shared)
     saturate = _has_bounds(bounds)
     absW = W.abs() if abs_weight is None else abs_weight
-    if adjoint is None:
-        absa = a if nonneg_input else _abs_input(a)
-        abs_total, vjp_abs = torch.func.vjp(lambda x: forward(x, absW), absa)
-        adj_abs = lambda s: vjp_abs(s)[0]  # noqa: E731
-        own = own_total = False  # (a vjp may hand back views: nothing in place)
-    else:
+    ab = _AbsSide.of(a, absW, forward, adjoint, nonneg_input, shared)
+    sgn = _Signed(a, W, bias, forward, adjoint, output)
+    [(c_abs, c_sgn)], absorbed = _default(
+        R, ab.total, sgn.total, bias, bounds if saturate else None,
+        pre=output if saturate else None, own=ab.own_total, babs=abs_bias,
+        positive=bias_positive)
+    r = ab.adjoint(c_abs)
+    r = r.mul_(ab.a) if ab.own and fits(r, ab.a) else ab.a * r
+    if c_sgn is not None:
+        q = sgn.adjoint(c_sgn)
+        r = r.add_(q.mul_(a) if ab.own and fits(q, a) else a * q)
+    return r, absorbed
+
+
+class _AbsSide(NamedTuple):
+    """The magnitudes a default-mode weighted sum splits by: ``|a|``, the denominators
+    ``total = forward(|a|, |W|)`` and the adjoint against ``|W|``; ``own``: the rule may
+    work in place on what the adjoint returns, ``own_total``: on ``total``."""
+
+    a: Tensor
+    total: Tensor
+    adjoint: Callable[[Tensor], Tensor]
+    own: bool
+    own_total: bool
+
+    @classmethod
+    def of(cls, a: Tensor, absW: Tensor, forward, adjoint, nonneg_input: bool,
+           shared: dict | None) -> _AbsSide:
+        if adjoint is None:
+            absa = a if nonneg_input else _abs_input(a)
+            total, vjp_abs = torch.func.vjp(lambda x: forward(x, absW), absa)
+            # (a vjp may hand back views: nothing in place)
+            return cls(absa, total, lambda s: vjp_abs(s)[0], False, False)
         if shared is not None and "abs_total" in shared:
-            absa, abs_total = shared["abs_a"], shared["abs_total"]
+            absa, total = shared["abs_a"], shared["abs_total"]
         else:
             absa = a if nonneg_input else _abs_input(a)
-            abs_total = forward(absa, absW)
+            total = forward(absa, absW)
             if shared is not None:
-                shared.update(abs_a=absa, abs_total=abs_total)
-        adj_abs = lambda s: adjoint(s, absW)  # noqa: E731
-        own = True
-        own_total = shared is None  # a shared total is read, never overwritten
-    sgn: dict[str, Callable] = {}
+                shared.update(abs_a=absa, abs_total=total)
+        # a shared total is read, never overwritten
+        return cls(absa, total, lambda s: adjoint(s, absW), True, shared is None)
 
-    def signed() -> Tensor:  # W a (without bias), and the signed adjoint, on demand
-        if "fwd" not in sgn:
+
+class _Signed:
+    """``W a`` (without bias) and the adjoint against ``W``, computed on first use (only
+    saturation needs them); ``output``, the recorded ``W a + bias``, saves the product."""
+
+    def __init__(self, a: Tensor, W: Tensor, bias: Tensor | None, forward, adjoint,
+                 output: Tensor | None):
+        self._args = (a, W, bias, forward, adjoint, output)
+        self._total: Tensor | None = None
+        self._adjoint: Callable[[Tensor], Tensor] | None = None
+
+    def total(self) -> Tensor:
+        if self._total is None:
+            a, W, bias, forward, adjoint, output = self._args
             if adjoint is None:
                 out, vjp_sgn = torch.func.vjp(lambda x: forward(x, W), a)
-                sgn["adj"] = lambda s: vjp_sgn(s)[0]
+                self._adjoint = lambda s: vjp_sgn(s)[0]
             else:
                 out = None
-                sgn["adj"] = lambda s: adjoint(s, W)
+                self._adjoint = lambda s: adjoint(s, W)
             if output is not None:
                 out = output - bias if bias is not None else output
             elif out is None:
                 out = forward(a, W)
-            sgn["fwd"] = out
-        return sgn["fwd"]
+            self._total = out
+        return self._total
 
-    [(c_abs, c_sgn)], absorbed = _default(
-        R, abs_total, signed, bias, bounds if saturate else None,
-        pre=output if saturate else None, own=own_total, babs=abs_bias,
-        positive=bias_positive)
-    r = adj_abs(c_abs)
-    r = r.mul_(absa) if own and fits(r, absa) else absa * r
-    if c_sgn is not None:
-        signed()
-        q = sgn["adj"](c_sgn)
-        r = r.add_(q.mul_(a) if own and fits(q, a) else a * q)
-    return r, absorbed
+    def adjoint(self, s: Tensor) -> Tensor:
+        self.total()
+        return self._adjoint(s)
 
 
 def _sign_parts(a: Tensor, W: Tensor, nonneg: bool) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -369,17 +399,7 @@ def _contrastive_weighted_sum(
     if shared is not None and "sides" in shared:
         parts, pulls, P, N = shared["sides"]
     else:
-        parts = _sign_parts(a, W, nonneg_input)
-        pulls, P, N = [], None, None
-        for ax, wp, wn in parts:
-            if adjoint is None:  # a vjp per weight half gives the products and their adjoint
-                p, pull_p = torch.func.vjp(lambda x, w=wp: forward(x, w), ax)
-                n, pull_n = torch.func.vjp(lambda x, w=wn: forward(x, w), ax)
-                pulls.append((pull_p, pull_n))
-            else:
-                p, n = forward(ax, wp), forward(ax, wn)
-            P = p if P is None else P + p
-            N = n if N is None else N + n
+        parts, pulls, P, N = _sides(a, W, forward, adjoint, nonneg_input)
         if shared is not None:
             shared["sides"] = (parts, pulls, P, N)
     if output is not None:
@@ -387,6 +407,31 @@ def _contrastive_weighted_sum(
     else:
         signed = P - N
     pairs, absorbed = contrastive_side_coefficients(R, contrastive_split(P, N, signed, bias))
+    return _contrastive_back(pairs, parts, pulls, adjoint), absorbed
+
+
+def _sides(a: Tensor, W: Tensor, forward, adjoint, nonneg_input: bool):
+    """Each unit's positive and negative sums ``P``, ``N`` of the map ``forward(a, W)``,
+    from the sign parts of ``a`` and ``W`` (:func:`_sign_parts`); without ``adjoint``, the
+    vjp pull-backs of every product too. Returns ``(parts, pulls, P, N)``."""
+    parts = _sign_parts(a, W, nonneg_input)
+    pulls, P, N = [], None, None
+    for ax, wp, wn in parts:
+        if adjoint is None:  # a vjp per weight half gives the products and their adjoint
+            p, pull_p = torch.func.vjp(lambda x, w=wp: forward(x, w), ax)
+            n, pull_n = torch.func.vjp(lambda x, w=wn: forward(x, w), ax)
+            pulls.append((pull_p, pull_n))
+        else:
+            p, n = forward(ax, wp), forward(ax, wn)
+        P = p if P is None else P + p
+        N = n if N is None else N + n
+    return parts, pulls, P, N
+
+
+def _contrastive_back(pairs, parts, pulls, adjoint) -> Streams:
+    """The relevance of ``a`` per stream from the coefficients ``[(cp, cn)]`` of each
+    stream (:func:`contrastive_side_coefficients`), back through the products of
+    :func:`_sides`."""
     (cp_pos, cn_pos), (cp_neg, cn_neg) = pairs
     stack = adjoint is not None and cp_pos.dim() >= 2
     if stack:  # both streams in one product per weight half: a leading dim of 2N
@@ -399,7 +444,7 @@ def _contrastive_weighted_sum(
         for ax, wp, wn in parts:
             g = adjoint(cp, wp).add_(adjoint(cn, wn)).reshape(2, *ax.shape).mul_(ax)
             r = g if r is None else r.add_(g)
-        return Streams(r[0], r[1]), absorbed
+        return Streams(r[0], r[1])
     outs = []
     for cp_s, cn_s in ((cp_pos, cn_pos), (cp_neg, cn_neg)):
         r = None
@@ -412,4 +457,4 @@ def _contrastive_weighted_sum(
             g = g * ax
             r = g if r is None else r + g
         outs.append(r)
-    return Streams(*outs), absorbed
+    return Streams(*outs)

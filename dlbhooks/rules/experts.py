@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
-from ..relevance import Streams, radd, rmap
+from ..relevance import Rel, radd, rmap
 from ..storage import check_tolerance
+from .composite import LINEAR, MATMUL, add_split, first_stream, per_stream, require_child
 from .core import weighted_sum
 from .elementwise import add_rule, saturation_bounds
 from .registry import register_rule
@@ -84,12 +85,9 @@ class _Group:
     o: Tensor
 
 
-def _fwd(layout: ExpertsLayout):
-    return (lambda a, W: a @ W) if layout.transposed else (lambda a, W: a @ W.T)
-
-
-def _adj(layout: ExpertsLayout):
-    return (lambda s, W: s @ W.T) if layout.transposed else (lambda s, W: s @ W)
+def _maps(layout: ExpertsLayout):
+    """``(forward, adjoint)`` of the experts' linear maps (``weighted_sum``)."""
+    return MATMUL if layout.transposed else LINEAR
 
 
 def _recompute(rec, ctx, layout: ExpertsLayout, dt) -> tuple[Tensor, list[_Group]]:
@@ -109,7 +107,7 @@ def _recompute(rec, ctx, layout: ExpertsLayout, dt) -> tuple[Tensor, list[_Group
     E = Wgu.shape[0]
     _check_shapes(rec, Wgu, Wd, x.shape[-1], layout)
     xs = x.to(dt)
-    fwd = _fwd(layout)
+    fwd = _maps(layout)[0]
     groups = []
     Y = xs.new_zeros(T, k, x.shape[-1])
     for e in torch.unique(idx).tolist():
@@ -170,10 +168,6 @@ def _check_output(rec, Y: Tensor) -> None:
             "differs from what the rule recomputes (activation, gating or weight layout)")
 
 
-def _rel_dtype(R) -> torch.dtype:
-    return R.pos.dtype if isinstance(R, Streams) else R.dtype
-
-
 def routed_contributions(rec, ctx, dt: torch.dtype) -> Tensor:
     """``g_te · E_e(x_t)`` of every token's selected experts, [T, k, H], for a recorded call
     of a fused experts module with a registered §5 rule (used by shared-expert blocks)."""
@@ -194,14 +188,11 @@ def experts_rule_for(layout: ExpertsLayout):
         R = R_out[0]
         T, k = idx.shape
         E = ctx.param(m, layout.gate_up).shape[0]
-        dt = _rel_dtype(R)
+        dt = first_stream(R).dtype
         xs = x.to(dt)
         Y, groups = _recompute(rec, ctx, layout, dt)
         # 2. the add rule over each token's selected experts
-        absorbed = None
-        shares = rmap(lambda r: _add_slots(r, Y), R)
-        share_of = rmap(lambda s: s[0], shares)
-        absorbed = radd(absorbed, rmap(lambda s: s[1], shares))
+        share_of, absorbed = per_stream(lambda r: _add_slots(r, Y), R)
         slot_idx = idx.clamp(0, E - 1)  # out-of-range slots carry no output, hence no share
         per_expert = rmap(
             lambda s: xs.new_zeros(T, E).scatter_add_(1, slot_idx, s.sum(-1)), share_of)
@@ -209,33 +200,10 @@ def experts_rule_for(layout: ExpertsLayout):
         R_x = rmap(lambda r: torch.zeros_like(xs), R)
         bounds = None
         if ctx.saturation and not ctx.contrastive and hasattr(m, "act_fn"):
-            b = saturation_bounds(m.act_fn)
-            if b is not None:
-                bounds = b
-        fwd, adj = _fwd(layout), _adj(layout)
+            bounds = saturation_bounds(m.act_fn)
         for g in groups:
             R_o = rmap(lambda s: s[g.tok, g.slot], share_of)  # g is a constant: all to E(x)
-            R_h, ab = weighted_sum(R_o, g.h, g.W_d, g.b_d, fwd, adj, output=g.o)
-            absorbed = radd(absorbed, ab)
-            r_act = rmap(lambda r: r * 0.5, R_h)  # product rule: half to each factor
-            r_up = rmap(lambda r: r * 0.5, R_h)
-            if layout.up_plus_one:  # (up + 1): the constant keeps |1| / (|up| + 1)
-                upc = g.upv - 1
-                frac = upc.abs() / (upc.abs() + 1)
-                kept = rmap(lambda r: r * frac, r_up)
-                absorbed = radd(absorbed, rmap(lambda r, q: (r - q).sum(), r_up, kept))
-                r_up = kept
-            R_gu = rmap(lambda a, u: _merge(a, u, layout), r_act, r_up)
-            gu_bounds = None
-            if bounds is not None:
-                lo = torch.full_like(g.gu[0], -torch.inf)
-                hi = torch.full_like(g.gu[0], torch.inf)
-                _split(lo, layout)[0].fill_(bounds[0] if bounds[0] is not None else -torch.inf)
-                _split(hi, layout)[0].fill_(bounds[1] if bounds[1] is not None else torch.inf)
-                gu_bounds = (lo, hi)
-            R_xe, ab = weighted_sum(R_gu, xs[g.tok], g.W_gu, g.b_gu, fwd, adj,
-                                    bounds=gu_bounds, output=g.gu)
-            absorbed = radd(absorbed, ab)
+            R_xe, absorbed = _expert_relevance(R_o, g, xs, layout, bounds, absorbed)
             R_x = rmap(lambda acc, r: acc.index_add_(0, g.tok, r), R_x, R_xe)
         block = rec.parent.key if rec.parent is not None else rec.key
         shape = rec.input_views[0].shape[:-1] if 0 in rec.input_views else (1, T)
@@ -246,6 +214,36 @@ def experts_rule_for(layout: ExpertsLayout):
 
     experts_rule.layout = layout
     return experts_rule
+
+
+def _expert_relevance(R_o: Rel, g: _Group, xs: Tensor, layout: ExpertsLayout, bounds,
+                      absorbed: Rel | None) -> tuple[Rel, Rel | None]:
+    """Relevance on one expert's tokens ``xs[g.tok]`` from ``R_o`` on its outputs: §2
+    through ``down``, the product rule on ``act(gate) · up``, §2 through ``gate_up`` (with
+    the activation's saturation ``bounds`` on the gate units). Returns it and ``absorbed``
+    plus what this expert absorbed (added in that order: the totals stay bitwise)."""
+    fwd, adj = _maps(layout)
+    R_h, ab = weighted_sum(R_o, g.h, g.W_d, g.b_d, fwd, adj, output=g.o)
+    absorbed = radd(absorbed, ab)
+    r_act = rmap(lambda r: r * 0.5, R_h)  # product rule: half to each factor
+    r_up = rmap(lambda r: r * 0.5, R_h)
+    if layout.up_plus_one:  # (up + 1): the constant keeps |1| / (|up| + 1)
+        upc = g.upv - 1
+        frac = upc.abs() / (upc.abs() + 1)
+        kept = rmap(lambda r: r * frac, r_up)
+        absorbed = radd(absorbed, rmap(lambda r, q: (r - q).sum(), r_up, kept))
+        r_up = kept
+    R_gu = rmap(lambda a, u: _merge(a, u, layout), r_act, r_up)
+    gu_bounds = None
+    if bounds is not None:
+        lo = torch.full_like(g.gu[0], -torch.inf)
+        hi = torch.full_like(g.gu[0], torch.inf)
+        _split(lo, layout)[0].fill_(bounds[0] if bounds[0] is not None else -torch.inf)
+        _split(hi, layout)[0].fill_(bounds[1] if bounds[1] is not None else torch.inf)
+        gu_bounds = (lo, hi)
+    R_xe, ab = weighted_sum(R_gu, xs[g.tok], g.W_gu, g.b_gu, fwd, adj,
+                            bounds=gu_bounds, output=g.gu)
+    return R_xe, radd(absorbed, ab)
 
 
 def _add_slots(R: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
@@ -273,14 +271,10 @@ def shared_expert_moe(spec: SharedExpert):
     ``exp.experts[block]`` (named by :meth:`~dlbhooks.Explanation.expert_columns`)."""
 
     def rule(rec, R_out, ctx):
-        er, sr = rec.child(spec.experts), rec.child(spec.shared)
-        gr = rec.child(spec.gate) if spec.gate else None
-        if er is None or sr is None or (spec.gate and gr is None):
-            raise UnsupportedModuleError(
-                f"composite rule for {rec.describe()}: expected recorded calls of "
-                f"{[n for n in (spec.experts, spec.shared, spec.gate) if n]}")
+        er, sr = require_child(rec, spec.experts), require_child(rec, spec.shared)
+        gr = require_child(rec, spec.gate) if spec.gate else None
         R = R_out[0]
-        dt = _rel_dtype(R)
+        dt = first_stream(R).dtype
         H = rec.outputs[0].shape[-1]
         routed = routed_contributions(er, ctx, dt).abs().sum(1)  # Σ_slots |g·E(x)|, [T, H]
         shared = sr.output_value(0).to(dt)
@@ -297,10 +291,8 @@ def shared_expert_moe(spec: SharedExpert):
         # one add rule over (slot 1, ..., slot k, shared): the routed slots' parts sum to
         # R·Σ|g·E(x)| / (Σ|g·E(x)| + |shared|); the experts rule then splits that part over
         # the slots ∝ |g·E(x)|, which gives each slot exactly R·|g·E(x)| / (Σ... + |shared|)
-        split = rmap(lambda r: _add_two(r.reshape(-1, H), routed, shared), R)
-        R_routed = rmap(lambda p: p[0], split)
-        R_shared = rmap(lambda p: p[1], split)
-        lost = rmap(lambda p: p[2], split)
+        (R_routed, R_shared), lost = add_split(rmap(lambda r: r.reshape(-1, H), R),
+                                               [routed, shared])
         bag = ctx.new_bag(rec)
         bag.add(er.outputs[0], rmap(lambda r: r.reshape(er.outputs[0].shape), R_routed), rec)
         bag.add(sr.outputs[0], rmap(lambda r: r.reshape(sr.outputs[0].shape), R_shared), rec)
@@ -318,11 +310,6 @@ def shared_expert_moe(spec: SharedExpert):
     rule.__name__ = "shared_expert_moe"
     rule.spec = spec
     return rule
-
-
-def _add_two(R: Tensor, routed_abs: Tensor, shared: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    (r_routed, r_shared), lost = add_rule(R, [routed_abs, shared])
-    return r_routed, r_shared, lost
 
 
 def router_rule(rec, R_out, ctx):

@@ -27,11 +27,12 @@ import torch
 from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
-from ..relevance import Rel, Streams, radd, rmap, rmap_multi
+from ..relevance import Rel, Streams, radd, rmap
 from ..storage import check_tolerance
 from .arith import nonneg_div
+from .composite import add_split, first_stream, per_stream
 from .core import contrastive_side_coefficients, contrastive_split
-from .elementwise import add_rule, product_rule
+from .elementwise import product_rule
 
 if TYPE_CHECKING:
     from ..records import Record
@@ -54,38 +55,38 @@ class Loc:
         raise NotImplementedError
 
 
-def _child(rec: Record, name: str, call: int) -> Record | None:
-    prefix = f"{rec.path}.{name}" if rec.path else name
-    found = [c for c in rec.children if c.path == prefix]
-    return found[call] if len(found) > call else None
-
-
 @dataclass(frozen=True)
-class Out(Loc):
-    """Output ``i`` of the ``call``-th call of child ``name``."""
+class _ChildLoc(Loc):
+    """Tensor ``i`` of the ``call``-th call of the direct child ``name``."""
 
     name: str
     i: int = 0
     call: int = 0
 
     def find(self, rec, tmp):
-        c = _child(rec, self.name, self.call)
-        if c is None or len(c.outputs) <= self.i:
+        c = rec.child(self.name, self.call, direct=True)
+        return None if c is None else self.pick(c)
+
+    def pick(self, c: Record) -> Located | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Out(_ChildLoc):
+    """Output ``i`` of the ``call``-th call of child ``name``."""
+
+    def pick(self, c):
+        if len(c.outputs) <= self.i:
             return None
         return Located(c.outputs[self.i], c.output_value(self.i))
 
 
 @dataclass(frozen=True)
-class In(Loc):
+class In(_ChildLoc):
     """Input ``i`` of the ``call``-th call of child ``name``."""
 
-    name: str
-    i: int = 0
-    call: int = 0
-
-    def find(self, rec, tmp):
-        c = _child(rec, self.name, self.call)
-        if c is None or len(c.inputs) <= self.i:
+    def pick(self, c):
+        if len(c.inputs) <= self.i:
             return None
         return Located(c.inputs[self.i], c.inputs[self.i])
 
@@ -366,7 +367,7 @@ class Functional:
                     "multiply to the recorded result; the model's forward differs from the "
                     "rule's spec"
                 )
-            parts = rmap_multi(lambda r: product_rule(r, values), R)
+            parts = per_stream(lambda r: product_rule(r, values), R)
             for f, part in zip(found, parts):
                 bag.add(f.tensor, part, rec, base=f.base)
             return None
@@ -395,9 +396,7 @@ class Functional:
                     f"composite rule for {rec.describe()}: the terms {list(op.terms)} do not add "
                     "up to the recorded result; the model's forward differs from the rule's spec"
                 )
-        outs = _add_per_stream(lambda r: add_rule(r, values), R)
-        parts, lost = outs
-        absorbed = lost
+        parts, absorbed = add_split(R, values)
         for n, (f, part) in enumerate(zip(found, parts)):
             if op.names is not None:
                 ctx.report("blocks", rec.key, op.names[n], part)
@@ -539,7 +538,7 @@ def _combine_matches(values: list[Tensor], recorded: Tensor, op) -> bool:
 
 
 def R_shape(R: Rel) -> tuple:
-    return tuple((R.pos if isinstance(R, Streams) else R).shape)
+    return tuple(first_stream(R).shape)
 
 
 def close_to_recorded(computed: Tensor, recorded: Tensor) -> bool:
@@ -548,11 +547,3 @@ def close_to_recorded(computed: Tensor, recorded: Tensor) -> bool:
     scale = float(recorded.detach().abs().max().clamp_min(1))
     tol = check_tolerance()  # looser when records were stored in low precision
     return torch.allclose(computed.to(recorded.dtype), recorded, rtol=tol, atol=tol * scale)
-
-
-def _add_per_stream(fn, R: Rel):
-    """Apply a helper returning ``(parts, lost)`` to each stream."""
-    if not isinstance(R, Streams):
-        return fn(R)
-    a, b = fn(R.pos), fn(R.neg)
-    return [Streams(x, y) for x, y in zip(a[0], b[0])], Streams(a[1], b[1])

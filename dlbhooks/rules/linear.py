@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import UnsupportedModuleError
 from ..relevance import Streams, rmap
 from .arith import nonzero_along
+from .composite import first_stream, linear_adj, linear_fwd
 from .core import (
     _sign_parts,
     coefficients,
@@ -31,14 +32,6 @@ def exact_output(rec, ctx, i: int = 0) -> torch.Tensor | None:
         return None
     out, cast = rec.outputs[i], ctx.tape.store.policy.dtype
     return out if cast is None or cast == out.dtype else None
-
-
-def _linear_fwd(x, W):
-    return x @ W.T
-
-
-def _linear_adj(s, W):
-    return s @ W
 
 
 @register_rule(nn.Linear)
@@ -98,7 +91,7 @@ def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
             bounds = tuple(x.index_select(-1, units) if isinstance(x, torch.Tensor)
                            and x.dim() and x.shape[-1] > 1 else x for x in bounds)
         shared = None  # denominators of a subset of units: not reusable
-    return weighted_sum(R, a, W, b, _linear_fwd, _linear_adj, bounds=bounds, output=out,
+    return weighted_sum(R, a, W, b, linear_fwd, linear_adj, bounds=bounds, output=out,
                         shared=shared, **({} if abs_params is None else abs_params()))
 
 
@@ -113,7 +106,7 @@ def _live_rows(R):
     """Indices of the rows that carry relevance, if they are fewer than half of them.
     About eight columns decide quickly when most rows are live (one column is not enough
     after a ReLU, which silences a unit for many rows)."""
-    t = R.pos if isinstance(R, Streams) else R
+    t = first_stream(R)
     n_rows = t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
     if n_rows < 4:
         return None
@@ -129,7 +122,7 @@ def _live_rows(R):
 def _live_units(R):
     """Indices of the output units (last dim) that carry relevance in some row, if they
     are at most a quarter of them."""
-    t = R.pos if isinstance(R, Streams) else R
+    t = first_stream(R)
     if t.dim() == 0 or t.numel() == 0:
         return None
     flat = rmap(lambda r: r.reshape(-1, r.shape[-1]), R)

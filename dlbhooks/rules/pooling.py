@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -138,68 +139,100 @@ def unfold_pool_relevance(
         padding, dilation = (0, _tuple(padding, 1)[0]), (1, _tuple(dilation, 1)[0])
     elif x.dim() != 4:
         return None
-    k, s = _tuple(kernel, 2), _tuple(stride if stride else kernel, 2)
-    p, d = _tuple(padding, 2), _tuple(dilation, 2)
-    H, W = x.shape[-2:]
-    OH, OW = R.shape[-2:]
-    extra = [max(0, (o - 1) * st + dd * (kk - 1) + 1 - (size + 2 * pp))
-             for o, st, dd, kk, size, pp in zip((OH, OW), s, d, k, (H, W), p)]
-    fill = -math.inf if kind == "max" else 0.0
-    xp = F.pad(x, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]), value=fill)
-    if any((o - 1) * st + dd * (kk - 1) + 1 > size
-           for o, st, dd, kk, size in zip((OH, OW), s, d, k, xp.shape[-2:])):
+    w = _Windows.of(x, R.shape[-2:], kernel, stride, padding, dilation, kind)
+    if w is None:
         return None
-    offsets = [(i * d[0], j * d[1]) for i in range(k[0]) for j in range(k[1])]
-
-    def win(t: Tensor, oy: int, ox: int) -> Tensor:  # the members at one window offset
-        return t[..., oy:oy + (OH - 1) * s[0] + 1:s[0], ox:ox + (OW - 1) * s[1] + 1:s[1]]
-
-    shares = []
     if kind == "max":
         best = out if out is not None and out.shape == R.shape else None
         if best is None:
-            best = win(xp, *offsets[0]).clone()
-            for o in offsets[1:]:
-                torch.maximum(best, win(xp, *o), out=best)
-        single = _single_winners(R, x, xp, best, offsets, win, k, s, p, d, ceil_mode)
+            best = w.at(w.xp, w.offsets[0]).clone()
+            for o in w.offsets[1:]:
+                torch.maximum(best, w.at(w.xp, o), out=best)
+        single = _single_winners(R, x, w, best, ceil_mode)
         if single is not None:
             R_x = single
             lost = R.sum() - R_x.sum()
             return (R_x.squeeze(-2) if one_d else R_x), lost
-        for o in offsets:  # winners (ties split)
-            shares.append(torch.eq(win(xp, *o), best).to(R.dtype))
+        # winners (ties split)
+        shares = [torch.eq(w.at(w.xp, o), best).to(R.dtype) for o in w.offsets]
     else:
-        for o in offsets:
-            shares.append(win(xp, *o).abs().to(R.dtype))
-    den = shares[0].clone()
-    for sh in shares[1:]:
-        den.add_(sh)
-    q = torch.div(R, den, out=den).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    Rp = R.new_zeros(xp.shape)
-    for sh, o in zip(shares, offsets):
-        win(Rp, *o).add_(sh.mul_(q))
-    R_x = Rp[..., p[0]:p[0] + H, p[1]:p[1] + W]
+        shares = [w.at(w.xp, o).abs().to(R.dtype) for o in w.offsets]
+    R_x = w.spread(R, shares)
     lost = R.sum() - R_x.sum()
     if one_d:
         R_x = R_x.squeeze(-2)
     return R_x.contiguous(), lost
 
 
-def _single_winners(R, x, xp, best, offsets, win, k, s, p, d, ceil_mode) -> Tensor | None:
+@dataclass
+class _Windows:
+    """A regular 2d pool's windows over the padded input ``xp``: per spatial dim the
+    kernel ``k``, stride ``s``, padding ``p`` and dilation ``d``, the input size ``HW`` and
+    output size ``OHW``, and the offset of every window member (``offsets``)."""
+
+    k: tuple[int, int]
+    s: tuple[int, int]
+    p: tuple[int, int]
+    d: tuple[int, int]
+    HW: tuple[int, int]
+    OHW: tuple[int, int]
+    xp: Tensor
+    offsets: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, x: Tensor, out_hw, kernel, stride, padding, dilation,
+           kind: str) -> _Windows | None:
+        """The windows of the pool of ``x`` [N, C, H, W]; ``None`` when the geometry does
+        not fit (an output would read beyond the padded input)."""
+        k, s = _tuple(kernel, 2), _tuple(stride if stride else kernel, 2)
+        p, d = _tuple(padding, 2), _tuple(dilation, 2)
+        H, W = x.shape[-2:]
+        OH, OW = out_hw
+        extra = [max(0, (o - 1) * st + dd * (kk - 1) + 1 - (size + 2 * pp))
+                 for o, st, dd, kk, size, pp in zip((OH, OW), s, d, k, (H, W), p)]
+        fill = -math.inf if kind == "max" else 0.0
+        xp = F.pad(x, (p[1], p[1] + extra[1], p[0], p[0] + extra[0]), value=fill)
+        if any((o - 1) * st + dd * (kk - 1) + 1 > size
+               for o, st, dd, kk, size in zip((OH, OW), s, d, k, xp.shape[-2:])):
+            return None
+        offsets = [(i * d[0], j * d[1]) for i in range(k[0]) for j in range(k[1])]
+        return cls(k, s, p, d, (H, W), (OH, OW), xp, offsets)
+
+    def at(self, t: Tensor, offset: tuple[int, int]) -> Tensor:
+        """The members of every window at one offset (a strided view of ``t``)."""
+        (oy, ox), (OH, OW), s = offset, self.OHW, self.s
+        return t[..., oy:oy + (OH - 1) * s[0] + 1:s[0], ox:ox + (OW - 1) * s[1] + 1:s[1]]
+
+    def spread(self, R: Tensor, shares: list[Tensor]) -> Tensor:
+        """Each window's relevance over its members ∝ ``shares`` (one per offset; they
+        are overwritten), on the unpadded input."""
+        den = shares[0].clone()
+        for sh in shares[1:]:
+            den.add_(sh)
+        q = torch.div(R, den, out=den).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        Rp = R.new_zeros(self.xp.shape)
+        for sh, o in zip(shares, self.offsets):
+            self.at(Rp, o).add_(sh.mul_(q))
+        (H, W), p = self.HW, self.p
+        return Rp[..., p[0]:p[0] + H, p[1]:p[1] + W]
+
+
+def _single_winners(R: Tensor, x: Tensor, w: _Windows, best: Tensor,
+                    ceil_mode: bool) -> Tensor | None:
     """Max pool relevance by the winners' indices, or ``None`` when a window that carries
-    relevance has tied maxima (counted over the padded input ``xp``: the split needs the
+    relevance has tied maxima (counted over the padded input ``w.xp``: the split needs the
     general path) or the geometry is not what ``max_pool2d`` reproduces."""
     if not x.is_floating_point() or x.dtype != R.dtype:
         return None
     count = None
-    for o in offsets:
-        hit = torch.eq(win(xp, *o), best)
+    for o in w.offsets:
+        hit = torch.eq(w.at(w.xp, o), best)
         count = hit.to(torch.uint8) if count is None else count.add_(hit)
     if bool(((count > 1) & (R != 0)).any()):
         return None
     N, C = x.shape[0], x.shape[1]
     xl = x.contiguous(memory_format=torch.channels_last)
-    got, idx = F.max_pool2d_with_indices(xl, k, s, p, d, ceil_mode)
+    got, idx = F.max_pool2d_with_indices(xl, w.k, w.s, w.p, w.d, ceil_mode)
     if got.shape != R.shape:
         return None
     R_x = R.new_zeros(N, C, x.shape[-2] * x.shape[-1])

@@ -53,6 +53,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import UnsupportedModuleError
 from ..relevance import Streams
 from ..weights import fetch_param
+from .composite import join_streams, streams_of
 from .core import _sign_parts, coefficients, contrastive_side_coefficients, contrastive_split
 from .elementwise import add_rule
 from .registry import register_rule
@@ -62,17 +63,9 @@ TANH = (-2.0, 2.0)
 
 
 # -- streams as lists: [R] in default mode, [R+, R-] in contrastive mode ---------------------
-def _split_streams(R) -> list[Tensor]:
-    return [R.pos, R.neg] if isinstance(R, Streams) else [R]
-
-
-def _join(parts: list[Tensor]):
-    return Streams(*parts) if len(parts) == 2 else parts[0]
-
-
 def _acc(total: list[Tensor], extra) -> None:
     """Add a scalar (or Streams of scalars) to a per-stream running total, in place."""
-    for k, v in enumerate(_split_streams(extra)):
+    for k, v in enumerate(streams_of(extra)):
         total[k] = total[k] + v.to(total[k].dtype)
 
 
@@ -274,6 +267,11 @@ def _kept(K: Tensor, K_sgn: Tensor | None, abs_total: Tensor, signed: Tensor | N
     return kept
 
 
+# The setup writes the per-step factors into buffers that the sequential loop over time
+# steps then overwrites in place (views of a few [T, B, 4H] tensors: no fresh memory, hence
+# no page faults, inside the loop). Split, the pieces would hand a dozen aliased views to
+# each other, and a helper per step would cost a Python call per step.
+# long: the hottest loop of the recurrent rules, in place on the buffers its setup fills
 def _lstm_loop(st, w, R_seq, R_h, R_c, order, a_fc, a_ig, abs_total, b, bounds, absHp,
                add_guard: bool = True):
     """Default mode: the reverse walk as a linear recurrence with precomputed factors.
@@ -463,6 +461,7 @@ def gru_reverse(st, w, R_seq, R_h, reverse, saturate, absorbed):
     return _apply(coefs, X, w.W_ih, absW_ih), R_h
 
 
+# long: as _lstm_loop, a sequential loop over time steps in place on its setup's buffers
 def _gru_loop(st, w, R_seq, R_h, order, a_a, a_b, sums, absHp):
     """Default mode: the reverse walk as a linear recurrence with precomputed factors.
 
@@ -707,7 +706,7 @@ def _initial_states(rec, n_state: int, shape, dt) -> list[Tensor | None]:
 
 def _stream_info(R_out) -> tuple[int, torch.dtype]:
     """Number of streams and dtype of the relevance reaching a call."""
-    first = _split_streams(next(r for r in R_out if r is not None))
+    first = streams_of(next(r for r in R_out if r is not None))
     return len(first), first[0].dtype
 
 
@@ -715,7 +714,7 @@ def _stream_list(R_out, i: int, shape, n: int, like: Tensor) -> list[Tensor]:
     """Relevance on output ``i`` as a per-stream list shaped ``shape`` (zeros if none)."""
     if i >= len(R_out) or R_out[i] is None:
         return [like.new_zeros(shape) for _ in range(n)]
-    return [r.to(like.dtype).reshape(shape) for r in _split_streams(R_out[i])]
+    return [r.to(like.dtype).reshape(shape) for r in streams_of(R_out[i])]
 
 
 def _time_major(t: Tensor, batched: bool, batch_first: bool) -> Tensor:
@@ -732,27 +731,30 @@ def _recorded_output(rec, dt: torch.dtype, batched: bool, batch_first: bool):
     return _time_major(out, batched, batch_first)
 
 
-def _state_relevance(rec, R_in: list, R_init, given: list[bool], r_dtype: torch.dtype,
-                     absorbed: list[Tensor]) -> None:
-    """Relevance of the initial states (per state, per stream) into ``R_in[1 + j]`` where the
-    call passed them; an implicit zero state normally receives nothing, and what does
+def _result(rec, R_x: list[Tensor], R_init, given: list[bool], r_dtype: torch.dtype,
+            absorbed: list[Tensor]) -> tuple[list, object]:
+    """What a recurrent rule returns: relevance on the input (``R_x`` per stream, shaped
+    like it), on the initial states (per state, per stream) where the call passed them, and
+    what was absorbed; an implicit zero state normally receives nothing, and what does
     arrive there counts as absorbed."""
+    R_in: list = [None] * len(rec.inputs)
+    R_in[0] = join_streams([r.to(r_dtype) for r in R_x])
     for j, states in enumerate(R_init):
         if given[j]:
             shape = rec.inputs[1 + j].shape
-            R_in[1 + j] = _join([r.reshape(shape).to(r_dtype) for r in states])
+            R_in[1 + j] = join_streams([r.reshape(shape).to(r_dtype) for r in states])
         else:
             for s, r in enumerate(states):
                 absorbed[s] = absorbed[s] + r.double().sum()
+    return R_in, join_streams(absorbed)
 
 
-@torch.no_grad()
-def _rnn_rule(rec, R_out, ctx, kind: str):
-    _check(rec, cell=False)
+def _layers_reverse(rec, R_out, ctx, x0: Tensor, dt: torch.dtype, lstm: bool,
+                    absorbed: list[Tensor]):
+    """``nn.LSTM``/``nn.GRU``: every layer and direction, last layer first. Returns the
+    relevance of the input (per stream, in its layout), of the initial states and which
+    states the call passed."""
     m = rec.module
-    lstm = kind == "lstm"
-    x0 = rec.input_value(0)
-    dt = _compute_dtype(x0, R_out)
     batched = x0.dim() == 3
     X = _time_major(x0.to(dt), batched, m.batch_first)
     T, B = X.shape[0], X.shape[1]
@@ -766,13 +768,12 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
     layer_in, caches, weights = unroll(m, X, states, ctx.param, top, **keep)
 
     # relevance on the outputs, per stream, time-major
-    n, r_dtype = _stream_info(R_out)
+    n = len(absorbed)
     R_seq = [X.new_zeros(T, B, D * H) for _ in range(n)]
     if R_out[0] is not None:
-        R_seq = [_time_major(r.to(dt), batched, m.batch_first) for r in _split_streams(R_out[0])]
+        R_seq = [_time_major(r.to(dt), batched, m.batch_first) for r in streams_of(R_out[0])]
     R_final = [_stream_list(R_out, 1 + j, (L * D, B, H), n, X) for j in range(n_state)]
 
-    absorbed = [X.new_zeros((), dtype=torch.float64) for _ in range(n)]
     R_init = [[X.new_zeros(L * D, B, H) for _ in range(n)] for _ in range(n_state)]
     for layer in reversed(range(L)):
         R_next = None
@@ -794,33 +795,15 @@ def _rnn_rule(rec, R_out, ctx, kind: str):
             R_next = R_X if R_next is None else [a + b for a, b in zip(R_next, R_X)]
         R_seq = R_next
 
-    R_in: list = [None] * len(rec.inputs)
     R_x = [r.squeeze(1) if not batched else (r.transpose(0, 1) if m.batch_first else r)
            for r in R_seq]
-    R_in[0] = _join([r.to(r_dtype) for r in R_x])
-    _state_relevance(rec, R_in, R_init, given, r_dtype, absorbed)
-    return R_in, _join(absorbed)
+    return R_x, R_init, given
 
 
-@register_rule(nn.LSTM, name="lstm")
-def lstm_rule(rec, R_out, ctx):
-    """Unrolled LSTM (all layers, both directions; optional ``(h0, c0)`` gets relevance)."""
-    return _rnn_rule(rec, R_out, ctx, "lstm")
-
-
-@register_rule(nn.GRU, name="gru")
-def gru_rule(rec, R_out, ctx):
-    """Unrolled GRU (all layers, both directions; optional ``h0`` gets relevance)."""
-    return _rnn_rule(rec, R_out, ctx, "gru")
-
-
-@torch.no_grad()
-def _cell_rule(rec, R_out, ctx, kind: str):
-    _check(rec, cell=True)
+def _cell_reverse(rec, R_out, ctx, x0: Tensor, dt: torch.dtype, lstm: bool,
+                  absorbed: list[Tensor]):
+    """``nn.LSTMCell``/``nn.GRUCell``: one step (as :func:`_layers_reverse`)."""
     m = rec.module
-    lstm = kind == "lstm"
-    x0 = rec.input_value(0)
-    dt = _compute_dtype(x0, R_out)
     X = x0.to(dt).reshape(1, -1, x0.shape[-1])  # [T=1, B, in]
     B, H = X.shape[1], m.hidden_size
     n_state = 2 if lstm else 1
@@ -828,11 +811,10 @@ def _cell_rule(rec, R_out, ctx, kind: str):
     given = [s is not None for s in states]
     states = [X.new_zeros(B, H) if s is None else s for s in states]
     w = _weights(ctx.param, m, "", dt)
-    n, r_dtype = _stream_info(R_out)
+    n = len(absorbed)
     R_fin = [_stream_list(R_out, j, (B, H), n, X) for j in range(n_state)]
     R_seq = [X.new_zeros(1, B, H) for _ in range(n)]
     saturate = ctx.saturation and not ctx.contrastive
-    absorbed = [X.new_zeros((), dtype=torch.float64) for _ in range(n)]
     Hp = states[0].unsqueeze(0)
     if lstm:
         st = lstm_steps(X, Hp, states[1], w, reverse=False,
@@ -844,19 +826,29 @@ def _cell_rule(rec, R_out, ctx, kind: str):
         st = gru_steps(X, Hp, w)
         R_X, R_h0 = gru_reverse(st, w, R_seq, R_fin[0], False, saturate, absorbed)
         R_init = [R_h0]
-    R_in: list = [None] * len(rec.inputs)
-    R_in[0] = _join([r.reshape(x0.shape).to(r_dtype) for r in R_X])
-    _state_relevance(rec, R_in, R_init, given, r_dtype, absorbed)
-    return R_in, _join(absorbed)
+    return [r.reshape(x0.shape) for r in R_X], R_init, given
 
 
-@register_rule(nn.LSTMCell, name="lstm_cell")
-def lstm_cell_rule(rec, R_out, ctx):
-    """One LSTM step: outputs ``(h', c')``; optional ``(h, c)`` gets relevance."""
-    return _cell_rule(rec, R_out, ctx, "lstm")
+@torch.no_grad()
+def recurrent_rule(rec, R_out, ctx):
+    """``nn.LSTM`` and ``nn.GRU`` unrolled (all layers, both directions), ``nn.LSTMCell``
+    and ``nn.GRUCell`` (one step); the initial states the call passed (``(h0, c0)``,
+    ``h0``) get relevance."""
+    m = rec.module
+    cell = isinstance(m, nn.RNNCellBase)
+    _check(rec, cell=cell)
+    x0 = rec.input_value(0)
+    dt = _compute_dtype(x0, R_out)
+    n, r_dtype = _stream_info(R_out)
+    absorbed = [x0.new_zeros((), dtype=torch.float64) for _ in range(n)]
+    walk = _cell_reverse if cell else _layers_reverse
+    R_x, R_init, given = walk(rec, R_out, ctx, x0, dt, isinstance(m, (nn.LSTM, nn.LSTMCell)),
+                              absorbed)
+    return _result(rec, R_x, R_init, given, r_dtype, absorbed)
 
 
-@register_rule(nn.GRUCell, name="gru_cell")
-def gru_cell_rule(rec, R_out, ctx):
-    """One GRU step: output ``h'``; optional ``h`` gets relevance."""
-    return _cell_rule(rec, R_out, ctx, "gru")
+# the rule's names before one function served the four module types
+lstm_rule = gru_rule = lstm_cell_rule = gru_cell_rule = recurrent_rule
+for _cls, _name in ((nn.LSTM, "lstm"), (nn.GRU, "gru"), (nn.LSTMCell, "lstm_cell"),
+                    (nn.GRUCell, "gru_cell")):
+    register_rule(_cls, recurrent_rule, name=_name)
