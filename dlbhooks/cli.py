@@ -6,8 +6,31 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
+
+import dlbhooks as dlb
+from dlbhooks.corpus import (
+    batch_expert_stats,
+    batch_token_relevance,
+    chunk,
+    corpus_map,
+    default_state,
+    explain_batch,
+    merge_in_order,
+    windows,
+)
+from dlbhooks.demo import load_digits_model
+from dlbhooks.tiny_moe import (
+    DOMAINS,
+    SPLITS,
+    VOCAB_SIZE,
+    corpus_ids,
+    decode,
+    encode,
+    load_tiny_moe,
+)
 
 SHADES = " .:-=+*#%@"
 
@@ -32,9 +55,6 @@ def demo(args: argparse.Namespace) -> int:
 def demo_moe(args: argparse.Namespace) -> int:
     """Explain the shipped tiny MoE's next byte after a code prompt: relevance per prompt
     byte and per expert."""
-    import dlbhooks as dlb
-    from dlbhooks.tiny_moe import decode, encode, load_tiny_moe
-
     model, meta = load_tiny_moe()
     res = meta["results"]
     print(f"dlbhooks {dlb.__version__} demo: {meta['model']}, {meta['parameters']:,} parameters,")
@@ -64,9 +84,6 @@ def demo_moe(args: argparse.Namespace) -> int:
 
 
 def demo_digits(args: argparse.Namespace) -> int:
-    import dlbhooks as dlb
-    from dlbhooks.demo import load_digits_model
-
     model, images, labels, meta = load_digits_model()
     print(f"dlbhooks {dlb.__version__} demo: a CNN trained on {meta['dataset']}")
     print(f"held-out accuracy {meta['test_accuracy']:.1%} ({meta['test_size']} images)\n")
@@ -101,37 +118,11 @@ def demo_digits(args: argparse.Namespace) -> int:
 def corpus_stats(args: argparse.Namespace) -> int:
     """ExpertStats of the tiny MoE (or ``--model``) over windows of a tiny_moe domain's text,
     on one process or several (``accelerate launch``); see docs/corpus_runs.md."""
-    import time
-
-    from dlbhooks.corpus import (
-        batch_expert_stats,
-        batch_token_relevance,
-        chunk,
-        corpus_map,
-        default_state,
-        explain_batch,
-        merge_in_order,
-        windows,
-    )
-    from dlbhooks.tiny_moe import VOCAB_SIZE, corpus_ids, load_tiny_moe
-
     t0 = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
     state = default_state(cpu=True if args.cpu else None)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                     dtype=dtype).eval()
-        if model.config.vocab_size < VOCAB_SIZE:
-            raise SystemExit(f"{args.model}: vocabulary of {model.config.vocab_size} ids; the "
-                             f"corpus is byte-level ({VOCAB_SIZE} ids, dlbhooks.tiny_moe)")
-    else:
-        model, _ = load_tiny_moe(dtype=dtype)
-    if args.experts_implementation:
-        model.set_experts_implementation(args.experts_implementation)
+    model = _corpus_model(args)
     model.to(state.device)
     nxt = args.target == "next"
     rows = windows(corpus_ids(args.domain, args.split), args.sequences,
@@ -155,12 +146,7 @@ def corpus_stats(args: argparse.Namespace) -> int:
             rels.append(rel)
     stats = merge_in_order(parts)
     if state.is_main_process:
-        stats.save(args.out)
-        if args.tokens:
-            from safetensors.torch import save_file
-
-            save_file({"relevance": torch.cat(rels).contiguous(),
-                       "input_ids": rows[:, :L].contiguous()}, args.tokens)
+        _save_corpus_stats(args, stats, rels, rows[:, :L])
         print(f"{args.sequences} windows of {L} bytes of {args.domain}/{args.split}, "
               f"{len(batches)} batches, positions {positions}, target {args.target}, "
               f"{args.mode} mode; {state.num_processes} process(es), "
@@ -173,6 +159,35 @@ def corpus_stats(args: argparse.Namespace) -> int:
         print(f"saved {args.out}" + (f" and {args.tokens}" if args.tokens else ""))
     state.destroy_process_group()
     return 0
+
+
+def _corpus_model(args: argparse.Namespace):
+    """The model corpus-stats explains: ``--model`` (a local folder with the byte
+    vocabulary) or the shipped tiny MoE, in ``--dtype``, with ``--experts-implementation``."""
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
+                                                     dtype=dtype).eval()
+        if model.config.vocab_size < VOCAB_SIZE:
+            raise SystemExit(f"{args.model}: vocabulary of {model.config.vocab_size} ids; the "
+                             f"corpus is byte-level ({VOCAB_SIZE} ids, dlbhooks.tiny_moe)")
+    else:
+        model, _ = load_tiny_moe(dtype=dtype)
+    if args.experts_implementation:
+        model.set_experts_implementation(args.experts_implementation)
+    return model
+
+
+def _save_corpus_stats(args: argparse.Namespace, stats, rels: list, ids: torch.Tensor) -> None:
+    """``--out`` (the ExpertStats) and, with ``--tokens``, the token relevance."""
+    stats.save(args.out)
+    if args.tokens:
+        from safetensors.torch import save_file
+
+        save_file({"relevance": torch.cat(rels).contiguous(), "input_ids": ids.contiguous()},
+                  args.tokens)
 
 
 # What --help prints (plain text: argparse shows it as written, reflowed).
@@ -196,8 +211,6 @@ CORPUS_STATS_DESCRIPTION = (
 
 
 def add_corpus_stats_arguments(p: argparse.ArgumentParser) -> None:
-    from dlbhooks.tiny_moe import DOMAINS, SPLITS
-
     p.add_argument("--model", default=None,
                    help="a local HF causal-LM folder with the byte vocabulary of "
                         "dlbhooks.tiny_moe (default: the shipped tiny MoE)")

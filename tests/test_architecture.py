@@ -40,10 +40,7 @@ LAYERS: list[set[str]] = [
 ]
 
 #: Modules owned elsewhere whose function-level imports are not marked yet (reason each).
-PENDING: dict[str, str] = {
-    "dlbhooks.cli": "owned by the CLI's maintainer: its subcommands import dlbhooks inside "
-                    "the function; to be moved to module level or marked '# lazy:'",
-}
+PENDING: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
