@@ -31,7 +31,6 @@ from .weights import (  # noqa: F401 (re-exported: the old home of weight access
 )
 
 if TYPE_CHECKING:
-    from .results import Explanation
     from .rules.registry import RuleOverlay
 
 
@@ -168,28 +167,10 @@ class Tape:
     def __repr__(self) -> str:
         return f"Tape({type(self.model).__name__}, {len(self.records)} records)"
 
-    def explain(
-        self,
-        target: Any = None,
-        *,
-        mode: str = "default",
-        multiplier: float = 100.0,
-        saturation: bool = True,
-        task: str = "multiclass",
-        thresholding: float = 0.5,
-        scaler: float | None = None,
-        keep: bool = True,
-        output: str | int | None = None,
-        position: Any = None,
-        share: bool = False,
-    ) -> Explanation:
-        """Explain the last recorded call of the model (see
-        :func:`dlbhooks.explaining.explain_tape`, which documents every argument)."""
-        return explain_tape(
-            self, target, mode=mode, multiplier=multiplier, saturation=saturation, task=task,
-            thresholding=thresholding, scaler=scaler, keep=keep, output=output,
-            position=position, share=share,
-        )
+    #: ``tape.explain(target, mode=..., ...)``: explain the last recorded call of the model
+    #: (:func:`dlbhooks.explaining.explain_tape`, the tape as its first argument, defined
+    #: there once so that its signature and documentation are not repeated here)
+    explain = explain_tape
 
     # -- bookkeeping used by the tracer ---------------------------------------------------
     def produce(self, t: Tensor) -> None:
