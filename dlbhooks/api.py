@@ -25,9 +25,9 @@ def explain(
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple or list, else
-    ``model(inputs)``."""
-    if isinstance(inputs, dict):
+    """``model(**inputs)`` for a mapping (a dict, a tokenizer's ``BatchEncoding``),
+    ``model(*inputs)`` for a tuple or list, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)

@@ -14,6 +14,16 @@ from .errors import SavedFileError, TraceError
 from .ledger import LedgerEntry
 
 
+class InputRelevance(dict):
+    """``{argument name: relevance}``; an unknown name is a ``KeyError`` that lists the
+    names there are (an ``nn.Sequential``'s input is ``"input"``, a transformers model's
+    ``"input_ids"``, ...)."""
+
+    def __missing__(self, key):
+        raise KeyError(f"{key!r} is not an explained input; the inputs are {list(self)} (keyed "
+                       "by the forward's argument names)")
+
+
 @dataclass
 class Explanation:
     """The result of one explanation.
@@ -55,6 +65,37 @@ class Explanation:
     #: their difference); per stream, inputs + absorbed = multiplier × batch rows
     absorbed_positive: dict[str, float] | None = None
     absorbed_negative: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        self.inputs = InputRelevance(self.inputs)
+        if self.positive is not None:
+            self.positive = InputRelevance(self.positive)
+        if self.negative is not None:
+            self.negative = InputRelevance(self.negative)
+
+    def __repr__(self) -> str:
+        """A short summary (the tensors are in the fields): target, inputs, totals, where the
+        rest was absorbed, the conservation check."""
+        rows = len(next(iter(self.inputs.values()))) if self.inputs else 0
+        lines = [f"Explanation(mode={self.mode!r}, target={_short(self.target)}, "
+                 f"multiplier={self.multiplier:g}, {rows} row(s))"]
+        for name, t in self.inputs.items():
+            line = f"  input {name!r} {list(t.shape)}: total {float(t.double().sum()):.6g}"
+            if self.positive is not None and self.negative is not None:
+                line += (f" (+ stream {float(self.positive[name].double().sum()):.6g}, "
+                         f"- stream {float(self.negative[name].double().sum()):.6g})")
+            lines.append(line)
+        by_type: dict[str, float] = {}
+        types = {e.key: e.type for e in self.ledger}
+        for key, value in self.absorbed.items():
+            kind = types.get(key, "?")
+            by_type[kind] = by_type.get(kind, 0.0) + value
+        shown = sorted(by_type.items(), key=lambda kv: -abs(kv[1]))[:6]
+        cells = ", ".join(f"{k} {v:.4g}" for k, v in shown if v)
+        lines.append(f"  absorbed {self.total_absorbed:.6g}" + (f" ({cells})" if cells else ""))
+        if self.ledger:
+            lines.append(f"  conservation error {self.conservation_error():.2g} of the seed")
+        return "\n".join(lines)
 
     def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
         """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""
@@ -235,6 +276,13 @@ def read_saved(path: str | Path, key: str) -> tuple[dict, dict[str, Tensor]]:
     for name, first in meta.pop("aliases", {}).items():
         tensors[name] = tensors[first]
     return meta, tensors
+
+
+def _short(x: Any, n: int = 8) -> str:
+    """``repr`` of a target, cut after ``n`` items."""
+    if isinstance(x, list) and len(x) > n:
+        return repr(x[:n])[:-1] + f", ... ({len(x)} in all)]"
+    return repr(x)
 
 
 def _jsonable(x: Any) -> Any:

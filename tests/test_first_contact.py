@@ -1,0 +1,49 @@
+"""What a new user meets first: inputs as a tokenizer returns them, a helpful KeyError, a
+short printout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import BatchEncoding, LlamaConfig, LlamaForCausalLM
+
+import dlbhooks as dlb
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def test_a_batch_encoding_is_keyword_inputs(llama):
+    ids = torch.randint(1, 40, (1, 12))
+    enc = BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    exp = dlb.explain(llama, enc)  # a Mapping, not a dict: it used to reach the model whole
+    ref = dlb.explain(llama, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert torch.equal(exp.inputs["input_ids"], ref.inputs["input_ids"])
+
+
+def test_an_unknown_input_name_lists_the_known_ones():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    exp = dlb.explain(model, torch.randn(2, 3, dtype=torch.float64), mode="contrastive")
+    for d in (exp.inputs, exp.positive, exp.negative):
+        with pytest.raises(KeyError, match=r"'x' is not an explained input; the inputs are "
+                                           r"\['input'\]"):
+            d["x"]
+
+
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_printing_an_explanation_is_a_short_summary(llama, mode, tmp_path):
+    ids = torch.randint(1, 40, (1, 12))
+    exp = dlb.explain(llama, {"input_ids": ids}, mode=mode)
+    text = str(exp)
+    assert len(text) < 1000, text  # was ~578,000 characters of tensors
+    assert f"mode={mode!r}" in text and f"target={exp.target!r}" in text
+    assert "input 'input_ids' [1, 12]" in text and "conservation error" in text
+    assert ("+ stream" in text) == (mode == "contrastive")
+    exp.save(tmp_path / "e.safetensors")
+    assert str(dlb.Explanation.load(tmp_path / "e.safetensors")) == text
