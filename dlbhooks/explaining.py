@@ -216,6 +216,12 @@ def _resolved_target(out: Tensor, target: Any, task: str, position: Any = None,
         pos = sequence_positions(out, position, attention_mask)
         rows = torch.arange(out.shape[0], device=out.device)
         return out[rows, pos].argmax(-1).tolist()
+    if isinstance(target, Tensor) and target.is_floating_point():
+        return target.tolist() if target.numel() <= 64 else f"tensor{tuple(target.shape)}"
+    if task in ("multiclass", "classification") and out.dim() in (2, 3) and target is not None:
+        C = out.shape[-1]  # class or token indices, negative ones counted from the end
+        idx = torch.as_tensor(target).long()
+        return torch.where(idx < 0, idx + C, idx).tolist()
     if isinstance(target, Tensor):
         return target.tolist() if target.numel() <= 64 else f"tensor{tuple(target.shape)}"
     return target

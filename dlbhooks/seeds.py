@@ -138,6 +138,10 @@ def row_targets(out: Tensor, target: Any) -> Tensor:
     B, C = out.shape
     if target is None:
         return out.argmax(dim=-1)  # (in range by construction)
+    if isinstance(target, (str, bytes)):
+        raise TargetError(
+            f"target {target!r} is text: give the class or token id (e.g. "
+            "tokenizer.convert_tokens_to_ids(token)), or None for the argmax")
     if isinstance(target, int) or (isinstance(target, Tensor) and target.dim() == 0):
         idx = torch.full((B,), int(target), dtype=torch.long, device=out.device)
     elif isinstance(target, (Sequence, Tensor)):
@@ -150,9 +154,9 @@ def row_targets(out: Tensor, target: Any) -> Tensor:
         idx = idx.to(out.device, torch.long)
     else:
         raise TargetError(f"unsupported target {target!r}")
-    if bool(((idx < 0) | (idx >= C)).any()):
+    if bool(((idx < -C) | (idx >= C)).any()):
         raise TargetError(f"target {idx.tolist()} out of range for {C} output units")
-    return idx
+    return torch.where(idx < 0, idx + C, idx)  # negative indices count from the end
 
 
 def _classify(out: Tensor, target: Any, task: str, m: float, mode: str) -> Rel:

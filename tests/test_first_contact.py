@@ -47,3 +47,16 @@ def test_printing_an_explanation_is_a_short_summary(llama, mode, tmp_path):
     assert ("+ stream" in text) == (mode == "contrastive")
     exp.save(tmp_path / "e.safetensors")
     assert str(dlb.Explanation.load(tmp_path / "e.safetensors")) == text
+
+
+def test_negative_class_indices_count_from_the_end_and_text_is_a_target_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4)).double()
+    x = torch.randn(2, 5, dtype=torch.float64)
+    for neg, pos in ((-1, 3), ([-1, -4], [3, 0])):
+        a, b = dlb.explain(model, x, target=neg), dlb.explain(model, x, target=pos)
+        assert torch.equal(a.inputs["input"], b.inputs["input"]) and a.target == b.target == pos
+    with pytest.raises(dlb.TargetError, match="out of range"):
+        dlb.explain(model, x, target=-5)
+    with pytest.raises(dlb.TargetError, match="is text"):
+        dlb.explain(model, x, target="cat")

@@ -1395,7 +1395,7 @@ def test_seed_segmentation() -> None:
 def test_seed_errors() -> None:
     out = torch.randn(3, 5, dtype=D)
     bad = [
-        dict(target=5), dict(target=-1), dict(target=[0, 7, 1]),     # out of range
+        dict(target=5), dict(target=-6), dict(target=[0, 7, 1]),     # out of range
         dict(target=[0, 1]), dict(target=[0, 1, 2, 3]),              # wrong length
         dict(target=torch.zeros(3, 4, dtype=D)),                     # wrong seed shape
         dict(target=[[0], [1], [2]]),                                # wrong shape
