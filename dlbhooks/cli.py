@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 
 import torch
@@ -49,7 +50,27 @@ def _heatmap(rel: torch.Tensor) -> list[str]:
 
 
 def demo(args: argparse.Namespace) -> int:
-    return demo_moe(args) if args.model == "moe" else demo_digits(args)
+    if args.model == "moe":
+        if args.samples is not None:
+            raise SystemExit("dlbhooks demo: --samples applies to --model digits (the MoE demo "
+                             "explains the next byte after --prompt)")
+        return demo_moe(args)
+    return demo_digits(args)
+
+
+def _totals_line(exp) -> str:
+    """Where the seeded relevance went: per stream in contrastive mode."""
+    if exp.positive is None:
+        return (f"inputs {exp.total_input:.3f} + absorbed {exp.total_absorbed:.3f} "
+                f"= seeded {exp.ledger[0].relevance_out:.1f}")
+    parts = []
+    for sign, inputs, absorbed, seeded in (
+            ("+", exp.positive, exp.absorbed_positive, exp.ledger[0].relevance_out[0]),
+            ("-", exp.negative, exp.absorbed_negative, exp.ledger[0].relevance_out[1])):
+        total = sum(float(t.double().sum()) for t in inputs.values())
+        parts.append(f"{sign} stream: inputs {total:.3f} + absorbed "
+                     f"{sum(absorbed.values()):.3f} = seeded {seeded:.1f}")
+    return "; ".join(parts)
 
 
 def demo_moe(args: argparse.Namespace) -> int:
@@ -75,11 +96,13 @@ def demo_moe(args: argparse.Namespace) -> int:
         bar = ("+" if r >= 0 else "-") * int(round(abs(r) / peak * 30))
         print(f"  {tok!r:>10} {r:8.3f} {bar}")
     print("\nrelevance per expert (summed over tokens):")
-    for layer, t in sorted(exp.experts.items()):
+    for n, (layer, t) in enumerate(sorted(exp.experts.items())):
+        if n == 0:
+            names = exp.expert_columns(layer)
+            print(f"  {'layer / expert':<22} " + " ".join(f"{c:>6}" for c in names))
         cells = " ".join(f"{v:6.2f}" for v in t[0].sum(0).tolist())
         print(f"  {layer:<22} {cells}")
-    print(f"\ninputs {exp.total_input:.3f} + absorbed {exp.total_absorbed:.3f} "
-          f"= seeded {exp.ledger[0].relevance_out if args.mode == 'default' else '(per stream)'}")
+    print("\n" + _totals_line(exp))
     return 0
 
 
@@ -88,7 +111,8 @@ def demo_digits(args: argparse.Namespace) -> int:
     print(f"dlbhooks {dlb.__version__} demo: a CNN trained on {meta['dataset']}")
     print(f"held-out accuracy {meta['test_accuracy']:.1%} ({meta['test_size']} images)\n")
     print(dlb.coverage(model), "\n")
-    picks = list(range(0, len(labels), max(1, len(labels) // args.samples)))[: args.samples]
+    n = 3 if args.samples is None else args.samples
+    picks = list(range(0, len(labels), max(1, len(labels) // n)))[:n]
     x = images[picks]
     with dlb.trace(model) as tape:
         logits = model(x)
@@ -112,6 +136,17 @@ def demo_digits(args: argparse.Namespace) -> int:
     print(f"  inputs         received {exp.total_input:10.3f}")
     if args.mode == "default":
         print(f"  total          {exp.total_input + exp.total_absorbed:.6f} = seeded {seeded:.1f}")
+        share = exp.total_absorbed / seeded
+        if share > 0.25:
+            print()
+            note = (f"{share:.0%} of the relevance was absorbed by bias shares (METHOD.md §2: a "
+                    "unit's bias keeps |b|/T of its relevance). On images with a blank "
+                    "background many first-layer units see little input, so their biases "
+                    "explain much of their activation; the rest reached the pixels. "
+                    "Contrastive mode (--mode contrastive) has no bias sink.")
+            print(textwrap.fill(note, width=92))
+    else:
+        print("  " + _totals_line(exp))
     return 0
 
 
@@ -244,6 +279,13 @@ def add_corpus_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlbhooks", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="moe: the text whose next byte is explained (default: %(default)r)")
     p.add_argument("--mode", choices=["default", "contrastive"], default="default",
                    help="the method's mode (default: default)")
-    p.add_argument("--samples", type=int, default=3,
+    p.add_argument("--samples", type=_positive, default=None,
                    help="digits: how many held-out images to explain (default: 3)")
     p.set_defaults(func=demo)
     p = sub.add_parser("corpus-stats", help="expert statistics over a corpus, on one or "

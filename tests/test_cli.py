@@ -15,7 +15,24 @@ def test_demo_tiny_moe(capsys):
 def test_demo_digits(capsys):
     assert main(["demo", "--model", "digits", "--samples", "2", "--mode", "contrastive"]) == 0
     out = capsys.readouterr().out
-    assert "held-out accuracy" in out and "sample" in out
+    assert "held-out accuracy" in out and out.count("\nsample ") == 2
+    assert "+ stream: inputs" in out and "- stream: inputs" in out and "= seeded 200.0" in out
+
+
+def test_demo_contrastive_moe_totals_per_stream_and_expert_headers(capsys):
+    assert main(["demo", "--mode", "contrastive"]) == 0
+    out = capsys.readouterr().out
+    assert "layer / expert" in out and "+ stream: inputs" in out and "= seeded 100.0" in out
+    assert "(per stream)" not in out
+
+
+@pytest.mark.parametrize("argv", [["demo", "--model", "digits", "--samples", "0"],
+                                  ["demo", "--samples", "2"]])
+def test_demo_rejects_samples_it_cannot_use(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code != 0
+    assert "--samples" in capsys.readouterr().err + str(exit_.value.code)
 
 
 def test_help_texts(capsys):
