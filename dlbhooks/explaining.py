@@ -3,6 +3,7 @@ over the records in reverse, and assemble the :class:`~dlbhooks.results.Explanat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from .engine import Engine
 from .errors import (
     NonFiniteError,
     OutOfMemoryError,
+    RecordModifiedError,
     TargetError,
     is_out_of_memory,
     memory_advice,
@@ -22,6 +24,7 @@ from .ledger import LedgerEntry
 from .relevance import Rel, Streams, all_finite, has_nan, net, to_float
 from .results import Explanation
 from .seeds import TASKS, make_seed, sequence_positions
+from .weights import changed_weights
 
 if TYPE_CHECKING:
     from .records import Record, Tape
@@ -93,6 +96,18 @@ def _checked_root(tape: Tape) -> Record:
     root = tape.last_root()
     if not root.done:
         raise TargetError("the recorded forward did not finish (it raised): nothing to explain")
+    if len(tape.roots) > 1:
+        warnings.warn(
+            f"the tape holds {len(tape.roots)} calls of the model; explaining the last one. "
+            "Trace each forward in its own `with dlb.trace(model)` block to explain it.",
+            stacklevel=4)
+    changed = changed_weights(tape.model, tape.weight_marks)
+    if changed:
+        raise RecordModifiedError(
+            f"{len(changed)} weight(s) of the model changed since the recorded forward "
+            f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}; e.g. an "
+            "optimizer step): the explanation would mix the recorded activations with the new "
+            "weights. Explain before updating the model, or trace the forward again.")
     for name, t in zip(root.input_names, root.inputs):
         if t.is_floating_point() and has_nan(t):
             raise NonFiniteError(

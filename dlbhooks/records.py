@@ -161,6 +161,9 @@ class Tape:
     # record index -> forward-only quantities rules keep for later explanations
     # (``tape.explain(share=True)``: several targets on one recorded forward)
     shared: dict[int, dict] = field(default_factory=dict)
+    # the parameters' (version, data pointer) when the trace ended (weights.weight_marks):
+    # an explanation refuses weights changed since the forward
+    weight_marks: dict[str, tuple[int, int]] = field(default_factory=dict)
     _produced: dict[int, Tensor] = field(default_factory=dict)
     _storages: dict[int, list[Tensor]] = field(default_factory=dict)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from .integrations.accelerate import hf_hook
 from .records import Record, Tape
 from .rules import registry
 from .storage import Storage, Store, version_of
+from .weights import weight_marks
 
 #: Traces whose block is running (innermost last): functions that are not modules (the
 #: attention function) record themselves through these.
@@ -110,6 +112,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             self._undo()
             raise
         self._enter_modes()
+        _warn_if_training(self.model)
         torch.set_grad_enabled(self.grad)
         ACTIVE.append(self)
         return self.tape
@@ -134,6 +137,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._undo()
         self._exit_modes()
         torch.set_grad_enabled(self._grad_before)
+        self.tape.weight_marks = weight_marks(self.model)
         inside = self._stack[-1].describe() if self._stack else None
         self._stack.clear()
         if exc is not None and is_out_of_memory(exc):
@@ -249,6 +253,18 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._stack.pop()
         self._close(rec, output)
         return rec
+
+
+def _warn_if_training(model: nn.Module) -> None:
+    """A model in training mode with active dropout records one random sample of it."""
+    active = [type(m).__name__ for m in model.modules()
+              if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if active:
+        warnings.warn(
+            f"{type(model).__name__} is in training mode with {len(active)} active dropout "
+            f"module(s) ({active[0]}, ...): the recorded forward drops random units, and the "
+            "explanation describes that one random sample. Call model.eval() first.",
+            stacklevel=3)
 
 
 def _wrapped(model: nn.Module) -> bool:

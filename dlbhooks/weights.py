@@ -104,3 +104,17 @@ def fetch_abs_param(module: nn.Module, name: str) -> Tensor | None:
         fetched = fetch_param(module, name)
         return None if fetched is None else fetched.abs()
     return ABS_WEIGHTS.get(value)
+
+
+def weight_marks(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (version counter, data pointer)}`` of the model's parameters in memory
+    (offloaded ones, on the meta device, are left out): taken when a trace ends, so that an
+    explanation can tell if a weight changed since the recorded forward."""
+    return {name: (version_of(p), p.data_ptr()) for name, p in model.named_parameters()
+            if p.device.type != "meta"}
+
+
+def changed_weights(model: nn.Module, marks: dict[str, tuple[int, int]]) -> list[str]:
+    """Names of parameters updated in place (an optimizer step) or replaced since ``marks``."""
+    now = weight_marks(model)
+    return [name for name, mark in marks.items() if now.get(name, mark) != mark]

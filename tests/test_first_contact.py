@@ -60,3 +60,30 @@ def test_negative_class_indices_count_from_the_end_and_text_is_a_target_error():
         dlb.explain(model, x, target=-5)
     with pytest.raises(dlb.TargetError, match="is text"):
         dlb.explain(model, x, target="cat")
+
+
+def test_weights_changed_after_the_forward_are_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with dlb.trace(model) as tape:
+        model(x)
+    tape.explain()  # unchanged: fine
+    with torch.no_grad():
+        model[2].weight.mul_(2)  # an optimizer step, in place
+    with pytest.raises(dlb.RecordModifiedError, match=r"1 weight\(s\).*2\.weight"):
+        tape.explain()
+
+
+def test_two_forwards_in_one_block_and_training_mode_warn():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="training mode with 1 active dropout"):
+        with dlb.trace(model) as tape:
+            model(x)
+    model.eval()
+    with dlb.trace(model) as tape:
+        model(x)
+        model(2 * x)
+    with pytest.warns(UserWarning, match="holds 2 calls of the model; explaining the last"):
+        exp = tape.explain()
+    assert torch.equal(exp.inputs["input"], dlb.explain(model, 2 * x).inputs["input"])
