@@ -14,6 +14,9 @@ streams in contrastive mode), ``experts``, ``heads``, routing, ``layers``, ``abs
 with the resolved targets, the tables' keys and a fingerprint of the machine (torch and
 library versions, thread count, CPU model, platform) in the JSON metadata.
 
+The cases' configurations repeat the test suite's on purpose instead of importing them:
+a golden case must not change when a test's model does.
+
 ``tests/test_golden.py`` rebuilds each case, loads the stored weights and inputs, explains
 again and compares: bitwise when the fingerprint matches the machine, else to 1e-13
 relative to the seeded relevance.

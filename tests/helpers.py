@@ -46,3 +46,13 @@ def double(model):
 def seeded(seed: int = 0) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def tiny_llama():
+    """A 2-layer random Llama (vocabulary 40, hidden 16, GQA 4/2) in float64, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).double().eval()

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_llama
 from torch import nn
-from transformers import BatchEncoding, LlamaConfig, LlamaForCausalLM
+from transformers import BatchEncoding
 
 import dlbhooks as dlb
 
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).double().eval()
+    return tiny_llama()
 
 
 def test_a_batch_encoding_is_keyword_inputs(llama):

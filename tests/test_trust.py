@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_conserved
+from helpers import assert_conserved, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import dlbhooks as dlb
 from dlbhooks.rules import registry
@@ -171,10 +170,7 @@ def test_rule_registered_by_name_can_be_replaced_and_removed():
 
 @pytest.fixture(scope="module")
 def llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).double().eval()
+    return tiny_llama()
 
 
 @pytest.mark.parametrize("mode", ["default", "contrastive"])
