@@ -214,7 +214,13 @@ def _segmentation(out: Tensor, target: Any, m: float, mode: str, thr: float) -> 
     mask = chosen & (probs > thr)
     count = mask.reshape(B, -1).sum(-1)
     if bool((count == 0).any()):
-        raise TargetError(f"no pixel's probability exceeds thresholding={thr} in some row")
+        empty = (count == 0).nonzero().flatten().tolist()
+        best = torch.where(chosen, probs, 0.0).reshape(B, -1).amax(-1)
+        low = float(best[empty].min())
+        raise TargetError(
+            f"no pixel's probability exceeds thresholding={thr} in rows {empty}: the model is "
+            f"unsure everywhere there (the highest probability of the explained class is "
+            f"{low:.3g}); pass a thresholding below that, e.g. thresholding={low * 0.9:.3g}")
     seed = mask.to(out.dtype) * (m / count.to(out.dtype)).view(B, *([1] * (out.dim() - 1)))
     if mode == "default":
         return seed

@@ -85,3 +85,14 @@ def test_two_forwards_in_one_block_and_training_mode_warn():
     with pytest.warns(UserWarning, match="holds 2 calls of the model; explaining the last"):
         exp = tape.explain()
     assert torch.equal(exp.inputs["input"], dlb.explain(model, 2 * x).inputs["input"])
+
+
+def test_segmentation_threshold_error_says_which_threshold_selects_pixels():
+    from dlbhooks.seeds import make_seed
+
+    out = torch.zeros(2, 3, 4, 4, dtype=torch.float64)  # unsure everywhere: p = 1/3
+    with pytest.raises(dlb.TargetError, match=r"rows \[0, 1\].*highest probability of the "
+                                              r"explained class is 0\.333.*thresholding=0\.3"):
+        make_seed(out, task="segmentation")
+    seed = make_seed(out, task="segmentation", thresholding=0.3)  # the suggestion works
+    assert float(seed.sum()) == pytest.approx(200.0, rel=1e-12)
