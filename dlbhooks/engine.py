@@ -22,6 +22,7 @@ from .integrations.accelerate import materialise
 from .ledger import LedgerEntry, PendingEntry, finish_ledger
 from .relevance import Rel, Streams, radd, rmap, rsum, total64
 from .rules import registry
+from .rules.composite import streams_of
 from .rules.elementwise import nonnegative_output, saturation_bounds
 from .storage import record_tensors
 from .views import base_to_view, view_to_base
@@ -77,10 +78,6 @@ class Bag:
     def leftovers(self):
         for key, R in self._rel.items():
             yield self._tensor[key], R, self._by[key]
-
-
-def _streams(R: Rel) -> list[Tensor]:
-    return [R.pos, R.neg] if isinstance(R, Streams) else [R]
 
 
 def _has_none(R) -> bool:
@@ -288,7 +285,7 @@ class Engine:
         input relevance is remembered until it arrives as another record's output
         relevance (``pop``), unless it also goes on as this record's input (``keep``: a
         pass-through rule hands on the same tensor)."""
-        staying = {id(t) for r in keep if r is not None for t in _streams(r)}
+        staying = {id(t) for r in keep if r is not None for t in streams_of(r)}
 
         def one(t: Tensor) -> Tensor:
             hit = self._sums.get(id(t))
@@ -344,7 +341,7 @@ class Engine:
             moved = bag.peek(base)
             if moved is None:
                 continue
-            parts = [base_to_view(r, rec.inputs[i], base) for r in _streams(moved)]
+            parts = [base_to_view(r, rec.inputs[i], base) for r in streams_of(moved)]
             if any(p is None for p in parts):
                 continue
             bag.pop(base)
