@@ -28,6 +28,7 @@ from .memory import MemoryEstimate, estimate_memory, record_bytes
 from .records import Record, Tape
 from .relevance import Streams
 from .results import Explanation
+from .rules.contract import RuleContext, RuleResult, stacked_rule
 from .rules.elementwise import register_saturation
 from .rules.registry import register_rule, unregister_rule
 from .storage import Storage
@@ -40,10 +41,10 @@ __all__ = [
     "DLBError", "ExpertStats", "Explanation", "FunctionalGapError", "GenerationExplanation",
     "MemoryEstimate",
     "NonFiniteError", "OffloadError", "OutOfMemoryError", "Record", "RecordModifiedError",
-    "SavedFileError", "Storage", "Streams", "Tape", "TargetError", "TraceError",
-    "UnsupportedModuleError",
+    "RuleContext", "RuleResult", "SavedFileError", "Storage", "Streams", "Tape", "TargetError",
+    "TraceError", "UnsupportedModuleError",
     "coverage", "estimate_memory",
     "explain", "explain_generation", "record_bytes", "register_rule", "register_saturation",
-    "set_weight_cache", "trace", "unregister_rule",
+    "set_weight_cache", "stacked_rule", "trace", "unregister_rule",
 ]
 __all__ += ["corpus_expert_stats", "corpus_map", "corpus_token_relevance"]

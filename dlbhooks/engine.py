@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
 from .integrations.accelerate import materialise
 from .ledger import LedgerEntry, PendingEntry, finish_ledger
-from .relevance import Rel, Streams, radd, rmap, rsum, total64
+from .relevance import Rel, radd, rmap, rsum, stack, streams_of
 from .rules import registry
-from .rules.composite import streams_of
+from .rules.contract import RuleResult, legacy_call, streamwise_call
 from .rules.elementwise import nonnegative_output, saturation_bounds
 from .storage import record_tensors
 from .views import base_to_view, view_to_base
@@ -54,13 +54,13 @@ class Bag:
         if key in self.tape.aliases and key not in self._keep:
             # a device copy made by accelerate: the relevance belongs to the original
             t = self.tape.aliases[key][1]
-            R = rmap(lambda r: r.to(t.device), R) if _device(R) != t.device else R
+            R = R.to(t.device)
             key, base = id(t), None
         if base is None and key in self.tape.views and not self.tape.is_produced(t):
             base = self.tape.views[key][1]
         if base is not None and key not in self._keep:
             moved = rmap(lambda r: view_to_base(r, t, base), R)
-            if moved is not None and not _has_none(moved):
+            if moved is not None:
                 t, R, key = base, moved, id(base)
         self._rel[key] = radd(self._rel.get(key), R)
         self._tensor[key] = t
@@ -80,13 +80,22 @@ class Bag:
             yield self._tensor[key], R, self._by[key]
 
 
-def _has_none(R) -> bool:
-    return R is None or (isinstance(R, Streams) and (R.pos is None or R.neg is None))
+@dataclass
+class Reports:
+    """What rules report during one explanation, summed over calls (the
+    :class:`~dlbhooks.rules.contract.RuleContext` ``report_*`` methods)."""
+
+    # {block key: {path name: per-stream totals}} (MoE routed vs shared, functional paths)
+    blocks: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    heads: dict[str, Rel] = field(default_factory=dict)  # relevance per attention head
+    experts: dict[str, Rel] = field(default_factory=dict)  # relevance per expert
+    routing: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # (indices, weights)
 
 
 @dataclass
 class Engine:
-    """Runs one explanation over a tape; rules receive it as ``ctx``."""
+    """Runs one explanation over a tape; rules receive it as ``ctx`` (it implements
+    :class:`~dlbhooks.rules.contract.RuleContext`)."""
 
     tape: Tape
     mode: str = "default"
@@ -102,8 +111,7 @@ class Engine:
     # id(relevance tensor) -> (tensor, its float64 total): a tensor passed from one record
     # to the next is summed once for the ledger
     _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
-    # composite rules' reports: {"blocks": {layer key: {path name: total}}, "heads": ...}
-    reports: dict[str, dict] = field(default_factory=dict)
+    reports: Reports = field(default_factory=Reports)
     current: Record | None = None  # the record whose rule runs (for error messages)
     _param_owner: nn.Module | None = None
     _param_cache: dict[str, Tensor | None] = field(default_factory=dict)
@@ -112,6 +120,11 @@ class Engine:
     @property
     def contrastive(self) -> bool:
         return self.mode == "contrastive"
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype stored records are computed in (the storage policy's), or ``None``."""
+        return self.tape.store.policy.dtype
 
     def lookup(self, module_type: type) -> registry.Rule | None:
         """The rule for ``module_type`` in this explanation: the tape's own rules
@@ -212,16 +225,31 @@ class Engine:
             if R is not None:
                 bag.add(t, R, rec, base=rec.input_views.get(i))
 
-    def report(self, kind: str, key: str, name: str, value: Rel) -> None:
-        """Add ``value`` (summed) to ``reports[kind][key][name]`` (e.g. block path shares)."""
-        total = rsum(value)
-        entry = self.reports.setdefault(kind, {}).setdefault(key, {})
-        entry[name] = radd(entry.get(name), total)
+    def report_block(self, key: str, name: str, value: Rel) -> None:
+        """Add the per-stream total of ``value`` to block ``key``'s path ``name`` (e.g. an
+        MoE block's routed and shared parts): ``Explanation.blocks``."""
+        entry = self.reports.blocks.setdefault(key, {})
+        entry[name] = radd(entry.get(name), rsum(value))
 
-    def keep_tensor(self, kind: str, key: str, value: Rel) -> None:
-        """Keep a tensor report (e.g. relevance per attention head), summed over calls."""
-        entry = self.reports.setdefault(kind, {})
-        entry[key] = radd(entry.get(key), rmap(lambda t: t.detach(), value))
+    def report_heads(self, key: str, value: Rel) -> None:
+        """Add relevance per attention head (``[S, ..., heads]``) under the attention
+        module ``key``: ``Explanation.heads``."""
+        _keep(self.reports.heads, key, value)
+
+    def report_experts(self, key: str, value: Rel) -> None:
+        """Add relevance per expert (``[S, ..., experts]``) under the MoE block ``key``:
+        ``Explanation.experts``."""
+        _keep(self.reports.experts, key, value)
+
+    def pop_experts(self, key: str) -> Rel | None:
+        """Take back the relevance per expert reported so far under ``key`` (a composite
+        that adds columns to what its experts module reported)."""
+        return self.reports.experts.pop(key, None)
+
+    def report_routing(self, key: str, indices: Tensor, weights: Tensor) -> None:
+        """The MoE block ``key``'s routing: selected experts and their weights per token
+        (``Explanation.routing``; a block called twice keeps the last call's)."""
+        self.reports.routing[key] = (indices.detach(), weights.detach())
 
     def seed_outputs(self, rec: Record, R_out: list[Rel | None], *,
                      keep_inputs: bool = True) -> Bag:
@@ -254,7 +282,7 @@ class Engine:
             raise UnsupportedModuleError(
                 f"no relevance rule for {rec.describe()}. Register one:\n"
                 f"    @dlb.register_rule({type(rec.module).__module__}.{rec.type_name})\n"
-                "    def rule(record, relevance_out, ctx): ...  # return relevance per input\n"
+                "    def rule(record, relevance_out, ctx) -> dlb.RuleResult: ...\n"
                 "or check dlb.coverage(model) before tracing."
             )
         if len(R_in) != len(rec.inputs):
@@ -285,7 +313,7 @@ class Engine:
         input relevance is remembered until it arrives as another record's output
         relevance (``pop``), unless it also goes on as this record's input (``keep``: a
         pass-through rule hands on the same tensor)."""
-        staying = {id(t) for r in keep if r is not None for t in streams_of(r)}
+        staying = {id(r) for r in keep if r is not None}
 
         def one(t: Tensor) -> Tensor:
             hit = self._sums.get(id(t))
@@ -293,7 +321,7 @@ class Engine:
                 if pop and id(t) not in staying:
                     del self._sums[id(t)]
                 return hit[1]
-            total = total64(t)
+            total = rsum(t)
             if not pop or id(t) in staying:
                 self._sums[id(t)] = (t, total)
             return total
@@ -301,24 +329,27 @@ class Engine:
         total = None
         for r in rels:
             if r is not None:
-                total = radd(total, rmap(one, r))
+                total = radd(total, one(r))
         return total
 
-    def _apply(self, rule, rec, R_out):
+    def _apply(self, rule: registry.Rule, rec: Record,
+               R_out: list[Rel | None]) -> tuple[list[Rel | None], Tensor | None]:
         self.current = rec
-        if rule.streamwise and self.contrastive:
-            outs = []
-            for stream in (0, 1):
-                res = rule.fn(rec, [None if r is None else r[stream] for r in R_out], self)
-                outs.append(_split_result(res))
-            (pos, ab_p), (neg, ab_n) = outs
-            R_in = [None if p is None else Streams(p, n) for p, n in zip(pos, neg)]
-            absorbed = None if ab_p is None else Streams(rsum(ab_p), rsum(ab_n))
-            return R_in, absorbed
-        R_in, absorbed = _split_result(rule.fn(rec, R_out, self))
-        return R_in, None if absorbed is None else rsum(absorbed)
+        if rule.streamwise:
+            res = streamwise_call(rule.fn, rec, R_out, self)
+        elif rule.stacked:
+            res = rule.fn(rec, R_out, self)
+            if not isinstance(res, RuleResult):
+                raise TypeError(
+                    f"the rule {rule.name!r} for {rec.describe()} returned "
+                    f"{type(res).__name__}; rules annotated `-> RuleResult` must return "
+                    "dlbhooks.RuleResult(relevance_in, absorbed)")
+        else:
+            res = legacy_call(rule.fn, rec, R_out, self)
+        return list(res.relevance_in), rsum(res.absorbed)
 
-    def _apply_loaded(self, rule, rec, R_out):
+    def _apply_loaded(self, rule: registry.Rule, rec: Record,
+                      R_out: list[Rel | None]) -> tuple[list[Rel | None], Tensor | None]:
         """Apply ``rule`` with ``rec``'s stored tensors back on their device and dtype."""
         store = self.tape.store
         if not store.active:
@@ -345,10 +376,8 @@ class Engine:
             if any(p is None for p in parts):
                 continue
             bag.pop(base)
-            back = [p[0] for p in parts]
-            rest = [p[1] for p in parts]
-            R_in[i] = radd(R_in[i], Streams(*back) if len(back) == 2 else back[0])
-            rest_rel = Streams(*rest) if len(rest) == 2 else rest[0]
+            R_in[i] = radd(R_in[i], stack([p[0] for p in parts]))
+            rest_rel = stack([p[1] for p in parts])
             if bool(_rtotal_abs(rest_rel) > 0):
                 bag.add(base, rest_rel, None)
         for t, R, by in bag.leftovers():
@@ -362,32 +391,25 @@ class Engine:
         # devices by a device map): move what arrives from a record on another device
         device_of = self.tape.store.device_of
         R_out = [
-            R if R is None or _device(R) == (d := device_of(o)) else rmap(lambda r, d=d: r.to(d), R)
+            R if R is None or R.device == (d := device_of(o)) else R.to(d)
             for o, R in zip(rec.outputs, R_out)
         ]
         like = next((r for r in R_out if r is not None), None)
         if like is None:
             return R_out
+        S = like.shape[0]
         return [
-            (rmap(lambda r, o=o: torch.zeros(o.shape, dtype=r.dtype, device=device_of(o)), like)
+            (torch.zeros((S, *o.shape), dtype=like.dtype, device=device_of(o))
              if R is None and o.is_floating_point() else R)
             for o, R in zip(rec.outputs, R_out)
         ]
 
 
-def _device(R: Rel) -> torch.device:
-    return R.pos.device if isinstance(R, Streams) else R.device
-
-
-def _split_result(res):
-    if isinstance(res, tuple) and len(res) == 2 and isinstance(res[0], list):
-        return res
-    return list(res), None
+def _keep(reports: dict[str, Rel], key: str, value: Rel) -> None:
+    reports[key] = radd(reports.get(key), value.detach())
 
 
 def _rtotal_abs(R: Rel) -> Tensor:
-    if isinstance(R, Streams):
-        return R.pos.abs().sum() + R.neg.abs().sum()
     return R.abs().sum()
 
 

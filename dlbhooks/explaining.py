@@ -21,7 +21,7 @@ from .errors import (
 )
 from .footprint import record_bytes
 from .ledger import LedgerEntry
-from .relevance import Rel, Streams, all_finite, has_nan, net, to_float
+from .relevance import Rel, all_finite, has_nan, net, to_float
 from .results import Explanation
 from .seeds import TASKS, make_seed, sequence_positions
 from .weights import changed_weights
@@ -121,7 +121,7 @@ def _checked_root(tape: Tape) -> Record:
 class _Seeded:
     """The seed of output ``k`` and what the explanation reports about it."""
 
-    relevance: Rel  # the seed (Streams in contrastive mode)
+    relevance: Rel  # the seed, stacked ([2, ...] in contrastive mode)
     dtype: torch.dtype  # of the relevance (for the inputs it does not reach)
     target: Any  # the target as resolved (a default becomes the arg-max classes)
     info: dict[str, Any]
@@ -142,8 +142,7 @@ def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplie
         info = {"task": task, "saturation": saturation, "output": root.output_names[k]}
         if out.dim() == 3 and TASKS.get(task) == "multiclass":
             info["position"] = sequence_positions(out, position, mask).tolist()
-    dtype = seed.pos.dtype if isinstance(seed, Streams) else seed.dtype
-    return _Seeded(seed, dtype, resolved, info)
+    return _Seeded(seed, seed.dtype, resolved, info)
 
 
 def _run(engine: Engine, root: Record,
@@ -180,8 +179,8 @@ def _input_relevance(tape: Tape, root: Record, R_in: list[Rel | None], dtype: to
                 "meaningless. Clean the input (torch.nan_to_num) before explaining."
             )
         if R is None:
-            R = torch.zeros(t.shape, dtype=dtype, device=tape.store.device_of(t))
-            R = Streams(R, R.clone()) if mode == "contrastive" else R
+            S = 2 if mode == "contrastive" else 1
+            R = torch.zeros((S, *t.shape), dtype=dtype, device=tape.store.device_of(t))
         inputs[name] = R
     return inputs
 
@@ -190,17 +189,17 @@ def _assemble(engine: Engine, ledger: list[LedgerEntry], inputs: dict[str, Rel],
               mode: str, multiplier: float, target: Any, scaler: float | None,
               info: dict[str, Any]) -> Explanation:
     """The :class:`Explanation` of a finished engine run."""
-    streams = {name: R for name, R in inputs.items() if isinstance(R, Streams)}
-    absorbing = [e for e in ledger if e.leaf or e.absorbed not in (0.0, (0.0, 0.0))]
     contrastive = mode == "contrastive"
+    streams = inputs if contrastive else {}
+    absorbing = [e for e in ledger if e.leaf or e.absorbed not in (0.0, (0.0, 0.0))]
     reports = engine.reports
     return Explanation(
         inputs={name: net(R) for name, R in inputs.items()},
         layers={e.key: _net(e.relevance_in) for e in ledger if e.path},
         absorbed={e.key: _net(e.absorbed) for e in absorbing}, mode=mode,
         multiplier=float(multiplier),
-        positive={name: R.pos for name, R in streams.items()} or None,
-        negative={name: R.neg for name, R in streams.items()} or None,
+        positive={name: R[0] for name, R in streams.items()} or None,
+        negative={name: R[1] for name, R in streams.items()} or None,
         absorbed_positive={e.key: e.absorbed[0] for e in absorbing} if contrastive else None,
         absorbed_negative={e.key: e.absorbed[1] for e in absorbing} if contrastive else None,
         target=target, ledger=ledger,
@@ -209,12 +208,12 @@ def _assemble(engine: Engine, ledger: list[LedgerEntry], inputs: dict[str, Rel],
             for key, rs in engine.kept.items() if key != "<root>"
         },
         scaler=scaler, info=info,
-        heads={k: net(v) for k, v in reports.get("heads", {}).items()},
-        experts={k: net(v) for k, v in reports.get("experts", {}).items()},
-        routing=dict(reports.get("routing", {})),
+        heads={k: net(v) for k, v in reports.heads.items()},
+        experts={k: net(v) for k, v in reports.experts.items()},
+        routing=dict(reports.routing),
         blocks={
             k: {name: _net(to_float(v)) for name, v in d.items()}
-            for k, d in reports.get("blocks", {}).items()
+            for k, d in reports.blocks.items()
         },
     )
 

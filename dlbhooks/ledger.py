@@ -11,8 +11,6 @@ from typing import Union
 import torch
 from torch import Tensor
 
-from .relevance import Rel, Streams
-
 #: A final ledger value: a float, or ``(pos, neg)`` in contrastive mode.
 Value = Union[float, tuple[float, float]]
 
@@ -35,8 +33,8 @@ class LedgerEntry:
 class PendingEntry:
     """One call's ledger line while the walk runs (``Engine.ledger``).
 
-    The totals are float64 0-d tensors (:class:`~dlbhooks.relevance.Streams` of them in
-    contrastive mode; ``None`` for nothing), so that no value goes to the host per call.
+    The totals are float64 tensors ``[S]`` (one per stream; ``None`` for nothing), so
+    that no value goes to the host per call.
     What the call and everything below it absorbed is the span ``log_start:log_end`` of
     the engine's log of absorptions (one item per call that absorbed, in processing
     order); the call's own absorption, if any, is the span's last item. ``log_end`` is
@@ -46,9 +44,9 @@ class PendingEntry:
     path: str
     type: str
     log_start: int
-    relevance_out: Rel | None = None
-    relevance_in: Rel | None = None
-    absorbed: Rel | None = None
+    relevance_out: Tensor | None = None
+    relevance_in: Tensor | None = None
+    absorbed: Tensor | None = None
     log_end: int | None = None
     leaf: bool = False
 
@@ -83,20 +81,19 @@ def _host_values(entries: list[PendingEntry],
                  contrastive: bool) -> list[tuple[Value, Value, Value]]:
     """Each entry's ``(relevance_out, relevance_in, absorbed)`` as floats, with one transfer
     per device instead of one per value; ``None`` (nothing) is 0, per stream too."""
-    scalars: dict[torch.device, list[Tensor]] = {}
+    totals: dict[torch.device, list[Tensor]] = {}
     for e in entries:
         for v in (e.relevance_out, e.relevance_in, e.absorbed):
-            for t in () if v is None else (v.pos, v.neg) if isinstance(v, Streams) else (v,):
-                scalars.setdefault(t.device, []).append(t)
-    floats = {dev: iter(torch.stack(ts).tolist()) for dev, ts in scalars.items()}
+            if v is not None:
+                totals.setdefault(v.device, []).append(v)
+    floats = {dev: iter(torch.stack(ts).tolist()) for dev, ts in totals.items()}
     zero: Value = (0.0, 0.0) if contrastive else 0.0
 
-    def value(v: Rel | None) -> Value:
+    def value(v: Tensor | None) -> Value:
         if v is None:
             return zero
-        if isinstance(v, Streams):
-            return next(floats[v.pos.device]), next(floats[v.neg.device])
-        return next(floats[v.device])
+        pair = next(floats[v.device])
+        return (pair[0], pair[1]) if contrastive else pair[0]
 
     # left to right, as stacked: out, in, absorbed (a pair: pos, neg)
     return [(value(e.relevance_out), value(e.relevance_in), value(e.absorbed))

@@ -1,49 +1,97 @@
-"""Relevance values: one tensor (default mode) or two non-negative streams (contrastive).
+"""Relevance values: one tensor whose leading axis stacks what is explained at once.
 
-Rules that do not cross streams are written for one tensor; :func:`rmap` applies them to
-each stream. Only the weighted-sum rule (``rules/core.py``) mixes the two.
+A relevance on a tensor ``x`` has shape ``[S, *x.shape]``. In default mode ``S = 1``; in
+contrastive mode ``S = 2``: index 0 is the positive stream, index 1 the negative one (the
+explanation is ``R[0] - R[1]``). Rules that treat each stream alike work on the whole stack
+(broadcasting over the leading axis) or map a one-tensor function over it with
+:func:`rmap`; only the weighted-sum rule (``rules/core.py``) mixes the two streams.
+
+:class:`Streams` is the pair type of the first documented rule form (a contrastive
+relevance as ``(pos, neg)``); only the adapter for rules written to that form uses it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+#: A stacked relevance: ``[S, *shape]`` (``S`` = 1 default, 2 contrastive: pos, neg).
+Rel = Tensor
+
 
 class Streams(NamedTuple):
-    """The two streams of contrastive mode; the explanation is ``pos - neg``."""
+    """The two streams of contrastive mode as a pair (the first documented rule form)."""
 
     pos: Tensor
     neg: Tensor
 
 
-Rel = Union[Tensor, Streams]
+def stack(parts: list[Tensor] | tuple[Tensor, ...]) -> Rel:
+    """The stacked relevance of per-stream tensors (no copy for one stream). Each slice
+    keeps the memory layout of the first part (a transposed part stays transposed), so
+    what is computed from a slice — its total, a product — is what was computed from the
+    part itself, to the bit."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first.unsqueeze(0)
+    if first.is_contiguous() or first.dim() < 2:
+        return torch.stack(tuple(parts))
+    # dims from outermost to innermost in memory
+    order = sorted(range(first.dim()), key=lambda d: (-first.stride(d), -first.shape[d]))
+    buf = first.new_empty((len(parts), *(first.shape[d] for d in order)))
+    out = buf.permute(0, *(order.index(d) + 1 for d in range(first.dim())))
+    for k, p in enumerate(parts):
+        out[k].copy_(p)
+    return out
 
 
-def rmap(fn: Callable[..., Tensor], *rels: Rel) -> Rel:
-    """Apply ``fn`` to each stream (or to the single tensor) of one or more relevances."""
+def streams_of(R: Rel) -> list[Tensor]:
+    """The per-stream tensors of ``R``: ``[R[0]]`` or ``[R⁺, R⁻]`` (views)."""
+    return list(R.unbind(0))
+
+
+def rmap(fn: Callable[..., Tensor | None], *rels: Rel) -> Rel | None:
+    """``fn`` (of one tensor per argument) applied to each stream of the relevances
+    ``rels``, the results stacked again (``None`` if ``fn`` returns ``None`` for one).
+    (:class:`Streams` pairs, the first rule form, are mapped pair to pair.)"""
     if isinstance(rels[0], Streams):
         return Streams(fn(*(r.pos for r in rels)), fn(*(r.neg for r in rels)))
-    return fn(*rels)
+    parts = [fn(*(r[s] for r in rels)) for s in range(rels[0].shape[0])]
+    if any(p is None for p in parts):
+        return None
+    return stack(parts)  # type: ignore[arg-type]
 
 
-def rmap_multi(fn: Callable[[Tensor], list], rel: Rel) -> list:
-    """Apply ``fn`` returning a list of tensors to each stream, re-pairing the results."""
-    if isinstance(rel, Streams):
-        pos, neg = fn(rel.pos), fn(rel.neg)
-        return [None if p is None else Streams(p, n) for p, n in zip(pos, neg)]
-    return fn(rel)
+def per_stream(fn: Callable[[Tensor], Any], R: Rel) -> Any:
+    """``fn`` (of one tensor) applied to each stream of ``R``, its results stacked again:
+    tensors are stacked, lists and tuples element by element (nested: ``(parts,
+    lost)``), ``None`` stays ``None``."""
+    return _stack_like([fn(r) for r in R.unbind(0)])
 
 
-def rsum(rel: Rel | None) -> Rel | None:
-    """Total of a relevance (per stream) as float64 scalars."""
+def _stack_like(results: list[Any]) -> Any:
+    first = results[0]
+    if first is None:
+        return None
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack_like(list(items)) for items in zip(*results))
+    return stack(results)
+
+
+def rsum(rel: Rel | None) -> Tensor | None:
+    """Per-stream totals of a relevance, as a float64 vector of length ``S``."""
     if rel is None:
         return None
-    return rmap(total64, rel)
+    if rel.dim() == 0:
+        raise ValueError("a relevance (or an absorbed total) needs its leading stream axis: "
+                         "shape [S, ...] (S = 1 in default mode, 2 in contrastive mode)")
+    if rel.dim() == 1 and rel.dtype == torch.float64:
+        return rel
+    return torch.stack([total64(r) for r in rel.unbind(0)])
 
 
 def total64(t: Tensor) -> Tensor:
@@ -62,21 +110,22 @@ def radd(a: Rel | None, b: Rel | None) -> Rel | None:
         return b
     if b is None:
         return a
-    return rmap(torch.add, a, b)
+    return torch.add(a, b)
 
 
 def net(rel: Rel) -> Tensor:
-    """The explanation map: the tensor itself, or ``pos - neg``."""
-    return rel.pos - rel.neg if isinstance(rel, Streams) else rel
+    """The explanation map: ``R[0]`` (default mode) or ``R[0] - R[1]`` (contrastive)."""
+    return rel[0] if rel.shape[0] == 1 else rel[0] - rel[1]
 
 
-def to_float(rel: Rel | None) -> float | tuple[float, float]:
-    """Scalar relevance as a float, or ``(pos, neg)`` in contrastive mode."""
+def to_float(rel: Tensor | None) -> float | tuple[float, float]:
+    """Per-stream totals as a float, or ``(pos, neg)`` in contrastive mode."""
     if rel is None:
         return 0.0
-    if isinstance(rel, Streams):
-        return float(rel.pos), float(rel.neg)
-    return float(rel)
+    if rel.dim() == 0:
+        return float(rel)
+    values = rel.tolist()
+    return values[0] if len(values) == 1 else (values[0], values[1])
 
 
 def all_finite(t: Tensor) -> bool:

@@ -12,7 +12,10 @@ import torch
 from torch import Tensor
 
 from .errors import NonFiniteError, TargetError
-from .relevance import Rel, Streams, all_finite
+from .relevance import Rel, Streams, all_finite, stack
+
+#: a seed before stacking: one tensor, or a (pos, neg) pair in contrastive mode
+_Pair = Tensor | Streams
 
 TASKS = {
     "multiclass": "multiclass", "multi-class": "multiclass", "classification": "multiclass",
@@ -33,9 +36,18 @@ def make_seed(
     position: Any = None,
     attention_mask: Tensor | None = None,
 ) -> Rel:
-    """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks').
+    """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks'), stacked
+    (``[1, *shape]``; ``[2, *shape]`` in contrastive mode: positive, negative).
     ``attention_mask`` ([batch, positions], the model's own) places the default position
     of sequence outputs at each row's last real token and rejects positions on padding."""
+    seed = _seed(output, target, task=task, multiplier=multiplier, mode=mode,
+                 thresholding=thresholding, position=position, attention_mask=attention_mask)
+    return stack(seed) if isinstance(seed, Streams) else seed.unsqueeze(0)
+
+
+def _seed(output: Tensor, target: Any, *, task: str, multiplier: float, mode: str,
+          thresholding: float, position: Any, attention_mask: Tensor | None) -> _Pair:
+    """:func:`make_seed` as one tensor, or a :class:`Streams` pair in contrastive mode."""
     if task not in TASKS:
         raise TargetError(f"unknown task {task!r}; choose one of {sorted(set(TASKS.values()))}")
     task = TASKS[task]
@@ -111,7 +123,7 @@ def sequence_positions(out: Tensor, position: Any = None,
 
 
 def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any,
-              attention_mask: Tensor | None = None) -> Rel:
+              attention_mask: Tensor | None = None) -> _Pair:
     """Logits [batch, positions, vocab] (language models): the target token at each row's
     position (:func:`sequence_positions`)."""
     B = out.shape[0]
@@ -127,7 +139,7 @@ def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any,
     return Streams(place(at.pos), place(at.neg)) if isinstance(at, Streams) else place(at)
 
 
-def _reshape(rel: Rel, shape) -> Rel:
+def _reshape(rel: _Pair, shape) -> _Pair:
     if isinstance(rel, Streams):
         return Streams(rel.pos.reshape(shape), rel.neg.reshape(shape))
     return rel.reshape(shape)
@@ -159,7 +171,7 @@ def row_targets(out: Tensor, target: Any) -> Tensor:
     return torch.where(idx < 0, idx + C, idx)  # negative indices count from the end
 
 
-def _classify(out: Tensor, target: Any, task: str, m: float, mode: str) -> Rel:
+def _classify(out: Tensor, target: Any, task: str, m: float, mode: str) -> _Pair:
     B, C = out.shape
     if task == "binary" and C == 1:
         if target not in (None, 0):
@@ -179,7 +191,7 @@ def _classify(out: Tensor, target: Any, task: str, m: float, mode: str) -> Rel:
     return Streams(pos, neg)
 
 
-def _regression(out: Tensor, target: Any, m: float, mode: str) -> Rel:
+def _regression(out: Tensor, target: Any, m: float, mode: str) -> _Pair:
     B = out.shape[0]
     flat = out.reshape(B, -1)
     mask = torch.ones_like(flat, dtype=torch.bool)
@@ -199,7 +211,7 @@ def _regression(out: Tensor, target: Any, m: float, mode: str) -> Rel:
     return Streams(torch.where(out >= 0, seed, 0.0), torch.where(out < 0, seed, 0.0))
 
 
-def _segmentation(out: Tensor, target: Any, m: float, mode: str, thr: float) -> Rel:
+def _segmentation(out: Tensor, target: Any, m: float, mode: str, thr: float) -> _Pair:
     if out.dim() < 3:
         raise TargetError(f"segmentation expects [batch, classes, *pixels], got {tuple(out.shape)}")
     B, C = out.shape[:2]

@@ -9,15 +9,14 @@ from torch import nn
 
 import dlbhooks as dlb
 from dlbhooks.engine import Engine
-from dlbhooks.relevance import Streams
 from dlbhooks.rules.composite import (
     LINEAR,
     MATMUL,
     add_split,
     first_stream,
-    join_streams,
     per_stream,
     require_child,
+    stack,
     streams_of,
 )
 from dlbhooks.rules.elementwise import add_rule, product_rule
@@ -29,28 +28,30 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_streams_of_and_join_streams_are_inverse():
+def test_streams_of_and_stack_are_inverse():
     r = torch.randn(3, dtype=D, generator=_gen(0))
-    s = Streams(r.abs(), r.abs() * 2)
-    assert streams_of(r) == [r] and join_streams([r]) is r
-    assert streams_of(s) == [s.pos, s.neg] and join_streams(streams_of(s)) == s
-    assert first_stream(r) is r and first_stream(s) is s.pos
+    one = r.unsqueeze(0)  # default mode: [1, 3]
+    two = torch.stack((r.abs(), r.abs() * 2))  # contrastive: [2, 3]
+    assert [t.shape for t in streams_of(one)] == [(3,)] and torch.equal(streams_of(one)[0], r)
+    assert torch.equal(stack(streams_of(two)), two) and torch.equal(stack(streams_of(one)), one)
+    assert stack([r]).data_ptr() == r.data_ptr()  # one stream: a view, no copy
+    assert torch.equal(first_stream(two), r.abs())
 
 
-def test_per_stream_repairs_nested_results_and_none():
+def test_per_stream_stacks_nested_results_and_none():
     g = _gen(1)
     a, b = torch.randn(2, 3, dtype=D, generator=g), torch.randn(3, dtype=D, generator=g)
-    R = Streams(torch.rand(2, 3, dtype=D, generator=g), torch.rand(2, 3, dtype=D, generator=g))
+    R = torch.rand(2, 2, 3, dtype=D, generator=g)  # two streams of [2, 3]
     parts, lost = per_stream(lambda r: add_rule(r, [a, b]), R)
-    for k, stream in enumerate((R.pos, R.neg)):
-        want, want_lost = add_rule(stream, [a, b])
+    for k in range(2):
+        want, want_lost = add_rule(R[k], [a, b])
         assert all(torch.equal(p[k], w) for p, w in zip(parts, want))
         assert torch.equal(lost[k], want_lost)
-    assert isinstance(parts, list) and isinstance(lost, Streams)
+    assert isinstance(parts, list) and lost.shape == (2,)
     halves = per_stream(lambda r: product_rule(r, [a, a]), R)
-    assert [torch.equal(h.pos, R.pos / 2) for h in halves] == [True, True]
+    assert [torch.equal(h[0], R[0] / 2) for h in halves] == [True, True]
     assert per_stream(lambda r: (None, r), R)[0] is None
-    one = torch.rand(2, 3, dtype=D, generator=g)  # default mode: the function itself
+    one = torch.rand(1, 2, 3, dtype=D, generator=g)  # default mode: one stream
     assert torch.equal(per_stream(lambda r: r * 3, one), one * 3)
 
 
@@ -59,11 +60,11 @@ def test_add_split_is_the_add_rule_per_stream():
     terms = [torch.randn(4, dtype=D, generator=g), torch.zeros(4, dtype=D)]
     terms[0][1] = 0.0  # a position where every term is 0: lost
     R = torch.rand(4, dtype=D, generator=g)
-    (r0, r1), lost = add_split(R, terms)
-    assert torch.equal(lost, R[1])
-    assert torch.allclose(r0 + r1, torch.where(torch.arange(4) == 1, 0.0, R))
-    (s0, _), lost_s = add_split(Streams(R, 2 * R), terms)
-    assert torch.equal(s0.pos, r0) and torch.equal(lost_s.neg, 2 * R[1])
+    (r0, r1), lost = add_split(R.unsqueeze(0), terms)
+    assert torch.equal(lost, R[1:2])
+    assert torch.allclose(r0[0] + r1[0], torch.where(torch.arange(4) == 1, 0.0, R))
+    (s0, _), lost_s = add_split(torch.stack((R, 2 * R)), terms)
+    assert torch.equal(s0[0], r0[0]) and torch.equal(lost_s[1], 2 * R[1])
 
 
 @pytest.mark.parametrize("maps, stored", [(LINEAR, "out_in"), (MATMUL, "in_out")])
@@ -153,7 +154,7 @@ def test_seed_outputs_owner_keeps_input_views_unmoved():
         model(torch.randn(2, 3, dtype=D, generator=_gen(6)))
     inner = tape.last_root().child("inner")
     view, base = inner.inputs[0], inner.input_views[0]
-    R = torch.ones(2, 2, dtype=D)
+    R = torch.ones(1, 2, 2, dtype=D)  # one stream
     for keep, held in ((True, view), (False, base)):
         bag = Engine(tape).seed_outputs(inner, [None], keep_inputs=keep)
         bag.add(view, R, None, base=base)

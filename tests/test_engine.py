@@ -426,12 +426,12 @@ def test_the_ledger_being_built_and_the_final_ledger_are_two_types():
     for mode in ("default", "contrastive"):
         engine = Engine(tape, mode=mode)
         seed = torch.ones_like(out)
-        engine.propagate(tape.last_root(), [dlb.Streams(seed, seed / 2)
-                                            if mode == "contrastive" else seed])
+        engine.propagate(tape.last_root(), [torch.stack((seed, seed / 2))
+                                            if mode == "contrastive" else seed[None]])
         pending = engine.ledger
         assert all(type(e) is PendingEntry and e.log_end is not None for e in pending)
         assert [e.key for e in pending] == ["<root>", "1", "0", "0.1", "0.0"]
-        assert all(isinstance(e.relevance_out, (torch.Tensor, dlb.Streams)) for e in pending)
+        assert all(e.relevance_out.shape == (1 + pairs_of(mode),) for e in pending)
         final = engine.finish()
         assert [e.key for e in final] == [e.key for e in pending]
         assert all(type(e) is LedgerEntry for e in final)
@@ -455,10 +455,14 @@ def test_the_ledger_being_built_and_the_final_ledger_are_two_types():
                     get(e.relevance_in) + get(e.absorbed_inside), rel=1e-12, abs=1e-12)
 
 
+def pairs_of(mode: str) -> int:
+    return int(mode == "contrastive")
+
+
 def test_finish_ledger_spans_pairs_and_unfinished_entries():
     from dlbhooks.ledger import PendingEntry, finish_ledger
 
-    def t(x):
+    def t(*x):  # per-stream totals, [S]
         return torch.tensor(x, dtype=torch.float64)
 
     pending = [  # a container (log 0:2) around two calls that absorbed, then an unfinished one
@@ -472,8 +476,7 @@ def test_finish_ledger_spans_pairs_and_unfinished_entries():
             for e in final] == [("c", 10.0, 7.0, 0.0, 3.0, False),
                                 ("a", 10.0, 8.0, 2.0, 2.0, True),
                                 ("b", 8.0, 7.0, 1.0, 1.0, True)]
-    pair = [PendingEntry("r", "", "R", 0, dlb.Streams(t(4.0), t(1.0)), None,
-                         dlb.Streams(t(0.5), t(0.25)), 1, True)]
+    pair = [PendingEntry("r", "", "R", 0, t(4.0, 1.0), None, t(0.5, 0.25), 1, True)]
     (e,) = finish_ledger(pair, 1, contrastive=True)
     assert (e.relevance_out, e.relevance_in, e.absorbed, e.absorbed_inside) == \
         ((4.0, 1.0), (0.0, 0.0), (0.5, 0.25), (0.5, 0.25))

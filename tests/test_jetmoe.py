@@ -242,8 +242,8 @@ def test_mixture_of_attention_matches_slow_reference():
             carried[tok, e] += float(share.sum())
             R_o[tok, s * KVH:(s + 1) * KVH] = slow_linear(share, rows[s], Wout[e]).view(KVH, D)
     # attention (§4, the tested rule) on the same repeated layout
-    R_q, R_krep, R_vrep, _ = attention_relevance(R_o.transpose(0, 1)[None], q, k_rep, v_rep,
-                                                 scale=D ** -0.5, mask=mask)
+    R_q, R_krep, R_vrep, _ = (r[0] for r in attention_relevance(  # one stream: [1, ...]
+        R_o.transpose(0, 1)[None, None], q, k_rep, v_rep, scale=D ** -0.5, mask=mask))
     R_k = sum(R_krep[:, s * KVH:(s + 1) * KVH] for s in range(K))
     R_v = sum(R_vrep[:, s * KVH:(s + 1) * KVH] for s in range(K))
     R_qp, R_kp = slow_rope(R_q, q_pre, c, sn), slow_rope(R_k, k_pre, c, sn)

@@ -10,7 +10,6 @@ from torch import nn
 
 import dlbhooks as dlb
 from dlbhooks.engine import Engine
-from dlbhooks.relevance import Streams
 from dlbhooks.rules.recurrent import recompute
 
 DT = torch.float64
@@ -356,14 +355,15 @@ def ref_rnn(m, X, states, R_seq, R_fin, S, saturation):
 
 
 def _streams(R, S):
-    return [R] if S == 1 else [R.pos, R.neg]
+    assert R.shape[0] == S  # stacked: [S, ...]
+    return list(R.unbind(0))
 
 
 def _random_rel(shape, S, g):
     if S == 1:  # default mode relevance may carry either sign
-        return torch.randn(shape, generator=g, dtype=DT) * 3
-    return Streams(torch.rand(shape, generator=g, dtype=DT) * 3,
-                   torch.rand(shape, generator=g, dtype=DT) * 3)
+        return torch.randn(shape, generator=g, dtype=DT)[None] * 3
+    return torch.stack((torch.rand(shape, generator=g, dtype=DT) * 3,
+                        torch.rand(shape, generator=g, dtype=DT) * 3))
 
 
 def run_rule(m, args, mode, saturation, seed=3):
@@ -376,7 +376,7 @@ def run_rule(m, args, mode, saturation, seed=3):
     R_out = [_random_rel(o.shape, S, g) for o in rec.outputs]
     engine = Engine(tape, mode=mode, saturation=saturation)
     R_in = engine.propagate(rec, R_out)
-    return rec, R_out, R_in, engine.ledger[0].absorbed
+    return rec, R_out, R_in, tuple(engine.ledger[0].absorbed.tolist())
 
 
 MODES = [("default", True), ("default", False), ("contrastive", True)]
@@ -538,9 +538,10 @@ def test_float32_matches_float64(kind):
             m(x.to(dt))
         rec = tape.roots[-1]
         g = torch.Generator().manual_seed(3)
-        R_out = [(torch.randn(o.shape, generator=g, dtype=DT) * 3).to(dt) for o in rec.outputs]
+        R_out = [(torch.randn(o.shape, generator=g, dtype=DT) * 3).to(dt)[None]
+                 for o in rec.outputs]
         engine = Engine(tape, mode="default", saturation=True)
-        runs.append((engine.propagate(rec, R_out)[0], engine.ledger[0].absorbed))
+        runs.append((engine.propagate(rec, R_out)[0][0], engine.ledger[0].absorbed[0]))
     (got, got_abs), (want, want_abs) = runs
     assert got.dtype == torch.float32
     # float32 rounding (of the relevance put on the outputs too): measured 3.1e-7 of entries
@@ -595,7 +596,7 @@ def test_packed_sequence_is_unsupported():
     with dlb.trace(m) as tape:
         m(packed)
     rec = tape.roots[-1]
-    R_out = [torch.zeros_like(o) if o.is_floating_point() else None for o in rec.outputs]
-    R_out[0] = torch.ones_like(rec.outputs[0])
+    R_out = [torch.zeros_like(o)[None] if o.is_floating_point() else None for o in rec.outputs]
+    R_out[0] = torch.ones_like(rec.outputs[0])[None]
     with pytest.raises(dlb.UnsupportedModuleError, match="PackedSequence"):
         Engine(tape).propagate(rec, R_out)

@@ -19,7 +19,6 @@ import transformers
 from test_rules_reference import linear_units, ref_contrastive, ref_default
 
 import dlbhooks as dlb
-from dlbhooks.relevance import Streams
 from dlbhooks.rules.functional import rope_relevance
 
 D = torch.float64
@@ -403,15 +402,15 @@ def test_rope_contrastive_matches_reference_with_small_angles():
     c, s = angle.cos()[None, None], angle.sin()[None, None]  # [1, 1, T, d]
     Rp = torch.rand(x.shape, generator=g, dtype=D)
     Rn = torch.rand(x.shape, generator=g, dtype=D)
-    got, absorbed = rope_relevance(Streams(Rp, Rn), x, c, s)
-    for r, out in ((Rp, got.pos), (Rn, got.neg)):
+    got, absorbed = rope_relevance(torch.stack((Rp, Rn)), x, c, s)
+    for r, out in ((Rp, got[0]), (Rn, got[1])):
         assert abs(float(out.sum() - r.sum())) <= 1e-13 * float(r.sum())
     units = rope_units(x, c, s)
     pos, neg, lost, cases = ref_contrastive(units, [0.0] * len(units), Rp.reshape(-1).tolist(),
                                             Rn.reshape(-1).tolist(), [x.numel()])
     assert cases["aligned"] and cases["crossed"] and lost == (0.0, 0.0)
-    close(got.pos, torch.tensor(pos[0], dtype=D).view(x.shape), "+ stream")
-    close(got.neg, torch.tensor(neg[0], dtype=D).view(x.shape), "- stream")
+    close(got[0], torch.tensor(pos[0], dtype=D).view(x.shape), "+ stream")
+    close(got[1], torch.tensor(neg[0], dtype=D).view(x.shape), "- stream")
 
 
 def _gpt_oss(theta: float, dtype: torch.dtype):

@@ -714,19 +714,19 @@ def test_bilinear_contrastive_tiny_side() -> None:
     rp = torch.tensor([[1.0, 0.3, 0.5], [0.2, 0.1, 0.4]], dtype=D)
     rn = torch.tensor([[0.4, 0.8, 0.7], [0.6, 0.9, 1.1]], dtype=D)
     engine = Engine(tape, mode="contrastive")
-    r1, r2 = engine.propagate(rec, [dlb.Streams(rp, rn)])
+    r1, r2 = engine.propagate(rec, [torch.stack((rp, rn))])
     absorbed = engine.ledger[0].absorbed
     units, bias_l = bilinear_units(x1, x2, bil)
     (p1, p2), (n1, n2), lost, cases = ref_contrastive(
         units, bias_l, rp.flatten().tolist(), rn.flatten().tolist(), [x1.numel(), x2.numel()])
     assert cases["aligned"] > 0 and cases["crossed"] > 0, dict(cases)
-    for a, b, R in ((r1.pos, r2.pos, rp), (r1.neg, r2.neg, rn)):  # nothing is lost here
+    for a, b, R in ((r1[0], r2[0], rp), (r1[1], r2[1], rn)):  # nothing is lost here
         assert abs(float(a.sum() + b.sum() - R.sum())) <= 1e-14 * float(R.sum())
     scale = float(rp.sum() + rn.sum())
-    close(r1.pos, as_tensor(p1, x1), scale, "x1, + stream")
-    close(r1.neg, as_tensor(n1, x1), scale, "x1, - stream")
-    close(r2.pos, as_tensor(p2, x2), scale, "x2, + stream")
-    close(r2.neg, as_tensor(n2, x2), scale, "x2, - stream")
+    close(r1[0], as_tensor(p1, x1), scale, "x1, + stream")
+    close(r1[1], as_tensor(n1, x1), scale, "x1, - stream")
+    close(r2[0], as_tensor(p2, x2), scale, "x2, + stream")
+    close(r2[1], as_tensor(n2, x2), scale, "x2, - stream")
     close_scalar(absorbed[0], lost[0], scale, "absorbed, + stream")
     close_scalar(absorbed[1], lost[1], scale, "absorbed, - stream")
 
@@ -1306,7 +1306,7 @@ def test_seed_multiclass() -> None:
     for target, rows in ((None, am), (2, [2, 2, 2]), ([0, 4, 1], [0, 4, 1]),
                          (torch.tensor([3, 3, 0]), [3, 3, 0])):
         for m in (100.0, 7.5):
-            got = make_seed(out, target, multiplier=m)
+            (got,) = make_seed(out, target, multiplier=m)
             close(got, ref_multiclass(out, rows, m, False), m, f"multiclass seed {target}")
             gp, gn = make_seed(out, target, multiplier=m, mode="contrastive")
             rp, rn = ref_multiclass(out, rows, m, True)
@@ -1315,19 +1315,19 @@ def test_seed_multiclass() -> None:
             assert abs(float(gn.sum()) - 3 * m) < 1e-12 * 3 * m
     # a 1-D output is one row
     v = rand(5, gen=gen)
-    got = make_seed(v, None)
+    (got,) = make_seed(v, None)
     assert got.shape == v.shape
     close(got, ref_multiclass(v[None], [int(v.argmax())], 100.0, False)[0], 100.0, "1-D seed")
     # an explicit seed tensor is used as-is
     s = rand(3, 5, gen=gen)
-    assert torch.equal(make_seed(out, s), s)
+    assert torch.equal(make_seed(out, s)[0], s)
 
 
 def test_seed_binary() -> None:
     gen = torch.Generator().manual_seed(26)
     out = rand(4, 1, gen=gen, scale=2.0)
     for target in (None, 0):
-        got = make_seed(out, target, task="binary", multiplier=10.0)
+        (got,) = make_seed(out, target, task="binary", multiplier=10.0)
         close(got, torch.full((4, 1), 10.0, dtype=D), 10.0, "binary seed")
         gp, gn = make_seed(out, target, task="binary", multiplier=10.0, mode="contrastive")
         close(gp, torch.full((4, 1), 10.0, dtype=D), 10.0, "binary R+")
@@ -1343,7 +1343,7 @@ def test_seed_binary() -> None:
     # two-output binary behaves like multiclass
     out2 = rand(3, 2, gen=gen)
     rows = [int(out2[b].argmax()) for b in range(3)]
-    close(make_seed(out2, None, task="binary"), ref_multiclass(out2, rows, 100.0, False),
+    close(make_seed(out2, None, task="binary")[0], ref_multiclass(out2, rows, 100.0, False),
           100.0, "two-output binary seed")
 
 
@@ -1351,7 +1351,7 @@ def test_seed_regression() -> None:
     gen = torch.Generator().manual_seed(27)
     out = rand(3, 4, gen=gen)
     for target, units in ((None, [0, 1, 2, 3]), ([1, 3], [1, 3]), (2, [2])):
-        got = make_seed(out, target, task="regression", multiplier=50.0)
+        (got,) = make_seed(out, target, task="regression", multiplier=50.0)
         ref = torch.zeros(3, 4, dtype=D)
         for b in range(3):
             tot = sum(abs(float(out[b, u])) for u in units)
@@ -1367,7 +1367,7 @@ def test_seed_segmentation() -> None:
     gen = torch.Generator().manual_seed(28)
     out = rand(2, 3, 4, 5, gen=gen, scale=2.0)
     for target, thr in ((1, 0.5), (0, 0.3), (None, 0.5)):
-        got = make_seed(out, target, task="segmentation", thresholding=thr, multiplier=20.0)
+        (got,) = make_seed(out, target, task="segmentation", thresholding=thr, multiplier=20.0)
         ref = torch.zeros_like(out)
         for b in range(2):
             chosen = []
@@ -1382,7 +1382,7 @@ def test_seed_segmentation() -> None:
         close(got, ref, 20.0, f"segmentation seed {target} thr={thr}")
     # one channel: sigmoid probabilities
     o1 = rand(2, 1, 3, 3, gen=gen, scale=2.0)
-    got = make_seed(o1, None, task="segmentation", multiplier=20.0)
+    (got,) = make_seed(o1, None, task="segmentation", multiplier=20.0)
     ref = torch.zeros_like(o1)
     for b in range(2):
         on = [(i, j) for i, j in itertools.product(range(3), range(3))

@@ -78,11 +78,12 @@ def test_class_token_position_embedding_and_patch_mapping():
     # patch tokens return to conv_proj's output: [n, tokens, hidden] -> [n, hidden, h, w]
     conv = root.child("conv_proj")
     R_feat = R_enc[:, 1:].permute(0, 2, 1).reshape(conv.outputs[0].shape)
-    want = Engine(tape).propagate(conv, [R_feat])[0]
+    want = Engine(tape).propagate(conv, [R_feat.unsqueeze(0)])[0][0]  # one stream
     assert torch.allclose(exp.inputs["x"], want, rtol=0, atol=1e-12)
     # ... and a transposed mapping would not give the same input relevance
     wrong = R_enc[:, 1:].reshape(conv.outputs[0].shape)
-    assert not torch.allclose(Engine(tape).propagate(conv, [wrong])[0], want, atol=1e-6)
+    assert not torch.allclose(Engine(tape).propagate(conv, [wrong.unsqueeze(0)])[0][0], want,
+                              atol=1e-6)
 
 
 def test_encoder_block_residuals_use_the_add_rule():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedModuleError
 from ..relevance import rmap
 from ..rules.attention import attention_relevance
+from ..rules.contract import RuleContext, RuleResult
 from ..rules.registry import register_rule
 from ..trace import ACTIVE, SWITCHES
 from .hf_internals import (
@@ -35,6 +36,9 @@ from .hf_internals import (
     set_attn_implementation,
     upcast_attention,
 )
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 NAME = "dlbhooks"
 CHILD = "attention_fn"  # path suffix of the recorded attention call
@@ -121,7 +125,8 @@ def _attentions_wanted() -> bool:
 
 
 @register_rule(AttentionCall, name="attention")
-def attention_call_rule(rec, R_out, ctx):
+def attention_call_rule(rec: Record, R_out: list[Tensor | None],
+                        ctx: RuleContext) -> RuleResult:
     """§4 on the recorded call; relevance per head is reported in ``exp.heads``."""
     q, k, v = rec.inputs[:3]
     a = rec.arguments
@@ -129,12 +134,13 @@ def attention_call_rule(rec, R_out, ctx):
     if sinks is not None:
         sinks = sinks.detach().to(q.dtype).view(1, -1, 1, 1)
     mask = a.get("mask")
-    R = rmap(lambda r: r.transpose(1, 2), R_out[0])  # [b, s, h, d] -> [b, h, s, d]
+    assert R_out[0] is not None
+    R = R_out[0].transpose(2, 3)  # [S, b, s, h, d] -> [S, b, h, s, d]
     res = attention_relevance(R, q, k, v, scale=a["scaling"], mask=mask, sinks=sinks,
                               softcap=a.get("softcap"))
     parent = rec.parent.key if rec.parent is not None else rec.key
-    ctx.keep_tensor("heads", parent, rmap(lambda r: r.sum(dim=(-2, -1)), R))
-    return [res[0], res[1], res[2]], res[3]
+    ctx.report_heads(parent, rmap(lambda r: r.sum(dim=(-2, -1)), R))
+    return RuleResult([res[0], res[1], res[2]], res[3])
 
 
 def _configs(model: nn.Module):

@@ -9,8 +9,12 @@ A family that looks like Llama is a few lines here; see README, "Adding a family
 
 from __future__ import annotations
 
-from ..relevance import Streams
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
 from ..rules.composite import matmul_adj, matmul_fwd
+from ..rules.contract import RuleContext, RuleResult
 from ..rules.core import weighted_sum
 from ..rules.elementwise import passthrough_rule, register_saturation
 from ..rules.experts import SharedExpert, router_rule, shared_expert_moe
@@ -43,12 +47,15 @@ from .jetmoe import (
     scattered_moe,
 )
 
+if TYPE_CHECKING:
+    from ..records import Record
+
 M = "transformers.models"
 
 # -- leaf modules -------------------------------------------------------------------------
 
 
-def conv1d_rule(rec, R_out, ctx):
+def conv1d_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """GPT-2's ``Conv1D``: ``y = x @ W + b`` with W [in, out] (§2)."""
     m = rec.module
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
@@ -57,17 +64,15 @@ def conv1d_rule(rec, R_out, ctx):
         R_out[0], rec.input_value(0), W, b, matmul_fwd, matmul_adj,
         bounds=ctx.bounds_after(rec), output=out,
     )
-    return [R], absorbed
+    return RuleResult([R], absorbed)
 
 
-def constant_rule(rec, R_out, ctx):
+def constant_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """Modules whose outputs are constants for relevance (rotary cos/sin tables)."""
     R = R_out[0] if R_out else None
-    total = 0.0 if R is None else float(
-        (R.pos.abs().sum() + R.neg.abs().sum()) if isinstance(R, Streams) else R.abs().sum())
-    if total:
+    if R is not None and float(R.abs().sum()):
         raise ValueError(f"relevance reached {rec.describe()}, whose outputs are constants")
-    return [None] * len(rec.inputs)
+    return RuleResult([None] * len(rec.inputs))
 
 
 register_rule("transformers.pytorch_utils.Conv1D", conv1d_rule, name="conv1d")
@@ -79,7 +84,7 @@ ACTIVATIONS = [
     "PytorchGELUTanh", "GELUPytorchTanh", "XIELUActivation",
 ]
 for _name in ACTIVATIONS:
-    register_rule(f"transformers.activations.{_name}", passthrough_rule, streamwise=True,
+    register_rule(f"transformers.activations.{_name}", passthrough_rule,
                   name="passthrough")
 # transformers' SiLU saturates like torch's nn.SiLU (METHOD.md §2)
 register_saturation("transformers.activations.SiLUActivation", -6.0, None)
@@ -94,7 +99,7 @@ LLAMA_LIKE = {
 }
 for _mod, _cls in LLAMA_LIKE.items():
     _base = f"{M}.{_mod}.modeling_{_mod}.{_cls}"
-    register_rule(f"{_base}RMSNorm", rms_norm_rule, streamwise=True, name="rms_norm")
+    register_rule(f"{_base}RMSNorm", rms_norm_rule, name="rms_norm")
     register_rule(f"{_base}RotaryEmbedding", constant_rule, name="constant")
 register_rule(f"{M}.gemma3.modeling_gemma3.Gemma3RotaryEmbedding", constant_rule, name="constant")
 
@@ -155,7 +160,7 @@ COMPOSITES[f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock"] = shared_
 # JetMoE: scattered experts (JetMoeParallelExperts) in the MLP and in attention (mixture of
 # attention heads: the MoA's map/reduce are plain methods; models/jetmoe.py)
 _J = f"{M}.jetmoe.modeling_jetmoe.JetMoe"
-register_rule(f"{_J}RMSNorm", rms_norm_rule, streamwise=True, name="rms_norm")
+register_rule(f"{_J}RMSNorm", rms_norm_rule, name="rms_norm")
 register_rule(f"{_J}RotaryEmbedding", constant_rule, name="constant")
 register_rule(f"{_J}ParallelExperts", parallel_experts_rule, name="parallel_experts")
 register_rule(f"{_J}TopKGating", router_rule, name="router")

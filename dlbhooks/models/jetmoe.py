@@ -25,6 +25,7 @@ for the MLP block (its path) and for the attention experts (``<attention path>.e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -32,11 +33,15 @@ from torch import Tensor
 from ..errors import DLBError, UnsupportedModuleError
 from ..relevance import Rel, radd, rmap
 from ..rules.composite import first_stream, linear_adj, linear_fwd, per_stream, require_child
+from ..rules.contract import RuleContext, RuleResult
 from ..rules.core import weighted_sum
 from ..rules.elementwise import add_rule, product_rule, saturation_bounds
 from ..rules.functional import close_to_recorded, rope_relevance
 from ..rules.linear import exact_output
 from .hf_attention import CHILD as ATTN
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,8 @@ def _gate_bounds(rec, ctx, units: int):
     return lo, hi
 
 
-def parallel_experts_rule(rec, R_out, ctx):
+def parallel_experts_rule(rec: Record, R_out: list[Tensor | None],
+                          ctx: RuleContext) -> RuleResult:
     """``JetMoeParallelExperts``: rows grouped per expert, ``y = x W_eᵀ`` (§2 per group)."""
     W = ctx.param(rec.module, "weight")
     x = rec.input_value(0)
@@ -127,7 +133,7 @@ def parallel_experts_rule(rec, R_out, ctx):
         absorbed = radd(absorbed, ab)
         R_x = rmap(lambda acc, r: acc.index_copy_(0, torch.arange(a, b, device=acc.device), r),
                    R_x, R_e)
-    return [R_x], absorbed
+    return RuleResult([R_x], absorbed)
 
 
 # -- shared pieces of the two composites -------------------------------------------------
@@ -192,11 +198,10 @@ def _reduce(rec, spec: ScatteredExperts, R: Rel, rt: _Routing, out_layer, ctx, k
     flat = rt.token * rt.E + rt.expert
     per_expert = rmap(lambda s: s.new_zeros(rt.T * rt.E).index_add_(
         0, flat, _sorted(rt, s.sum(-1, keepdim=True))[:, 0]).view(*batch_shape, rt.E), shares)
-    ctx.keep_tensor("experts", key, per_expert)
+    ctx.report_experts(key, per_expert)
     idx = _slots(rt, rt.expert[:, None])[..., 0]
     w = _slots(rt, rt.gates[:, None])[..., 0]
-    ctx.reports.setdefault("routing", {})[key] = (
-        idx.reshape(*batch_shape, rt.k).detach(), w.reshape(*batch_shape, rt.k).detach())
+    ctx.report_routing(key, idx.reshape(*batch_shape, rt.k), w.reshape(*batch_shape, rt.k))
     return rmap(lambda s: _sorted(rt, s), shares), absorbed
 
 
@@ -217,7 +222,7 @@ def _key(rec, suffix: str = "") -> str:
 def scattered_moe(spec: ScatteredExperts):
     """Composite rule of a JetMoE MoE MLP block."""
 
-    def rule(rec, R_out, ctx):
+    def rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
         x = rec.inputs[0]
         router = _child(rec, spec.router)
         lin_in, lin_out = _child(rec, spec.input_linear), _child(rec, spec.output_linear)
@@ -242,10 +247,10 @@ def scattered_moe(spec: ScatteredExperts):
         ctx.step(lin_in, bag)
         R_rows_in = bag.pop(lin_in.inputs[0])
         bag.add(x, _scatter_rows(rt, R_rows_in, x.shape), rec)
-        return ctx.collect(rec, bag), absorbed
+        return RuleResult(ctx.collect(rec, bag), absorbed)
 
     rule.__name__ = "scattered_moe"
-    rule.spec = spec
+    rule.spec = spec  # type: ignore[attr-defined]
     return rule
 
 
@@ -256,7 +261,7 @@ def mixture_of_attention(spec: MixtureOfAttention):
     """Composite rule of a JetMoE attention module (mixture of attention heads)."""
     ex = spec.experts
 
-    def rule(rec, R_out, ctx):
+    def rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
         x = rec.inputs[0]
         b, s, H = x.shape
         router = _child(rec, ex.router)
@@ -298,10 +303,10 @@ def mixture_of_attention(spec: MixtureOfAttention):
             lambda r: _sorted(rt, heads_to_rows(r).reshape(b * s, rt.k, -1)), R_qp), rec)
         ctx.step(lin_in, bag)
         bag.add(x, _scatter_rows(rt, bag.pop(lin_in.inputs[0]), x.shape), rec)
-        return ctx.collect(rec, bag), absorbed
+        return RuleResult(ctx.collect(rec, bag), absorbed)
 
     rule.__name__ = "mixture_of_attention"
-    rule.spec = spec
+    rule.spec = spec  # type: ignore[attr-defined]
     return rule
 
 

@@ -35,6 +35,7 @@ from ..errors import UnsupportedModuleError
 from ..records import Record
 from ..relevance import Rel, rmap
 from ..rules.composite import add_split, per_stream, require_child
+from ..rules.contract import RuleContext, RuleResult
 from ..rules.elementwise import passthrough_rule, product_rule
 from ..rules.pooling import adaptive_avg_pool_relevance
 from ..rules.registry import register_rule
@@ -46,11 +47,11 @@ def _zero_lost(R: Rel) -> Rel:
     return rmap(lambda t: t.new_zeros(()), R)
 
 
-def _walk_all(rec: Record, R_out: list[Rel | None], ctx) -> list[Rel | None]:
+def _walk_all(rec: Record, R_out: list[Rel | None], ctx: RuleContext) -> RuleResult:
     """What the engine does for a container without a rule: walk every child."""
     bag = ctx.seed_outputs(rec, R_out, keep_inputs=False)
     ctx.walk(rec.children, bag)
-    return ctx.collect(rec, bag)
+    return RuleResult(ctx.collect(rec, bag))
 
 
 def _first_relevance(R_out: list[Rel | None]) -> Rel:
@@ -80,7 +81,7 @@ class ResidualAdd:
     shortcut: str | None = None
     when: str | None = None
 
-    def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
+    def __call__(self, rec: Record, R_out: list[Rel | None], ctx: RuleContext) -> RuleResult:
         if self.when is not None and not getattr(rec.module, self.when):
             return _walk_all(rec, R_out, ctx)
         body = require_child(rec, self.body, lift=True)
@@ -95,7 +96,7 @@ class ResidualAdd:
         R = bag.pop(add_out)
         if R is None:  # nothing reached the sum: only the pre-add part may still hold some
             ctx.walk(pre, bag)
-            return ctx.collect(rec, bag), None
+            return RuleResult(ctx.collect(rec, bag))
 
         a = body.output_value(0)
         if short is not None:
@@ -106,7 +107,7 @@ class ResidualAdd:
         bag.add(body.outputs[0], R_a, body)
         bag.add(b_tensor, R_b, short)
         ctx.walk(pre, bag)
-        return ctx.collect(rec, bag), lost
+        return RuleResult(ctx.collect(rec, bag), lost)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class GateProduct:
 
     gate: str
 
-    def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
+    def __call__(self, rec: Record, R_out: list[Rel | None], ctx: RuleContext) -> RuleResult:
         R = _first_relevance(R_out)
         g = require_child(rec, self.gate, lift=True)
         gate_t, x = g.outputs[0], rec.inputs[0]
@@ -126,7 +127,7 @@ class GateProduct:
         bag.add(gate_t, R_g, g)
         bag.add(x, R_x, None)
         ctx.walk(rec.children, bag)
-        return ctx.collect(rec, bag), _zero_lost(R)
+        return RuleResult(ctx.collect(rec, bag), _zero_lost(R))
 
 
 def _split_cat(R: Rel, sizes: list[int], dim: int) -> list[Rel]:
@@ -153,7 +154,7 @@ class CatInputs:
     consumer: str
     dim: int = 1
 
-    def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
+    def __call__(self, rec: Record, R_out: list[Rel | None], ctx: RuleContext) -> RuleResult:
         bag = ctx.seed_outputs(rec, R_out, keep_inputs=False)
         last = rec.children[-1] if rec.children else None
         if last is not None and rec.outputs[0] is not last.outputs[0]:
@@ -174,7 +175,7 @@ class CatInputs:
             sizes = _check_cat(rec, rec.inputs, cat.shape[self.dim], self.dim)
             for t, R in zip(rec.inputs, _split_cat(R_cat, sizes, self.dim)):
                 bag.add(t, R, None)
-        return ctx.collect(rec, bag)
+        return RuleResult(ctx.collect(rec, bag))
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class CatOutputs:
 
     dim: int = 1
 
-    def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
+    def __call__(self, rec: Record, R_out: list[Rel | None], ctx: RuleContext) -> RuleResult:
         R = _first_relevance(R_out)
         pieces = [rec.inputs[0]] + [c.outputs[0] for c in rec.children]
         sizes = _check_cat(rec, pieces, rec.outputs[0].shape[self.dim], self.dim)
@@ -191,7 +192,7 @@ class CatOutputs:
         for t, c, R_t in zip(pieces, [None, *rec.children], _split_cat(R, sizes, self.dim)):
             bag.add(t, R_t, c)
         ctx.walk(rec.children, bag)
-        return ctx.collect(rec, bag)
+        return RuleResult(ctx.collect(rec, bag))
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class PooledHead:
     classifier: str = "classifier"
     relu: bool = False
 
-    def __call__(self, rec: Record, R_out: list[Rel | None], ctx):
+    def __call__(self, rec: Record, R_out: list[Rel | None], ctx: RuleContext) -> RuleResult:
         feats = require_child(rec, self.features, lift=True)
         clf = require_child(rec, self.classifier, lift=True)
         kids = rec.children
@@ -229,7 +230,7 @@ class PooledHead:
             R_x, lost = per_stream(lambda r: adaptive_avg_pool_relevance(r, x), R_p)
             bag.add(feats.outputs[0], R_x, feats)
         ctx.walk(kids[: kids.index(feats) + 1], bag)
-        return ctx.collect(rec, bag), lost
+        return RuleResult(ctx.collect(rec, bag), lost)
 
 
 # -- registrations --------------------------------------------------------------------------
@@ -261,4 +262,4 @@ for _name, (_rule, _snap) in COMPOSITES.items():
 # StochasticDepth is the identity in eval (and a per-row constant scale in training): all
 # relevance to its input.
 register_rule("torchvision.ops.stochastic_depth.StochasticDepth", passthrough_rule,
-              streamwise=True, name="passthrough")
+              name="passthrough")

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from ..relevance import Rel, radd, rmap
+from ..relevance import Rel, radd, rmap, stack, streams_of
 from ..weights import fetch_param
 from .arith import broadcasts_into, nonzero_along, safe_div
-from .composite import join_streams, linear_adj, linear_fwd, streams_of
+from .composite import linear_adj, linear_fwd
+from .contract import RuleContext, RuleResult
 from .core import weighted_sum
 from .registry import register_rule
 
@@ -290,9 +291,10 @@ def attention_relevance(
     they would have carried is absorbed): ``R_A = ½·A ⊙ ((R_O/D) @ |V|ᵀ)``, ``R_V = ½·|V| ⊙
     (Aᵀ @ (R_O/D))``, ``R_S = R_A``, ``R_Q = ½·|Q| ⊙ ((R_S/D') @ |K|)``, ``R_K = ½·|K| ⊙
     ((R_S/D')ᵀ @ |Q|)``. ``A`` is recomputed for ``chunk`` queries at a time, so memory peaks
-    at batch·heads·chunk·T_k values. ``R_O`` may be a :class:`Streams` (contrastive mode):
-    each stream is handled separately with the same ``A``. Returns ``(R_Q, R_K, R_V,
-    absorbed)`` shaped like ``Q``, ``K``, ``V`` (dtype of ``R_O``) with ``R_Q + R_K + R_V +
+    at batch·heads·chunk·T_k values. ``R_O`` is stacked (``[S, B, H, T_q, dv]``; two
+    streams in contrastive mode): each stream is handled separately with the same ``A``.
+    Returns ``(R_Q, R_K, R_V, absorbed)``, stacked like ``R_O`` and shaped like ``Q``,
+    ``K``, ``V`` (dtype of ``R_O``; ``absorbed`` ``[S]``), with ``R_Q + R_K + R_V +
     absorbed == R_O`` in total (per stream).
     """
     lay = _layout(Q, K, V, mask, sinks)
@@ -302,7 +304,7 @@ def attention_relevance(
     for i0 in range(0, Tq, chunk):
         acc.add_chunk(lay, q, i0, min(Tq, i0 + chunk), scale, softcap)
     per = acc.result(lay, q)  # (R_Q, R_K, R_V, absorbed) of each stream
-    return AttentionRelevance(*(join_streams(list(r)) for r in zip(*per)))
+    return AttentionRelevance(*(stack(list(r)) for r in zip(*per)))
 
 
 @dataclass
@@ -577,7 +579,8 @@ def mha_recompute(
 
 
 @register_rule(nn.MultiheadAttention, name="multihead_attention")
-def multihead_attention_rule(rec: Record, R_out: list, ctx) -> tuple[list, Rel]:
+def multihead_attention_rule(rec: Record, R_out: list[Tensor | None],
+                             ctx: RuleContext) -> RuleResult:
     """``nn.MultiheadAttention``: out_proj (§2) -> per-head attention (§4) -> q/k/v
     projections (§2). Q, K, V are recomputed from the recorded query/key/value inputs.
 
@@ -613,4 +616,4 @@ def multihead_attention_rule(rec: Record, R_out: list, ctx) -> tuple[list, Rel]:
     for R in R_out[1:]:  # attention weights: no relevance goes through them
         if R is not None:
             absorbed = radd(absorbed, rmap(lambda t: t.sum(), R))
-    return [R_in.get(name) for name in rec.input_names], absorbed
+    return RuleResult([R_in.get(name) for name in rec.input_names], absorbed)

@@ -1,10 +1,10 @@
 """Helpers shared by composite rules (rules that handle a module's functional code and walk
 its children's records) and by the rules that split relevance per contrastive stream.
 
-* Streams: :func:`streams_of` / :func:`join_streams` (a relevance as a list of tensors and
-  back), :func:`first_stream` (a tensor to read shape and dtype from), :func:`per_stream`
-  (a function of one tensor applied to each stream, its results re-paired) and
-  :func:`add_split` (the add rule of METHOD.md §3 on each stream).
+* Streams: :func:`streams_of` / :func:`~dlbhooks.relevance.stack` (a stacked relevance
+  as a list of tensors and back), :func:`first_stream` (a tensor to read shape and dtype
+  from), :func:`per_stream` (a function of one tensor applied to each stream, its results
+  stacked) and :func:`add_split` (the add rule of METHOD.md §3 on each stream).
 * Linear maps for :func:`~dlbhooks.rules.core.weighted_sum`: :data:`LINEAR` (``x @ Wᵀ``,
   ``nn.Linear``'s layout) and :data:`MATMUL` (``x @ W``: GPT-2's ``Conv1D``, GPT-OSS's
   experts), each a ``(forward, adjoint)`` pair.
@@ -18,64 +18,35 @@ Seeding a bag with a record's output relevance is the engine's
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from ..errors import UnsupportedModuleError
-from ..relevance import Rel, Streams
+from ..relevance import Rel, per_stream, stack, streams_of
 from .elementwise import add_rule
 
 if TYPE_CHECKING:
     from ..records import Record
 
 __all__ = [
-    "LINEAR", "MATMUL", "add_split", "first_stream", "join_streams", "linear_adj",
-    "linear_fwd", "matmul_adj", "matmul_fwd", "per_stream", "require_child", "streams_of",
+    "LINEAR", "MATMUL", "add_split", "first_stream", "linear_adj", "linear_fwd",
+    "matmul_adj", "matmul_fwd", "per_stream", "require_child", "stack", "streams_of",
 ]
 
 
 # -- streams ----------------------------------------------------------------------------------
 
 
-def streams_of(R: Rel) -> list[Tensor]:
-    """``[R]`` in default mode, ``[R⁺, R⁻]`` in contrastive mode."""
-    return [R.pos, R.neg] if isinstance(R, Streams) else [R]
-
-
-def join_streams(parts: list[Tensor]) -> Rel:
-    """The inverse of :func:`streams_of`."""
-    return Streams(*parts) if len(parts) == 2 else parts[0]
-
-
 def first_stream(R: Rel) -> Tensor:
-    """``R`` itself, or its positive stream: a tensor to read the shape or dtype from."""
-    return R.pos if isinstance(R, Streams) else R
+    """The first stream of the stacked ``R``: a tensor to read the shape or dtype from."""
+    return R[0]
 
 
-def per_stream(fn: Callable[[Tensor], Any], R: Rel) -> Any:
-    """``fn`` (of one tensor) applied to each stream of ``R``, its results re-paired: a
-    tensor result becomes :class:`Streams`, lists and tuples of results are re-paired
-    element by element (nested: ``(parts, lost)``), ``None`` stays ``None``. In default
-    mode, ``fn(R)``."""
-    if not isinstance(R, Streams):
-        return fn(R)
-    return _pair(fn(R.pos), fn(R.neg))
-
-
-def _pair(pos: Any, neg: Any) -> Any:
-    if pos is None:
-        return None
-    if isinstance(pos, (list, tuple)):
-        return type(pos)(_pair(p, n) for p, n in zip(pos, neg))
-    return Streams(pos, neg)
-
-
-def add_split(R: Rel, terms: list[Tensor]) -> tuple[list[Rel], Rel]:
-    """The add rule (``y = Σ_k a_k``, METHOD.md §3) on each stream: the relevance of each
-    term and what was lost (positions where every term is 0); see
-    :func:`~dlbhooks.rules.elementwise.add_rule`."""
+def add_split(R: Rel, terms: list[Tensor]) -> tuple[list[Rel], Tensor]:
+    """The add rule (``y = Σ_k a_k``, METHOD.md §3) on each stream of the stacked ``R``:
+    the relevance of each term and what was lost per stream (``[S]``: positions where
+    every term is 0); see :func:`~dlbhooks.rules.elementwise.add_rule`."""
     return per_stream(lambda r: add_rule(r, terms), R)
 
 

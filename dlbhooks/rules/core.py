@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..relevance import Rel, Streams
+from ..relevance import Rel, stack
 
 # the arithmetic helpers lived here before rules/arith.py; importable from here still
 from .arith import (  # noqa: F401
@@ -67,26 +67,24 @@ def _absorbed(R: Tensor, s: Tensor, babs: Tensor | None, zero: Tensor | None) ->
 
 
 def coefficients(
-    R: Rel,
+    R: Tensor,
     abs_total: Tensor,
     signed_total: Tensor | None,
     bias: Tensor | None,
     *,
     bounds: Bounds | None = None,
-) -> tuple[list[tuple[Tensor, Tensor | None]], Rel]:
+) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
     """Default mode's per-unit split coefficients and the relevance absorbed (bias shares,
     guards).
 
     ``abs_total = sum_i |w_ji a_i|`` (= P_j + N_j), ``signed_total = sum_i w_ji a_i``
     (= P_j - N_j; needed for saturation), ``bias`` broadcastable to the units or ``None``.
     ``bounds`` = (lower, upper) of the following activation on ``t_j`` (saturation).
-    Returns ``[(c_abs, c_sgn)]`` and the absorbed total. Contrastive mode needs each
-    unit's sides summed directly: :func:`contrastive_split` and
-    :func:`contrastive_side_coefficients` (or :func:`weighted_sum`).
+    ``R`` is one stream's relevance (no leading axis). Returns ``[(c_abs, c_sgn)]`` and
+    the absorbed total. Contrastive mode needs each unit's sides summed directly:
+    :func:`contrastive_split` and :func:`contrastive_side_coefficients` (or
+    :func:`weighted_sum`).
     """
-    if isinstance(R, Streams):
-        raise TypeError("contrastive relevance: split it with contrastive_split(P, N, ...) and "
-                        "contrastive_side_coefficients, or use weighted_sum")
     if _has_bounds(bounds) and signed_total is None:
         raise ValueError("saturation needs the signed total of the contributions")
     return _default(R, abs_total, signed_total, bias, bounds)
@@ -224,7 +222,9 @@ def contrastive_split(P: Tensor, N: Tensor, signed_total: Tensor,
                             (~live).to(dt))  # (P, N > small wherever ND = 1)
 
 
-def contrastive_side_coefficients(R: Streams, split: ContrastiveSplit):
+def contrastive_side_coefficients(
+    R: Tensor, split: ContrastiveSplit
+) -> tuple[list[tuple[Tensor, Tensor]], Tensor]:
     """Contrastive mode of §2 per unit, as what each stream gives its unit's positive and
     its negative contributions: ``[(cp, cn) for the + stream, (cp, cn) for the - stream]``
     (contribution ``i -> j`` receives ``cp_j |w_ji a_i|`` if positive, ``cn_j |w_ji a_i|``
@@ -232,14 +232,14 @@ def contrastive_side_coefficients(R: Streams, split: ContrastiveSplit):
     (t > 0 and R+ > R-, or neither) give R+ to the positive side (``R+/P``) and R- to the
     negative side (``R-/N``), crossed ones the other way round, degenerate ones (a side
     empty) both streams ∝ |contribution| (``R/S`` on either side)."""
-    rp, rn = R.pos, R.neg
+    rp, rn = R[0], R[1]  # (stacked [2, ...])
     A = torch.eq(split.up, rp > rn).to(split.inv_p.dtype)  # aligned
     x_pos, y_neg = A * split.inv_p, A * split.inv_n  # A/P, A/N
     x_neg, y_pos = torch.sub(split.inv_p, x_pos), torch.sub(split.inv_n, y_neg)  # (1-A)/P, (1-A)/N
     if split.lost is None:
-        absorbed = Streams(rp.new_zeros(()), rn.new_zeros(()))
+        absorbed = torch.stack((rp.new_zeros(()), rn.new_zeros(())))
     else:
-        absorbed = Streams((rp * split.lost).sum(), (rn * split.lost).sum())
+        absorbed = torch.stack(((rp * split.lost).sum(), (rn * split.lost).sum()))
     coefs = []
     for r, x, y in ((rp, x_pos, y_pos), (rn, x_neg, y_neg)):
         if split.inv_s is not None:
@@ -276,8 +276,13 @@ def weighted_sum(
     bias_positive: bool | None = None,
     nonneg_input: bool = False,
     shared: dict | None = None,
-) -> tuple[Rel, Rel]:
-    """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``.
+    contrastive: bool | None = None,
+) -> tuple[Rel, Tensor]:
+    """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``, and what
+    the units absorbed, per stream (``[S]``).
+
+    ``R`` is stacked (``[S, *units]``); ``contrastive``: the two streams of contrastive
+    mode (default: ``S == 2``), else every stack entry is split by default mode.
 
     ``forward(x, W)`` is the map without bias; ``adjoint(s, W)`` its transpose applied to
     a unit-shaped tensor (computed with ``torch.func.vjp`` when not given; an explicit
@@ -290,9 +295,27 @@ def weighted_sum(
     denominators ``forward(|a|, |W|)`` depend on the forward only, so they are computed
     once (needs ``adjoint``).
     """
-    if isinstance(R, Streams):
+    if contrastive if contrastive is not None else R.shape[0] == 2:
         return _contrastive_weighted_sum(R, a, W, bias, forward, adjoint, output=output,
                                          nonneg_input=nonneg_input, shared=shared)
+    if R.shape[0] != 1:
+        raise NotImplementedError("default mode splits one stacked relevance at a time")
+    r, absorbed = _default_weighted_sum(
+        R[0], a, W, bias, forward, adjoint, bounds=bounds, output=output,
+        abs_weight=abs_weight, abs_bias=abs_bias, bias_positive=bias_positive,
+        nonneg_input=nonneg_input, shared=shared)
+    return r.unsqueeze(0), absorbed.reshape(1)
+
+
+def _default_weighted_sum(
+    R: Tensor, a: Tensor, W: Tensor, bias: Tensor | None,
+    forward: Callable[[Tensor, Tensor], Tensor],
+    adjoint: Callable[[Tensor, Tensor], Tensor] | None, *,
+    bounds: Bounds | None, output: Tensor | None, abs_weight: Tensor | None,
+    abs_bias: Tensor | None, bias_positive: bool | None, nonneg_input: bool,
+    shared: dict | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`weighted_sum` in default mode, for one stream's relevance (no leading axis)."""
     saturate = _has_bounds(bounds)
     absW = W.abs() if abs_weight is None else abs_weight
     ab = _AbsSide.of(a, absW, forward, adjoint, nonneg_input, shared)
@@ -381,11 +404,11 @@ def _sign_parts(a: Tensor, W: Tensor, nonneg: bool) -> list[tuple[Tensor, Tensor
 
 
 def _contrastive_weighted_sum(
-    R: Streams, a: Tensor, W: Tensor, bias: Tensor | None,
+    R: Tensor, a: Tensor, W: Tensor, bias: Tensor | None,
     forward: Callable[[Tensor, Tensor], Tensor],
     adjoint: Callable[[Tensor, Tensor], Tensor] | None, *,
     output: Tensor | None, nonneg_input: bool, shared: dict | None,
-) -> tuple[Streams, Streams]:
+) -> tuple[Tensor, Tensor]:
     """Contrastive mode of §2 for the linear map ``forward(a, W) + bias``.
 
     Each unit's positive and negative sums ``P``, ``N`` are computed directly (products of
@@ -428,13 +451,13 @@ def _sides(a: Tensor, W: Tensor, forward, adjoint, nonneg_input: bool):
     return parts, pulls, P, N
 
 
-def _contrastive_back(pairs, parts, pulls, adjoint) -> Streams:
+def _contrastive_back(pairs, parts, pulls, adjoint) -> Tensor:
     """The relevance of ``a`` per stream from the coefficients ``[(cp, cn)]`` of each
     stream (:func:`contrastive_side_coefficients`), back through the products of
     :func:`_sides`."""
     (cp_pos, cn_pos), (cp_neg, cn_neg) = pairs
-    stack = adjoint is not None and cp_pos.dim() >= 2
-    if stack:  # both streams in one product per weight half: a leading dim of 2N
+    batched = adjoint is not None and cp_pos.dim() >= 2
+    if batched:  # both streams in one product per weight half: a leading dim of 2N
         def both(x: Tensor, y: Tensor) -> Tensor:
             c = torch.stack((x, y))
             return c.view(2 * c.shape[1], *c.shape[2:])
@@ -444,7 +467,7 @@ def _contrastive_back(pairs, parts, pulls, adjoint) -> Streams:
         for ax, wp, wn in parts:
             g = adjoint(cp, wp).add_(adjoint(cn, wn)).reshape(2, *ax.shape).mul_(ax)
             r = g if r is None else r.add_(g)
-        return Streams(r[0], r[1])
+        return r
     outs = []
     for cp_s, cn_s in ((cp_pos, cn_pos), (cp_neg, cn_neg)):
         r = None
@@ -457,4 +480,4 @@ def _contrastive_back(pairs, parts, pulls, adjoint) -> Streams:
             g = g * ax
             r = g if r is None else r + g
         outs.append(r)
-    return Streams(*outs)
+    return stack(outs)

@@ -7,11 +7,18 @@ the data). Their saturation bounds, used by the preceding weighted sum, are data
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
 from .arith import broadcasts_into, nonneg_div, reduce_to
+from .contract import RuleResult
 from .registry import register_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
+    from .contract import RuleContext
 
 #: (lower, upper) bound on the pre-activation beyond which the activation is saturated.
 SATURATION_BOUNDS: dict[type | str, tuple[float | None, float | None]] = {
@@ -58,15 +65,16 @@ PASSTHROUGH = (
 )
 
 
-def passthrough_rule(rec, R_out, ctx):
+def passthrough_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """Relevance moves with the data: element-wise maps and reshapes. The same tensor
     object when the shape does not change (the ledger then sums it once)."""
     R, shape = R_out[0], rec.inputs[0].shape
-    return [R if R.shape == shape else R.reshape(shape)]
+    assert R is not None  # the engine fills missing outputs with zeros
+    return RuleResult([R if R.shape[1:] == shape else R.reshape(R.shape[0], *shape)])
 
 
 for _cls in PASSTHROUGH:
-    register_rule(_cls, passthrough_rule, streamwise=True, name="passthrough")
+    register_rule(_cls, passthrough_rule, name="passthrough")
 
 
 def add_rule(R: Tensor, terms: list[Tensor]) -> tuple[list[Tensor], Tensor]:

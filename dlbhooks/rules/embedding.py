@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .arith import safe_div
+from .contract import RuleContext, RuleResult
 from .registry import register_rule
 
+if TYPE_CHECKING:
+    from ..records import Record
 
-@register_rule(nn.Embedding, streamwise=True, name="embedding")
-def embedding_rule(rec, R_out, ctx):
+
+@register_rule(nn.Embedding, name="embedding")
+def embedding_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """Relevance per index: ``R[..., d]`` summed over the embedding dimension."""
-    return [R_out[0].sum(-1)]
+    R = R_out[0]
+    assert R is not None
+    return RuleResult([R.sum(-1)])
 
 
 @register_rule(nn.EmbeddingBag, streamwise=True, name="embedding_bag")
-def embedding_bag_rule(rec, R_out, ctx):
+def embedding_bag_rule(rec: Record, R_out: list[Tensor | None],
+                       ctx: RuleContext) -> RuleResult:
     """A bag's relevance goes to its members: sum/mean by the add rule (∝ |e_d|, per
     dimension), max to each dimension's winner (ties split); then summed over dimensions.
     ``per_sample_weights`` are constants that scale the members' vectors."""
@@ -27,6 +36,7 @@ def embedding_bag_rule(rec, R_out, ctx):
     psw = args.get("per_sample_weights")
     R = R_out[0]
     W = ctx.param(m, "weight")
+    assert R is not None and W is not None and isinstance(idx, Tensor)
     flat = idx.reshape(-1)
     if idx.dim() == 2:
         bag = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
@@ -52,8 +62,8 @@ def embedding_bag_rule(rec, R_out, ctx):
     member = share * safe_div(R, den)[bag]
     R_idx = member.sum(-1).reshape(idx.shape)
     lost = R.sum() - member.sum()
-    out = [None] * len(rec.inputs)
+    out: list[Tensor | None] = [None] * len(rec.inputs)
     for i, t in enumerate(rec.inputs):
         if t is idx:
             out[i] = R_idx
-    return out, lost
+    return RuleResult(out, lost)

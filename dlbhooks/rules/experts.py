@@ -18,6 +18,7 @@ experts and the shared expert in one step; the shared expert is an extra last co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,9 +27,13 @@ from ..errors import DLBError, UnsupportedModuleError
 from ..relevance import Rel, radd, rmap
 from ..storage import check_tolerance
 from .composite import LINEAR, MATMUL, add_split, first_stream, per_stream, require_child
+from .contract import RuleContext, RuleResult
 from .core import weighted_sum
 from .elementwise import add_rule, saturation_bounds
 from .registry import register_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 
 @dataclass(frozen=True)
@@ -182,10 +187,12 @@ def routed_contributions(rec, ctx, dt: torch.dtype) -> Tensor:
 def experts_rule_for(layout: ExpertsLayout):
     """The §5 rule for an experts module with this layout."""
 
-    def experts_rule(rec, R_out, ctx):
+    def experts_rule(rec: Record, R_out: list[Tensor | None],
+                     ctx: RuleContext) -> RuleResult:
         m = rec.module
         x, idx, w = rec.inputs[0], rec.inputs[1], rec.inputs[2]
         R = R_out[0]
+        assert R is not None
         T, k = idx.shape
         E = ctx.param(m, layout.gate_up).shape[0]
         dt = first_stream(R).dtype
@@ -207,12 +214,11 @@ def experts_rule_for(layout: ExpertsLayout):
             R_x = rmap(lambda acc, r: acc.index_add_(0, g.tok, r), R_x, R_xe)
         block = rec.parent.key if rec.parent is not None else rec.key
         shape = rec.input_views[0].shape[:-1] if 0 in rec.input_views else (1, T)
-        ctx.keep_tensor("experts", block, rmap(lambda p: p.reshape(*shape, E), per_expert))
-        ctx.reports.setdefault("routing", {})[block] = (
-            idx.reshape(*shape, k).detach(), w.reshape(*shape, k).detach())
-        return [R_x, None, None], absorbed
+        ctx.report_experts(block, per_expert.reshape(per_expert.shape[0], *shape, E))
+        ctx.report_routing(block, idx.reshape(*shape, k), w.reshape(*shape, k))
+        return RuleResult([R_x, None, None], absorbed)
 
-    experts_rule.layout = layout
+    experts_rule.layout = layout  # type: ignore[attr-defined]
     return experts_rule
 
 
@@ -225,12 +231,12 @@ def _expert_relevance(R_o: Rel, g: _Group, xs: Tensor, layout: ExpertsLayout, bo
     fwd, adj = _maps(layout)
     R_h, ab = weighted_sum(R_o, g.h, g.W_d, g.b_d, fwd, adj, output=g.o)
     absorbed = radd(absorbed, ab)
-    r_act = rmap(lambda r: r * 0.5, R_h)  # product rule: half to each factor
-    r_up = rmap(lambda r: r * 0.5, R_h)
+    r_act = R_h * 0.5  # product rule: half to each factor
+    r_up = R_h * 0.5
     if layout.up_plus_one:  # (up + 1): the constant keeps |1| / (|up| + 1)
         upc = g.upv - 1
         frac = upc.abs() / (upc.abs() + 1)
-        kept = rmap(lambda r: r * frac, r_up)
+        kept = r_up * frac
         absorbed = radd(absorbed, rmap(lambda r, q: (r - q).sum(), r_up, kept))
         r_up = kept
     R_gu = rmap(lambda a, u: _merge(a, u, layout), r_act, r_up)
@@ -270,10 +276,11 @@ def shared_expert_moe(spec: SharedExpert):
     constant like the routing weights. The shared expert is the last column of
     ``exp.experts[block]`` (named by :meth:`~dlbhooks.Explanation.expert_columns`)."""
 
-    def rule(rec, R_out, ctx):
+    def rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
         er, sr = require_child(rec, spec.experts), require_child(rec, spec.shared)
         gr = require_child(rec, spec.gate) if spec.gate else None
         R = R_out[0]
+        assert R is not None
         dt = first_stream(R).dtype
         H = rec.outputs[0].shape[-1]
         routed = routed_contributions(er, ctx, dt).abs().sum(1)  # Σ_slots |g·E(x)|, [T, H]
@@ -296,25 +303,25 @@ def shared_expert_moe(spec: SharedExpert):
         bag = ctx.new_bag(rec)
         bag.add(er.outputs[0], rmap(lambda r: r.reshape(er.outputs[0].shape), R_routed), rec)
         bag.add(sr.outputs[0], rmap(lambda r: r.reshape(sr.outputs[0].shape), R_shared), rec)
-        ctx.report("blocks", rec.key, "routed", R_routed)
-        ctx.report("blocks", rec.key, spec.label, R_shared)
-        kept = ctx.reports.setdefault("experts", {})
-        before = kept.pop(rec.key, None)  # earlier calls of the block (summed over calls)
+        ctx.report_block(rec.key, "routed", R_routed)
+        ctx.report_block(rec.key, spec.label, R_shared)
+        before = ctx.pop_experts(rec.key)  # earlier calls of the block (summed over calls)
         ctx.walk(rec.children, bag)
-        routed_cols = kept.pop(rec.key)  # [..., E] written by the experts rule just now
-        col = rmap(lambda s, c: s.detach().sum(-1).reshape(*c.shape[:-1], 1).to(c.dtype),
-                   R_shared, routed_cols)
-        kept[rec.key] = radd(before, rmap(lambda c, s: torch.cat((c, s), -1), routed_cols, col))
-        return ctx.collect(rec, bag), lost
+        routed_cols = ctx.pop_experts(rec.key)  # [S, ..., E] from the experts rule just now
+        assert routed_cols is not None
+        col = R_shared.detach().sum(-1).reshape(*routed_cols.shape[:-1], 1)
+        ctx.report_experts(rec.key, radd(before, torch.cat(
+            (routed_cols, col.to(routed_cols.dtype)), -1)))
+        return RuleResult(ctx.collect(rec, bag), lost)
 
     rule.__name__ = "shared_expert_moe"
-    rule.spec = spec
+    rule.spec = spec  # type: ignore[attr-defined]
     return rule
 
 
-def router_rule(rec, R_out, ctx):
+def router_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """Routers: their outputs (logits, weights, indices) are constants for relevance."""
-    return [None] * len(rec.inputs)
+    return RuleResult([None] * len(rec.inputs))
 
 
 M = "transformers.models"

@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
-from ..relevance import Rel, Streams, radd, rmap
+from ..relevance import Rel, radd, rmap, stack
 from ..storage import check_tolerance
 from .arith import nonneg_div
 from .composite import add_split, first_stream, per_stream
+from .contract import RuleContext, RuleResult
 from .core import contrastive_side_coefficients, contrastive_split
 from .elementwise import product_rule
 
@@ -289,13 +290,12 @@ class Rope(Op):
 class Functional:
     """A composite rule built from ops; register it for a module type (see module doc)."""
 
-    streamwise = False
-
     def __init__(self, *ops: Op, name: str = "functional"):
         self.ops = ops
         self.__name__ = name
 
-    def __call__(self, rec: Record, R_out: list, ctx) -> tuple[list, Rel | None]:
+    def __call__(self, rec: Record, R_out: list[Tensor | None],
+                 ctx: RuleContext) -> RuleResult:
         tmp: dict = {}
         bag = ctx.seed_outputs(rec, R_out)
         plan = self._plan(rec, tmp)
@@ -306,7 +306,7 @@ class Functional:
             ctx.step(child, bag)
         for _, op in plan:
             absorbed = radd(absorbed, self._run(op, rec, bag, tmp, ctx))
-        return ctx.collect(rec, bag), absorbed
+        return RuleResult(ctx.collect(rec, bag), absorbed)
 
     def _plan(self, rec: Record, tmp: dict) -> list[tuple[float, Op]]:
         """Ops with the call index before which each must run (its result's first consumer)."""
@@ -399,7 +399,7 @@ class Functional:
         parts, absorbed = add_split(R, values)
         for n, (f, part) in enumerate(zip(found, parts)):
             if op.names is not None:
-                ctx.report("blocks", rec.key, op.names[n], part)
+                ctx.report_block(rec.key, op.names[n], part)
             if n in op.absorb:
                 absorbed = radd(absorbed, rmap(lambda t: t.sum(), part))
             else:
@@ -473,13 +473,15 @@ class Functional:
         return absorbed
 
 
-def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Rel]:
+def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Tensor]:
     """The RoPE rule: output ``j`` of ``x·c + rotate_half(x)·s`` is ``A_j + B_j``; its
     relevance splits by §2 (no bias) over its two contributions, and ``B_j``'s share goes
     to the partner ``x_{j ± half}``. ``x`` and ``R`` are the rotated dims only; ``c``/``s``
-    broadcast to ``x``. Returns (relevance on ``x``, absorbed)."""
+    broadcast to ``x``. ``R`` is stacked: one stream is split by default mode, two by
+    contrastive mode. Returns (relevance on ``x``, absorbed per stream)."""
     half = x.shape[-1] // 2
-    if not isinstance(R, Streams):  # default mode, in place on its own temporaries
+    if R.shape[0] == 1:  # default mode, in place on its own temporaries
+        R = R[0]
         absA = torch.mul(x, c).abs_()
         absB = torch.empty_like(absA)
         torch.mul(x[..., half:], s[..., :half], out=absB[..., :half])
@@ -492,7 +494,7 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Rel]:
         rA, rB = absA.mul_(q), absB.mul_(q)
         rA[..., :half] += rB[..., half:]
         rA[..., half:] += rB[..., :half]
-        return rA, absorbed
+        return rA.unsqueeze(0), absorbed.reshape(1)
     A = x * c
     B = torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
     # each unit's two contributions by sign: P and N summed directly (from |A| + |B| and
@@ -505,7 +507,7 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Rel]:
     for cp, cn in pairs:
         rA, rB = cp * Ap + cn * An, cp * Bp + cn * Bn
         outs.append(rA + torch.cat((rB[..., half:], rB[..., :half]), dim=-1))
-    return Streams(*outs), absorbed
+    return stack(outs), absorbed
 
 
 def _sample_rows(t: Tensor | None, n: int = 4) -> Tensor | None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
-from ..relevance import Streams, rmap
+from ..relevance import stack
 from .arith import nonzero_along
-from .composite import first_stream, linear_adj, linear_fwd
+from .composite import linear_adj, linear_fwd
+from .contract import RuleContext, RuleResult
 from .core import (
     _sign_parts,
     coefficients,
@@ -21,21 +24,24 @@ from .core import (
 )
 from .registry import register_rule
 
+if TYPE_CHECKING:
+    from ..records import Record
+
 LIVE_UNITS_MIN = 4096  # output units from which a Linear looks for the few live ones
 
 
-def exact_output(rec, ctx, i: int = 0) -> torch.Tensor | None:
+def exact_output(rec: Record, ctx: RuleContext, i: int = 0) -> Tensor | None:
     """Output ``i`` of ``rec`` if it is exactly what the module computed (intact, and not
     stored cast to another dtype), else ``None``: the §2 split may read a weighted sum's
     signed total from its output only if that is the sum of the contributions it splits."""
     if not rec.output_intact(i):
         return None
-    out, cast = rec.outputs[i], ctx.tape.store.policy.dtype
+    out, cast = rec.outputs[i], ctx.compute_dtype
     return out if cast is None or cast == out.dtype else None
 
 
 @register_rule(nn.Linear)
-def linear_rule(rec, R_out, ctx):
+def linear_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """§2 on ``y = x Wᵀ + b``: two matrix products with |W| (three with saturation).
 
     Rows (positions) without relevance are skipped when they are the majority (an LM head
@@ -47,26 +53,24 @@ def linear_rule(rec, R_out, ctx):
     a = rec.input_value(0)
     out = exact_output(rec, ctx)
     R = R_out[0]
+    assert R is not None and W is not None
     bounds = ctx.bounds_after(rec)
     rows = _live_rows(R) if a.dim() > 1 else None
     if rows is not None:
         pick = lambda t: t.reshape(-1, t.shape[-1])[rows]  # noqa: E731
-        R_sub, absorbed = _linear_units(rmap(pick, R), pick(a), W, b, bounds,
-                                        None if out is None else pick(out),
+        S, d = R.shape[0], a.shape[-1]
+        R_sub, absorbed = _linear_units(R.reshape(S, -1, R.shape[-1])[:, rows], pick(a), W,
+                                        b, bounds, None if out is None else pick(out),
                                         abs_params=lambda: _abs_params(ctx, m, rec))
-
-        def place(r):
-            full = r.new_zeros(a.numel() // a.shape[-1], a.shape[-1])
-            full[rows] = r
-            return full.view(a.shape)
-
-        return [rmap(place, R_sub)], absorbed
+        full = R_sub.new_zeros(S, a.numel() // d, d)
+        full[:, rows] = R_sub
+        return RuleResult([full.view(S, *a.shape)], absorbed)
     R_in, absorbed = _linear_units(R, a, W, b, bounds, out, ctx.shared(rec),
                                    abs_params=lambda: _abs_params(ctx, m, rec))
-    return [R_in], absorbed
+    return RuleResult([R_in], absorbed)
 
 
-def _abs_params(ctx, m: nn.Module, rec) -> dict:
+def _abs_params(ctx: RuleContext, m: nn.Module, rec: Record) -> dict:
     """``|W|``, ``|b|`` (cached across explanations), whether every ``|b|`` is > 0 and
     whether the input is known to be non-negative."""
     absb, positive = ctx.abs_bias(m)
@@ -82,7 +86,7 @@ def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
     units = _live_units(R) if W.shape[0] >= LIVE_UNITS_MIN else None
     if units is not None:
         pick = lambda t: t.index_select(-1, units)  # noqa: E731
-        R, W = rmap(pick, R), W.index_select(0, units)
+        R, W = pick(R), W.index_select(0, units)
         abs_params = None  # |W| of the few live units only (an LM head's whole vocabulary
         # would cost more than the products)
         b = None if b is None else b.index_select(0, units)
@@ -95,18 +99,20 @@ def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
                         shared=shared, **({} if abs_params is None else abs_params()))
 
 
-def _live_along(R, dim: int):
-    """Bool: does some stream have a non-zero entry along ``dim``?"""
-    if isinstance(R, Streams):
-        return nonzero_along(R.pos, dim) | nonzero_along(R.neg, dim)
-    return nonzero_along(R, dim)
+def _live_along(R: Tensor, dim: int) -> Tensor:
+    """Bool: does some stream (of the stacked ``R``) have a non-zero entry along ``dim``
+    (of one stream)?"""
+    live = nonzero_along(R[0], dim)
+    for r in R.unbind(0)[1:]:
+        live = live | nonzero_along(r, dim)
+    return live
 
 
-def _live_rows(R):
+def _live_rows(R: Tensor) -> Tensor | None:
     """Indices of the rows that carry relevance, if they are fewer than half of them.
     About eight columns decide quickly when most rows are live (one column is not enough
     after a ReLU, which silences a unit for many rows)."""
-    t = first_stream(R)
+    t = R[0]
     n_rows = t.numel() // t.shape[-1] if t.dim() and t.shape[-1] else 0
     if n_rows < 4:
         return None
@@ -114,18 +120,18 @@ def _live_rows(R):
     sample = flat_t[:, :: max(1, flat_t.shape[1] // 8)]  # about 8 columns
     if int(torch.count_nonzero(sample.abs().amax(-1))) * 2 > n_rows:
         return None  # most rows are live (seen in a few columns): no need to look further
-    live = _live_along(rmap(lambda r: r.reshape(n_rows, r.shape[-1]), R), -1)
+    live = _live_along(R.reshape(R.shape[0], n_rows, R.shape[-1]), -1)
     n = int(live.sum())
     return live.nonzero().squeeze(-1) if n * 2 <= n_rows else None
 
 
-def _live_units(R):
+def _live_units(R: Tensor) -> Tensor | None:
     """Indices of the output units (last dim) that carry relevance in some row, if they
     are at most a quarter of them."""
-    t = first_stream(R)
+    t = R[0]
     if t.dim() == 0 or t.numel() == 0:
         return None
-    flat = rmap(lambda r: r.reshape(-1, r.shape[-1]), R)
+    flat = R.reshape(R.shape[0], -1, R.shape[-1])
     if int(torch.count_nonzero(t.reshape(-1, t.shape[-1])[0])) * 4 > t.shape[-1]:
         return None  # one row alone has too many live units
     live = _live_along(flat, 0)
@@ -182,7 +188,8 @@ def _polyphase_adjoint(s, w, in_hw, stride, padding):
     return g.contiguous()
 
 
-def _conv_rule(rec, R_out, ctx, conv):
+def _conv_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
+               conv: Callable[..., Tensor]) -> RuleResult:
     m = rec.module
     _check_padding_mode(rec)
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
@@ -214,10 +221,11 @@ def _conv_rule(rec, R_out, ctx, conv):
         bias_positive=positive,
         nonneg_input=ctx.nonnegative_input(rec, 0),
     )
-    return [R], absorbed
+    return RuleResult([R], absorbed)
 
 
-def _convt_rule(rec, R_out, ctx, convt):
+def _convt_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
+                convt: Callable[..., Tensor]) -> RuleResult:
     m = rec.module
     _check_padding_mode(rec)
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
@@ -231,7 +239,7 @@ def _convt_rule(rec, R_out, ctx, convt):
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, None,
         bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
     )
-    return [R], absorbed
+    return RuleResult([R], absorbed)
 
 
 for _cls, _fn in _CONV.items():
@@ -241,20 +249,21 @@ for _cls, _fn in _CONVT.items():
 
 
 @register_rule(nn.Bilinear)
-def bilinear_rule(rec, R_out, ctx):
+def bilinear_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """§2 over the pair contributions ``W_kij x1_i x2_j``; each pair's share goes half to
     ``x1_i`` and half to ``x2_j`` (the product rule of §3)."""
     m = rec.module
     W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
     x1, x2 = rec.input_value(0), rec.input_value(1)
     R = R_out[0]
-    if isinstance(R, Streams):
+    assert R is not None and W is not None
+    if ctx.contrastive:
         return _bilinear_contrastive(R, x1, x2, W, b)
     absW, a1, a2 = W.abs(), x1.abs(), x2.abs()
     abs_total = F.bilinear(a1, a2, absW)
     need_signed = ctx.bounds_after(rec) is not None
     signed = F.bilinear(x1, x2, W) if need_signed else None
-    coefs, absorbed = coefficients(R, abs_total, signed, b, bounds=ctx.bounds_after(rec))
+    coefs, absorbed = coefficients(R[0], abs_total, signed, b, bounds=ctx.bounds_after(rec))
     r1s, r2s = [], []
     for c_abs, c_sgn in coefs:
         r1 = a1 * torch.einsum("...k,kij,...j->...i", c_abs, absW, a2)
@@ -264,11 +273,11 @@ def bilinear_rule(rec, R_out, ctx):
             r2 = r2 + x2 * torch.einsum("...k,kij,...i->...j", c_sgn, W, x1)
         r1s.append(r1 * 0.5)
         r2s.append(r2 * 0.5)
-    return [r1s[0], r2s[0]], absorbed
+    return RuleResult([r1s[0].unsqueeze(0), r2s[0].unsqueeze(0)], absorbed.reshape(1))
 
 
-def _bilinear_contrastive(R: Streams, x1: torch.Tensor, x2: torch.Tensor, W: torch.Tensor,
-                          b: torch.Tensor | None):
+def _bilinear_contrastive(R: Tensor, x1: Tensor, x2: Tensor, W: Tensor,
+                          b: Tensor | None) -> RuleResult:
     """Contrastive §2 on Bilinear with each unit's sides summed directly: a pair
     contribution's sign is sign(W) sign(x1) sign(x2), so over the (up to 4) sign parts of
     ``x1`` and ``x2`` (magnitudes, from ``rules/core._sign_parts``) the weights making
@@ -296,4 +305,4 @@ def _bilinear_contrastive(R: Streams, x1: torch.Tensor, x2: torch.Tensor, W: tor
             r1, r2 = (g1, g2) if r1 is None else (r1.add_(g1), r2.add_(g2))
         r1s.append(r1.mul_(0.5))
         r2s.append(r2.mul_(0.5))
-    return [Streams(*r1s), Streams(*r2s)], absorbed
+    return RuleResult([stack(r1s), stack(r2s)], absorbed)

@@ -4,12 +4,18 @@ share absorbed. RMSNorm has no β and passes everything."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .arith import fits, nonneg_div, reduce_to
+from .contract import RuleContext, RuleResult
 from .registry import register_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 
 def affine_split(R: Tensor, scaled: Tensor, beta: Tensor | None,
@@ -42,7 +48,7 @@ def _channel_view(p: Tensor | None, ndim: int) -> Tensor | None:
     return None if p is None else p.view(1, -1, *([1] * (ndim - 2)))
 
 
-def _beta(ctx, m: nn.Module, ndim: int | None = None) -> dict:
+def _beta(ctx: RuleContext, m: nn.Module, ndim: int | None = None) -> dict:
     """β, |β| (cached across explanations) and whether all of |β| is > 0, as keyword
     arguments of :func:`affine_split` (β and |β| viewed per channel when ``ndim``)."""
     beta, (babs, positive) = ctx.param(m, "bias"), ctx.abs_bias(m)
@@ -53,34 +59,34 @@ def _beta(ctx, m: nn.Module, ndim: int | None = None) -> dict:
     return {"beta": beta, "babs": babs, "positive": positive}
 
 
-def _channel_affine(R, xhat, m, ctx):
+def _channel_affine(R: Tensor, xhat: Tensor, m: nn.Module, ctx: RuleContext) -> RuleResult:
     """``y = γ_c·x̂ + β_c`` per channel (dim 1): the §2 split with β absorbed."""
     gamma = _channel_view(ctx.param(m, "weight"), xhat.dim())
     scaled = xhat.mul_(gamma) if gamma is not None else xhat
     R_x, absorbed = affine_split(R, scaled, own=True, **_beta(ctx, m, xhat.dim()))
-    return [R_x], absorbed
+    return RuleResult([R_x], absorbed)
 
 
 @register_rule(nn.LayerNorm, streamwise=True, name="layer_norm")
-def layer_norm_rule(rec, R_out, ctx):
+def layer_norm_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     m = rec.module
     x = rec.input_value(0)
     gamma = ctx.param(m, "weight")
     xhat = F.layer_norm(x, m.normalized_shape, None, None, m.eps)
     scaled = xhat.mul_(gamma) if gamma is not None else xhat
     R_x, absorbed = affine_split(R_out[0], scaled, own=True, **_beta(ctx, m))
-    return [R_x], absorbed
+    return RuleResult([R_x], absorbed)
 
 
 @register_rule(nn.modules.batchnorm._BatchNorm, streamwise=True, name="batch_norm")
-def batch_norm_rule(rec, R_out, ctx):
+def batch_norm_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     m = rec.module
     if rec.output_intact(0):  # |γ·x̂| = |y - β|: no need to normalise again
         y = rec.output_value(0)
         beta = _beta(ctx, m, y.dim())
         scaled = y - beta["beta"] if beta["beta"] is not None else y
         R_x, absorbed = affine_split(R_out[0], scaled, own=beta["beta"] is not None, **beta)
-        return [R_x], absorbed
+        return RuleResult([R_x], absorbed)
     x = rec.input_value(0)
     rm, rv = ctx.param(m, "running_mean"), ctx.param(m, "running_var")
     use_batch = m.training or rm is None
@@ -92,7 +98,7 @@ def batch_norm_rule(rec, R_out, ctx):
 
 
 @register_rule(nn.GroupNorm, streamwise=True, name="group_norm")
-def group_norm_rule(rec, R_out, ctx):
+def group_norm_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     m = rec.module
     x = rec.input_value(0)
     xhat = F.group_norm(x, m.num_groups, None, None, m.eps)
@@ -100,14 +106,14 @@ def group_norm_rule(rec, R_out, ctx):
 
 
 @register_rule(nn.modules.instancenorm._InstanceNorm, streamwise=True, name="instance_norm")
-def instance_norm_rule(rec, R_out, ctx):
+def instance_norm_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     m = rec.module
     x = rec.input_value(0)
     xhat = F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
     return _channel_affine(R_out[0], xhat, m, ctx)
 
 
-@register_rule(nn.RMSNorm, streamwise=True, name="rms_norm")
-def rms_norm_rule(rec, R_out, ctx):
+@register_rule(nn.RMSNorm, name="rms_norm")
+def rms_norm_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """No β: ``y = γ·x̂`` is a product with a parameter, all relevance to the activation."""
-    return [R_out[0]]
+    return RuleResult([R_out[0]])

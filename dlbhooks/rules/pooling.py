@@ -12,12 +12,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .contract import RuleContext, RuleResult
 from .registry import register_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 
 def _tuple(v, n: int) -> tuple[int, ...]:
@@ -240,7 +245,7 @@ def _single_winners(R: Tensor, x: Tensor, w: _Windows, best: Tensor,
     return R_x.view(x.shape)
 
 
-def pool_rule(rec, R_out, ctx):
+def pool_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """Any nn pooling module (regular or adaptive, max or average, 1d/2d/3d)."""
     m, x, R = rec.module, rec.input_value(0), R_out[0]
     nd = _nd(rec)
@@ -252,14 +257,14 @@ def pool_rule(rec, R_out, ctx):
                                      getattr(m, "dilation", 1), kind, out,
                                      getattr(m, "ceil_mode", False))
         if fast is not None:
-            return [fast[0]], fast[1]
+            return RuleResult([fast[0]], fast[1])
     if isinstance(m, _ADAPTIVE_MAX + _ADAPTIVE_AVG):
         tables = adaptive_tables(x, out_shape)
     else:
         dil = getattr(m, "dilation", 1)
         tables = regular_tables(x, out_shape, m.kernel_size, m.stride, m.padding, dil)
     R_x, lost = pool_relevance(R, x, tables, kind)
-    return [R_x], lost
+    return RuleResult([R_x], lost)
 
 
 for _cls in _ND:

@@ -45,18 +45,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import UnsupportedModuleError
-from ..relevance import Streams
+from ..relevance import stack, streams_of
 from ..weights import fetch_param
-from .composite import join_streams, streams_of
+from .contract import RuleContext, RuleResult
 from .core import _sign_parts, coefficients, contrastive_side_coefficients, contrastive_split
 from .elementwise import add_rule
 from .registry import register_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
 
 SIGMOID = (-4.0, 4.0)
 TANH = (-2.0, 2.0)
@@ -64,7 +68,7 @@ TANH = (-2.0, 2.0)
 
 # -- streams as lists: [R] in default mode, [R+, R-] in contrastive mode ---------------------
 def _acc(total: list[Tensor], extra) -> None:
-    """Add a scalar (or Streams of scalars) to a per-stream running total, in place."""
+    """Add per-stream totals (``[S]``) to a per-stream running total, in place."""
     for k, v in enumerate(streams_of(extra)):
         total[k] = total[k] + v.to(total[k].dtype)
 
@@ -119,7 +123,7 @@ def _side_coefs(G: Tensor, split, out: Tensor, absorbed: list[Tensor]) -> None:
     into ``out`` [2, B, 2, U]: per stream, the coefficients ``(cp, cn)`` that positive and
     negative contributions receive per unit of |contribution|. Adds what units without
     contributions lose to ``absorbed``."""
-    pairs, ab = contrastive_side_coefficients(Streams(G[0], G[1]), split)
+    pairs, ab = contrastive_side_coefficients(G, split)
     if split.lost is not None:  # (else nothing is lost)
         _acc(absorbed, ab)
     for k, (cp, cn) in enumerate(pairs):
@@ -732,21 +736,21 @@ def _recorded_output(rec, dt: torch.dtype, batched: bool, batch_first: bool):
 
 
 def _result(rec, R_x: list[Tensor], R_init, given: list[bool], r_dtype: torch.dtype,
-            absorbed: list[Tensor]) -> tuple[list, object]:
+            absorbed: list[Tensor]) -> tuple[list[Tensor | None], Tensor]:
     """What a recurrent rule returns: relevance on the input (``R_x`` per stream, shaped
     like it), on the initial states (per state, per stream) where the call passed them, and
     what was absorbed; an implicit zero state normally receives nothing, and what does
     arrive there counts as absorbed."""
-    R_in: list = [None] * len(rec.inputs)
-    R_in[0] = join_streams([r.to(r_dtype) for r in R_x])
+    R_in: list[Tensor | None] = [None] * len(rec.inputs)
+    R_in[0] = stack([r.to(r_dtype) for r in R_x])
     for j, states in enumerate(R_init):
         if given[j]:
             shape = rec.inputs[1 + j].shape
-            R_in[1 + j] = join_streams([r.reshape(shape).to(r_dtype) for r in states])
+            R_in[1 + j] = stack([r.reshape(shape).to(r_dtype) for r in states])
         else:
             for s, r in enumerate(states):
                 absorbed[s] = absorbed[s] + r.double().sum()
-    return R_in, join_streams(absorbed)
+    return R_in, stack(absorbed)
 
 
 def _layers_reverse(rec, R_out, ctx, x0: Tensor, dt: torch.dtype, lstm: bool,
@@ -830,7 +834,7 @@ def _cell_reverse(rec, R_out, ctx, x0: Tensor, dt: torch.dtype, lstm: bool,
 
 
 @torch.no_grad()
-def recurrent_rule(rec, R_out, ctx):
+def recurrent_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """``nn.LSTM`` and ``nn.GRU`` unrolled (all layers, both directions), ``nn.LSTMCell``
     and ``nn.GRUCell`` (one step); the initial states the call passed (``(h0, c0)``,
     ``h0``) get relevance."""
@@ -844,7 +848,8 @@ def recurrent_rule(rec, R_out, ctx):
     walk = _cell_reverse if cell else _layers_reverse
     R_x, R_init, given = walk(rec, R_out, ctx, x0, dt, isinstance(m, (nn.LSTM, nn.LSTMCell)),
                               absorbed)
-    return _result(rec, R_x, R_init, given, r_dtype, absorbed)
+    R_in, total = _result(rec, R_x, R_init, given, r_dtype, absorbed)
+    return RuleResult(R_in, total)
 
 
 # the rule's names before one function served the four module types

@@ -1,13 +1,10 @@
 """Rule registry: module type -> rule, most specific class first (MRO), plus names.
 
-A rule takes ``(record, relevance_out, ctx)`` — the record of one call, the relevance on
-each of its outputs (a list aligned with ``record.outputs``) and the engine context — and
-returns the relevance on each input (a list aligned with ``record.inputs``; ``None`` for
-inputs that get none, such as masks), optionally with what it absorbed:
-``(relevance_in, absorbed)``.
-
-``streamwise=True`` marks rules that never mix the two contrastive streams: they are
-written for one tensor and the engine calls them once per stream.
+A rule follows the contract of :mod:`dlbhooks.rules.contract`: ``rule(record,
+relevance_out, ctx) -> RuleResult``, relevance stacked on a leading axis (one entry per
+contrastive stream). ``streamwise=True`` marks rules written for one stream's tensor
+(no leading axis): the engine calls them once per stream. Rules of the first documented
+form (returning a list or ``(list, absorbed)``) run through an adapter and warn.
 
 Rules registered here are global. A :class:`RuleOverlay` (``dlb.trace(model, rules=...)``)
 holds rules for one trace only, consulted together with the global registry: the most
@@ -16,11 +13,14 @@ specific class in the module's MRO wins, the overlay first at equal specificity.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+from .contract import is_stacked_form
 
 RuleFn = Callable[..., Any]
 
@@ -35,6 +35,22 @@ class Rule:
     # child paths (relative) whose outputs the tracer clones at call time, for composite
     # rules whose module later modifies them in place (``out += identity``)
     snapshot: tuple[str, ...] = field(default_factory=tuple)
+    # written to the contract (returns RuleResult)? None: decided from the function
+    stacked: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.stacked is None:
+            object.__setattr__(self, "stacked", is_stacked_form(self.fn))
+        if not self.stacked:
+            _warn_legacy(self.name)
+
+
+def _warn_legacy(name: str) -> None:
+    warnings.warn(
+        f"rule {name!r} is written to the first rule form (returning a list or (list, "
+        "absorbed)); it runs through an adapter. Return dlbhooks.RuleResult and annotate "
+        "the function `-> RuleResult` (relevance stacked on a leading stream axis; see "
+        "README, 'Custom rules').", DeprecationWarning, stacklevel=5)
 
 
 _BY_TYPE: dict[type, Rule] = {}  # registered by class
