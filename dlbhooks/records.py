@@ -49,7 +49,8 @@ class Record:
 
     index: int
     path: str
-    module: nn.Module
+    # the nn.Module called (Any: a rule reads the attributes of its own module type)
+    module: Any
     call: int
     parent: Record | None
     arguments: dict[str, Any]

@@ -193,9 +193,9 @@ def test_unsupported_module_then_register_rule():
         dlb.explain(model, X)
     assert "'1'" in str(err.value) and "Twice" in str(err.value)
 
-    @dlb.register_rule(Twice, streamwise=True)
-    def twice_rule(rec, R_out, ctx):
-        return [R_out[0]]
+    @dlb.register_rule(Twice)
+    def twice_rule(rec, R_out, ctx) -> dlb.RuleResult:
+        return dlb.RuleResult([R_out[0]])
 
     try:
         assert dlb.coverage(model).complete
@@ -213,9 +213,10 @@ def test_conservation_error_is_rounding_only_and_catches_a_leaking_rule():
     # no bias after Twice: all the seeded relevance reaches it
     model = nn.Sequential(nn.Linear(6, 4), Twice(), nn.Linear(4, 2, bias=False)).double()
 
-    @dlb.register_rule(Twice, streamwise=True)
-    def leaking(rec, R_out, ctx):
-        return [R_out[0] * 0.75]  # a quarter of the relevance vanishes, unaccounted for
+    @dlb.register_rule(Twice)
+    def leaking(rec, R_out, ctx) -> dlb.RuleResult:
+        # a quarter of the relevance vanishes, unaccounted for
+        return dlb.RuleResult([R_out[0] * 0.75])
 
     try:
         exp = dlb.explain(model, X)

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import dlbhooks as dlb
-from dlbhooks.relevance import rmap
 from dlbhooks.rules import registry
 from dlbhooks.rules.registry import Rule, RuleOverlay
 from tests.helpers import assert_conserved
@@ -30,8 +29,8 @@ DOUBLER = f"{Doubler.__module__}.{Doubler.__qualname__}"
 def scaled(value: float):
     """A rule passing on ``value`` of the relevance (a leaky one, to tell rules apart)."""
 
-    def rule(record, relevance_out, ctx):
-        return [rmap(lambda r: r * value, relevance_out[0])]
+    def rule(record, relevance_out, ctx) -> dlb.RuleResult:
+        return dlb.RuleResult([relevance_out[0] * value])
 
     rule.__name__ = f"scaled_{value}"
     return rule
@@ -116,9 +115,9 @@ def test_later_global_registrations_are_seen(global_registry):
 
 
 def test_a_rule_returning_what_it_absorbed(global_registry):
-    def keeps_a_quarter(record, relevance_out, ctx):
+    def keeps_a_quarter(record, relevance_out, ctx) -> dlb.RuleResult:
         R = relevance_out[0]
-        return [R * 0.75], R.sum() * 0.25
+        return dlb.RuleResult([R * 0.75], R * 0.25)
 
     exp = dlb.explain(model_with(Doubler()), X, rules={Doubler: keeps_a_quarter})
     assert exp.absorbed["1"] == pytest.approx(50.0, rel=1e-12)  # a quarter of 2 × 100
@@ -128,13 +127,13 @@ def test_a_rule_returning_what_it_absorbed(global_registry):
 def test_a_streamwise_rule_object_gets_one_stream_at_a_time(global_registry):
     seen = []
 
-    def passthrough(record, relevance_out, ctx):
-        seen.append(type(relevance_out[0]))
-        return [relevance_out[0]]
+    def passthrough(record, relevance_out, ctx) -> dlb.RuleResult:
+        seen.append(tuple(relevance_out[0].shape))
+        return dlb.RuleResult([relevance_out[0]])
 
     rule = Rule(passthrough, "mine", streamwise=True)
     exp = dlb.explain(model_with(Doubler()), X, mode="contrastive", rules={Doubler: rule})
-    assert seen == [torch.Tensor, torch.Tensor]
+    assert seen == [(2, 4)] * 2  # one stream at a time, no leading axis
     assert exp.conservation_error() < 1e-12
 
 
@@ -151,11 +150,11 @@ class Residual(nn.Module):
         return y
 
 
-def residual_rule(record, relevance_out, ctx):
+def residual_rule(record, relevance_out, ctx) -> dlb.RuleResult:
     lin = record.children[0]
     before = lin.output_value(0)  # the Linear's output before `+= x`: needs the snapshot
     assert torch.allclose(before + record.inputs[0], record.outputs[0])
-    return [relevance_out[0]]
+    return dlb.RuleResult([relevance_out[0]])
 
 
 def test_the_tracer_takes_the_snapshots_an_overlay_rule_asks_for(global_registry):
@@ -178,9 +177,9 @@ def test_composite_rules_look_rules_up_through_the_tape(global_registry):
         def forward(self, x):
             return self.inner(x)
 
-    def outer_rule(record, relevance_out, ctx):
+    def outer_rule(record, relevance_out, ctx) -> dlb.RuleResult:
         found.append(ctx.lookup(Doubler))
-        return [relevance_out[0]]
+        return dlb.RuleResult([relevance_out[0]])
 
     mine = Rule(scaled(1.0), "mine")
     dlb.explain(Outer().double(), X, rules={Outer: outer_rule, Doubler: mine})

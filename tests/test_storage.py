@@ -220,7 +220,7 @@ class _Greedy(nn.Module):
 def test_out_of_memory_while_explaining_says_which_policy_to_try():
     model = nn.Sequential(nn.Linear(3, 4), _Hungry(), nn.Linear(4, 2)).eval()
 
-    def rule(rec, R_out, ctx):
+    def rule(rec, R_out, ctx) -> dlb.RuleResult:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     dlb.register_rule(_Hungry)(rule)

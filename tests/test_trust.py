@@ -129,8 +129,9 @@ class Doubler(nn.Module):
 
 
 def _rule(value: float):
-    def rule(record, relevance_out, ctx):
-        return [relevance_out[0] * value]  # a deliberately leaky rule, to tell rules apart
+    def rule(record, relevance_out, ctx) -> dlb.RuleResult:
+        # a deliberately leaky rule, to tell rules apart
+        return dlb.RuleResult([relevance_out[0] * value])
     return rule
 
 

@@ -89,7 +89,7 @@ def _segments(rec) -> list[tuple[int, int, int]]:
     return out
 
 
-def _gate_bounds(rec, ctx, units: int):
+def _gate_bounds(rec: Record, ctx: RuleContext, units: int):
     """Per-unit saturation bounds for an expert layer whose first half feeds the block's
     activation (the MLP's ``act(gate) * up``), from the parent's composite spec."""
     if not ctx.saturation or ctx.contrastive or rec.parent is None:
@@ -176,7 +176,8 @@ def _sorted(rt: _Routing, slots: Tensor) -> Tensor:
     return slots.reshape(rt.T * rt.k, *slots.shape[2:])[rt.order]
 
 
-def _reduce(rec, spec: ScatteredExperts, R: Rel, rt: _Routing, out_layer, ctx, key: str,
+def _reduce(rec: Record, spec: ScatteredExperts, R: Rel, rt: _Routing, out_layer: Record,
+            ctx: RuleContext, key: str,
             batch_shape: tuple):
     """``y = Σ_slots g · out_layer(...) + bias``: the add rule over the slots and the bias.
     Returns the relevance of out_layer's (expert-sorted) output rows and what was absorbed;

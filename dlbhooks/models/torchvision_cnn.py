@@ -26,6 +26,7 @@ every term is 0) is returned as absorbed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -238,7 +239,7 @@ class PooledHead:
 _TV = "torchvision.models."
 
 #: class name -> (composite, snapshot children). Adding a family is one entry here.
-COMPOSITES: dict[str, tuple[object, tuple[str, ...]]] = {
+COMPOSITES: dict[str, tuple[Callable[..., RuleResult], tuple[str, ...]]] = {
     _TV + "resnet.BasicBlock": (ResidualAdd("bn2", "downsample"), ("bn2",)),
     _TV + "resnet.Bottleneck": (ResidualAdd("bn3", "downsample"), ("bn3",)),
     _TV + "mobilenetv2.InvertedResidual": (ResidualAdd("conv", when="use_res_connect"), ()),

@@ -521,7 +521,8 @@ def _mha_inputs(rec: Record) -> tuple[Tensor, Tensor, Tensor]:
                 f"{rec.describe()}: could not find the {name!r} tensor among the call's "
                 f"arguments {rec.input_names}"
             )
-    return tuple(rec.input_value(idx[n]) for n in ("query", "key", "value"))
+    q, k, v = (rec.input_value(idx[n]) for n in ("query", "key", "value"))
+    return q, k, v
 
 
 def _mha_weights(m: nn.Module, param) -> dict[str, Tensor | None]:

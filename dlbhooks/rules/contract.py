@@ -137,7 +137,7 @@ def is_stacked_form(fn: Callable[..., Any]) -> bool:
     """Is ``fn`` written to the contract: marked, or annotated ``-> RuleResult``?"""
     target = fn
     while hasattr(target, "func"):  # functools.partial
-        target = target.func  # type: ignore[attr-defined]
+        target = target.func
     if getattr(target, "__dlb_stacked__", False) or getattr(fn, "__dlb_stacked__", False):
         return True
     if not callable(target):

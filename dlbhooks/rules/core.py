@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -250,6 +250,17 @@ def contrastive_side_coefficients(
     return coefs, absorbed
 
 
+def _vjp(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Callable[..., Any]]:
+    """``fn(x)`` and its pull-back (``torch.func.vjp`` without auxiliary outputs)."""
+    out, pull = torch.func.vjp(fn, x)[:2]
+    return out, pull
+
+
+def _bound(forward: Callable[[Tensor, Tensor], Tensor], w: Tensor) -> Callable[[Tensor], Tensor]:
+    """``x -> forward(x, w)``."""
+    return lambda x: forward(x, w)
+
+
 def _abs_input(a: Tensor) -> Tensor:
     """``|a|``; ``a`` itself when it has no negative entries (e.g. after a ReLU), which a
     read-only reduction decides (skipped when the first entries already show a sign)."""
@@ -348,7 +359,7 @@ class _AbsSide(NamedTuple):
            shared: dict | None) -> _AbsSide:
         if adjoint is None:
             absa = a if nonneg_input else _abs_input(a)
-            total, vjp_abs = torch.func.vjp(lambda x: forward(x, absW), absa)
+            total, vjp_abs = _vjp(lambda x: forward(x, absW), absa)
             # (a vjp may hand back views: nothing in place)
             return cls(absa, total, lambda s: vjp_abs(s)[0], False, False)
         if shared is not None and "abs_total" in shared:
@@ -376,7 +387,7 @@ class _Signed:
         if self._total is None:
             a, W, bias, forward, adjoint, output = self._args
             if adjoint is None:
-                out, vjp_sgn = torch.func.vjp(lambda x: forward(x, W), a)
+                out, vjp_sgn = _vjp(lambda x: forward(x, W), a)
                 self._adjoint = lambda s: vjp_sgn(s)[0]
             else:
                 out = None
@@ -441,8 +452,8 @@ def _sides(a: Tensor, W: Tensor, forward, adjoint, nonneg_input: bool):
     pulls, P, N = [], None, None
     for ax, wp, wn in parts:
         if adjoint is None:  # a vjp per weight half gives the products and their adjoint
-            p, pull_p = torch.func.vjp(lambda x, w=wp: forward(x, w), ax)
-            n, pull_n = torch.func.vjp(lambda x, w=wn: forward(x, w), ax)
+            p, pull_p = _vjp(_bound(forward, wp), ax)
+            n, pull_n = _vjp(_bound(forward, wn), ax)
             pulls.append((pull_p, pull_n))
         else:
             p, n = forward(ax, wp), forward(ax, wn)

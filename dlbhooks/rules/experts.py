@@ -57,7 +57,8 @@ GPT_OSS = ExpertsLayout(gate_up_bias="gate_up_proj_bias", down_bias="down_proj_b
 def _split(gu: Tensor, layout: ExpertsLayout) -> tuple[Tensor, Tensor]:
     if layout.interleaved:
         return gu[..., ::2], gu[..., 1::2]
-    return gu.chunk(2, dim=-1)
+    gate, up = gu.chunk(2, dim=-1)
+    return gate, up
 
 
 def _merge(r_gate: Tensor, r_up: Tensor, layout: ExpertsLayout) -> Tensor:
@@ -95,7 +96,8 @@ def _maps(layout: ExpertsLayout):
     return MATMUL if layout.transposed else LINEAR
 
 
-def _recompute(rec, ctx, layout: ExpertsLayout, dt) -> tuple[Tensor, list[_Group]]:
+def _recompute(rec: Record, ctx: RuleContext, layout: ExpertsLayout,
+               dt: torch.dtype) -> tuple[Tensor, list[_Group]]:
     """Every selected expert's weighted output ``g·E(x)`` as [T, k, H], grouped per expert."""
     m = rec.module
     x, idx, w = rec.inputs[0], rec.inputs[1], rec.inputs[2]
@@ -173,7 +175,7 @@ def _check_output(rec, Y: Tensor) -> None:
             "differs from what the rule recomputes (activation, gating or weight layout)")
 
 
-def routed_contributions(rec, ctx, dt: torch.dtype) -> Tensor:
+def routed_contributions(rec: Record, ctx: RuleContext, dt: torch.dtype) -> Tensor:
     """``g_te · E_e(x_t)`` of every token's selected experts, [T, k, H], for a recorded call
     of a fused experts module with a registered §5 rule (used by shared-expert blocks)."""
     rule = ctx.lookup(type(rec.module))

@@ -31,7 +31,7 @@ from ..relevance import Rel, radd, rmap, stack
 from ..storage import check_tolerance
 from .arith import nonneg_div
 from .composite import add_split, first_stream, per_stream
-from .contract import RuleContext, RuleResult
+from .contract import Bag, RuleContext, RuleResult
 from .core import contrastive_side_coefficients, contrastive_split
 from .elementwise import product_rule
 
@@ -337,7 +337,8 @@ class Functional:
         plan.sort(key=lambda p: (-p[0], p[1]))
         return [(w, op) for w, _, op in plan]
 
-    def _run(self, op: Op, rec: Record, bag, tmp: dict, ctx) -> Rel | None:
+    def _run(self, op: Op, rec: Record, bag: Bag, tmp: dict,
+             ctx: RuleContext) -> Rel | None:
         res = op.result.find(rec, tmp)
         R = bag.pop(res.tensor)
         if R is None:
@@ -384,7 +385,8 @@ class Functional:
             return self._rope(op, rec, R, res, found[0], bag, tmp)
         raise TypeError(op)
 
-    def _add(self, op: Add, rec, R, found, bag, ctx):
+    def _add(self, op: Add, rec: Record, R: Rel, found: list, bag: Bag,
+             ctx: RuleContext) -> Rel | None:
         values = [f.value for f in found]
         shape = torch.broadcast_shapes(*(v.shape for v in values))
         if R_shape(R) != shape and math.prod(R_shape(R)) == math.prod(shape):

@@ -242,10 +242,12 @@ def _convt_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
     return RuleResult([R], absorbed)
 
 
-for _cls, _fn in _CONV.items():
-    register_rule(_cls, partial(_conv_rule, conv=_fn), name=f"conv:{_cls.__name__}")
-for _cls, _fn in _CONVT.items():
-    register_rule(_cls, partial(_convt_rule, convt=_fn), name=f"conv_transpose:{_cls.__name__}")
+for _conv_cls, _conv_fn in _CONV.items():
+    register_rule(_conv_cls, partial(_conv_rule, conv=_conv_fn),
+                  name=f"conv:{_conv_cls.__name__}")
+for _convt_cls, _convt_fn in _CONVT.items():
+    register_rule(_convt_cls, partial(_convt_rule, convt=_convt_fn),
+                  name=f"conv_transpose:{_convt_cls.__name__}")
 
 
 @register_rule(nn.Bilinear)

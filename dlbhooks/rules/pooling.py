@@ -201,7 +201,8 @@ class _Windows:
                for o, st, dd, kk, size in zip((OH, OW), s, d, k, xp.shape[-2:])):
             return None
         offsets = [(i * d[0], j * d[1]) for i in range(k[0]) for j in range(k[1])]
-        return cls(k, s, p, d, (H, W), (OH, OW), xp, offsets)
+        return cls((k[0], k[1]), (s[0], s[1]), (p[0], p[1]), (d[0], d[1]), (H, W), (OH, OW),
+                   xp, offsets)
 
     def at(self, t: Tensor, offset: tuple[int, int]) -> Tensor:
         """The members of every window at one offset (a strided view of ``t``)."""

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -596,7 +596,7 @@ def _kernel(lstm: bool, X: Tensor, hx: list[Tensor], ws: list[_Weights]) -> Tens
     return torch._VF.gru(X, hx[0], flat, has_bias, 1, 0.0, False, bidi, False)[0]
 
 
-def unroll(m: nn.Module, X: Tensor, states: list[Tensor | None], param,
+def unroll(m: nn.RNNBase, X: Tensor, states: list[Tensor | None], param,
            top: Tensor | None = None, **keep) -> tuple:
     """Recompute every layer and direction of an ``nn.LSTM``/``nn.GRU`` (time-major ``X``
     [T, B, in], ``states`` [L*D, B, H] or ``None`` for zeros; ``top``, if given, the
@@ -636,7 +636,7 @@ def _hidden(st: dict, lstm: bool) -> Tensor:
 
 
 @torch.no_grad()
-def recompute(m: nn.Module, x: Tensor, hx=None, param=fetch_param):
+def recompute(m: Any, x: Tensor, hx=None, param=fetch_param):
     """What ``m(x, hx)`` returns, recomputed from the gates the rules see (for checking the
     rules against the module; ``m`` an LSTM, GRU, LSTMCell or GRUCell)."""
     lstm = isinstance(m, (nn.LSTM, nn.LSTMCell))
@@ -656,7 +656,8 @@ def recompute(m: nn.Module, x: Tensor, hx=None, param=fetch_param):
     L, D, H = m.num_layers, 2 if m.bidirectional else 1, m.hidden_size
     shape = (L * D, X.shape[1], H)
     states = [s.reshape(shape) for s in hx] or [None, None]
-    _, caches, _ = unroll(m, X, states, param, **({"keep_o": True} if lstm else {}))
+    keep: dict[str, Any] = {"keep_o": True} if lstm else {}
+    _, caches, _ = unroll(m, X, states, param, **keep)
     T = X.shape[0]
     hs = [_hidden(st, lstm) for st in caches]
     out = torch.cat(hs[-D:], dim=-1)
@@ -679,7 +680,7 @@ def _check(rec, cell: bool) -> None:
             "support padded tensors only. Call the module on the padded tensor (and slice "
             "each sequence's last valid step) to explain it."
         )
-    if not cell and getattr(m, "proj_size", 0):
+    if not cell and m.proj_size:
         raise UnsupportedModuleError(
             f"{rec.describe()} has proj_size={m.proj_size}; LSTM with projections is not "
             "supported by dlbhooks' recurrent rule. Register your own rule with "
@@ -753,7 +754,8 @@ def _result(rec, R_x: list[Tensor], R_init, given: list[bool], r_dtype: torch.dt
     return R_in, stack(absorbed)
 
 
-def _layers_reverse(rec, R_out, ctx, x0: Tensor, dt: torch.dtype, lstm: bool,
+def _layers_reverse(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
+                    x0: Tensor, dt: torch.dtype, lstm: bool,
                     absorbed: list[Tensor]):
     """``nn.LSTM``/``nn.GRU``: every layer and direction, last layer first. Returns the
     relevance of the input (per stream, in its layout), of the initial states and which
@@ -804,7 +806,8 @@ def _layers_reverse(rec, R_out, ctx, x0: Tensor, dt: torch.dtype, lstm: bool,
     return R_x, R_init, given
 
 
-def _cell_reverse(rec, R_out, ctx, x0: Tensor, dt: torch.dtype, lstm: bool,
+def _cell_reverse(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
+                  x0: Tensor, dt: torch.dtype, lstm: bool,
                   absorbed: list[Tensor]):
     """``nn.LSTMCell``/``nn.GRUCell``: one step (as :func:`_layers_reverse`)."""
     m = rec.module
