@@ -22,6 +22,7 @@ from .integrations.accelerate import materialise
 from .ledger import LedgerEntry, PendingEntry, finish_ledger
 from .relevance import Rel, radd, rmap, rsum, stack, streams_of
 from .rules import registry
+from .rules.contract import Bag as BagLike
 from .rules.contract import RuleResult, legacy_call, streamwise_call
 from .rules.elementwise import nonnegative_output, saturation_bounds
 from .storage import record_tensors
@@ -209,13 +210,13 @@ class Engine:
         return Bag(self.tape, owner)
 
     # -- the walk -----------------------------------------------------------------------
-    def walk(self, records: list[Record], bag: Bag) -> Bag:
+    def walk(self, records: list[Record], bag: BagLike) -> BagLike:
         """Process ``records`` from last to first, taking and leaving relevance in ``bag``."""
         for rec in reversed(records):
             self.step(rec, bag)
         return bag
 
-    def step(self, rec: Record, bag: Bag) -> None:
+    def step(self, rec: Record, bag: BagLike) -> None:
         """Process one record: take its outputs' relevance from ``bag``, leave its inputs'."""
         R_out = [bag.pop(o) for o in rec.outputs]
         if all(r is None for r in R_out):
@@ -308,12 +309,12 @@ class Engine:
         return finish_ledger(self.ledger, self._absorptions, self.contrastive)
 
     def _total(self, rels: list[Rel | None], pop: bool = False,
-               keep: list[Rel | None] = ()) -> Rel | None:
+               keep: list[Rel | None] | None = None) -> Rel | None:
         """Float64 total of a list of relevances, each tensor summed only once: a record's
         input relevance is remembered until it arrives as another record's output
         relevance (``pop``), unless it also goes on as this record's input (``keep``: a
         pass-through rule hands on the same tensor)."""
-        staying = {id(r) for r in keep if r is not None}
+        staying = {id(r) for r in keep or () if r is not None}
 
         def one(t: Tensor) -> Tensor:
             hit = self._sums.get(id(t))
@@ -363,7 +364,7 @@ class Engine:
         self.walk(rec.children, bag)
         return self.collect(rec, bag)
 
-    def collect(self, rec: Record, bag: Bag) -> list[Rel | None]:
+    def collect(self, rec: Record, bag: BagLike) -> list[Rel | None]:
         """Take the relevance of ``rec``'s inputs out of ``bag``; anything left is a gap."""
         R_in = [bag.pop(t) for t in rec.inputs]
         for i, base in rec.input_views.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -188,12 +188,16 @@ def _polyphase_adjoint(s, w, in_hw, stride, padding):
     return g.contiguous()
 
 
-def _conv_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
-               conv: Callable[..., Tensor]) -> RuleResult:
+def _conv_call(rec: Record, ctx: RuleContext) -> tuple[Any, Tensor, Tensor | None, Tensor]:
+    """The module of a recorded convolution call, its weight, its bias and the input."""
     m = rec.module
     _check_padding_mode(rec)
-    W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
-    a = rec.input_value(0)
+    return m, ctx.param(m, "weight"), ctx.param(m, "bias"), rec.input_value(0)
+
+
+def _conv_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
+               conv: Callable[..., Tensor]) -> RuleResult:
+    m, W, b, a = _conv_call(rec, ctx)
     fwd = lambda x, w: conv(x, w, None, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
     adj = None
     if not isinstance(m.padding, str) and a.dim() == W.dim():  # batched, integer padding
@@ -226,10 +230,7 @@ def _conv_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
 
 def _convt_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
                 convt: Callable[..., Tensor]) -> RuleResult:
-    m = rec.module
-    _check_padding_mode(rec)
-    W, b = ctx.param(m, "weight"), ctx.param(m, "bias")
-    a = rec.input_value(0)
+    m, W, b, a = _conv_call(rec, ctx)
     out_size = rec.outputs[0].shape[2:]
     op = m._output_padding(a, list(out_size), m.stride, m.padding, m.kernel_size,
                            a.dim() - 2, m.dilation)
