@@ -30,6 +30,7 @@ from .relevance import Streams
 from .results import Explanation
 from .rules.contract import RuleContext, RuleResult, stacked_rule
 from .rules.elementwise import register_saturation
+from .rules.functions import register_function_rule
 from .rules.registry import register_rule, unregister_rule
 from .storage import Storage
 from .trace import trace
@@ -44,7 +45,8 @@ __all__ = [
     "RuleContext", "RuleResult", "SavedFileError", "Storage", "Streams", "Tape", "TargetError",
     "TraceError", "UnsupportedModuleError",
     "coverage", "estimate_memory",
-    "explain", "explain_generation", "record_bytes", "register_rule", "register_saturation",
+    "explain", "explain_generation", "record_bytes", "register_function_rule", "register_rule",
+    "register_saturation",
     "set_weight_cache", "stacked_rule", "trace", "unregister_rule",
 ]
 __all__ += ["corpus_expert_stats", "corpus_map", "corpus_token_relevance"]

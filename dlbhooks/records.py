@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .binding import bind_arguments, tensor_leaves  # noqa: F401 (re-exported: old home)
 from .errors import RecordModifiedError, TraceError
 from .explaining import explain_tape
+from .rules.functions import FunctionCall
 from .storage import Storage, Store, version_of
 from .views import base_to_view, dense, may_be_view_of, view_to_base  # noqa: F401 (old home)
 from .weights import (  # noqa: F401 (re-exported: the old home of weight access)
@@ -79,9 +80,14 @@ class Record:
 
     @property
     def type_name(self) -> str:
+        if isinstance(self.module, FunctionCall):
+            return self.module.name
         return type(self.module).__name__
 
     def describe(self) -> str:
+        if isinstance(self.module, FunctionCall):
+            return (f"'{self.path}' (torch function {self.module.name}, called at "
+                    f"{self.module.where})")
         return f"'{self.path or '<root>'}' ({type(self.module).__module__}.{self.type_name})"
 
     def path_of(self, name: str) -> str:

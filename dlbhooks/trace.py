@@ -13,9 +13,11 @@ from torch import nn
 from .binding import bind_arguments, tensor_leaves
 from .errors import OutOfMemoryError, TraceError, is_out_of_memory, memory_advice
 from .footprint import record_bytes
+from .function_calls import FunctionRecorder
 from .integrations.accelerate import hf_hook
 from .records import Record, Tape
 from .rules import registry
+from .rules.functions import FunctionCall
 from .storage import Storage, Store, version_of
 from .weights import weight_marks
 
@@ -80,6 +82,11 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._snap: set[int] = set()
         self._grad_before = True
         self._restore: list = []
+        # functions called in a forward: recorded for modules without a rule
+        self._recorder: FunctionRecorder | None = None
+        self._recording: list[bool] = []  # was the recorder active, per open call
+        self._no_rule: dict[type, bool] = {}
+        self._fn_calls: dict[tuple[int, str], int] = defaultdict(int)
 
     # -- context manager ------------------------------------------------------------------
     def __enter__(self) -> Tape:
@@ -120,16 +127,76 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     def _enter_modes(self) -> None:
         """Leave an enclosing inference mode (records need version counters) and run
         compiled code eagerly (so that hooks fire), until the block ends."""
-        modes = [torch.inference_mode(False)]
+        modes: list[Any] = [torch.inference_mode(False)]
         if self.compiled:
             modes.append(torch.compiler.set_stance("force_eager"))
+        self._recorder = FunctionRecorder(self)
+        self._recording = []
         for mode in modes:
             mode.__enter__()
             self._modes.append(mode)
 
     def _exit_modes(self) -> None:
+        if self._recorder is not None and self._recorder.on_stack():
+            self._recorder.remove()
+        self._recording.clear()
         while self._modes:
             self._modes.pop().__exit__(None, None, None)
+        self._recorder = None
+
+    def _set_recording(self, on: bool) -> None:
+        """Record torch functions (our TorchFunctionMode on the stack) during the forward
+        that starts now, or not; :meth:`_restore_recording` when it ends. The mode is
+        active only in the forwards of modules without a rule: a module with a rule runs
+        exactly as untraced (an active mode would turn off fast paths such as
+        ``nn.MultiheadAttention``'s)."""
+        recorder = self._recorder
+        active = recorder is not None and recorder.on_stack()
+        self._recording.append(active)
+        if recorder is not None and on != active:
+            recorder.push() if on else recorder.remove()
+
+    def _restore_recording(self) -> None:
+        was = self._recording.pop()
+        recorder = self._recorder
+        if recorder is not None and was != recorder.on_stack():
+            recorder.push() if was else recorder.remove()
+
+    # -- function calls ---------------------------------------------------------------------
+    def function_parent(self) -> Record | None:
+        """The module call whose ``forward`` is running, if its function calls are recorded
+        (it has no rule: it is walked, not explained by a rule)."""
+        if not self._stack:
+            return None
+        rec = self._stack[-1]
+        kind = type(rec.module)
+        walked = self._no_rule.get(kind)
+        if walked is None:
+            walked = self._no_rule[kind] = (
+                kind is not FunctionCall and registry.lookup(kind, self.rules) is None)
+        return rec if walked else None
+
+    def record_function(self, parent: Record, func: Any, name: str, args: tuple, kwargs: dict,
+                        output: Any, before: torch.Tensor | None, where: str) -> Record:
+        """Record one torch function call made in ``parent``'s forward (see
+        :mod:`dlbhooks.function_calls`); ``before``: the value an in-place call overwrote."""
+        tape = self.tape
+        call = FunctionCall(func, name, args, kwargs, where)
+        path = f"{parent.path}.{name}" if parent.path else name
+        rec = self._open(call, {"args": args, "kwargs": kwargs}, path)
+        self._calls.pop(id(call), None)
+        rec.call = self._fn_calls[(parent.index, name)]
+        self._fn_calls[(parent.index, name)] += 1
+        call.args, call.kwargs = rec.arguments["args"], rec.arguments["kwargs"]
+        call.derived = frozenset(
+            i for i, t in enumerate(rec.inputs)
+            if t.is_floating_point() and (tape.is_produced(t) or i in rec.input_views))
+        if before is not None:
+            call.before = {0: tape.store.keep(before)}
+            rec.arguments["before"] = call.before
+        self._stack.pop()
+        self._close(rec, output)
+        return rec
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self in ACTIVE:
@@ -159,6 +226,14 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
 
     # -- hooks ----------------------------------------------------------------------------
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        with self._paused():
+            self._pre_hook(module, args, kwargs)
+        self._set_recording(self.function_parent() is not None)
+
+    def _paused(self) -> _Pause:
+        return _Pause(self._recorder)
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.is_inference_mode_enabled():
             raise TraceError(
                 f"the forward of {type(module).__name__} runs under torch.inference_mode() "
@@ -210,7 +285,9 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if not self._stack or self._stack[-1].module is not module:
             return  # a call that started before tracing began; ignore it
-        self._close(self._stack.pop(), output)
+        with self._paused():
+            self._close(self._stack.pop(), output)
+        self._restore_recording()
 
     def _close(self, rec: Record, output: Any) -> None:
         tape = self.tape
@@ -248,11 +325,28 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         if not self._stack or self._stack[-1].module is not caller:
             return None
         parent_path = self._stack[-1].path
-        rec = self._open(stand_in, dict(inputs), f"{parent_path}.{name}" if parent_path else name)
-        rec.arguments.update(self.tape.store.keep_all(extras or {}))
-        self._stack.pop()
-        self._close(rec, output)
+        with self._paused():
+            rec = self._open(stand_in, dict(inputs),
+                             f"{parent_path}.{name}" if parent_path else name)
+            rec.arguments.update(self.tape.store.keep_all(extras or {}))
+            self._stack.pop()
+            self._close(rec, output)
         return rec
+
+
+class _Pause:
+    """Pauses function recording while the tracer's own code runs (its clones, checks)."""
+
+    def __init__(self, recorder: FunctionRecorder | None):
+        self.recorder = recorder
+
+    def __enter__(self) -> None:
+        if self.recorder is not None:
+            self.recorder.paused += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self.recorder is not None:
+            self.recorder.paused -= 1
 
 
 def _warn_if_training(model: nn.Module) -> None:

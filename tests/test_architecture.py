@@ -36,7 +36,7 @@ LAYERS: list[set[str]] = [
     {"engine"},
     {"explaining"},
     {"records"},
-    {"trace"},
+    {"trace", "function_calls"},
 ]
 
 #: Modules owned elsewhere whose function-level imports are not marked yet (reason each).

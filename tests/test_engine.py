@@ -145,11 +145,15 @@ def test_view_of_recorded_tensor_is_routed_exactly():
     x = torch.randn(2, 2, 6, dtype=torch.float64)
     with dlb.trace(model) as tape:
         model(x)
-    # the final `+` is functional: explain the recorded `fc` call through the view only
+    # explain the recorded `fc` call through the view only
     exp = dlb.explain(Flat(model), x)
     assert_conserved(exp)
-    with pytest.raises(dlb.FunctionalGapError):
-        tape.explain()
+    # the final `+` and `0 * ...` are recorded functions (METHOD §7): the zero term gets no
+    # share of the add rule, so the whole model's explanation is the view-only one
+    whole = tape.explain()
+    assert_conserved(whole)
+    assert torch.allclose(whole.inputs["x"], exp.inputs["x"], rtol=0, atol=1e-12)
+    assert [r.key for r in tape.last_root().children if r.path.startswith("mul")] == ["mul"]
 
     class Transposed(nn.Module):
         def __init__(self, src):
@@ -173,19 +177,36 @@ def test_functional_gap_names_both_sides():
             self.a = nn.Linear(6, 4)
             self.b = nn.Linear(4, 2)
 
-        def forward(self, x):
-            return self.b(F.relu(self.a(x)) * 2)
+        def forward(self, x):  # through numpy: no torch function records the product
+            return self.b(torch.from_numpy(F.relu(self.a(x)).numpy() * 2))
 
     with pytest.raises(dlb.FunctionalGapError) as err:
         dlb.explain(Gappy().double(), X)
     msg = str(err.value)
-    assert "'b'" in msg and "'a'" in msg and "Gappy" in msg and "register_rule" in msg
+    assert "'b'" in msg and "'relu'" in msg and "Gappy" in msg and "register_rule" in msg
+
+
+def test_a_function_without_a_rule_names_itself_and_its_source_line():
+    class Cumulative(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(self.a(x), -1))  # the line the error names
+
+    line = Cumulative.forward.__code__.co_firstlineno + 1
+    with pytest.raises(dlb.FunctionalGapError) as err:
+        dlb.explain(Cumulative().double(), X)
+    msg = str(err.value)
+    assert "cumsum" in msg and "Cumulative" in msg and f"test_engine.py:{line}" in msg
+    assert "register_function_rule(torch.cumsum)" in msg
 
 
 def test_unsupported_module_then_register_rule():
     class Twice(nn.Module):
-        def forward(self, x):
-            return 2 * x
+        def forward(self, x):  # through numpy: no torch function is recorded
+            return torch.from_numpy(x.numpy() * 2)
 
     model = nn.Sequential(nn.Linear(6, 4), Twice(), nn.Linear(4, 2)).double()
     assert dlb.coverage(model).missing == ["1"]

@@ -14,8 +14,8 @@ from tests.helpers import assert_conserved
 
 
 class Doubler(nn.Module):
-    def forward(self, x):
-        return 2 * x
+    def forward(self, x):  # through numpy: no torch function is recorded, so no rule, no luck
+        return torch.from_numpy(x.numpy() * 2)
 
 
 class Tripler(Doubler):

@@ -124,8 +124,8 @@ def test_contrastive_absorbed_per_stream_and_the_identity():
 # -- rules registered by name -----------------------------------------------------------------
 
 class Doubler(nn.Module):
-    def forward(self, x):
-        return 2 * x
+    def forward(self, x):  # through numpy: no torch function is recorded, so no rule, no luck
+        return torch.from_numpy(x.numpy() * 2)
 
 
 def _rule(value: float):

@@ -6,6 +6,7 @@ from . import (  # noqa: F401
     elementwise,
     embedding,
     experts,
+    functions,
     linear,
     norm,
     pooling,

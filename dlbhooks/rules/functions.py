@@ -1,0 +1,477 @@
+"""Rules for torch functions called in a ``forward`` (METHOD.md §7).
+
+While tracing, the torch functions a module without a rule calls in its ``forward`` (``a +
+b``, ``torch.cat``, ``F.interpolate``, ``x.mean(-1)``) are recorded as records of their
+own (:class:`FunctionCall` stands for the module), next to the module records and in call
+order, so the engine walks them like any child. Functions called inside a module that has
+a rule are not recorded: its rule covers them.
+
+Each function gets the rule of the operation it performs — the §2–§4 rules, never a new
+one — registered per function with :func:`register_function_rule`:
+
+* element-wise maps of one activation (activations, casts, ``neg``, ``exp``, ``rsqrt``):
+  relevance passes through (:func:`passthrough_call`);
+* routing (``cat``, ``stack``, indexing that copies, ``gather``, ``where``, ``pad``,
+  ``reshape`` that copies, ``repeat``, ``flip``, ``roll``): relevance moves with the values,
+  exactly, through the function's adjoint; what lands on constants (a pad value) is
+  absorbed (:func:`routing_call`);
+* ``add``/``sub``: the add rule ∝ |term|; a term not derived from the forward's inputs (a
+  parameter, a constant, a number) keeps its share, absorbed (:func:`add_call`);
+* ``mul``/``div``: to the activation when the other factor is a constant, a parameter or a
+  statistic of the same input (computed from it by functions only: ``x * rsqrt(mean(x²))``,
+  ``x / x.sum()``); the product rule (half each) for two activations (:func:`mul_call`);
+* fixed linear maps with non-negative weights (``sum``, ``mean``, ``avg_pool``,
+  ``interpolate`` nearest/linear/bilinear/trilinear/area): §2 with the implicit weights,
+  computed with the map and its adjoint (:func:`linear_map_call`);
+* ``matmul`` of two activations: the pairwise product rule (§4); with a parameter, and
+  ``F.linear``: §2 (:func:`matmul_call`, :func:`linear_call`);
+* ``max``/``amax`` over a dimension: the winner takes it, ties split (:func:`max_call`).
+
+A recorded function without a rule that relevance reaches raises
+:class:`~dlbhooks.errors.FunctionalGapError` naming the function, the module and the source
+line that called it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import FunctionalGapError
+from ..relevance import Rel, radd, rsum
+from .arith import nonneg_div, reduce_to
+from .composite import LINEAR, MATMUL, add_split
+from .contract import RuleContext, RuleResult
+from .core import weighted_sum
+from .registry import register_rule
+
+if TYPE_CHECKING:
+    from ..records import Record
+
+FunctionRule = Callable[["Record", list["Tensor | None"], RuleContext], RuleResult]
+
+
+@dataclass(eq=False)
+class FunctionCall:
+    """The "module" of a recorded function call: the function, its arguments as called,
+    where in the source it was called, and the values of arguments it changed in place
+    (``before``: argument index -> value before the call)."""
+
+    func: Callable[..., Any]
+    name: str
+    args: tuple
+    kwargs: dict
+    where: str
+    derived: frozenset[int] = frozenset()  # indices (in rec.inputs) of derived tensors
+    before: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def type_name(self) -> str:
+        return self.name
+
+
+_FUNCTION_RULES: dict[Any, FunctionRule] = {}
+
+
+def register_function_rule(*funcs: Any, rule: FunctionRule | None = None):
+    """Register ``rule`` for torch functions (``torch.add``, ``torch.Tensor.__add__``,
+    ``torch.nn.functional.interpolate``, ...); usable as a decorator. The rule follows the
+    contract of :mod:`dlbhooks.rules.contract`; ``record.module`` is the
+    :class:`FunctionCall` (``func``, ``args``, ``kwargs``)."""
+
+    def deco(f: FunctionRule) -> FunctionRule:
+        for fn in funcs:
+            _FUNCTION_RULES[fn] = f
+        return f
+
+    return deco(rule) if rule is not None else deco
+
+
+def function_rule(func: Any) -> FunctionRule | None:
+    """The rule registered for ``func``, if any."""
+    return _FUNCTION_RULES.get(func)
+
+
+def function_call_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """Dispatch a recorded function call to the rule registered for its function."""
+    call: FunctionCall = rec.module
+    rule = _FUNCTION_RULES.get(call.func)
+    if rule is None:
+        owner = rec.parent.describe() if rec.parent is not None else "the model"
+        raise FunctionalGapError(
+            f"relevance reached the result of {call.name} (torch function "
+            f"{_qualified(call.func)}) called in {owner}.forward at {call.where}; dlbhooks "
+            "has no rule for it. Register one with "
+            f"@dlb.register_function_rule({_qualified(call.func)}), or a composite rule for "
+            "the module with @dlb.register_rule (README, 'Custom rules').")
+    return rule(rec, R_out, ctx)
+
+
+register_rule(FunctionCall, function_call_rule, name="function")
+
+
+def _qualified(func: Any) -> str:
+    """The public name of a torch function: ``torch.cumsum``, ``torch.Tensor.__add__``."""
+    name = getattr(func, "__name__", None) or repr(func)
+    for owner, prefix in ((torch, "torch"), (F, "torch.nn.functional"),
+                          (torch.Tensor, "torch.Tensor")):
+        if getattr(owner, name, None) is func:
+            return f"{prefix}.{name}"
+    mod = getattr(func, "__module__", None)
+    return f"{mod}.{name}" if mod else name
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _call(rec: Record) -> FunctionCall:
+    return rec.module
+
+
+def _derived_inputs(rec: Record) -> list[int]:
+    return sorted(_call(rec).derived)
+
+
+def _value(rec: Record, i: int) -> Tensor:
+    """Input ``i`` as the function saw it (its value before an in-place change)."""
+    before = _call(rec).before
+    return before[i] if i in before else rec.inputs[i]
+
+
+def _out(R_out: list[Tensor | None]) -> Tensor:
+    R = R_out[0]
+    if R is None:
+        raise FunctionalGapError("a function rule was called without relevance on its output")
+    return R
+
+
+def _substitute(rec: Record, values: dict[int, Tensor]) -> tuple[tuple, dict]:
+    """The call's arguments with input ``i`` replaced by ``values[i]``."""
+    by_id = {id(rec.inputs[i]): v for i, v in values.items()}
+    call = _call(rec)
+
+    def sub(obj: Any) -> Any:
+        if isinstance(obj, Tensor):
+            return by_id.get(id(obj), obj)
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            return type(obj)(sub(o) for o in obj)
+        return obj
+
+    return sub(call.args), {k: sub(v) for k, v in call.kwargs.items()}
+
+
+def _result(rec: Record, parts: dict[int, Rel | None], absorbed: Tensor | None) -> RuleResult:
+    return RuleResult([parts.get(i) for i in range(len(rec.inputs))], absorbed)
+
+
+def _reduce_stacked(R: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """``R`` ([S, *broadcast shape]) summed over the axes along which an operand of
+    ``shape`` was broadcast: ``[S, *shape]``."""
+    shape = tuple(shape)
+    pad = (1,) * (R.dim() - 1 - len(shape))
+    return reduce_to(R, (R.shape[0], *pad, *shape)).reshape(R.shape[0], *shape)
+
+
+def _first_derived(rec: Record) -> int:
+    d = _derived_inputs(rec)
+    if not d:
+        raise FunctionalGapError(f"{rec.describe()}: no input derived from the forward's inputs")
+    return d[0]
+
+
+# -- element-wise and routing -----------------------------------------------------------------
+
+
+def passthrough_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """An element-wise map of one activation: its relevance passes through."""
+    R, i = _out(R_out), _first_derived(rec)
+    shape = rec.inputs[i].shape
+    if R.shape[1:] != shape:
+        R = R.reshape(R.shape[0], *shape)
+    return _result(rec, {i: R}, None)
+
+
+def routing_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """Functions that move values (``cat``, indexing, ``where``, ``pad``, ...): relevance goes
+    back with them through the function's adjoint (a copy is summed where a value was used
+    twice); relevance on positions holding constants is absorbed."""
+    derived = _derived_inputs(rec)
+    call = _call(rec)
+    xs = [_value(rec, i) for i in derived]
+    outs = [k for k, o in enumerate(rec.outputs) if o.is_floating_point()]
+
+    def f(*ts: Tensor) -> tuple[Tensor, ...]:
+        args, kwargs = _substitute(rec, dict(zip(derived, ts)))
+        res = call.func(*args, **kwargs)
+        leaves = _float_leaves(res)
+        return tuple(leaves[k] for k in range(len(leaves)))
+
+    _, pull = torch.func.vjp(f, *xs)
+    Rs = [R_out[k] for k in outs]
+    S = next(r.shape[0] for r in Rs if r is not None)
+    parts: dict[int, list[Tensor]] = {i: [] for i in derived}
+    for s in range(S):
+        cot = tuple((r[s] if r is not None else torch.zeros_like(rec.outputs[k])).to(
+            rec.outputs[k].dtype) for r, k in zip(Rs, outs))
+        grads = pull(cot)
+        for i, g in zip(derived, grads):
+            parts[i].append(g)
+    ref = next(r for r in Rs if r is not None)
+    R_in = {i: torch.stack(p).to(ref.dtype) for i, p in parts.items()}
+    total_out = None
+    for r in Rs:
+        total_out = radd(total_out, rsum(r))
+    total_in = None
+    for r in R_in.values():
+        total_in = radd(total_in, rsum(r))
+    absorbed = total_out - total_in if total_in is not None else total_out
+    return _result(rec, dict(R_in), absorbed)
+
+
+def _float_leaves(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _float_leaves(o)]
+    return []
+
+
+# -- add, mul, div ------------------------------------------------------------------------------
+
+
+def _terms(rec: Record) -> list[tuple[int | None, Tensor]]:
+    """The operands of a binary call as ``(input index or None, value)``: ``None`` for
+    numbers and tensors not derived from the forward's inputs (they are constants)."""
+    call = _call(rec)
+    operands = list(call.args[:2])
+    if len(operands) < 2 and "other" in call.kwargs:
+        operands.append(call.kwargs["other"])
+    out = []
+    for op in operands:
+        idx = next((i for i, t in enumerate(rec.inputs) if t is op), None)
+        if idx is not None and idx in call.derived:
+            out.append((idx, _value(rec, idx)))
+        else:
+            ref = rec.outputs[0]
+            out.append((None, op if isinstance(op, Tensor) else torch.tensor(
+                op, dtype=ref.dtype, device=ref.device)))
+    return out
+
+
+def add_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``a + b``, ``a - b`` (and ``alpha``): the add rule ∝ |term|; constants keep their
+    share (absorbed)."""
+    R = _out(R_out)
+    terms = _terms(rec)
+    alpha = _call(rec).kwargs.get("alpha")
+    values = [v for _, v in terms]
+    if alpha is not None:
+        values[1] = values[1] * alpha
+    if R.shape[1:] != rec.outputs[0].shape:
+        R = R.reshape(R.shape[0], *rec.outputs[0].shape)
+    parts, lost = add_split(R, [v.to(R.dtype) for v in values])
+    absorbed = lost
+    out: dict[int, Rel | None] = {}
+    for (idx, _), part in zip(terms, parts):
+        if idx is None:
+            absorbed = radd(absorbed, rsum(part))
+        else:
+            out[idx] = radd(out.get(idx), part)
+    return _result(rec, out, rsum(absorbed))
+
+
+def mul_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``a * b`` and ``a / b``: all to the activation when the other operand is a constant,
+    a parameter or a statistic of it; half each for two activations (``a / b`` with ``b``
+    an activation that is no statistic of ``a`` has no rule)."""
+    R = _out(R_out)
+    (ia, a), (ib, b) = _terms(rec)
+    div = _call(rec).name in _DIVISIONS
+    live = [(i, v) for i, v in ((ia, a), (ib, b)) if i is not None]
+    if len(live) == 2:
+        if _statistic_of(rec, ib, ia):
+            live = [(ia, a)]
+        elif _statistic_of(rec, ia, ib) and not div:
+            live = [(ib, b)]
+        elif div:
+            raise FunctionalGapError(
+                f"{rec.describe()} divides by an activation that is not a statistic of the "
+                f"numerator (called at {_call(rec).where}); METHOD.md §7 has no rule for it. "
+                "Register a composite rule for the module.")
+    share = R / len(live)
+    out: dict[int, Rel | None] = {}
+    for i, v in live:
+        out[i] = radd(out.get(i), _reduce_stacked(share, v.shape))
+    return _result(rec, out, None)
+
+
+_DIVISIONS = {"div", "truediv", "true_divide", "div_", "itruediv", "rtruediv"}
+
+
+def _statistic_of(rec: Record, stat: int | None, of: int | None) -> bool:
+    """Was input ``stat`` computed from input ``of`` by recorded functions only (no module
+    in between): a norm's ``rsqrt(mean(x²))``, a softmax's ``sum(exp(x))``?"""
+    if stat is None or of is None:
+        return False
+    target = rec.inputs[of]
+    seen: set[int] = set()
+    frontier = [rec.inputs[stat]]
+    parent = rec.parent
+    if parent is None:
+        return False
+    producers = {id(o): c for c in parent.children if isinstance(c.module, FunctionCall)
+                 for o in c.outputs}
+    while frontier:
+        t = frontier.pop()
+        if t is target:
+            return True
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        producer = producers.get(id(t))
+        if producer is None:
+            continue
+        frontier.extend(producer.inputs[i] for i in producer.module.derived)
+    return False
+
+
+# -- linear maps ------------------------------------------------------------------------------
+
+
+def linear_map_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """A fixed linear map with non-negative weights of one activation (``sum``, ``mean``,
+    ``avg_pool``, ``interpolate`` nearest/linear/area): §2 with its implicit weights,
+    computed by applying the map and its adjoint."""
+    R, i = _out(R_out), _first_derived(rec)
+    call = _call(rec)
+    mode = call.kwargs.get("mode", call.args[3] if call.name == "interpolate"
+                           and len(call.args) > 3 else "nearest")
+    if call.name == "interpolate" and mode in ("bicubic",):
+        raise FunctionalGapError(
+            f"{rec.describe()}: interpolate(mode='bicubic') has negative taps; dlbhooks has "
+            f"no rule for it yet (called at {call.where}).")
+
+    def fmap(x: Tensor, w: Tensor) -> Tensor:
+        args, kwargs = _substitute(rec, {i: x})
+        return call.func(*args, **kwargs) * w
+
+    a = _value(rec, i)
+    one = torch.ones((), dtype=a.dtype, device=a.device)
+    R_x, absorbed = weighted_sum(R.reshape(R.shape[0], *rec.outputs[0].shape), a, one, None,
+                                 fmap, None, contrastive=ctx.contrastive)
+    return _result(rec, {i: R_x}, absorbed)
+
+
+def matmul_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``a @ b``: of two activations, each summed pair gets its share ∝ |a_ik b_kj|, half to
+    each factor (§4); with a parameter or constant ``b``: §2 (``x @ W``)."""
+    R = _out(R_out)
+    (ia, a), (ib, b) = _terms(rec)
+    if ia is not None and ib is None:
+        R_a, absorbed = weighted_sum(R, a, b.to(a.dtype), None, *MATMUL,
+                                     contrastive=ctx.contrastive)
+        return _result(rec, {ia: R_a}, absorbed)
+    if ia is None or ib is None or a.dim() < 2 or b.dim() < 2:
+        raise FunctionalGapError(
+            f"{rec.describe()}: matmul of a constant by an activation or of vectors has no "
+            f"rule yet (called at {_call(rec).where}).")
+    A, B = a.abs(), b.abs()
+    D = A @ B
+
+    def parts(r: Tensor) -> tuple[Tensor, Tensor]:
+        q = nonneg_div(r, D)
+        return (A * (q @ B.transpose(-1, -2))) * 0.5, (B * (A.transpose(-1, -2) @ q)) * 0.5
+
+    pieces = [parts(r) for r in R.unbind(0)]
+    ra = torch.stack([p[0] for p in pieces])
+    rb = torch.stack([p[1] for p in pieces])
+    ra, rb = _reduce_stacked(ra, a.shape), _reduce_stacked(rb, b.shape)
+    lost = rsum(R) - rsum(ra) - rsum(rb)  # units with D = 0 (no contribution)
+    if ia == ib:
+        return _result(rec, {ia: ra + rb}, lost)
+    return _result(rec, {ia: ra, ib: rb}, lost)
+
+
+def linear_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``F.linear(x, W, b)``: §2, as ``nn.Linear``."""
+    call = _call(rec)
+    x_i = _first_derived(rec)
+    W = call.args[1] if len(call.args) > 1 else call.kwargs["weight"]
+    b = call.args[2] if len(call.args) > 2 else call.kwargs.get("bias")
+    x = _value(rec, x_i)
+    R_x, absorbed = weighted_sum(_out(R_out), x, W.to(x.dtype), None if b is None else
+                                 b.to(x.dtype), *LINEAR, contrastive=ctx.contrastive)
+    return _result(rec, {x_i: R_x}, absorbed)
+
+
+def max_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``max``/``amax`` over a dimension (or all): the winner takes the relevance, ties
+    split."""
+    R, i = _out(R_out), _first_derived(rec)
+    call = _call(rec)
+    x = _value(rec, i)
+    dim = call.kwargs.get("dim", call.args[1] if len(call.args) > 1 else None)
+    keep = call.kwargs.get("keepdim", call.args[2] if len(call.args) > 2 else False)
+    if isinstance(dim, Tensor):
+        raise FunctionalGapError(
+            f"{rec.describe()}: the element-wise maximum of two tensors has no rule yet "
+            f"(called at {call.where}).")
+    values = rec.outputs[0]
+    if dim is None:
+        win = (x == values).to(R.dtype)
+        share = win / win.sum()
+        R_x = R.reshape(R.shape[0], *([1] * x.dim())) * share
+        return _result(rec, {i: R_x}, None)
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    v, r = values, R
+    if not keep:
+        for d in sorted(d % x.dim() for d in dims):
+            v = v.unsqueeze(d)
+            r = r.unsqueeze(d + 1)
+    win = (x == v).to(R.dtype)
+    share = win / win.sum(dim=dims, keepdim=True)
+    return _result(rec, {i: r * share}, None)
+
+
+def _names(*objs: Any) -> list[Any]:
+    return [o for o in objs if o is not None]
+
+
+T = torch.Tensor
+_ACTIVATIONS = _names(
+    F.relu, torch.relu, T.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu,
+    F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.tanh, torch.tanh,
+    T.tanh, F.sigmoid, torch.sigmoid, T.sigmoid, F.softmax, torch.softmax, T.softmax,
+    F.log_softmax, torch.log_softmax, T.log_softmax, F.dropout, torch.exp, T.exp, torch.neg,
+    T.neg, T.__neg__, torch.abs, T.abs, torch.rsqrt, T.rsqrt, torch.sqrt, T.sqrt, torch.pow,
+    T.pow, T.__pow__, T.float, T.double, T.half, T.bfloat16, T.to, T.type_as, T.contiguous,
+    T.clone, torch.clone, T.square, torch.square, T.relu_, F.relu_, T.sigmoid_, T.tanh_,
+    T.exp_, T.neg_, T.abs_, T.sqrt_, T.rsqrt_, T.pow_,
+)
+register_function_rule(*_ACTIVATIONS, rule=passthrough_call)
+register_function_rule(
+    torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack,
+    T.__getitem__, torch.gather, T.gather, torch.index_select, T.index_select, torch.where,
+    T.where, F.pad, T.reshape, torch.reshape, T.flatten, torch.flatten, T.repeat,
+    torch.repeat_interleave, T.repeat_interleave, torch.flip, T.flip, torch.roll, T.roll,
+    torch.take_along_dim, T.take_along_dim, torch.tile, T.tile, T.masked_fill,
+    torch.masked_fill, rule=routing_call)
+register_function_rule(
+    torch.add, T.add, T.__add__, T.__radd__, T.__iadd__, T.add_, torch.sub, T.sub,
+    T.__sub__, T.__rsub__, T.__isub__, T.sub_, torch.subtract, rule=add_call)
+register_function_rule(
+    torch.mul, T.mul, T.__mul__, T.__rmul__, T.__imul__, T.mul_, torch.multiply, torch.div,
+    T.div, T.__truediv__, T.__itruediv__, T.div_, torch.true_divide, rule=mul_call)
+register_function_rule(
+    torch.sum, T.sum, torch.mean, T.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.interpolate,
+    F.upsample, rule=linear_map_call)
+register_function_rule(torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm,
+                       rule=matmul_call)
+register_function_rule(F.linear, rule=linear_call)
+register_function_rule(torch.amax, T.amax, torch.max, T.max, rule=max_call)
