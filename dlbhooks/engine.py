@@ -185,11 +185,10 @@ class Engine:
         negative (a ReLU, a sigmoid; :data:`~dlbhooks.rules.elementwise.NONNEGATIVE`)?
         Then ``|a| = a`` needs no check."""
         t = rec.inputs[i]
-        hit = self.tape.producers.get(id(t))
-        if hit is None or not nonnegative_output(hit[0].module):
-            return False
-        prod, j = hit
-        return prod.outputs[j] is t and prod.out_versions[j] == rec.in_versions[i]
+        for prod, j in reversed(self.tape.producers.get(id(t), ())):
+            if prod.outputs[j] is t and prod.out_versions[j] == rec.in_versions[i]:
+                return nonnegative_output(prod.module)
+        return False
 
     def bounds_after(self, rec: Record):
         """Saturation bounds of the activation that alone consumed ``rec``'s output."""

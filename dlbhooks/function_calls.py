@@ -107,8 +107,11 @@ class FunctionRecorder(TorchFunctionMode):
 
 
 def _name(func: Any) -> str:
+    """``add`` for ``__add__``, ``add_`` for ``add_`` (the in-place mark stays)."""
     name = getattr(func, "__name__", None) or type(func).__name__
-    return name.strip("_") or name
+    if name.startswith("__") and name.endswith("__") and len(name) > 4:
+        return name[2:-2]
+    return name
 
 
 def _inplace(name: str) -> bool:

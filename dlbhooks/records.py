@@ -159,9 +159,10 @@ class Tape:
     views: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     # id(tensor) -> records that consumed it (leaf records only are used for saturation)
     consumers: dict[int, list[Record]] = field(default_factory=dict)
-    # id(tensor) -> (the last record that returned it, which output): an in-place module
-    # (ReLU(inplace=True)) returns its input, so it is the tensor's producer from then on
-    producers: dict[int, tuple[Record, int]] = field(default_factory=dict)
+    # id(tensor) -> the leaf records that returned it, in call order, with which output:
+    # an in-place module or function (ReLU(inplace=True), ``x.sub_(1)``) returns its input,
+    # so it is the tensor's producer from then on (each at its own version)
+    producers: dict[int, list[tuple[Record, int]]] = field(default_factory=dict)
     # id(copy) -> (copy, original): tensors accelerate moved between devices inside a
     # module's forward (relevance on the copy belongs to the original, on its device)
     aliases: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)

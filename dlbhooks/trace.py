@@ -309,7 +309,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
                 tape.alias(t, [o for c in reversed(rec.children) for o in c.outputs])
             tape.produce(t)
             if not rec.children:
-                tape.producers[id(t)] = (rec, i)
+                tape.producers.setdefault(id(t), []).append((rec, i))
         if id(module) in self._snap and not tape.store.active:  # copies are snapshots
             rec.snapshots = {i: t.clone() for i, t in enumerate(rec.outputs)}
         rec.done = True

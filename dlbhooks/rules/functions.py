@@ -211,7 +211,7 @@ def routing_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> R
         leaves = _float_leaves(res)
         return tuple(leaves[k] for k in range(len(leaves)))
 
-    _, pull = torch.func.vjp(f, *xs)
+    pull = torch.func.vjp(f, *xs)[1]
     Rs = [R_out[k] for k in outs]
     S = next(r.shape[0] for r in Rs if r is not None)
     parts: dict[int, list[Tensor]] = {i: [] for i in derived}
@@ -223,14 +223,25 @@ def routing_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> R
             parts[i].append(g)
     ref = next(r for r in Rs if r is not None)
     R_in = {i: torch.stack(p).to(ref.dtype) for i, p in parts.items()}
-    total_out = None
-    for r in Rs:
-        total_out = radd(total_out, rsum(r))
-    total_in = None
-    for r in R_in.values():
-        total_in = radd(total_in, rsum(r))
-    absorbed = total_out - total_in if total_in is not None else total_out
+    absorbed = None
+    if call.func in _MAY_HOLD_CONSTANTS:  # relevance on positions holding constants
+        absorbed = _on_constants(f, xs, Rs)
     return _result(rec, dict(R_in), absorbed)
+
+
+def _on_constants(f: Callable[..., tuple[Tensor, ...]], xs: list[Tensor],
+                  Rs: list[Tensor | None]) -> Tensor:
+    """Per stream, the relevance on output positions that hold constants (a pad value,
+    a filled mask, the constant branch of ``where``): those that do not change when the
+    derived inputs do."""
+    ones = f(*(torch.ones_like(x) for x in xs))
+    twos = f(*(torch.full_like(x, 2.0) for x in xs))
+    lost = None
+    for r, o1, o2 in zip(Rs, ones, twos):
+        if r is not None:
+            lost = radd(lost, rsum(torch.where(o1 == o2, r, 0.0)))
+    assert lost is not None
+    return lost
 
 
 def _float_leaves(obj: Any) -> list[Tensor]:
@@ -454,6 +465,7 @@ _ACTIVATIONS = _names(
     T.exp_, T.neg_, T.abs_, T.sqrt_, T.rsqrt_, T.pow_,
 )
 register_function_rule(*_ACTIVATIONS, rule=passthrough_call)
+_MAY_HOLD_CONSTANTS = {torch.where, T.where, F.pad, T.masked_fill, torch.masked_fill}
 register_function_rule(
     torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack,
     T.__getitem__, torch.gather, T.gather, torch.index_select, T.index_select, torch.where,

@@ -18,8 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-
 from .contract import is_stacked_form
 
 RuleFn = Callable[..., Any]
@@ -69,7 +67,7 @@ def _changed() -> None:
 
 
 def register_rule(
-    module_type: type[nn.Module] | str,
+    module_type: type | str,
     fn: RuleFn | None = None,
     *,
     streamwise: bool = False,
@@ -98,7 +96,7 @@ def register_rule(
     return deco(fn) if fn is not None else deco
 
 
-def unregister_rule(module_type: type[nn.Module] | str) -> None:
+def unregister_rule(module_type: type | str) -> None:
     """Remove the rule registered for ``module_type``, by class or by dotted name (no
     error if there is none)."""
     key = module_type if isinstance(module_type, str) else _qualname(module_type)

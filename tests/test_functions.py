@@ -1,0 +1,357 @@
+"""Torch functions recorded on the tape (METHOD §7), each rule against a slow reference
+written here separately, and what recording must not change."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dlbhooks as dlb
+
+D = torch.float64
+MODES = ("default", "contrastive")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _explain(model: nn.Module, *inputs: torch.Tensor, mode: str = "default"):
+    with dlb.trace(model) as tape:
+        out = model(*inputs)
+    return tape, tape.explain(mode=mode), out
+
+
+def _conserved(exp) -> None:
+    assert exp.conservation_error() < 1e-12 * 100, exp.conservation_error()
+
+
+class Pair(nn.Module):
+    """Two linear branches of the input, combined by ``op``, then a head."""
+
+    def __init__(self, op, width: int, seed: int = 0, d_in: int = 4, d: int = 6):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a, self.b = nn.Linear(d_in, d), nn.Linear(d_in, d)
+        self.head = nn.Linear(width, 3)
+        self.op = op
+
+    def forward(self, x):
+        y = self.op(self.a(x), self.b(x))
+        return self.head(y.reshape(y.shape[0], -1))
+
+
+# -- routing ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cat_moves_relevance_with_the_values_exactly(mode):
+    model = Pair(lambda a, b: torch.cat([b, a], -1), 12).double()
+    x = torch.randn(5, 4, dtype=D, generator=_gen(0))
+    tape, exp, _ = _explain(model, x, mode=mode)
+    _conserved(exp)
+    R = exp.at("head")  # relevance on the cat's output
+    assert torch.equal(exp.at("cat", 0), R[:, :6]) and torch.equal(exp.at("cat", 1), R[:, 6:])
+    assert exp.absorbed.get("cat", 0.0) == 0.0
+
+
+def test_chunks_and_stack_route_back_to_their_source():
+    class Swap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            a, b = self.lin(x).chunk(2, -1)  # views: the engine maps them back
+            return self.head(torch.stack([b, a], 1).flatten(1))
+
+    model = Swap().double()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(1))
+    tape, exp, _ = _explain(model, x)
+    _conserved(exp)
+    R = exp.at("head").view(3, 2, 3)
+    assert torch.equal(exp.at("stack", 0), R[:, 0]) and torch.equal(exp.at("stack", 1), R[:, 1])
+
+
+# -- reductions and linear maps ------------------------------------------------------------
+
+
+def _slow_linear_map(R: torch.Tensor, a: torch.Tensor, fmap) -> torch.Tensor:
+    """§2 on a bias-free linear map, from its dense matrix (built column by column)."""
+    n = a.numel()
+    cols = [fmap(torch.eye(n, dtype=D)[i].view(a.shape)).reshape(-1) for i in range(n)]
+    W = torch.stack(cols, 1)  # [out, in]
+    contrib = (W * a.reshape(1, -1)).abs()  # |w_ji a_i|
+    den = contrib.sum(1, keepdim=True)
+    share = torch.where(den > 0, contrib / den, torch.zeros_like(contrib))
+    return (share * R.reshape(-1, 1)).sum(0).view(a.shape)
+
+
+def test_functional_mean_is_the_add_rule_over_the_reduced_values():
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.lin, self.head = nn.Linear(4, 5), nn.Linear(5, 2)
+
+        def forward(self, x):  # [B, T, 4] -> mean over T
+            return self.head(self.lin(x).mean(1))
+
+    model = Pool().double()
+    x = torch.randn(2, 3, 4, dtype=D, generator=_gen(2))
+    tape, exp, _ = _explain(model, x)
+    _conserved(exp)
+    a = tape.last_root().child("lin").outputs[0]
+    R = exp.at("head")
+    want = torch.empty_like(a)
+    for b, t, h in itertools.product(range(2), range(3), range(5)):  # |a| share over T
+        want[b, t, h] = R[b, h] * a[b, t, h].abs() / a[b, :, h].abs().sum()
+    assert torch.allclose(exp.at("mean"), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_interpolate_is_the_weighted_sum_of_its_implicit_weights(mode):
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.conv, self.head = nn.Conv2d(1, 2, 1), nn.Linear(2 * 6 * 6, 3)
+
+        def forward(self, x):
+            y = F.interpolate(self.conv(x), scale_factor=2, mode=mode)
+            return self.head(y.flatten(1))
+
+    model = Up().double()
+    x = torch.randn(1, 1, 3, 3, dtype=D, generator=_gen(3))
+    for m in MODES:
+        tape, exp, _ = _explain(model, x, mode=m)
+        _conserved(exp)
+    tape, exp, _ = _explain(model, x)
+    a = tape.last_root().child("conv").outputs[0]
+    R = exp.at("head").view(1, 2, 6, 6)
+    want = _slow_linear_map(R, a, lambda t: F.interpolate(t, scale_factor=2, mode=mode))
+    assert torch.allclose(exp.at("interpolate"), want, rtol=0, atol=1e-12)
+
+
+# -- products -----------------------------------------------------------------------------------
+
+
+def test_matmul_of_two_activations_splits_each_pair_half_and_half():
+    class Scores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.q, self.k, self.head = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(25, 2)
+
+        def forward(self, x):  # [B, T=5, 4]
+            s = self.q(x) @ self.k(x).transpose(-1, -2)
+            return self.head(s.flatten(1))
+
+    model = Scores().double()
+    x = torch.randn(2, 5, 4, dtype=D, generator=_gen(4))
+    tape, exp, _ = _explain(model, x)
+    _conserved(exp)
+    root = tape.last_root()
+    q, k = root.child("q").outputs[0], root.child("k").outputs[0]
+    R = exp.at("head").view(2, 5, 5)
+    want_q, want_k = torch.zeros_like(q), torch.zeros_like(k)
+    for b, i, j in itertools.product(range(2), range(5), range(5)):
+        pairs = (q[b, i] * k[b, j]).abs()  # over the summed index
+        share = R[b, i, j] * pairs / pairs.sum()
+        want_q[b, i] += share / 2
+        want_k[b, j] += share / 2
+    assert torch.allclose(exp.at("matmul", 0), want_q, rtol=0, atol=1e-12)
+    # input 1 is the transposed view of k's output: [B, d, T]
+    assert torch.allclose(exp.at("matmul", 1), want_k.transpose(-1, -2), rtol=0, atol=1e-12)
+    for m in MODES:
+        _conserved(_explain(model, x, mode=m)[1])
+
+
+def test_mul_by_a_constant_or_parameter_passes_and_two_activations_halve():
+    x = torch.randn(4, 4, dtype=D, generator=_gen(5))
+    for op in (lambda a, b: a * 3.0, lambda a, b: 2.5 * a):
+        tape, exp, _ = _explain(Pair(op, 6).double(), x)
+        assert torch.equal(exp.at("mul"), exp.at("head"))
+    tape, exp, _ = _explain(Pair(lambda a, b: a * b, 6).double(), x)
+    _conserved(exp)
+    assert torch.equal(exp.at("mul", 0), exp.at("head") / 2)
+    assert torch.equal(exp.at("mul", 1), exp.at("head") / 2)
+
+
+def test_a_statistic_of_the_same_input_takes_nothing():
+    class RMS(nn.Module):  # an RMSNorm without a registered rule, written functionally
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(6)
+            self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    model = RMS().double()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(6))
+    for mode in MODES:
+        tape, exp, _ = _explain(model, x, mode=mode)
+        _conserved(exp)
+    tape, exp, _ = _explain(model, x)
+    assert torch.equal(exp.at("mul", 0), exp.at("head"))
+    with pytest.raises(KeyError):
+        exp.at("mul", 1)  # the statistic gets none
+
+
+def test_a_parameter_term_keeps_its_add_rule_share():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(7)
+            self.lin, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.pos = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return self.head(self.lin(x) + self.pos)
+
+    model = Shifted().double()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(7))
+    tape, exp, _ = _explain(model, x)
+    _conserved(exp)
+    h = tape.last_root().child("lin").outputs[0]
+    R = exp.at("head")
+    p = model.pos.detach()
+    kept = (R * p.abs() / (h.abs() + p.abs())).sum()
+    assert exp.absorbed["add"] == pytest.approx(float(kept), rel=1e-12)
+    assert torch.allclose(exp.at("add"), R * h.abs() / (h.abs() + p.abs()), rtol=0, atol=1e-12)
+
+
+def test_in_place_add_splits_by_the_value_it_overwrote():
+    class Residual(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            torch.manual_seed(8)
+            self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+            self.inplace = inplace
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.inplace:
+                h += self.b(x)
+            else:
+                h = h + self.b(x)
+            return self.head(h)
+
+    x = torch.randn(3, 4, dtype=D, generator=_gen(8))
+    for mode in MODES:
+        plain = _explain(Residual(False).double(), x, mode=mode)[1]
+        inplace = _explain(Residual(True).double(), x, mode=mode)[1]
+        _conserved(inplace)
+        assert torch.allclose(inplace.inputs["x"], plain.inputs["x"], rtol=0, atol=1e-13)
+
+
+# -- scope, fidelity, errors ------------------------------------------------------------------
+
+
+def test_recording_leaves_outputs_and_modules_with_rules_untouched():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(9)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y, _ = self.attn(x, x, x)
+            return self.lin(F.gelu(y) + x).sum(1)
+
+    model = Net().double().eval()
+    x = torch.randn(2, 5, 8, dtype=D, generator=_gen(9))
+    with torch.no_grad():
+        want = model(x)
+    tape, exp, out = _explain(model, x)
+    assert torch.equal(out, want)  # the attention's fast path runs as untraced
+    assert tape.last_root().child("attn").children == []  # no function records inside
+    kinds = [r.type_name for r in tape.last_root().children]
+    assert kinds == ["MultiheadAttention", "gelu", "add", "Linear", "sum"]
+    assert torch._C._len_torch_function_stack() == 0
+    for mode in MODES:
+        _conserved(_explain(model, x, mode=mode)[1])
+
+
+def test_nested_traces_leave_no_mode_behind():
+    model = Pair(lambda a, b: a + b, 6).double()
+    x = torch.randn(2, 4, dtype=D)
+    with dlb.trace(model) as outer:
+        with dlb.trace(model) as inner:
+            model(x)
+    assert torch._C._len_torch_function_stack() == 0
+    assert torch.equal(outer.explain().inputs["x"], inner.explain().inputs["x"])
+
+
+def test_register_function_rule_adds_a_rule():
+    model = Pair(lambda a, b: torch.cumsum(a, -1), 6).double()
+    x = torch.randn(2, 4, dtype=D)
+    with pytest.raises(dlb.FunctionalGapError, match=r"cumsum .*test_functions.py:\d+"):
+        _explain(model, x)
+
+    def cumsum_rule(record, relevance_out, ctx) -> dlb.RuleResult:  # all to the input
+        R = relevance_out[0]
+        return dlb.RuleResult([R] + [None] * (len(record.inputs) - 1))
+
+    dlb.register_function_rule(torch.cumsum, rule=cumsum_rule)
+    try:
+        _conserved(_explain(model, x)[1])
+    finally:
+        from dlbhooks.rules.functions import _FUNCTION_RULES
+        _FUNCTION_RULES.pop(torch.cumsum)
+
+
+def test_a_small_unet_explains_without_registration():
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(10)
+            self.down = nn.Conv2d(1, 4, 3, padding=1)
+            self.mid = nn.Conv2d(4, 4, 3, padding=1)
+            self.up = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            d = F.relu(self.down(x))
+            m = F.relu(self.mid(F.avg_pool2d(d, 2)))
+            u = F.interpolate(m, scale_factor=2, mode="bilinear", align_corners=False)
+            return self.up(torch.cat([u, d], 1)).mean((2, 3))
+
+    model = UNet().double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=D, generator=_gen(10))
+    with torch.no_grad():
+        want = model(x)
+    for mode in MODES:
+        tape, exp, out = _explain(model, x, mode=mode)
+        assert torch.equal(out, want)
+        _conserved(exp)
+        assert exp.inputs["x"].shape == x.shape and float(exp.inputs["x"].abs().sum()) > 0
+
+
+def test_constants_a_function_puts_in_keep_their_relevance():
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(11)
+            self.lin, self.head = nn.Linear(4, 6), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(F.pad(self.lin(x), (1, 1), value=0.5))
+
+    model = Padded().double()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(11))
+    for mode in MODES:
+        tape, exp, _ = _explain(model, x, mode=mode)
+        _conserved(exp)
+    tape, exp, _ = _explain(model, x)
+    R = exp.at("head")
+    assert exp.absorbed["pad"] == pytest.approx(float(R[:, 0].sum() + R[:, -1].sum()),
+                                                rel=1e-12)
+    assert torch.equal(exp.at("pad"), R[:, 1:-1])
