@@ -91,10 +91,9 @@ class FunctionRecorder(TorchFunctionMode):
             return
         tape = self.tracer.tape
         inputs = [t for _, t in tensor_leaves((args, kwargs))]
-        derived = [t for t in inputs if t.is_floating_point()
-                   and (tape.is_produced(t) or tape.resolve(t) is not None)]
+        derived = [t for t in inputs if tape.is_produced(t) or tape.resolve(t) is not None]
         if not derived:
-            return  # a constant computation
+            return  # a constant computation (token ids count: an embedding reads them)
         if before is None:
             if any(o is t for o in outs for t in inputs):
                 return  # returns an input (eval-mode dropout, `.to` of the same dtype)

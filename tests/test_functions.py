@@ -355,3 +355,46 @@ def test_constants_a_function_puts_in_keep_their_relevance():
     assert exp.absorbed["pad"] == pytest.approx(float(R[:, 0].sum() + R[:, -1].sum()),
                                                 rel=1e-12)
     assert torch.equal(exp.at("pad"), R[:, 1:-1])
+
+
+def test_functional_forms_match_their_module_rules():
+    """F.layer_norm, F.conv2d, F.embedding and F.scaled_dot_product_attention called in a
+    forward give what the module forms' rules give."""
+
+    class Modules(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(12)
+            self.emb, self.conv = nn.Embedding(11, 8), nn.Conv1d(8, 8, 3, padding=1)
+            self.norm, self.q = nn.LayerNorm(8), nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def attend(self, h):
+            q = self.q(h).view(2, 5, 2, 4).transpose(1, 2)
+            k = h.view(2, 5, 2, 4).transpose(1, 2)
+            return q, k
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+            h = self.norm(h)
+            q, k = self.attend(h)
+            a = F.scaled_dot_product_attention(q, k, k, is_causal=True)
+            return self.head(a.transpose(1, 2).reshape(2, 5, 8)).mean(1)
+
+    class Functional(Modules):
+        def forward(self, ids):
+            h = F.embedding(ids, self.emb.weight)
+            h = F.conv1d(h.transpose(1, 2), self.conv.weight, self.conv.bias,
+                         padding=1).transpose(1, 2)
+            h = F.layer_norm(h, (8,), self.norm.weight, self.norm.bias, self.norm.eps)
+            q, k = self.attend(h)
+            a = F.scaled_dot_product_attention(q, k, k, is_causal=True)
+            return self.head(a.transpose(1, 2).reshape(2, 5, 8)).mean(1)
+
+    ids = torch.randint(0, 11, (2, 5), generator=_gen(12))
+    for mode in MODES:
+        mod = _explain(Modules().double(), ids, mode=mode)[1]
+        fun = _explain(Functional().double(), ids, mode=mode)[1]
+        _conserved(fun)
+        assert torch.allclose(fun.inputs["ids"], mod.inputs["ids"], rtol=0, atol=1e-12)

@@ -45,9 +45,11 @@ from torch import Tensor
 from ..errors import FunctionalGapError
 from ..relevance import Rel, radd, rsum
 from .arith import nonneg_div, reduce_to
+from .attention import attention_relevance
 from .composite import LINEAR, MATMUL, add_split
 from .contract import RuleContext, RuleResult
 from .core import weighted_sum
+from .norm import affine_split
 from .registry import register_rule
 
 if TYPE_CHECKING:
@@ -449,6 +451,101 @@ def max_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleR
     return _result(rec, {i: r * share}, None)
 
 
+# -- functional forms of module rules ---------------------------------------------------------
+
+
+def _arg(call: FunctionCall, i: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of the call (position ``i`` or keyword)."""
+    if len(call.args) > i:
+        return call.args[i]
+    return call.kwargs.get(name, default)
+
+
+def layer_norm_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``F.layer_norm`` / ``F.group_norm``: statistics are constants, the affine part is §2
+    element-wise with β's share absorbed (as ``nn.LayerNorm``, ``nn.GroupNorm``)."""
+    call = _call(rec)
+    R, i = _out(R_out), _first_derived(rec)
+    x = _value(rec, i)
+    group = call.name == "group_norm"
+    shape_or_groups = _arg(call, 1, "num_groups" if group else "normalized_shape")
+    w, b = _arg(call, 2, "weight"), _arg(call, 3, "bias")
+    eps = _arg(call, 4, "eps", 1e-5)
+    if group:
+        xhat = F.group_norm(x, shape_or_groups, None, None, eps)
+        view = (1, -1, *([1] * (x.dim() - 2)))
+        w = None if w is None else w.view(view)
+        b = None if b is None else b.view(view)
+    else:
+        xhat = F.layer_norm(x, shape_or_groups, None, None, eps)
+    scaled = xhat * w if w is not None else xhat
+    parts = [affine_split(r, scaled, b, positive=None) for r in R.unbind(0)]
+    R_x = torch.stack([p[0] for p in parts])
+    absorbed = torch.stack([p[1].double() for p in parts])
+    return _result(rec, {i: R_x}, absorbed)
+
+
+def conv_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``F.conv1d/2d/3d(x, W, b, ...)``: §2, as the ``nn.Conv`` modules."""
+    call = _call(rec)
+    i = _first_derived(rec)
+    x = _value(rec, i)
+    W, b = _arg(call, 1, "weight"), _arg(call, 2, "bias")
+    rest = call.args[3:]
+    kw = {k: v for k, v in call.kwargs.items() if k not in ("input", "weight", "bias")}
+
+    def fwd(t: Tensor, w: Tensor) -> Tensor:
+        return call.func(t, w, None, *rest, **kw)
+
+    bias = None if b is None else b.view(1, -1, *([1] * (x.dim() - 2)))
+    R_x, absorbed = weighted_sum(_out(R_out), x, W, bias, fwd, None,
+                                 contrastive=ctx.contrastive)
+    return _result(rec, {i: R_x}, absorbed)
+
+
+def embedding_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``F.embedding(ids, W)``: a token's relevance is the sum over its vector."""
+    call = _call(rec)
+    ids = _arg(call, 0, "input")
+    idx = next((k for k, t in enumerate(rec.inputs) if t is ids), None)
+    R = _out(R_out)
+    return _result(rec, {} if idx is None else {idx: R.sum(-1)}, None)
+
+
+def sdpa_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``F.scaled_dot_product_attention``: the attention rule (§4) on its Q, K, V, with its
+    mask (boolean or additive), ``is_causal`` and ``scale``."""
+    call = _call(rec)
+    q, k, v = (_arg(call, n, name) for n, name in enumerate(("query", "key", "value")))
+    mask = _arg(call, 3, "attn_mask")
+    causal = bool(_arg(call, 5, "is_causal", False))
+    scale = _arg(call, 6, "scale")
+    if float(_arg(call, 4, "dropout_p", 0.0) or 0.0) > 0.0:
+        raise FunctionalGapError(f"{rec.describe()}: attention dropout is active; explain "
+                                 "the model in eval mode (dropout_p=0).")
+    if _arg(call, 7, "enable_gqa", False) is False and q.shape[-3] != k.shape[-3]:
+        raise FunctionalGapError(f"{rec.describe()}: query and key heads differ without "
+                                 "enable_gqa")
+    if causal:
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        tri = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        mask = tri if mask is None else (mask & tri if mask.dtype == torch.bool
+                                         else mask.masked_fill(~tri, float("-inf")))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    R = _out(R_out)
+    lead = q.shape[:-3]
+    if len(lead) != 1:
+        raise FunctionalGapError(f"{rec.describe()}: scaled_dot_product_attention with "
+                                 f"{q.dim()}-d inputs has no rule yet (4-d expected)")
+    res = attention_relevance(R.to(q.dtype), q, k, v, scale=scale, mask=mask)
+    out: dict[int, Rel | None] = {}
+    for t, r in zip((q, k, v), res[:3]):
+        idx = next((n for n, x in enumerate(rec.inputs) if x is t), None)
+        if idx is not None and idx in _call(rec).derived:
+            out[idx] = radd(out.get(idx), r.to(R.dtype))
+    return _result(rec, out, res[3])
+
+
 def _names(*objs: Any) -> list[Any]:
     return [o for o in objs if o is not None]
 
@@ -486,4 +583,8 @@ register_function_rule(
 register_function_rule(torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm,
                        rule=matmul_call)
 register_function_rule(F.linear, rule=linear_call)
+register_function_rule(F.layer_norm, F.group_norm, rule=layer_norm_call)
+register_function_rule(F.conv1d, F.conv2d, F.conv3d, rule=conv_call)
+register_function_rule(F.embedding, rule=embedding_call)
+register_function_rule(F.scaled_dot_product_attention, rule=sdpa_call)
 register_function_rule(torch.amax, T.amax, torch.max, T.max, rule=max_call)
