@@ -273,7 +273,7 @@ class Engine:
         R_out = self._fill(rec, R_out)
         entry = PendingEntry(rec.key, rec.path, rec.type_name, self._absorptions)
         self.ledger.append(entry)  # before its children's entries: output->input order
-        rule = self.lookup(type(rec.module))
+        rule = self._rule_for(rec)
         if rule is not None:
             R_in, absorbed = self._apply_loaded(rule, rec, R_out)
         elif rec.children:
@@ -301,6 +301,24 @@ class Engine:
         if self.keep:
             self.kept.setdefault(rec.key, R_in)
         return R_in
+
+    def _rule_for(self, rec: Record) -> registry.Rule | None:
+        """The rule of ``rec``'s module; a rule it gets only through a parent class must
+        pass its check on the record, else its calls are walked."""
+        rule = self.lookup(type(rec.module))
+        if rule is None or rule.check is None or not registry.inherited(
+                type(rec.module), self.tape.rules):
+            return rule
+        self.current = rec
+        if rule.check(rec):
+            return rule
+        if rec.children:
+            return None
+        raise UnsupportedModuleError(
+            f"{rec.describe()} inherits the rule {rule.name!r} of a parent class, but its "
+            "recorded output is not what that rule computes (e.g. a channel-first "
+            f"LayerNorm). Register a rule for {type(rec.module).__module__}."
+            f"{rec.type_name} with @dlb.register_rule.")
 
     def finish(self) -> list[LedgerEntry]:
         """The final ledger (:func:`~dlbhooks.ledger.finish_ledger`): the totals as floats

@@ -172,8 +172,11 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         kind = type(rec.module)
         walked = self._no_rule.get(kind)
         if walked is None:
-            walked = self._no_rule[kind] = (
-                kind is not FunctionCall and registry.lookup(kind, self.rules) is None)
+            rule = registry.lookup(kind, self.rules)
+            # a rule reached through a parent class may not fit (checked when explaining):
+            # keep what the module calls, to walk it instead
+            walked = self._no_rule[kind] = kind is not FunctionCall and (
+                rule is None or (rule.check is not None and registry.inherited(kind, self.rules)))
         return rec if walked else None
 
     def record_function(self, parent: Record, func: Any, name: str, args: tuple, kwargs: dict,

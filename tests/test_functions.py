@@ -398,3 +398,39 @@ def test_functional_forms_match_their_module_rules():
         fun = _explain(Functional().double(), ids, mode=mode)[1]
         _conserved(fun)
         assert torch.allclose(fun.inputs["ids"], mod.inputs["ids"], rtol=0, atol=1e-12)
+
+
+def test_a_channel_first_layer_norm_subclass_is_walked_not_given_the_parent_rule():
+    class LayerNorm2d(nn.LayerNorm):  # as in torchvision's ConvNeXt
+        def forward(self, x):
+            x = x.permute(0, 2, 3, 1)
+            x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return x.permute(0, 3, 1, 2)
+
+    class Net(nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            torch.manual_seed(13)
+            self.conv, self.norm, self.head = nn.Conv2d(2, 4, 3), norm, nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.norm(self.conv(x)).mean((2, 3)))
+
+    class ChannelsLast(Net):  # the same maths with nn.LayerNorm's own rule
+        def forward(self, x):
+            h = self.norm(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.head(h.mean((2, 3)))
+
+    x = torch.randn(2, 2, 5, 5, dtype=D, generator=_gen(13))
+    ln = nn.LayerNorm(4).double()
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.2, 0.2)
+    ln2d = LayerNorm2d(4).double()
+    ln2d.load_state_dict(ln.state_dict())
+    for mode in MODES:
+        tape, got, _ = _explain(Net(ln2d).double(), x, mode=mode)
+        _conserved(got)
+        assert [r.type_name for r in tape.last_root().child("norm").children] == ["layer_norm"]
+        want = _explain(ChannelsLast(ln).double(), x, mode=mode)[1]
+        assert torch.allclose(got.inputs["x"], want.inputs["x"], rtol=0, atol=1e-12)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .arith import fits, nonneg_div, reduce_to
 from .contract import RuleContext, RuleResult
+from .functional import close_to_recorded
 from .registry import register_rule
 
 if TYPE_CHECKING:
@@ -67,7 +68,21 @@ def _channel_affine(R: Tensor, xhat: Tensor, m: nn.Module, ctx: RuleContext) -> 
     return RuleResult([R_x], absorbed)
 
 
-@register_rule(nn.LayerNorm, streamwise=True, name="layer_norm")
+def _layer_norm_fits(rec: Record) -> bool:
+    """Does the recorded call compute ``F.layer_norm`` over the last dims, as
+    ``nn.LayerNorm``? (A channel-first subclass does not.)"""
+    m = rec.module
+    x, y = rec.inputs[0], rec.outputs[0] if rec.outputs else None
+    shape = tuple(m.normalized_shape)
+    if y is None or tuple(x.shape[-len(shape):]) != shape or y.shape != x.shape:
+        return False
+    w = m.weight if isinstance(m.weight, Tensor) and m.weight.device.type != "meta" else None
+    b = m.bias if isinstance(m.bias, Tensor) and m.bias.device.type != "meta" else None
+    want = F.layer_norm(x, shape, w, b, m.eps)
+    return close_to_recorded(want, y)
+
+
+@register_rule(nn.LayerNorm, streamwise=True, name="layer_norm", check=_layer_norm_fits)
 def layer_norm_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     m = rec.module
     x = rec.input_value(0)

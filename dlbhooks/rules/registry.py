@@ -35,6 +35,10 @@ class Rule:
     snapshot: tuple[str, ...] = field(default_factory=tuple)
     # written to the contract (returns RuleResult)? None: decided from the function
     stacked: bool | None = None
+    # ``check(record) -> bool``: does a recorded call compute what the rule assumes? Asked
+    # when the rule reaches a module only through a parent class (nn.LayerNorm's rule and
+    # a channel-first LayerNorm2d subclass): if not, the module's calls are walked instead
+    check: Callable[[Any], bool] | None = None
 
     def __post_init__(self) -> None:
         if self.stacked is None:
@@ -73,6 +77,7 @@ def register_rule(
     streamwise: bool = False,
     snapshot: tuple[str, ...] = (),
     name: str | None = None,
+    check: Callable[[Any], bool] | None = None,
 ):
     """Register ``fn`` as the rule for ``module_type`` (usable as a decorator).
 
@@ -82,7 +87,8 @@ def register_rule(
     """
 
     def deco(f: RuleFn) -> RuleFn:
-        rule = Rule(f, name or getattr(f, "__name__", repr(f)), streamwise, tuple(snapshot))
+        rule = Rule(f, name or getattr(f, "__name__", repr(f)), streamwise, tuple(snapshot),
+                    check=check)
         key = module_type if isinstance(module_type, str) else _qualname(module_type)
         # a rule registered earlier for the class object under this name is replaced too
         for cls in [c for c in _BY_TYPE if _qualname(c) == key]:
@@ -123,6 +129,15 @@ def lookup(module_type: type, overlay: RuleOverlay | None = None) -> Rule | None
             break
     _RESOLVED[module_type] = found
     return found
+
+
+def inherited(module_type: type, overlay: RuleOverlay | None = None) -> bool:
+    """Does ``module_type`` get its rule only through a parent class (no rule registered
+    for the class itself, by class or by name)?"""
+    if overlay is not None and (module_type in overlay._by_type
+                                or _qualname(module_type) in overlay._by_name):
+        return False
+    return _global(module_type) is None
 
 
 def _global(cls: type) -> Rule | None:
