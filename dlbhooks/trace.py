@@ -57,12 +57,18 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
     MRO wins, this trace's rule first at equal specificity. Every rule lookup for this
     tape (its explanations, the snapshots taken while recording, a composite rule's
     ``ctx.lookup(type)``) sees them; the global registry is left as it is.
+
+    ``functions`` (default on): also record the torch functions that modules without a
+    rule call in their ``forward`` (``a + b``, ``torch.cat``, ``F.interpolate``; METHOD
+    §7), so that their functional code is explained too. A module with a rule runs
+    exactly as untraced. ``functions=False`` records module calls only.
     """
 
     def __init__(
         self, model: nn.Module, *, grad: bool = False,
         storage: Storage | str | torch.dtype | None = None,
         rules: Mapping[type | str, registry.RuleFn | registry.Rule] | None = None,
+        functions: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"dlb.trace expects an nn.Module, got {type(model).__name__}")
@@ -84,6 +90,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         self._restore: list = []
         # functions called in a forward: recorded for modules without a rule
         self._recorder: FunctionRecorder | None = None
+        self.functions = functions
         self._recording: list[bool] = []  # was the recorder active, per open call
         self._no_rule: dict[type, bool] = {}
         self._fn_calls: dict[tuple[int, str], int] = defaultdict(int)
@@ -130,7 +137,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         modes: list[Any] = [torch.inference_mode(False)]
         if self.compiled:
             modes.append(torch.compiler.set_stance("force_eager"))
-        self._recorder = FunctionRecorder(self)
+        self._recorder = FunctionRecorder(self) if self.functions else None
         self._recording = []
         for mode in modes:
             mode.__enter__()

@@ -16,6 +16,7 @@ MB in float64).
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import time
 import traceback
@@ -138,6 +139,11 @@ def hf_model(cls: str, cfg: Any, perturb: str = "norm") -> nn.Module:
         cfg.use_cache = False
     cfg._attn_implementation = "eager"
     model = getattr(transformers, cls)(cfg).to(DT).eval()
+    if hasattr(model, "set_experts_implementation"):  # grouped_mm has no float64 kernel
+        try:
+            model.set_experts_implementation("eager")
+        except (ValueError, NotImplementedError):
+            pass  # no fused experts in this model
     with torch.no_grad():
         for n, p in model.named_parameters():
             if perturb == "moe" and (p.dim() == 1 or "bias" in n or "sinks" in n):
@@ -439,7 +445,8 @@ def tv(build: Callable[[], nn.Module], size: int = 32, batch: int = 2,
     def make() -> Probe:
         torch.manual_seed(0)
         model = randomise_bn(build()).to(DT).eval()
-        return Probe(model, {"x": randn(batch, 3, size, size)}, dict(explain or {}), note=note)
+        arg = next(iter(inspect.signature(model.forward).parameters))  # x, or input (LRASPP)
+        return Probe(model, {arg: randn(batch, 3, size, size)}, dict(explain or {}), note=note)
     return make
 
 

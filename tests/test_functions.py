@@ -434,3 +434,33 @@ def test_a_channel_first_layer_norm_subclass_is_walked_not_given_the_parent_rule
         assert [r.type_name for r in tape.last_root().child("norm").children] == ["layer_norm"]
         want = _explain(ChannelsLast(ln).double(), x, mode=mode)[1]
         assert torch.allclose(got.inputs["x"], want.inputs["x"], rtol=0, atol=1e-12)
+
+
+def test_coverage_dry_run_reports_functions_and_gaps_before_explaining():
+    class Good(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(14)
+            self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(torch.cat([F.relu(self.a(x))[:, :3], self.a(x)[:, 3:] * 2], -1))
+
+    class Bad(Good):
+        def forward(self, x):
+            return self.head(torch.cumsum(self.a(x), -1))  # no rule for cumsum
+
+    x = torch.randn(2, 4, dtype=D, generator=_gen(14))
+    static = dlb.coverage(Good())
+    assert static.calls is None and static.complete  # the module tree alone: all covered
+    good = dlb.coverage(Good().double(), x)
+    assert good.complete and good.conservation < 1e-12 * 100
+    assert good.calls["relu"] == "passthrough_call" and good.calls["cat"] == "routing_call"
+    assert "test_functions.py:" in good.where["cat"]
+    bad = dlb.coverage(Bad().double(), x)
+    assert not bad.complete and bad.missing == ["cumsum"]
+    assert bad.error.startswith("FunctionalGapError") and "cumsum" in bad.error
+    assert "MISSING" in str(bad) and "dry run: FunctionalGapError" in str(bad)
+    # the old second argument: rules
+    relu_rule = dlb.stacked_rule(lambda r, R, c: dlb.RuleResult([R[0]]))
+    assert dlb.coverage(Good(), {nn.ReLU: relu_rule}).complete
