@@ -464,3 +464,29 @@ def test_coverage_dry_run_reports_functions_and_gaps_before_explaining():
     # the old second argument: rules
     relu_rule = dlb.stacked_rule(lambda r, R, c: dlb.RuleResult([R[0]]))
     assert dlb.coverage(Good(), {nn.ReLU: relu_rule}).complete
+
+
+def test_functional_max_pool_matches_the_module_pool():
+    class Modules(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(15)
+            self.conv, self.head = nn.Conv2d(1, 3, 3), nn.Linear(3 * 3 * 3, 2)
+            self.pool, self.apool = nn.MaxPool2d(2, ceil_mode=True), nn.AdaptiveMaxPool2d(3)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.head((self.pool(h) + self.apool(h)).flatten(1))
+
+    class Functional(Modules):
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            p = F.max_pool2d(h, 2, ceil_mode=True) + F.adaptive_max_pool2d(h, 3)
+            return self.head(p.flatten(1))
+
+    x = torch.randn(2, 1, 7, 7, dtype=D, generator=_gen(15))
+    for mode in MODES:
+        mod = _explain(Modules().double(), x, mode=mode)[1]
+        fun = _explain(Functional().double(), x, mode=mode)[1]
+        _conserved(fun)
+        assert torch.allclose(fun.inputs["x"], mod.inputs["x"], rtol=0, atol=1e-12)

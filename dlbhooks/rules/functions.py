@@ -50,6 +50,7 @@ from .composite import LINEAR, MATMUL, add_split
 from .contract import RuleContext, RuleResult
 from .core import weighted_sum
 from .norm import affine_split
+from .pooling import adaptive_tables, pool_relevance, regular_tables
 from .registry import register_rule
 
 if TYPE_CHECKING:
@@ -546,6 +547,27 @@ def sdpa_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> Rule
     return _result(rec, out, res[3])
 
 
+def max_pool_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``F.max_pool*d`` and ``F.adaptive_max_pool*d``: each window's relevance to its
+    winner, ties split (as the ``nn`` pools)."""
+    call = _call(rec)
+    i = _first_derived(rec)
+    x = _value(rec, i)
+    R = _out(R_out)
+    nd = int(call.name.rstrip("d")[-1])  # max_pool2d -> 2
+    out_shape = rec.outputs[0].shape[-nd:]
+    if call.name.startswith("adaptive"):
+        tables = adaptive_tables(x, out_shape)
+    else:
+        k = _arg(call, 1, "kernel_size")
+        tables = regular_tables(x, out_shape, k, _arg(call, 2, "stride") or k,
+                                _arg(call, 3, "padding", 0), _arg(call, 4, "dilation", 1))
+    parts = [pool_relevance(r, x, tables, "max") for r in R.unbind(0)]
+    R_x = torch.stack([p[0] for p in parts])
+    lost = torch.stack([p[1].double() for p in parts])
+    return _result(rec, {i: R_x}, lost)
+
+
 def _names(*objs: Any) -> list[Any]:
     return [o for o in objs if o is not None]
 
@@ -586,5 +608,7 @@ register_function_rule(F.linear, rule=linear_call)
 register_function_rule(F.layer_norm, F.group_norm, rule=layer_norm_call)
 register_function_rule(F.conv1d, F.conv2d, F.conv3d, rule=conv_call)
 register_function_rule(F.embedding, rule=embedding_call)
+register_function_rule(F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+                       F.adaptive_max_pool2d, F.adaptive_max_pool3d, rule=max_pool_call)
 register_function_rule(F.scaled_dot_product_attention, rule=sdpa_call)
 register_function_rule(torch.amax, T.amax, torch.max, T.max, rule=max_call)
