@@ -91,7 +91,7 @@ class FunctionRecorder(TorchFunctionMode):
             return
         tape = self.tracer.tape
         inputs = [t for _, t in tensor_leaves((args, kwargs))]
-        derived = [t for t in inputs if tape.is_produced(t) or tape.resolve(t) is not None]
+        derived = [t for t in inputs if tape.is_derived(t)]
         if not derived:
             return  # a constant computation (token ids count: an embedding reads them)
         if before is None:

@@ -173,6 +173,10 @@ class Tape:
     # an explanation refuses weights changed since the forward
     weight_marks: dict[str, tuple[int, int]] = field(default_factory=dict)
     _produced: dict[int, Tensor] = field(default_factory=dict)
+    # ids of produced tensors derived from the forward's inputs (a record with a derived
+    # input makes derived outputs): the others are constants for relevance (a position
+    # table looked up with positions, masks)
+    _derived: set[int] = field(default_factory=set)
     _storages: dict[int, list[Tensor]] = field(default_factory=dict)
 
     def __repr__(self) -> str:
@@ -226,6 +230,22 @@ class Tape:
 
     def is_produced(self, t: Tensor) -> bool:
         return id(t) in self._produced
+
+    def derive(self, t: Tensor) -> None:
+        """Mark ``t`` (produced) as derived from the forward's inputs."""
+        self._derived.add(id(t))
+
+    def is_derived(self, t: Tensor) -> bool:
+        """Is ``t`` derived from the forward's inputs: produced by a record that read a
+        derived tensor, a view of such a tensor, or a device copy of one?"""
+        if id(t) in self._derived:
+            return True
+        if id(t) in self._produced:
+            return False
+        if id(t) in self.aliases:
+            return self.is_derived(self.aliases[id(t)][1])
+        base = self.resolve(t)
+        return base is not None and id(base) in self._derived
 
     def last_root(self) -> Record:
         if not self.roots:

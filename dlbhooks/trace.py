@@ -200,7 +200,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         call.args, call.kwargs = rec.arguments["args"], rec.arguments["kwargs"]
         call.derived = frozenset(
             i for i, t in enumerate(rec.inputs)
-            if t.is_floating_point() and (tape.is_produced(t) or i in rec.input_views))
+            if t.is_floating_point() and tape.is_derived(t))
         if before is not None:
             call.before = {0: tape.store.keep(before)}
             rec.arguments["before"] = call.before
@@ -262,6 +262,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         if parent is None:
             for _, t in leaves:
                 tape.produce(t)
+                tape.derive(t)
         rec = Record(
             index=len(tape.records),
             path=path,
@@ -309,6 +310,8 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         rec.outputs = [t for _, t in leaves]
         rec.out_versions = [version_of(t) for t in rec.outputs]
         moved = rec.children and _has_hf_hook(module)
+        # a call that read nothing derived from the forward's inputs makes constants
+        derived = rec.parent is None or any(tape.is_derived(t) for t in rec.inputs)
         for i, t in enumerate(rec.outputs):
             base = tape.resolve(t)
             if base is not None:
@@ -318,6 +321,8 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
                 # outputs of the calls inside, last first
                 tape.alias(t, [o for c in reversed(rec.children) for o in c.outputs])
             tape.produce(t)
+            if derived:
+                tape.derive(t)
             if not rec.children:
                 tape.producers.setdefault(id(t), []).append((rec, i))
         if id(module) in self._snap and not tape.store.active:  # copies are snapshots

@@ -158,6 +158,10 @@ def text_probe(cls: str, cfg: Any, pad_id: int = 0, side: str = "right",
                extra: dict[str, Tensor] | None = None) -> Probe:
     """A text model on a padded 2 × 7 batch (``input_ids`` + ``attention_mask``)."""
     cfg.num_labels = 3
+    for attr, value in (("bos_token_id", 1), ("eos_token_id", 2)):  # inside the vocabulary
+        old = getattr(cfg, attr, None)
+        if isinstance(old, int) and old >= V or isinstance(old, list):
+            setattr(cfg, attr, value)
     if cls.startswith("AutoModelFor"):
         cls = head_class(cls, cfg)
     model = hf_model(cls, cfg, perturb)
@@ -636,6 +640,7 @@ class Outcome:
     dlb_error: bool = False  # a dlb.DLBError subclass (else: a crash)
     located: bool = False  # the message names a module path or an operation
     trace: str = ""  # traceback of a crash
+    record: str = ""  # the innermost dlbhooks record being processed when it was raised
     conservation: float | None = None
     pad_zero: bool | None = None  # None: no padding check
     pad_max: float = 0.0
@@ -706,11 +711,23 @@ def names_location(message: str, model: nn.Module) -> bool:
     return False
 
 
+def _innermost_record(err: BaseException) -> str:
+    """``describe()`` of the last record a dlbhooks frame was working on (a local ``rec``)."""
+    found, tb = "", err.__traceback__
+    while tb is not None:
+        rec = tb.tb_frame.f_locals.get("rec")
+        if hasattr(rec, "describe") and hasattr(rec, "path"):
+            found = rec.describe()
+        tb = tb.tb_next
+    return found
+
+
 def _failure(err: BaseException, model: nn.Module, t0: float) -> Outcome:
     msg = str(err) or repr(err)
     is_dlb = isinstance(err, dlb.DLBError)
     return Outcome("error", type(err).__name__, msg, is_dlb, names_location(msg, model),
-                   "" if is_dlb else traceback.format_exc(), seconds=time.perf_counter() - t0)
+                   "" if is_dlb else traceback.format_exc(), _innermost_record(err),
+                   seconds=time.perf_counter() - t0)
 
 
 def _explain(tape: Any, p: Probe, mode: str) -> Outcome:
@@ -721,12 +738,32 @@ def _explain(tape: Any, p: Probe, mode: str) -> Outcome:
     except Exception as e:  # noqa: BLE001 - recorded, asserted on by the test
         return _failure(e, p.model, t0)
     o = Outcome("ok", conservation=float(err), seconds=time.perf_counter() - t0)
+    if err > CONSERVATION_TOL:
+        o.record = _leak(exp)
     if p.pad_input is not None:
         streams = [exp.inputs] + ([exp.positive, exp.negative] if exp.positive else [])
         pads = [s[p.pad_input][p.pad_mask] for s in streams]
         o.pad_max = max(float(r.abs().max()) if r.numel() else 0.0 for r in pads)
         o.pad_zero = o.pad_max == 0.0
     return o
+
+
+def _leak(exp: Any) -> str:
+    """The innermost ledger entry that loses relevance (violations add up towards the root,
+    so the deepest entry with a violation of the same size is where it starts)."""
+
+    def pairs(x: Any) -> tuple:
+        return x if isinstance(x, tuple) else (x,)
+
+    def err(e: Any) -> float:
+        return max(abs(o - i - a) for o, i, a in zip(pairs(e.relevance_out),
+                                                     pairs(e.relevance_in),
+                                                     pairs(e.absorbed_inside)))
+
+    worst = max(err(e) for e in exp.ledger)
+    e = [e for e in exp.ledger if err(e) >= 0.5 * worst][-1]
+    seeded = max(map(abs, pairs(exp.ledger[0].relevance_out)))
+    return f"'{e.path}' ({e.type}) loses {err(e):.3g} of {seeded:g}"
 
 
 def _build(name: str, r: Result) -> Probe | None:
@@ -786,3 +823,86 @@ def versions() -> dict[str, str]:
         except ImportError:
             out[mod] = "not installed"
     return out
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+_PATTERNS = [  # (regex on the message, how to name what it points at)
+    (re.compile(r"result of (\S+) \(torch function [^)]*\) called in '([^']*)' \(([\w.]+)\)"),
+     "{0} in {1} ({2})"),
+    (re.compile(r"no relevance rule for '([^']*)' \(([\w.]+)\)"), "no rule: {0} ({1})"),
+    (re.compile(r"the rule for '([^']*)' \(([\w.]+)\) returned (\d+) relevances for (\d+)"),
+     "{0} ({1}): rule gives {2} relevance for {3} inputs"),
+    (re.compile(r"functional code in '([^']*)' \(([\w.]+)\)"), "functional code in {0} ({1})"),
+    (re.compile(r"output of '([^']*)' \(([\w.]+)\)"), "output of {0} ({1})"),
+    (re.compile(r"'([^']*)' \(([\w.]+)\)"), "{0} ({1})"),
+]
+
+
+def _short(name: str) -> str:
+    """``pkg.module.ClassName`` -> ``ClassName``; module paths and function names as they are."""
+    last = name.rsplit(".", 1)[-1]
+    return last if "." in name and last[:1].isupper() else name
+
+
+def where(o: Outcome) -> str:
+    """The operation or module an error names, compactly (class names without modules)."""
+    for rx, fmt in _PATTERNS:
+        m = rx.search(o.message)
+        if m:
+            return fmt.format(*[_short(g) if g else "<root>" for g in m.groups()])
+    return o.record
+
+
+def category(o: Outcome) -> str:
+    """What a failure is about, independent of the model: the error class and the operation
+    or the module type it names."""
+    m = re.search(r"result of (\S+) \(torch function", o.message)
+    if m:
+        return f"{o.error}: torch function {m.group(1)}"
+    m = re.search(r"no relevance rule for '[^']*' \(([\w.]+)\)", o.message)
+    if m:
+        kind = _short(m.group(1))
+        return f"{o.error}: no rule for " + ("*RotaryEmbedding" if kind.endswith(
+            "RotaryEmbedding") else kind)
+    if "relevances for" in o.message:
+        return f"{o.error}: position-embedding module with 2 tensor inputs"
+    m = re.search(r"functional code in '[^']*' \(([\w.]+)\)", o.message)
+    if m:
+        return f"{o.error}: functional code in {_short(m.group(1))}"
+    if not o.dlb_error:
+        rec = re.search(r"torch function (\w+)", o.record)
+        return f"crash ({o.error})" + (f" in the {rec.group(1)} rule" if rec else "")
+    return o.error
+
+
+def first_line(o: Outcome, limit: int = 120) -> str:
+    line = o.first_line
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def mode_status(r: Result, mode: str) -> str:
+    """``ok``, ``not buildable``, the error class (``crash: X`` for a non-dlbhooks error),
+    ``lost relevance`` (conservation over the tolerance) or ``padding ≠ 0``."""
+    if r.not_buildable:
+        return "not buildable"
+    if r.build_crash or r.untraced_crash:
+        return "probe error"
+    o = r.forward if r.forward is not None and r.forward.status != "ok" else r.modes.get(mode)
+    if o is None:
+        return "not run"
+    if o.status != "ok":
+        return o.error if o.dlb_error else f"crash: {o.error}"
+    if not r.traced_equal:
+        return "output changed"
+    if o.conservation is None or o.conservation > CONSERVATION_TOL:
+        return "lost relevance"
+    if o.pad_zero is False:
+        return "padding ≠ 0"
+    return "ok"
+
+
+def conservation(r: Result) -> float | None:
+    """The largest conservation error over the modes that ran."""
+    errs = [o.conservation for o in r.modes.values() if o.conservation is not None]
+    return max(errs) if errs else None

@@ -490,3 +490,30 @@ def test_functional_max_pool_matches_the_module_pool():
         fun = _explain(Functional().double(), x, mode=mode)[1]
         _conserved(fun)
         assert torch.allclose(fun.inputs["x"], mod.inputs["x"], rtol=0, atol=1e-12)
+
+
+def test_a_module_that_reads_only_constants_makes_constants():
+    """A position table looked up with positions (not derived from the forward's inputs)
+    is a source of no relevance: its add-rule share is absorbed where it is added."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(16)
+            self.tok, self.pos, self.head = nn.Embedding(9, 6), nn.Embedding(5, 6), nn.Linear(6, 2)
+
+        def forward(self, ids):
+            p = self.pos(torch.arange(ids.shape[1]))
+            return self.head(self.tok(ids) + p).mean(1)
+
+    ids = torch.randint(0, 9, (2, 5), generator=_gen(16))
+    model = Positions().double()
+    for mode in MODES:
+        tape, exp, _ = _explain(model, ids, mode=mode)
+        _conserved(exp)
+        assert "pos" not in exp.layers  # no relevance reached the table
+    tape, exp, _ = _explain(model, ids)
+    t, p = model.tok(ids).detach(), model.pos.weight.detach()[None]
+    R = exp.at("head")
+    assert exp.absorbed["add"] == pytest.approx(
+        float((R * p.abs() / (t.abs() + p.abs())).sum()), rel=1e-12)
