@@ -34,7 +34,7 @@ from .rules.functions import register_function_rule
 from .rules.registry import register_rule, unregister_rule
 from .storage import Storage
 from .trace import trace
-from .weights import set_weight_cache
+from .weights import register_dequantizer, set_weight_cache
 
 __version__ = "0.1.0"
 
@@ -45,7 +45,8 @@ __all__ = [
     "RuleContext", "RuleResult", "SavedFileError", "Storage", "Streams", "Tape", "TargetError",
     "TraceError", "UnsupportedModuleError",
     "coverage", "estimate_memory",
-    "explain", "explain_generation", "record_bytes", "register_function_rule", "register_rule",
+    "explain", "explain_generation", "record_bytes", "register_dequantizer",
+    "register_function_rule", "register_rule",
     "register_saturation",
     "set_weight_cache", "stacked_rule", "trace", "unregister_rule",
 ]

@@ -27,7 +27,7 @@ from .rules.contract import RuleResult, legacy_call, streamwise_call
 from .rules.elementwise import nonnegative_output, saturation_bounds
 from .storage import record_tensors
 from .views import base_to_view, view_to_base
-from .weights import all_positive, fetch_abs_param, fetch_param
+from .weights import all_positive, fetch_abs_param, fetch_param, plain_float
 
 if TYPE_CHECKING:
     from .records import Record, Tape
@@ -161,7 +161,7 @@ class Engine:
         (:func:`dlbhooks.weights.set_weight_cache`); an offloaded weight is loaded once,
         through :meth:`param`, and its ``|W|`` is not kept."""
         value = getattr(module, name, None)
-        if isinstance(value, Tensor) and value.device.type != "meta":
+        if isinstance(value, Tensor) and value.device.type != "meta" and plain_float(value):
             return fetch_abs_param(module, name)
         W = self.param(module, name)
         return None if W is None else W.abs()

@@ -5,11 +5,80 @@ the ``|W|`` cache kept across explanations (:func:`fetch_abs_param`,
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from .errors import UnsupportedModuleError
 from .integrations.accelerate import materialise
 from .storage import version_of
+
+#: ``fn(module, weight) -> float tensor`` per weight type or module type (class or dotted
+#: name): how to read the weights of quantized layers (:func:`register_dequantizer`)
+DEQUANTIZERS: dict[type | str, Callable[[nn.Module, Tensor], Tensor]] = {}
+
+
+def register_dequantizer(kind: type | str,
+                         fn: Callable[[nn.Module, Tensor], Tensor]) -> None:
+    """Read quantized weights of ``kind`` — a weight class (a quantized tensor subclass) or
+    a module class, or its dotted name — as ``fn(module, weight)`` (a float tensor shaped
+    like the layer's weight). Rules then read them like any weight, per module, in the
+    reverse pass."""
+    DEQUANTIZERS[kind] = fn
+
+
+def _dequantizer(module: nn.Module, value: Tensor
+                 ) -> Callable[[nn.Module, Tensor], Tensor] | None:
+    for cls in (*type(value).__mro__, *type(module).__mro__):
+        if cls in (Tensor, nn.Parameter, nn.Module, object):
+            continue
+        fn = DEQUANTIZERS.get(cls) or DEQUANTIZERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            return fn
+    return None
+
+
+def _bnb_4bit(module: nn.Module, W: Tensor) -> Tensor:
+    import bitsandbytes.functional as bnbf  # lazy: optional dependency
+
+    return bnbf.dequantize_4bit(W.data, W.quant_state)
+
+
+def _bnb_8bit(module: nn.Module, W: Tensor) -> Tensor:
+    cb = W.CB if getattr(W, "CB", None) is not None else W.data
+    return cb.float() * W.SCB.float()[:, None] / 127.0
+
+
+# bitsandbytes' 4- and 8-bit parameters (by name: bitsandbytes is optional). Written from
+# its documented API; the test suite checks the mechanism with a layer of its own.
+DEQUANTIZERS["bitsandbytes.nn.modules.Params4bit"] = _bnb_4bit
+DEQUANTIZERS["bitsandbytes.nn.modules.Int8Params"] = _bnb_8bit
+
+
+def plain_float(value: Tensor) -> bool:
+    """A float tensor or parameter (not a quantized tensor subclass)."""
+    return value.is_floating_point() and type(value) in (Tensor, nn.Parameter)
+
+
+def dequantized(module: nn.Module, name: str, value: Tensor) -> Tensor:
+    """``value`` (a parameter of ``module``) as a float tensor: itself when it is one,
+    else through a registered dequantizer or the tensor's own ``dequantize()`` (torchao's
+    quantized tensors); a clear error otherwise."""
+    if plain_float(value):
+        return value
+    fn = _dequantizer(module, value)
+    if fn is not None:
+        return fn(module, value).detach()
+    if type(value) not in (Tensor, nn.Parameter) and callable(getattr(value, "dequantize",
+                                                                       None)):
+        return value.dequantize().detach()
+    if value.is_floating_point():
+        return value
+    raise UnsupportedModuleError(
+        f"{type(module).__module__}.{type(module).__qualname__}.{name} holds quantized "
+        f"weights ({type(value).__name__}, {value.dtype}) that dlbhooks cannot read: "
+        "register how to dequantize them with dlb.register_dequantizer(weight or module "
+        "class, fn), or load the model unquantized (e.g. in bfloat16 with a device_map).")
 
 
 def fetch_param(module: nn.Module, name: str) -> Tensor | None:
@@ -25,8 +94,8 @@ def fetch_param(module: nn.Module, name: str) -> Tensor | None:
     if not isinstance(value, Tensor):
         return value
     if value.device.type == "meta":  # offloaded by accelerate: load it for this rule only
-        return materialise(module, name)
-    return value.detach()
+        return dequantized(module, name, materialise(module, name))
+    return value.detach() if plain_float(value) else dequantized(module, name, value)
 
 
 class _AbsWeights:

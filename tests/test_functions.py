@@ -517,3 +517,36 @@ def test_a_module_that_reads_only_constants_makes_constants():
     R = exp.at("head")
     assert exp.absorbed["add"] == pytest.approx(
         float((R * p.abs() / (t.abs() + p.abs())).sum()), rel=1e-12)
+
+
+def test_quantized_weights_are_read_through_a_dequantizer_or_named_clearly():
+    class QLinear(nn.Linear):  # int8 weights with a per-row scale
+        def __init__(self, lin: nn.Linear):
+            super().__init__(lin.in_features, lin.out_features, dtype=D)
+            scale = lin.weight.detach().abs().amax(1, keepdim=True) / 127
+            q = torch.round(lin.weight.detach() / scale).to(torch.int8)
+            self.weight = nn.Parameter(q, requires_grad=False)
+            self.register_buffer("scale", scale)
+            self.bias = lin.bias
+
+        def forward(self, x):
+            return F.linear(x, self.weight.to(x.dtype) * self.scale, self.bias)
+
+    torch.manual_seed(17)
+    float_model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+    q_model = nn.Sequential(QLinear(float_model[0]), nn.ReLU(), float_model[2])
+    with torch.no_grad():  # the float model with the dequantized weights: the reference
+        float_model[0].weight.copy_(q_model[0].weight.double() * q_model[0].scale)
+    x = torch.randn(3, 4, dtype=D, generator=_gen(17))
+    with pytest.raises(dlb.UnsupportedModuleError, match=r"QLinear.weight holds quantized"):
+        dlb.explain(q_model, x)
+    dlb.register_dequantizer(QLinear, lambda m, W: W.to(m.scale.dtype) * m.scale)
+    try:
+        for mode in MODES:
+            got = dlb.explain(q_model, x, mode=mode)
+            want = dlb.explain(float_model, x, mode=mode)
+            assert torch.allclose(got.inputs["input"], want.inputs["input"], rtol=0,
+                                  atol=1e-12)
+    finally:
+        from dlbhooks.weights import DEQUANTIZERS
+        DEQUANTIZERS.pop(QLinear)
