@@ -550,3 +550,24 @@ def test_quantized_weights_are_read_through_a_dequantizer_or_named_clearly():
     finally:
         from dlbhooks.weights import DEQUANTIZERS
         DEQUANTIZERS.pop(QLinear)
+
+
+def test_einsum_of_two_activations_is_the_matmul_rule():
+    class Scores(nn.Module):
+        def __init__(self, einsum: bool):
+            super().__init__()
+            torch.manual_seed(18)
+            self.q, self.k, self.head = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(25, 2)
+            self.einsum = einsum
+
+        def forward(self, x):
+            q, k = self.q(x), self.k(x)
+            s = torch.einsum("bid,bjd->bij", q, k) if self.einsum else q @ k.transpose(-1, -2)
+            return self.head(s.flatten(1))
+
+    x = torch.randn(2, 5, 4, dtype=D, generator=_gen(18))
+    for mode in MODES:
+        got = _explain(Scores(True).double(), x, mode=mode)[1]
+        want = _explain(Scores(False).double(), x, mode=mode)[1]
+        _conserved(got)
+        assert torch.allclose(got.inputs["x"], want.inputs["x"], rtol=0, atol=1e-12)

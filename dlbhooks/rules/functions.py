@@ -411,6 +411,49 @@ def matmul_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> Ru
     return _result(rec, {ia: ra, ib: rb}, lost)
 
 
+def einsum_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``torch.einsum`` of two operands: of two activations, the pairwise product rule
+    (each summed pair ∝ its |product|, half to each factor, as ``matmul``); with one
+    constant operand, §2 with it as the weights."""
+    call = _call(rec)
+    eq = call.args[0]
+    ops = list(call.args[1]) if len(call.args) == 2 and isinstance(call.args[1], (list, tuple)) \
+        else list(call.args[1:])
+    if len(ops) != 2:
+        raise FunctionalGapError(f"{rec.describe()}: einsum of {len(ops)} operands has no "
+                                 f"rule yet (called at {call.where}).")
+    idx = [next((i for i, t in enumerate(rec.inputs) if t is op), None) for op in ops]
+    live = [i is not None and i in call.derived for i in idx]
+    R = _out(R_out)
+    a, b = (_value(rec, i) if i is not None else op for i, op in zip(idx, ops))
+    if live[0] != live[1]:
+        k = 0 if live[0] else 1
+        x, w = (a, b) if k == 0 else (b, a)
+
+        def fwd(t: Tensor, c: Tensor) -> Tensor:
+            return torch.einsum(eq, t, c) if k == 0 else torch.einsum(eq, c, t)
+
+        R_x, absorbed = weighted_sum(R, x, w.to(x.dtype), None, fwd, None,
+                                     contrastive=ctx.contrastive)
+        return _result(rec, {idx[k]: R_x}, absorbed)
+    if not any(live):
+        return _result(rec, {}, rsum(R))
+    A, B = a.abs(), b.abs()
+    _, pull = torch.func.vjp(lambda x, y: torch.einsum(eq, x, y), A, B)
+    D = torch.einsum(eq, A, B)
+    ra, rb = [], []
+    for r in R.unbind(0):
+        ga, gb = pull(nonneg_div(r, D))
+        ra.append(A * ga * 0.5)
+        rb.append(B * gb * 0.5)
+    Ra, Rb = torch.stack(ra), torch.stack(rb)
+    lost = rsum(R) - rsum(Ra) - rsum(Rb)  # outputs with D = 0 (no contribution)
+    out: dict[int, Rel | None] = {}
+    for i, r in zip(idx, (Ra, Rb)):
+        out[i] = radd(out.get(i), r)
+    return _result(rec, out, lost)
+
+
 def linear_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """``F.linear(x, W, b)``: §2, as ``nn.Linear``."""
     call = _call(rec)
@@ -581,7 +624,9 @@ _ACTIVATIONS = _names(
     T.neg, T.__neg__, torch.abs, T.abs, torch.rsqrt, T.rsqrt, torch.sqrt, T.sqrt, torch.pow,
     T.pow, T.__pow__, T.float, T.double, T.half, T.bfloat16, T.to, T.type_as, T.contiguous,
     T.clone, torch.clone, T.square, torch.square, T.relu_, F.relu_, T.sigmoid_, T.tanh_,
-    T.exp_, T.neg_, T.abs_, T.sqrt_, T.rsqrt_, T.pow_,
+    T.exp_, T.neg_, T.abs_, T.sqrt_, T.rsqrt_, T.pow_, torch.clamp, T.clamp, T.clamp_,
+    torch.clamp_min, T.clamp_min, torch.clamp_max, T.clamp_max, torch.clip, T.clip,
+    F.normalize,
 )
 register_function_rule(*_ACTIVATIONS, rule=passthrough_call)
 _MAY_HOLD_CONSTANTS = {torch.where, T.where, F.pad, T.masked_fill, torch.masked_fill}
@@ -605,6 +650,7 @@ register_function_rule(
 register_function_rule(torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm,
                        rule=matmul_call)
 register_function_rule(F.linear, rule=linear_call)
+register_function_rule(torch.einsum, rule=einsum_call)
 register_function_rule(F.layer_norm, F.group_norm, rule=layer_norm_call)
 register_function_rule(F.conv1d, F.conv2d, F.conv3d, rule=conv_call)
 register_function_rule(F.embedding, rule=embedding_call)
