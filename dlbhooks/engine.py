@@ -25,6 +25,7 @@ from .rules import registry
 from .rules.contract import Bag as BagLike
 from .rules.contract import RuleResult, legacy_call, streamwise_call
 from .rules.elementwise import nonnegative_output, saturation_bounds
+from .rules.functions import FunctionCall
 from .storage import record_tensors
 from .views import base_to_view, view_to_base
 from .weights import all_positive, fetch_abs_param, fetch_param, plain_float
@@ -276,8 +277,8 @@ class Engine:
         rule = self._rule_for(rec)
         if rule is not None:
             R_in, absorbed = self._apply_loaded(rule, rec, R_out)
-        elif rec.children:
-            R_in, absorbed = self._transparent(rec, R_out), None
+        elif rec.children or rec.output_views:  # (a leaf returning a view of its input:
+            R_in, absorbed = self._transparent(rec, R_out), None  # a permutation, a reshape)
         else:
             raise UnsupportedModuleError(
                 f"no relevance rule for {rec.describe()}. Register one:\n"
@@ -296,7 +297,9 @@ class Engine:
         entry.relevance_out = self._total(R_out, pop=True, keep=R_in)
         entry.relevance_in = self._total(R_in)
         entry.absorbed = absorbed
-        entry.leaf = rule is not None and not rec.children
+        # (the function calls of a module whose inherited rule fitted are not its children)
+        entry.leaf = rule is not None and all(isinstance(c.module, FunctionCall)
+                                              for c in rec.children)
         entry.log_end = self._absorptions
         if self.keep:
             self.kept.setdefault(rec.key, R_in)

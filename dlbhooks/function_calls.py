@@ -24,17 +24,22 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .binding import tensor_leaves
-from .rules.functions import FunctionCall
+from .rules.functions import INDEX_COPIES, INDEX_READERS, FunctionCall
 
 if TYPE_CHECKING:
     from .records import Record
     from .trace import trace
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # (not torchvision's directory)
+_OWN_DIR = os.path.dirname(__file__) + os.sep
 
 #: functions that only move a tensor between devices or read its metadata
 _DEVICE_MOVES = {"to", "cuda", "cpu", "pin_memory"}
+#: functions that make new tensors from another's shape and dtype only: constants
+_CONSTRUCTORS = {"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "zeros_like",
+                 "ones_like", "full_like", "empty_like", "rand_like", "randn_like",
+                 "randint_like"}
+
 
 
 class FunctionRecorder(TorchFunctionMode):
@@ -86,14 +91,16 @@ class FunctionRecorder(TorchFunctionMode):
 
     def _maybe_record(self, parent: Record, func: Any, name: str, args: tuple, kwargs: dict,
                       out: Any, before: Tensor | None) -> None:
-        outs = [t for _, t in tensor_leaves(out) if t.is_floating_point()]
+        ids = func in INDEX_READERS or func in INDEX_COPIES  # token ids count
+        outs = [t for _, t in tensor_leaves(out) if t.is_floating_point() or func in INDEX_COPIES]
         if not outs:
             return
         tape = self.tracer.tape
         inputs = [t for _, t in tensor_leaves((args, kwargs))]
-        derived = [t for t in inputs if tape.is_derived(t)]
-        if not derived:
-            return  # a constant computation (token ids count: an embedding reads them)
+        # token ids count only for lookups (a mask turned into floats is a constant)
+        derived = [t for t in inputs if tape.is_derived(t) and (t.is_floating_point() or ids)]
+        if not derived or name in _CONSTRUCTORS:
+            return  # a constant computation
         if before is None:
             if any(o is t for o in outs for t in inputs):
                 return  # returns an input (eval-mode dropout, `.to` of the same dtype)

@@ -17,7 +17,7 @@ from .function_calls import FunctionRecorder
 from .integrations.accelerate import hf_hook
 from .records import Record, Tape
 from .rules import registry
-from .rules.functions import FunctionCall
+from .rules.functions import INDEX_COPIES, INDEX_READERS, FunctionCall
 from .storage import Storage, Store, version_of
 from .weights import weight_marks
 
@@ -176,15 +176,17 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         if not self._stack:
             return None
         rec = self._stack[-1]
-        kind = type(rec.module)
+        return rec if self._walked(type(rec.module)) else None
+
+    def _walked(self, kind: type) -> bool:
+        """Are calls of ``kind`` walked (no rule, or a rule reached through a parent class
+        that may not fit: checked when explaining), rather than explained by a rule?"""
         walked = self._no_rule.get(kind)
         if walked is None:
             rule = registry.lookup(kind, self.rules)
-            # a rule reached through a parent class may not fit (checked when explaining):
-            # keep what the module calls, to walk it instead
             walked = self._no_rule[kind] = kind is not FunctionCall and (
                 rule is None or (rule.check is not None and registry.inherited(kind, self.rules)))
-        return rec if walked else None
+        return walked
 
     def record_function(self, parent: Record, func: Any, name: str, args: tuple, kwargs: dict,
                         output: Any, before: torch.Tensor | None, where: str) -> Record:
@@ -198,9 +200,10 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         rec.call = self._fn_calls[(parent.index, name)]
         self._fn_calls[(parent.index, name)] += 1
         call.args, call.kwargs = rec.arguments["args"], rec.arguments["kwargs"]
+        ids = func in INDEX_READERS or func in INDEX_COPIES  # token ids carry relevance
         call.derived = frozenset(
             i for i, t in enumerate(rec.inputs)
-            if t.is_floating_point() and tape.is_derived(t))
+            if (t.is_floating_point() or ids) and tape.is_derived(t))
         if before is not None:
             call.before = {0: tape.store.keep(before)}
             rec.arguments["before"] = call.before
@@ -310,9 +313,17 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
         rec.outputs = [t for _, t in leaves]
         rec.out_versions = [version_of(t) for t in rec.outputs]
         moved = rec.children and _has_hf_hook(module)
-        # a call that read nothing derived from the forward's inputs makes constants
-        derived = rec.parent is None or any(tape.is_derived(t) for t in rec.inputs)
+        # a call with a rule that read nothing derived from the forward's inputs makes
+        # constants; a walked call's outputs are what its insides made them (a rotary
+        # table computed from positions is a constant, though the call also read x)
+        walked = self.functions and self._walked(type(module))
+        derived = rec.parent is None or (
+            not walked and any(tape.is_derived(t) for t in rec.inputs))
         for i, t in enumerate(rec.outputs):
+            if walked and tape.is_derived(t):  # (made by its insides, or a view of it)
+                derived_here = True
+            else:
+                derived_here = derived
             base = tape.resolve(t)
             if base is not None:
                 rec.output_views[i] = base
@@ -321,7 +332,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
                 # outputs of the calls inside, last first
                 tape.alias(t, [o for c in reversed(rec.children) for o in c.outputs])
             tape.produce(t)
-            if derived:
+            if derived_here:
                 tape.derive(t)
             if not rec.children:
                 tape.producers.setdefault(id(t), []).append((rec, i))

@@ -16,6 +16,7 @@ MB in float64).
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import re
 import time
@@ -810,6 +811,8 @@ def run_probe(name: str) -> Result:
         for mode in MODES:
             r.modes[mode] = _explain(tape, p, mode)
     r.seconds = time.perf_counter() - t0
+    p = tape = None  # type: ignore[assignment]
+    gc.collect()  # the model goes now (cycles): its weights leave memory and the |W| cache
     return r
 
 
@@ -851,7 +854,7 @@ def where(o: Outcome) -> str:
         m = rx.search(o.message)
         if m:
             return fmt.format(*[_short(g) if g else "<root>" for g in m.groups()])
-    return o.record
+    return re.sub(r"called at \S*?([^/\s]+:\d+)", r"called at \1", o.record)
 
 
 def category(o: Outcome) -> str:
@@ -870,6 +873,9 @@ def category(o: Outcome) -> str:
     m = re.search(r"functional code in '[^']*' \(([\w.]+)\)", o.message)
     if m:
         return f"{o.error}: functional code in {_short(m.group(1))}"
+    m = re.search(r"reached the output of '[^']*' \(([\w.]+)\)", o.message)
+    if m:
+        return f"{o.error}: functional code in {_short(m.group(1))} (its output)"
     if not o.dlb_error:
         rec = re.search(r"torch function (\w+)", o.record)
         return f"crash ({o.error})" + (f" in the {rec.group(1)} rule" if rec else "")
@@ -906,3 +912,42 @@ def conservation(r: Result) -> float | None:
     """The largest conservation error over the modes that ran."""
     errs = [o.conservation for o in r.modes.values() if o.conservation is not None]
     return max(errs) if errs else None
+
+
+def describe_failure(r: Result, limit: int = 120) -> tuple[str, str, str]:
+    """(error class, the operation or module named, first line of the message) of a probe
+    that does not work; empty strings for one that does."""
+    if r.working:
+        return "", "", ""
+    if r.not_buildable:
+        return "not buildable", "", r.not_buildable[:limit]
+    if r.build_crash or r.untraced_crash:
+        return "probe error", "", (r.build_crash or r.untraced_crash).splitlines()[0][:limit]
+    f = r.failure
+    if f is not None:
+        return (f.error if f.dlb_error else f"{f.error} (crash)"), where(f), first_line(f, limit)
+    if not r.traced_equal:
+        return "—", "", f"tracing changed the output (max |difference| {r.traced_diff:.3g})"
+    bad = [o for o in r.modes.values()
+           if o.conservation is None or o.conservation > CONSERVATION_TOL]
+    if bad:
+        return "— (lost relevance)", bad[0].record, \
+            f"relative conservation error {conservation(r):.3g} > {CONSERVATION_TOL:g}"
+    pad = max(o.pad_max for o in r.modes.values())
+    return "— (padding)", "", f"padded positions get relevance (max |R| {pad:.3g})"
+
+
+def failure_category(r: Result) -> str:
+    """What a non-working probe's failure is about (for grouping), '' if it works."""
+    if r.working:
+        return ""
+    if r.not_buildable or r.build_crash or r.untraced_crash:
+        return "not buildable" if r.not_buildable else "probe error"
+    f = r.failure
+    if f is not None:
+        return category(f)
+    cls, named, _ = describe_failure(r)
+    if "lost relevance" in cls:
+        op = re.search(r"\(([^)]*)\) loses", named)
+        return f"lost relevance in {op.group(1) if op else '?'}"
+    return cls

@@ -355,6 +355,8 @@ def test_layers_are_ordered_output_to_input_and_at_has_neuron_shape():
 def test_abs_weight_cache_follows_weight_updates_and_budget():
     from dlbhooks.records import ABS_WEIGHTS, fetch_abs_param, set_weight_cache
 
+    set_weight_cache(0)  # start empty: earlier tests' models may still hold the budget
+    set_weight_cache(256 * 2**20)
     lin = torch.nn.Linear(3, 2)
     first = fetch_abs_param(lin, "weight")
     assert fetch_abs_param(lin, "weight") is first  # cached

@@ -571,3 +571,69 @@ def test_einsum_of_two_activations_is_the_matmul_rule():
         want = _explain(Scores(False).double(), x, mode=mode)[1]
         _conserved(got)
         assert torch.allclose(got.inputs["x"], want.inputs["x"], rtol=0, atol=1e-12)
+
+
+def test_index_add_is_the_add_rule_over_each_position_s_terms():
+    class Scatter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(19)
+            self.a, self.b, self.head = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 2)
+
+        def forward(self, x):  # x [5, 4]: rows of b(x) added into 3 rows of a(x[:3])
+            base = self.a(x[:3])
+            return self.head(base.index_add(0, torch.tensor([0, 2, 2, 1, 0]), self.b(x)))
+
+    model = Scatter().double()
+    x = torch.randn(5, 4, dtype=D, generator=_gen(19))
+    for mode in MODES:
+        _conserved(_explain(model, x, mode=mode)[1])
+    tape, exp, _ = _explain(model, x)
+    root = tape.last_root()
+    base, src = root.child("a").outputs[0], root.child("b").outputs[0]
+    R = exp.at("head")
+    idx = [0, 2, 2, 1, 0]
+    want_base, want_src = torch.zeros_like(base), torch.zeros_like(src)
+    for t, c in itertools.product(range(3), range(3)):
+        rows = [k for k in range(5) if idx[k] == t]
+        den = base[t, c].abs() + sum(src[k, c].abs() for k in rows)
+        want_base[t, c] = R[t, c] * base[t, c].abs() / den
+        for k in rows:
+            want_src[k, c] = R[t, c] * src[k, c].abs() / den
+    assert torch.allclose(exp.at("index_add", 0), want_base, rtol=0, atol=1e-12)
+    # (input 1 is the index tensor)
+    assert torch.allclose(exp.at("index_add", 2), want_src, rtol=0, atol=1e-12)
+
+
+def test_baddbmm_splits_between_the_bias_and_the_product():
+    class Alibi(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(20)
+            self.q, self.k, self.head = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(25, 2)
+            self.bias = nn.Parameter(torch.randn(1, 1, 5))
+
+        def forward(self, x):  # [B, 5, 4]
+            s = torch.baddbmm(self.bias, self.q(x), self.k(x).transpose(1, 2), beta=1.0,
+                              alpha=0.5)
+            return self.head(s.flatten(1))
+
+    model = Alibi().double()
+    x = torch.randn(2, 5, 4, dtype=D, generator=_gen(20))
+    for mode in MODES:
+        _conserved(_explain(model, x, mode=mode)[1])
+    tape, exp, _ = _explain(model, x)
+    root = tape.last_root()
+    q, k = root.child("q").outputs[0], root.child("k").outputs[0]
+    bias = model.bias.detach()
+    R = exp.at("head").view(2, 5, 5)
+    want_q, kept = torch.zeros_like(q), 0.0
+    for b, i, j in itertools.product(range(2), range(5), range(5)):
+        prod = 0.5 * (q[b, i] * k[b, j]).sum()
+        r_prod = R[b, i, j] * prod.abs() / (prod.abs() + bias[0, 0, j].abs())
+        kept += float(R[b, i, j] - r_prod)
+        pairs = (q[b, i] * k[b, j]).abs()
+        want_q[b, i] += r_prod * pairs / pairs.sum() / 2
+    # (input 0 is the bias, a parameter: a constant)
+    assert torch.allclose(exp.at("baddbmm", 1), want_q, rtol=0, atol=1e-12)
+    assert exp.absorbed["baddbmm"] == pytest.approx(kept, rel=1e-12)

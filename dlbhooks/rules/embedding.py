@@ -5,17 +5,36 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .arith import safe_div
 from .contract import RuleContext, RuleResult
+from .functional import close_to_recorded
 from .registry import register_rule
 
 if TYPE_CHECKING:
     from ..records import Record
 
 
-@register_rule(nn.Embedding, name="embedding")
+def _embedding_fits(rec: Record) -> bool:
+    """Is the recorded call a lookup of its one (integer) tensor input, as
+    ``nn.Embedding``, up to a constant factor (a scaled word embedding)? A learned position
+    table that computes its positions from a mask is not."""
+    out = rec.outputs[0] if rec.outputs else None
+    if len(rec.inputs) != 1 or out is None or rec.inputs[0].is_floating_point():
+        return False
+    ids, W = rec.inputs[0], rec.module.weight
+    if tuple(out.shape) != (*ids.shape, W.shape[-1]):
+        return False
+    if W.device.type == "meta":
+        return True  # offloaded: the shape only
+    emb = F.embedding(ids, W).to(out.dtype)
+    scale = out.norm() / emb.norm() if float(emb.norm()) > 0 else out.new_ones(())
+    return close_to_recorded(emb * scale, out)
+
+
+@register_rule(nn.Embedding, name="embedding", check=_embedding_fits)
 def embedding_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """Relevance per index: ``R[..., d]`` summed over the embedding dimension."""
     R = R_out[0]

@@ -330,7 +330,9 @@ M = "transformers.models"
 for _path in (f"{M}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts",
               f"{M}.olmoe.modeling_olmoe.OlmoeExperts",
               f"{M}.mixtral.modeling_mixtral.MixtralExperts",
-              f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts"):
+              f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts",
+              f"{M}.deepseek_v2.modeling_deepseek_v2.DeepseekV2Experts",
+              f"{M}.deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts"):
     register_rule(_path, experts_rule_for(FUSED), name="experts")
 register_rule(f"{M}.gpt_oss.modeling_gpt_oss.GptOssExperts", experts_rule_for(GPT_OSS),
               name="experts")
@@ -338,5 +340,12 @@ for _path in (f"{M}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter",
               f"{M}.olmoe.modeling_olmoe.OlmoeTopKRouter",
               f"{M}.mixtral.modeling_mixtral.MixtralTopKRouter",
               f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter",
-              f"{M}.gpt_oss.modeling_gpt_oss.GptOssTopKRouter"):
+              f"{M}.gpt_oss.modeling_gpt_oss.GptOssTopKRouter",
+              f"{M}.deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter",
+              f"{M}.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter"):
     register_rule(_path, router_rule, name="router")
+# DeepSeek-V2/V3: routed experts + an ungated shared expert, one add rule over both
+_DEEPSEEK_SHARED = shared_expert_moe(SharedExpert(shared="shared_experts", gate=None))
+for _path in (f"{M}.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe",
+              f"{M}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE"):
+    register_rule(_path, _DEEPSEEK_SHARED, name="shared_expert_moe")

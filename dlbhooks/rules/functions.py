@@ -205,29 +205,30 @@ def routing_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> R
     twice); relevance on positions holding constants is absorbed."""
     derived = _derived_inputs(rec)
     call = _call(rec)
-    xs = [_value(rec, i) for i in derived]
     outs = [k for k, o in enumerate(rec.outputs) if o.is_floating_point()]
+    Rs = [R_out[k] for k in outs]
+    ref = next(r for r in Rs if r is not None)
+    # moved in the relevance's dtype (a float32 op must not round float64 relevance)
+    xs = [_value(rec, i).to(ref.dtype) for i in derived]
 
     def f(*ts: Tensor) -> tuple[Tensor, ...]:
         args, kwargs = _substitute(rec, dict(zip(derived, ts)))
         res = call.func(*args, **kwargs)
-        leaves = _float_leaves(res)
-        return tuple(leaves[k] for k in range(len(leaves)))
+        return tuple(_float_leaves(res))
 
-    pull = torch.func.vjp(f, *xs)[1]
-    Rs = [R_out[k] for k in outs]
-    S = next(r.shape[0] for r in Rs if r is not None)
+    outs_now, pull = torch.func.vjp(f, *xs)[:2]
+    S = ref.shape[0]
     parts: dict[int, list[Tensor]] = {i: [] for i in derived}
     for s in range(S):
-        cot = tuple((r[s] if r is not None else torch.zeros_like(rec.outputs[k])).to(
-            rec.outputs[k].dtype) for r, k in zip(Rs, outs))
-        grads = pull(cot)
-        for i, g in zip(derived, grads):
+        cot = tuple((r[s] if r is not None else torch.zeros_like(o)).to(o.dtype)
+                    for r, o in zip(Rs, outs_now))
+        for i, g in zip(derived, pull(cot)):
             parts[i].append(g)
-    ref = next(r for r in Rs if r is not None)
     R_in = {i: torch.stack(p).to(ref.dtype) for i, p in parts.items()}
     absorbed = None
-    if call.func in _MAY_HOLD_CONSTANTS:  # relevance on positions holding constants
+    constants = any(t.is_floating_point() and k not in call.derived
+                    for k, t in enumerate(rec.inputs))
+    if constants or call.func in _MAY_HOLD_CONSTANTS:  # relevance on constant positions
         absorbed = _on_constants(f, xs, Rs)
     return _result(rec, dict(R_in), absorbed)
 
@@ -374,7 +375,7 @@ def linear_map_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -
         args, kwargs = _substitute(rec, {i: x})
         return call.func(*args, **kwargs) * w
 
-    a = _value(rec, i)
+    a = _value(rec, i).to(R.dtype)  # (in the relevance's dtype: float32 islands too)
     one = torch.ones((), dtype=a.dtype, device=a.device)
     R_x, absorbed = weighted_sum(R.reshape(R.shape[0], *rec.outputs[0].shape), a, one, None,
                                  fmap, None, contrastive=ctx.contrastive)
@@ -385,15 +386,26 @@ def matmul_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> Ru
     """``a @ b``: of two activations, each summed pair gets its share ∝ |a_ik b_kj|, half to
     each factor (§4); with a parameter or constant ``b``: §2 (``x @ W``)."""
     R = _out(R_out)
-    (ia, a), (ib, b) = _terms(rec)
+    (ia, a), (ib, b) = ((i, v.to(R.dtype)) for i, v in _terms(rec))
+    out, absorbed = _matmul_parts(rec, R, ia, a, ib, b, ctx)
+    return _result(rec, out, absorbed)
+
+
+def _matmul_parts(rec: Record, R: Tensor, ia: int | None, a: Tensor, ib: int | None,
+                  b: Tensor, ctx: RuleContext) -> tuple[dict[int, Rel | None], Tensor | None]:
+    """Relevance of the factors of ``a @ b`` (input indices ``ia``, ``ib``; ``None`` for a
+    constant) from ``R`` on the product, and what was absorbed."""
     if ia is not None and ib is None:
-        R_a, absorbed = weighted_sum(R, a, b.to(a.dtype), None, *MATMUL,
-                                     contrastive=ctx.contrastive)
-        return _result(rec, {ia: R_a}, absorbed)
+        fwd, adj = MATMUL if b.dim() == 2 else (_matmul, None)  # batched: adjoint by vjp
+        R_a, absorbed = weighted_sum(R, a, b, None, fwd, adj, contrastive=ctx.contrastive)
+        return {ia: R_a}, absorbed
+    if ia is None and ib is not None:  # constant @ activation: (bᵀ aᵀ)ᵀ
+        R_b, absorbed = weighted_sum(R, b, a, None, _rmatmul, None, contrastive=ctx.contrastive)
+        return {ib: R_b}, absorbed
     if ia is None or ib is None or a.dim() < 2 or b.dim() < 2:
         raise FunctionalGapError(
-            f"{rec.describe()}: matmul of a constant by an activation or of vectors has no "
-            f"rule yet (called at {_call(rec).where}).")
+            f"{rec.describe()}: matmul of two constants or of vectors has no rule yet "
+            f"(called at {_call(rec).where}).")
     A, B = a.abs(), b.abs()
     D = A @ B
 
@@ -402,13 +414,64 @@ def matmul_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> Ru
         return (A * (q @ B.transpose(-1, -2))) * 0.5, (B * (A.transpose(-1, -2) @ q)) * 0.5
 
     pieces = [parts(r) for r in R.unbind(0)]
-    ra = torch.stack([p[0] for p in pieces])
-    rb = torch.stack([p[1] for p in pieces])
-    ra, rb = _reduce_stacked(ra, a.shape), _reduce_stacked(rb, b.shape)
-    lost = rsum(R) - rsum(ra) - rsum(rb)  # units with D = 0 (no contribution)
+    ra = _reduce_stacked(torch.stack([p[0] for p in pieces]), a.shape)
+    rb = _reduce_stacked(torch.stack([p[1] for p in pieces]), b.shape)
+    lost = rsum(torch.where(D == 0, R, 0.0))  # units without contributions
     if ia == ib:
-        return _result(rec, {ia: ra + rb}, lost)
-    return _result(rec, {ia: ra, ib: rb}, lost)
+        return {ia: ra + rb}, lost
+    return {ia: ra, ib: rb}, lost
+
+
+def baddbmm_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``baddbmm(input, b1, b2, beta, alpha) = beta·input + alpha·(b1 @ b2)`` (ALiBi scores):
+    the add rule between the two terms (a constant ``input`` keeps its share), then the
+    product's share through ``matmul``'s rule."""
+    call = _call(rec)
+    R = _out(R_out)
+    ops = [_arg(call, k, n) for k, n in enumerate(("input", "batch1", "batch2"))]
+    beta, alpha = call.kwargs.get("beta", 1.0), call.kwargs.get("alpha", 1.0)
+    idx = [next((i for i, t in enumerate(rec.inputs) if t is op), None) for op in ops]
+    idx = [i if i is not None and i in call.derived else None for i in idx]
+    vals = [(_value(rec, i) if i is not None else op).to(R.dtype) for i, op in zip(idx, ops)]
+    prod = vals[1] @ vals[2]
+    (r_in, r_prod), lost = add_split(R, [vals[0] * beta, prod * alpha])
+    out, absorbed = _matmul_parts(rec, r_prod, idx[1], vals[1], idx[2], vals[2], ctx)
+    absorbed = radd(absorbed, rsum(lost))
+    if idx[0] is None:
+        absorbed = radd(absorbed, rsum(r_in))
+    else:
+        out[idx[0]] = radd(out.get(idx[0]), _reduce_stacked(r_in, vals[0].shape))
+    return _result(rec, out, absorbed)
+
+
+def index_add_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+    """``self.index_add(dim, index, source, alpha)``: at each position, the add rule over
+    the value there and every source row added to it; constants keep their share."""
+    call = _call(rec)
+    R = _out(R_out)
+    dim, index = _arg(call, 1, "dim"), _arg(call, 2, "index")
+    src_op, self_op = _arg(call, 3, "source"), call.args[0]
+    alpha = call.kwargs.get("alpha", 1.0)
+    i_self = next((i for i, t in enumerate(rec.inputs) if t is self_op), None)
+    i_src = next((i for i, t in enumerate(rec.inputs) if t is src_op), None)
+    base = (_value(rec, i_self) if i_self is not None else self_op).to(R.dtype)
+    src = (_value(rec, i_src) if i_src is not None else src_op).to(R.dtype) * alpha
+    mag_self, mag_src = base.abs(), src.abs()
+    D = mag_self.index_add(dim, index, mag_src)
+    out: dict[int, Rel | None] = {}
+    r_self, r_src = [], []
+    for r in R.unbind(0):
+        q = nonneg_div(r, D)
+        r_self.append(mag_self * q)
+        r_src.append(mag_src * q.index_select(dim, index))
+    Rs, Rsrc = torch.stack(r_self), torch.stack(r_src)
+    absorbed = rsum(torch.where(D == 0, R, 0.0))
+    for i, part in ((i_self, Rs), (i_src, Rsrc)):
+        if i is not None and i in call.derived:
+            out[i] = radd(out.get(i), part)
+        else:
+            absorbed = radd(absorbed, rsum(part))
+    return _result(rec, out, absorbed)
 
 
 def einsum_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
@@ -425,7 +488,7 @@ def einsum_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> Ru
     idx = [next((i for i, t in enumerate(rec.inputs) if t is op), None) for op in ops]
     live = [i is not None and i in call.derived for i in idx]
     R = _out(R_out)
-    a, b = (_value(rec, i) if i is not None else op for i, op in zip(idx, ops))
+    a, b = ((_value(rec, i) if i is not None else op).to(R.dtype) for i, op in zip(idx, ops))
     if live[0] != live[1]:
         k = 0 if live[0] else 1
         x, w = (a, b) if k == 0 else (b, a)
@@ -452,6 +515,14 @@ def einsum_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> Ru
     for i, r in zip(idx, (Ra, Rb)):
         out[i] = radd(out.get(i), r)
     return _result(rec, out, lost)
+
+
+def _matmul(x: Tensor, w: Tensor) -> Tensor:
+    return x @ w
+
+
+def _rmatmul(x: Tensor, w: Tensor) -> Tensor:
+    return w @ x
 
 
 def linear_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
@@ -630,6 +701,11 @@ _ACTIVATIONS = _names(
 )
 register_function_rule(*_ACTIVATIONS, rule=passthrough_call)
 _MAY_HOLD_CONSTANTS = {torch.where, T.where, F.pad, T.masked_fill, torch.masked_fill}
+#: functions through which token ids carry relevance: lookups read them, copies move them
+#: (a mask turned into floats, or combined with other tensors, is a constant)
+INDEX_READERS = {F.embedding, torch.embedding}
+INDEX_COPIES = {T.contiguous, T.clone, torch.clone, T.reshape, torch.reshape, T.flatten,
+                torch.flatten}
 register_function_rule(
     torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack,
     T.__getitem__, torch.gather, T.gather, torch.index_select, T.index_select, torch.where,
@@ -651,6 +727,8 @@ register_function_rule(torch.matmul, T.matmul, T.__matmul__, torch.bmm, T.bmm,
                        rule=matmul_call)
 register_function_rule(F.linear, rule=linear_call)
 register_function_rule(torch.einsum, rule=einsum_call)
+register_function_rule(torch.baddbmm, T.baddbmm, rule=baddbmm_call)
+register_function_rule(torch.index_add, T.index_add, T.index_add_, rule=index_add_call)
 register_function_rule(F.layer_norm, F.group_norm, rule=layer_norm_call)
 register_function_rule(F.conv1d, F.conv2d, F.conv3d, rule=conv_call)
 register_function_rule(F.embedding, rule=embedding_call)
@@ -658,3 +736,6 @@ register_function_rule(F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_
                        F.adaptive_max_pool2d, F.adaptive_max_pool3d, rule=max_pool_call)
 register_function_rule(F.scaled_dot_product_attention, rule=sdpa_call)
 register_function_rule(torch.amax, T.amax, torch.max, T.max, rule=max_call)
+# copies that keep the element order (a reshape, contiguous, clone): relevance moves with
+# them, exactly, token ids included
+register_function_rule(*INDEX_COPIES, rule=passthrough_call)
