@@ -502,8 +502,7 @@ def einsum_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> Ru
     if not any(live):
         return _result(rec, {}, rsum(R))
     A, B = a.abs(), b.abs()
-    _, pull = torch.func.vjp(lambda x, y: torch.einsum(eq, x, y), A, B)
-    D = torch.einsum(eq, A, B)
+    D, pull = torch.func.vjp(lambda x, y: torch.einsum(eq, x, y), A, B)[:2]
     ra, rb = [], []
     for r in R.unbind(0):
         ga, gb = pull(nonneg_div(r, D))
