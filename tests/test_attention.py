@@ -77,13 +77,18 @@ def ref_attention(R_O, Q, K, V, scale, keep=None, add=None, sinks=None):
                         share = r_id * A[j] * abs(v[b][kh][j][dd]) / den
                         RA[j] += share / 2
                         RV[b][kh][j][dd] += share / 2
-                for j in range(Tk):  # S_ij = sum_e Q_ie K_je
-                    den = sum(abs(q[b][h][i][e] * k[b][kh][j][e]) for e in range(d))
+                for j in range(Tk):  # S_ij = scale sum_e Q_ie K_je + B_ij
+                    # a finite additive score is a bias of step 3 (METHOD §4): its |B_ij|
+                    # counts in the denominator and its share is absorbed
+                    bias = ad[b][h][i][j] if ad is not None and ad[b][h][i][j] > -1e30 else 0.0
+                    terms = [abs(scale * q[b][h][i][e] * k[b][kh][j][e]) for e in range(d)]
+                    den = sum(terms) + abs(bias)
                     if den == 0:
                         lost += RA[j]
                         continue
+                    lost += RA[j] * abs(bias) / den
                     for e in range(d):
-                        share = RA[j] * abs(q[b][h][i][e] * k[b][kh][j][e]) / den
+                        share = RA[j] * terms[e] / den
                         RQ[b][h][i][e] += share / 2
                         RK[b][kh][j][e] += share / 2
     t = lambda x: torch.tensor(x, dtype=DT)  # noqa: E731
@@ -458,3 +463,54 @@ def test_training_dropout_is_a_clear_error():
     x = torch.randn(N, L, 5, dtype=DT)
     with pytest.raises(dlb.UnsupportedModuleError, match="eval"):
         dlb.explain(model, (x, None))
+
+
+def test_t5_style_position_bias_and_cross_attention_match_the_reference():
+    """Decoder queries over encoder keys (cross-attention: T_q != T_k), scores with a
+    relative-position bias (finite, a bias of step 3: its share absorbed) and padded keys
+    (closed: nothing)."""
+    gen = torch.Generator().manual_seed(21)
+    B, H, Tq, Tk, d = 2, 2, 3, 6, 4
+    Q, K = torch.randn(B, H, Tq, d, generator=gen, dtype=DT), torch.randn(B, H, Tk, d,
+                                                                           generator=gen,
+                                                                           dtype=DT)
+    V = torch.randn(B, H, Tk, 5, generator=gen, dtype=DT)
+    table = torch.randn(H, 2 * Tk, generator=gen, dtype=DT)  # a relative-position table
+    rel = (torch.arange(Tk)[None, :] - torch.arange(Tq)[:, None]) + Tk
+    bias = table[:, rel].unsqueeze(0).expand(B, H, Tq, Tk)
+    pad = torch.ones(B, Tk, dtype=torch.bool)
+    pad[1, 4:] = False
+    mask = bias.masked_fill(~pad[:, None, None, :], torch.finfo(DT).min)
+    R = torch.rand(B, H, Tq, 5, generator=gen, dtype=DT)
+    got = attention_relevance(R[None], Q, K, V, scale=1.0, mask=mask)
+    keep = pad[:, None, None, :].expand(B, H, Tq, Tk)
+    rq, rk, rv, lost = ref_attention(R, Q, K, V, 1.0, keep, bias.contiguous(), None)
+    for a, b in ((got.R_Q[0], rq), (got.R_K[0], rk), (got.R_V[0], rv)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert abs(float(got.absorbed[0]) - lost) < 1e-12 and lost > 1e-3  # the bias's share
+    assert float(got.R_K[0][1, :, 4:].abs().sum()) == 0.0  # padded keys get nothing
+
+
+def test_t5_explains_through_cross_attention_with_padding():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                num_decoder_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).double().eval()
+    ids = torch.randint(1, 32, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    dec = torch.randint(1, 32, (2, 3), generator=torch.Generator().manual_seed(2))
+    for mode in ("default", "contrastive"):
+        with dlb.trace(model) as tape:
+            model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        exp = tape.explain(mode=mode)
+        assert exp.conservation_error() < 1e-12 * 100
+        assert float(exp.inputs["input_ids"][1, 4:].abs().sum()) == 0.0  # padding
+        assert float(exp.inputs["input_ids"].abs().sum()) > 1.0  # through cross-attention
+        biased = [k for k, v in exp.absorbed.items() if "attention_fn" in k
+                  and (v if mode == "default" else 1.0) != 0.0]
+        assert biased  # the position bias kept its share in the attention calls

@@ -629,11 +629,10 @@ def test_baddbmm_splits_between_the_bias_and_the_product():
     R = exp.at("head").view(2, 5, 5)
     want_q, kept = torch.zeros_like(q), 0.0
     for b, i, j in itertools.product(range(2), range(5), range(5)):
-        prod = 0.5 * (q[b, i] * k[b, j]).sum()
-        r_prod = R[b, i, j] * prod.abs() / (prod.abs() + bias[0, 0, j].abs())
-        kept += float(R[b, i, j] - r_prod)
-        pairs = (q[b, i] * k[b, j]).abs()
-        want_q[b, i] += r_prod * pairs / pairs.sum() / 2
+        pairs = 0.5 * (q[b, i] * k[b, j]).abs()  # |alpha q_ie k_je|, alpha = 0.5
+        den = pairs.sum() + bias[0, 0, j].abs()  # the bias of step 3 (METHOD §4)
+        kept += float(R[b, i, j] * bias[0, 0, j].abs() / den)
+        want_q[b, i] += R[b, i, j] * pairs / den / 2
     # (input 0 is the bias, a parameter: a constant)
     assert torch.allclose(exp.at("baddbmm", 1), want_q, rtol=0, atol=1e-12)
     assert exp.absorbed["baddbmm"] == pytest.approx(kept, rel=1e-12)

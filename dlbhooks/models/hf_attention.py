@@ -96,7 +96,8 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
         sinks = kwargs.get("s_aux", getattr(module, "sinks", None))
-        extras = {"mask": attention_mask, "scaling": float(scaling),
+        extras = {"mask": _score_terms(attention_mask, kwargs.get("position_bias")),
+                  "scaling": float(scaling),
                   "softcap": kwargs.get("softcap"), "sinks": sinks}
         for tr in ACTIVE:
             tr.record_call(module, ATTENTION_CALL, CHILD,
@@ -105,6 +106,20 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     # attention module's output; the rule recomputes them in chunks, so hand them on only
     # when the caller collects attentions (output_attentions=True)
     return out, weights if _attentions_wanted() else None
+
+
+def _score_terms(mask: Tensor | None, position_bias: Tensor | None) -> Tensor | None:
+    """What the eager attention adds to the scores: the mask and a score bias passed on
+    its own (T5's relative ``position_bias``), as one additive mask for the rule (whose
+    finite non-zero entries are a bias of step 3, METHOD §4)."""
+    if position_bias is None:
+        return mask
+    bias = position_bias.detach()
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask
 
 
 def _upcast_path(module: nn.Module, mask: Tensor | None):

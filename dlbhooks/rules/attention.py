@@ -198,6 +198,21 @@ def _key_range(mask: Tensor | None, Tk: int) -> tuple[int, int]:
     return int(cols[0]), int(cols[-1]) + 1
 
 
+def _has_score_bias(mask: Tensor | None) -> bool:
+    """Does an additive mask hold finite non-zero scores (a bias), not only 0 and closed?"""
+    if mask is None or mask.dtype == torch.bool:
+        return False
+    return bool(((mask > _CLOSED) & (mask != 0)).any())
+
+
+def _bias_magnitude(mask: Tensor | None, scale: float) -> Tensor | None:
+    """``|B| / scale`` of the open pairs of an additive mask (closed pairs: 0), in the units
+    of ``|Q| @ |K|ᵀ``."""
+    if mask is None:
+        return None
+    return torch.where(mask > _CLOSED, mask, 0.0).abs_().div_(abs(scale))
+
+
 def _cols(t: Tensor | None, k0: int, k1: int) -> Tensor | None:
     """Key columns ``k0:k1`` of a broadcastable [..., T_k] mask."""
     if t is None or t.shape[-1] == 1:
@@ -281,8 +296,10 @@ def attention_relevance(
     ``mask`` broadcastable to [batch, heads, T_q, T_k] (fewer dims are left-padded):
     boolean, ``True`` = the pair takes part (the convention of
     ``F.scaled_dot_product_attention``), or float, added to the scores (``-inf`` masks).
-    Masked pairs get probability 0 and no relevance; an additive mask is a constant and
-    takes no share of the scores' relevance. ``sinks``: per-head sink logits (``[heads]`` or
+    Masked pairs get probability 0 and no relevance; an additive mask of 0 and closed
+    entries takes no share of the scores' relevance, and finite non-zero entries (a score
+    bias: T5's relative positions, ALiBi) are a bias of step 3 whose share is absorbed.
+    ``sinks``: per-head sink logits (``[heads]`` or
     broadcastable to [batch, heads, T_q, 1]), an extra softmax column with no value (GPT-OSS).
     The sink's probability share ``p_sink`` of each query row keeps that share of the row's
     relevance (absorbed); the rest goes to the real keys.
@@ -301,8 +318,9 @@ def attention_relevance(
     q = _Queries.of(lay, R_O)
     acc = _Sums.zeros(lay, len(q.R))
     Tq = q.Q.shape[-2]
+    bias = _has_score_bias(q.mask)
     for i0 in range(0, Tq, chunk):
-        acc.add_chunk(lay, q, i0, min(Tq, i0 + chunk), scale, softcap)
+        acc.add_chunk(lay, q, i0, min(Tq, i0 + chunk), scale, softcap, bias)
     per = acc.result(lay, q)  # (R_Q, R_K, R_V, absorbed) of each stream
     return AttentionRelevance(*(stack(list(r)) for r in zip(*per)))
 
@@ -359,9 +377,12 @@ class _Sums:
                    [lay.Q.new_zeros(()) for _ in range(n)])
 
     def add_chunk(self, lay: _Layout, q: _Queries, i0: int, i1: int, scale: float,
-                  softcap: float | None) -> None:
+                  softcap: float | None, bias: bool = False) -> None:
         """Queries ``i0:i1``: recompute their ``A`` (over the keys they may attend) and
-        add what each stream gives ``Q``, ``K``, ``V`` (the steps of §4)."""
+        add what each stream gives ``Q``, ``K``, ``V`` (the steps of §4). ``bias``: the
+        additive mask holds finite non-zero scores (T5's relative position bias, ALiBi):
+        they are a bias of step 3, ``D' = |Q| @ |K|ᵀ + |B| / scale``, and keep their share
+        (absorbed)."""
         mc = _rows(q.mask, i0, i1)
         k0, k1 = _key_range(mc, lay.Tk)
         Kc, aK, aV = lay.K[..., k0:k1, :], self.absK[..., k0:k1, :], self.absV[..., k0:k1, :]
@@ -370,6 +391,9 @@ class _Sums:
         absQc = Qc.abs()
         D = torch.matmul(A, aV)  # [B, Hkv, g, c, dv]
         Dp = torch.matmul(absQc, aK.transpose(-1, -2))  # [B, Hkv, g, c, kc]
+        babs = _bias_magnitude(_cols(mc, k0, k1), scale) if bias else None
+        if babs is not None:
+            Dp = Dp + babs
         dp_zero = Dp.numel() > 0 and not bool(Dp.amin() > 0)
         lost = self.lost
         for n, R in enumerate(q.R):
@@ -387,6 +411,8 @@ class _Sums:
                 s2 = RA.div_(Dp).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             else:
                 s2 = RA.div_(Dp)
+            if babs is not None:
+                lost[n] = lost[n] + (s2 * babs).sum()  # the bias's share
             self.RQ[n].append(torch.matmul(s2, aK).mul_(absQc).mul_(0.5))
             self.RK[n][..., k0:k1, :] += _sum_groups(torch.matmul(s2.transpose(-1, -2), absQc))
 

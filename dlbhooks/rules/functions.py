@@ -423,24 +423,37 @@ def _matmul_parts(rec: Record, R: Tensor, ia: int | None, a: Tensor, ib: int | N
 
 
 def baddbmm_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
-    """``baddbmm(input, b1, b2, beta, alpha) = beta·input + alpha·(b1 @ b2)`` (ALiBi scores):
-    the add rule between the two terms (a constant ``input`` keeps its share), then the
-    product's share through ``matmul``'s rule."""
+    """``baddbmm(input, b1, b2, beta, alpha) = beta·input + alpha·(b1 @ b2)`` (ALiBi
+    scores): ``beta·input`` is a bias of the pairwise products (METHOD §4, step 3): each
+    score's relevance splits ∝ ``|alpha·b1_ik b2_kj|`` over the pairs (half to each
+    factor) and ``|beta·input|``, whose share is absorbed when it is a constant."""
     call = _call(rec)
     R = _out(R_out)
     ops = [_arg(call, k, n) for k, n in enumerate(("input", "batch1", "batch2"))]
     beta, alpha = call.kwargs.get("beta", 1.0), call.kwargs.get("alpha", 1.0)
     idx = [next((i for i, t in enumerate(rec.inputs) if t is op), None) for op in ops]
     idx = [i if i is not None and i in call.derived else None for i in idx]
-    vals = [(_value(rec, i) if i is not None else op).to(R.dtype) for i, op in zip(idx, ops)]
-    prod = vals[1] @ vals[2]
-    (r_in, r_prod), lost = add_split(R, [vals[0] * beta, prod * alpha])
-    out, absorbed = _matmul_parts(rec, r_prod, idx[1], vals[1], idx[2], vals[2], ctx)
-    absorbed = radd(absorbed, rsum(lost))
+    bias, b1, b2 = ((_value(rec, i) if i is not None else op).to(R.dtype)
+                    for i, op in zip(idx, ops))
+    if idx[1] is None or idx[2] is None:
+        raise FunctionalGapError(f"{rec.describe()}: baddbmm with a constant factor has no "
+                                 f"rule yet (called at {call.where}).")
+    A, B, Bias = b1.abs() * abs(alpha), b2.abs(), (bias * beta).abs()
+    D = A @ B + Bias
+    ra, rb, rbias = [], [], []
+    for r in R.unbind(0):
+        q = nonneg_div(r, D)
+        ra.append(A * (q @ B.transpose(-1, -2)) * 0.5)
+        rb.append(B * (A.transpose(-1, -2) @ q) * 0.5)
+        rbias.append(q * Bias)
+    out: dict[int, Rel | None] = {idx[1]: torch.stack(ra)}
+    out[idx[2]] = radd(out.get(idx[2]), torch.stack(rb))
+    R_bias = torch.stack(rbias)
+    absorbed = rsum(torch.where(D == 0, R, 0.0))
     if idx[0] is None:
-        absorbed = radd(absorbed, rsum(r_in))
+        absorbed = radd(absorbed, rsum(R_bias))
     else:
-        out[idx[0]] = radd(out.get(idx[0]), _reduce_stacked(r_in, vals[0].shape))
+        out[idx[0]] = radd(out.get(idx[0]), _reduce_stacked(R_bias, bias.shape))
     return _result(rec, out, absorbed)
 
 
