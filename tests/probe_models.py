@@ -313,6 +313,17 @@ probe("GPT-OSS", "transformers")(moe(
     rope_parameters={"rope_type": "default", "rope_theta": 1e4}))
 
 
+@probe("GraniteMoE", "transformers")
+def _granitemoe() -> Probe:
+    import transformers
+
+    cfg = transformers.GraniteMoeConfig(**MOE, intermediate_size=16, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    # float64: the default grouped-mm experts kernel takes no doubles; eager is the same maths
+    cfg.experts_implementation = cfg._experts_implementation = "eager"
+    return text_probe("AutoModelForCausalLM", cfg, perturb="moe")
+
+
 @probe("JetMoE", "transformers")
 def _jetmoe() -> Probe:
     import transformers as t

@@ -28,7 +28,7 @@ from probe_models import (
 
 #: Architectures that must keep working (measured when the probe was written: raise it as
 #: families are added). The goal is 80 % of the probes.
-MIN_WORKING = 66
+MIN_WORKING = 67
 GOAL = 0.8
 
 

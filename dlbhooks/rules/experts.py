@@ -332,7 +332,8 @@ for _path in (f"{M}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts",
               f"{M}.mixtral.modeling_mixtral.MixtralExperts",
               f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts",
               f"{M}.deepseek_v2.modeling_deepseek_v2.DeepseekV2Experts",
-              f"{M}.deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts"):
+              f"{M}.deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts",
+              f"{M}.granitemoe.modeling_granitemoe.GraniteMoeExperts"):
     register_rule(_path, experts_rule_for(FUSED), name="experts")
 register_rule(f"{M}.gpt_oss.modeling_gpt_oss.GptOssExperts", experts_rule_for(GPT_OSS),
               name="experts")
@@ -342,7 +343,8 @@ for _path in (f"{M}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeTopKRouter",
               f"{M}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeTopKRouter",
               f"{M}.gpt_oss.modeling_gpt_oss.GptOssTopKRouter",
               f"{M}.deepseek_v2.modeling_deepseek_v2.DeepseekV2TopkRouter",
-              f"{M}.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter"):
+              f"{M}.deepseek_v3.modeling_deepseek_v3.DeepseekV3TopkRouter",
+              f"{M}.granitemoe.modeling_granitemoe.GraniteMoeTopKRouter"):
     register_rule(_path, router_rule, name="router")
 # DeepSeek-V2/V3: routed experts + an ungated shared expert, one add rule over both
 _DEEPSEEK_SHARED = shared_expert_moe(SharedExpert(shared="shared_experts", gate=None))

@@ -193,10 +193,17 @@ def _first_derived(rec: Record) -> int:
 def passthrough_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """An element-wise map of one activation: its relevance passes through."""
     R, i = _out(R_out), _first_derived(rec)
-    shape = rec.inputs[i].shape
-    if R.shape[1:] != shape:
-        R = R.reshape(R.shape[0], *shape)
+    x = rec.inputs[i]
+    if R.shape[1:] != x.shape:
+        R = R.reshape(R.shape[0], *x.shape)
+    if x.is_floating_point() and _call(rec).name in _CASTS and \
+            torch.finfo(x.dtype).eps < torch.finfo(R.dtype).eps:
+        R = R.to(x.dtype)  # relevance regains the input's precision (a float64 model whose
+        # logits are cast to float32); it never loses its own
     return _result(rec, {i: R}, None)
+
+
+_CASTS = {"float", "double", "half", "bfloat16", "to", "type_as", "type"}
 
 
 def routing_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
