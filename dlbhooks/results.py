@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .errors import SavedFileError, TraceError
 from .ledger import LedgerEntry
+from .report import explanation_html
 
 
 class InputRelevance(dict):
@@ -96,6 +97,16 @@ class Explanation:
         if self.ledger:
             lines.append(f"  conservation error {self.conservation_error():.2g} of the seed")
         return "\n".join(lines)
+
+    def to_html(self, tokens: Any = None, *, row: int = 0, title: str | None = None) -> str:
+        """A self-contained HTML report (no network): inputs coloured by signed relevance
+        (``tokens``: the token strings of a text input), both streams in contrastive mode,
+        the ledger, relevance per layer, head and expert. Write it to a file and open it,
+        or let a notebook show it (``_repr_html_``)."""
+        return explanation_html(self, tokens, row=row, title=title)
+
+    def _repr_html_(self) -> str:
+        return explanation_html(self)
 
     def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
         """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""

@@ -1,0 +1,59 @@
+"""HTML reports (dlbhooks/report.py): self-contained, every token with its value, both
+streams, heads and experts, escaped text."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from helpers import tiny_llama
+
+import dlbhooks as dlb
+
+
+def _llama_explanation(mode: str):
+    model = tiny_llama()
+    ids = torch.randint(0, 40, (1, 6), generator=torch.Generator().manual_seed(0))
+    with dlb.trace(model) as tape:
+        model(input_ids=ids)
+    return tape.explain(mode=mode)
+
+
+def test_a_report_is_one_offline_file_with_every_token_and_value():
+    exp = _llama_explanation("default")
+    tokens = ["<script>", " a", " b", "\n", " c", " d"]
+    page = exp.to_html(tokens, title="tiny Llama")
+    assert page.startswith("<!DOCTYPE html>") and "</html>" in page
+    assert not re.search(r"https?://|<script|<link|@import|src=", page)  # nothing to fetch
+    assert "&lt;script&gt;" in page and "⏎" in page  # escaped, visible
+    values = exp.inputs["input_ids"][0].tolist()
+    for tok, v in zip(tokens[1:3], values[1:3]):
+        assert f'{tok}: {v:.4g}"' in page  # the value on hover
+    assert "Relevance per attention head" in page and "model.layers.1.self_attn" in page
+    assert "conservation error" in page and exp._repr_html_() == exp.to_html()
+
+
+def test_contrastive_reports_show_both_streams():
+    page = _llama_explanation("contrastive").to_html([f"t{i}" for i in range(6)])
+    assert "+ stream" in page and "− stream" in page and "(+ / −)" in page
+
+
+def test_moe_reports_show_experts_and_routing():
+    from dlbhooks.tiny_moe import encode, load_tiny_moe
+
+    model = load_tiny_moe(dtype=torch.float64)[0]
+    ids = encode("def f(x):\n    return x")[None]
+    with dlb.trace(model) as tape:
+        model(input_ids=ids)
+    page = tape.explain().to_html()
+    assert "Relevance per expert (layer × expert)" in page
+    assert "Routing frequency (layer × expert)" in page
+    assert page.count("model.layers.0.mlp") >= 2
+
+
+def test_tabular_inputs_get_bars_per_feature():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(),
+                                torch.nn.Linear(4, 2)).double()
+    page = dlb.explain(model, torch.randn(3, 5, dtype=torch.float64)).to_html(row=1)
+    assert "Input input (row 1): features by |relevance|" in page and "input[4]" in page
