@@ -1,6 +1,7 @@
 """The dlbhooks command line: ``dlbhooks demo`` explains a model that ships with the package
-(the tiny MoE language model by default, ``--model digits`` the digits CNN; no network) and
-``dlbhooks corpus-stats`` gathers expert statistics over a corpus."""
+(the tiny MoE language model by default, ``--model digits`` the digits CNN; no network),
+``dlbhooks explain`` a checkpoint directory on disk (``dlbhooks report`` renders a saved
+result) and ``dlbhooks corpus-stats`` gathers expert statistics over a corpus."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ from dlbhooks.corpus import (
     windows,
 )
 from dlbhooks.demo import load_digits_model
+from dlbhooks.explain_cli import (
+    add_explain_arguments,
+    add_report_arguments,
+    explain_command,
+    report_command,
+)
 from dlbhooks.tiny_moe import (
     DOMAINS,
     SPLITS,
@@ -301,6 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=_positive, default=None,
                    help="digits: how many held-out images to explain (default: 3)")
     p.set_defaults(func=demo)
+    p = sub.add_parser("explain", help="explain a prediction of a checkpoint directory on "
+                       "disk: a summary, an HTML report (--out), a saved result (--save)")
+    add_explain_arguments(p)
+    p.set_defaults(func=explain_command)
+    p = sub.add_parser("report", help="render a saved result as an HTML report")
+    add_report_arguments(p)
+    p.set_defaults(func=report_command)
     p = sub.add_parser("corpus-stats", help="expert statistics over a corpus, on one or "
                        "several processes", description=CORPUS_STATS_DESCRIPTION)
     add_corpus_stats_arguments(p)

@@ -96,8 +96,8 @@ def _heatmap(rows: list[str], matrix: list[list[float]], cols: list[str], title:
 def _input_section(exp: Explanation, tokens: list[list[str]] | None, row: int) -> str:
     parts = []
     for name, t in exp.inputs.items():
-        if t.dim() == 0:
-            continue
+        if t.dim() == 0 or (len(exp.inputs) > 1 and not bool(t.abs().sum() > 0)):
+            continue  # (an input no relevance reached, e.g. an attention mask)
         r = t[row] if t.shape[0] > row else t[0]
         streams = [("relevance", r)]
         if exp.positive is not None and exp.negative is not None:
