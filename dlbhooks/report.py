@@ -111,11 +111,35 @@ def _input_section(exp: Explanation, tokens: list[list[str]] | None, row: int) -
             items = [(f"{name}[{i}]", float(v)) for i, v in enumerate(r.double().tolist())]
             items.sort(key=lambda kv: -abs(kv[1]))
             parts.append(_bars(items[:40], f"Input {name} (row {row}): features by |relevance|"))
+        elif r.dim() in (2, 3):  # an image: [H, W] or [C, H, W], relevance summed over C
+            body = "".join(_image_html(v, label) for label, v in streams)
+            parts.append(f"<h2>Input {html.escape(name)} (row {row}): pixel relevance, summed "
+                         f"over channels</h2>{body}")
         else:
-            per = r.double().reshape(r.shape[0], -1).sum(-1) if r.dim() > 1 else r
+            per = r.double().reshape(r.shape[0], -1).sum(-1)
             items = [(f"{name}[{i}]", float(v)) for i, v in enumerate(per.tolist())]
             parts.append(_bars(items[:64], f"Input {name} (row {row}): summed per first axis"))
     return "".join(parts)
+
+
+def _image_html(r: Tensor, label: str, side: int = 64) -> str:
+    """A signed heatmap of an image's relevance as a grid of cells (at most ``side`` per
+    axis: larger images are average-pooled), values on hover."""
+    img = r.double().sum(0) if r.dim() == 3 else r.double()
+    H, W = img.shape
+    if H > side or W > side:
+        img = torch.nn.functional.adaptive_avg_pool2d(img[None, None], (min(H, side),
+                                                                      min(W, side)))[0, 0]
+    scale = float(img.abs().max())
+    cell = max(4, min(24, 384 // max(img.shape)))
+    rows = "".join(
+        "<tr>" + "".join(f'<td style="width:{cell}px;height:{cell}px;padding:0;background:'
+                         f'{_color(v, scale)}" title="({i}, {j}): {_fmt(v)}"></td>'
+                         for j, v in enumerate(vals)) + "</tr>"
+        for i, vals in enumerate(img.tolist()))
+    return (f'<div class="row"><span class="label">{html.escape(label)}</span>'
+            f'<table style="border-collapse:collapse;display:inline-table">{rows}</table>'
+            "</div>")
 
 
 def _heads_section(exp: Explanation, row: int) -> str:
