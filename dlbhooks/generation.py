@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .integrations.accelerate import input_device
+from .report import generation_html
 from .results import Explanation, read_saved, write_saved
 from .trace import trace
 
@@ -66,6 +67,14 @@ class GenerationExplanation:
     def n(self) -> int:
         """Number of generated (explained) tokens."""
         return int(self.generated.numel())
+
+    def to_html(self, title: str | None = None) -> str:
+        """A self-contained HTML report: the generated × context matrix, each generated
+        token's map (both streams in contrastive mode)."""
+        return generation_html(self, title=title)
+
+    def _repr_html_(self) -> str:
+        return generation_html(self)
 
     def row(self, k: int) -> Tensor:
         """Relevance of positions ``0 .. T + k - 1`` (the only non-zero ones) for token k."""

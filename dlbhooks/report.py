@@ -229,3 +229,41 @@ def _tokens(tokens: Any) -> list[list[str]] | None:
     if isinstance(tokens, list):
         return [list(t) for t in tokens]
     raise TypeError("tokens: a list of strings, or a list of lists of strings, per row")
+
+
+def generation_html(gen: Any, *, title: str | None = None) -> str:
+    """One self-contained page for a :class:`~dlbhooks.GenerationExplanation`: the matrix of
+    generated tokens × context tokens, then each generated token's map (click to open; no
+    script: ``<details>`` elements)."""
+    T, n = gen.prompt_length, gen.n
+    ids = gen.ids.tolist()
+    tokens = [_visible(t) for t in gen.tokens] if gen.tokens is not None else \
+        [f"#{i}" for i in ids]
+    matrix = gen.matrix.double()
+    cols = tokens[: T + n - 1]
+    rows = [f"{k}: {tokens[T + k]}" for k in range(n)]
+    grid = [[float(matrix[k, j]) if j < T + k else math.nan for j in range(T + n - 1)]
+            for k in range(n)]
+    head = (f"<h1>{html.escape(title or 'dlbhooks: a generation explained')}</h1>"
+            f'<div class="meta">mode {html.escape(gen.mode)} · {n} generated token(s) · '
+            f"multiplier {gen.multiplier:g} · conservation error "
+            f"{gen.conservation_error():.2g}</div>"
+            '<div class="legend">red: positive relevance, blue: negative; hover a cell for '
+            "its value; open a generated token for its map</div>")
+    prompt = "".join(f'<span class="tok">{html.escape(t)}</span>' for t in tokens[:T])
+    out = [head, f'<h2>Prompt</h2><div class="row">{prompt}</div>',
+           _heatmap(rows, grid, cols, "Generated token × context token")]
+    out.append("<h2>Each generated token's map</h2>")
+    for k in range(n):
+        ctx = tokens[: T + k]
+        body = _tokens_html(matrix[k, : T + k], ctx, "relevance")
+        if gen.positive is not None and gen.negative is not None:
+            body += _tokens_html(gen.positive[k, : T + k], ctx, "+ stream")
+            body += _tokens_html(gen.negative[k, : T + k], ctx, "− stream")
+        out.append(f"<details><summary>{html.escape(rows[k])} (absorbed "
+                   f"{float(gen.absorbed[k]):.4g})</summary>{body}</details>")
+    return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>"
+            f"{html.escape(title or 'dlbhooks generation')}</title><style>{_STYLE}"
+            "details{margin:4px 0} summary{cursor:pointer;font-family:ui-monospace,"
+            f"Menlo,monospace;font-size:13px}}</style></head><body>{''.join(out)}</body></html>")
+

@@ -57,3 +57,17 @@ def test_tabular_inputs_get_bars_per_feature():
                                 torch.nn.Linear(4, 2)).double()
     page = dlb.explain(model, torch.randn(3, 5, dtype=torch.float64)).to_html(row=1)
     assert "Input input (row 1): features by |relevance|" in page and "input[4]" in page
+
+
+def test_generation_reports_show_the_matrix_and_each_token_s_map():
+    model = tiny_llama()
+    ids = torch.randint(0, 40, (1, 5), generator=torch.Generator().manual_seed(1))
+    for mode in ("default", "contrastive"):
+        gen = dlb.explain_generation(model, ids, max_new_tokens=3, mode=mode)
+        page = gen.to_html(title="tiny Llama generation")
+        assert not re.search(r"https?://|<script|<link|src=", page)
+        assert "Generated token × context token" in page
+        assert page.count("<details>") == 3 and gen._repr_html_() == gen.to_html()
+        value = f"{float(gen.matrix[2, 4]):.4g}"
+        assert f": {value}\"" in page  # a context token's value for the third token
+        assert ("+ stream" in page) == (mode == "contrastive")

@@ -24,6 +24,7 @@ ATTACK = ["<script>alert(1)</script>", '" onmouseover="alert(2)', " cat", " sat"
 
 def _render(page: str, tmp: Path, name: str) -> tuple[str, int]:
     """The DOM Chromium builds from ``page`` and the size of its screenshot."""
+    assert page.count("<") > 10
     path = tmp / f"{name}.html"
     path.write_text(page, encoding="utf-8")
     flags = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
@@ -94,7 +95,9 @@ def test_classifier_moe_image_and_tabular_reports_render(tmp_path):
     image = dlb.explain(digits.double(), images[:1].double())
     mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     tab = dlb.explain(mlp.double(), torch.randn(2, 6, dtype=torch.float64))
+    gen = dlb.explain_generation(tiny_llama(), torch.tensor([[3, 7, 11, 2]]), max_new_tokens=3)
     kinds = {
+        "generation": (gen.to_html(), ["Generated token × context token", "<details>"]),
         "classifier": (cls.to_html(["[CLS]", "good", "film", "indeed", "[SEP]"]),
                        ["good", "film", "indeed"]),
         "moe": (moe.to_html([decode([int(i)]) for i in text_ids[0]]),
