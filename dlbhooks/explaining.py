@@ -63,6 +63,7 @@ def explain_tape(
     output: str | int | None = None,
     position: Any = None,
     share: bool = False,
+    temperature: float = 1.0,
 ) -> Explanation:
     """Propagate relevance from the last recorded model call back to its inputs.
 
@@ -75,6 +76,9 @@ def explain_tape(
     model output to explain (name or index); ``position``: the sequence position of a
     ``[batch, T, vocab]`` output (default: the last unmasked one).
 
+    ``temperature``: logits are divided by it before every probability the seed uses (the
+    contrastive R- split, the binary 1 - p, segmentation's threshold; METHOD §1).
+
     ``share=True`` keeps forward-only quantities (the weighted-sum denominators) on the
     tape for later explanations of the same forward (several targets): faster from the
     second target on, at the cost of about one more copy of the layers' activations
@@ -82,7 +86,8 @@ def explain_tape(
     root = _checked_root(tape)
     k = select_output(root, output)
     seeded = _seed(tape, root, k, target, task=task, multiplier=multiplier, mode=mode,
-                   thresholding=thresholding, position=position, saturation=saturation)
+                   thresholding=thresholding, position=position, saturation=saturation,
+                   temperature=temperature)
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share)
     R_out = [seeded.relevance if i == k else None for i in range(len(root.outputs))]
     R_in, ledger = _run(engine, root, R_out)
@@ -128,7 +133,8 @@ class _Seeded:
 
 
 def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplier: float,
-          mode: str, thresholding: float, position: Any, saturation: bool) -> _Seeded:
+          mode: str, thresholding: float, position: Any, saturation: bool,
+          temperature: float = 1.0) -> _Seeded:
     """Seed ``root``'s output ``k`` for ``target`` and resolve the target and positions."""
     out = root.outputs[k]
     with tape.store.loaded([out]):  # the output's own device and dtype
@@ -137,9 +143,12 @@ def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplie
         seed = make_seed(
             out, target, task=task, multiplier=multiplier, mode=mode,
             thresholding=thresholding, position=position, attention_mask=mask,
+            temperature=temperature,
         )
         resolved = _resolved_target(out, target, task, position, mask)
         info = {"task": task, "saturation": saturation, "output": root.output_names[k]}
+        if temperature != 1.0:
+            info["temperature"] = temperature
         if out.dim() == 3 and TASKS.get(task) == "multiclass":
             info["position"] = sequence_positions(out, position, mask).tolist()
     return _Seeded(seed, seed.dtype, resolved, info)

@@ -35,18 +35,23 @@ def make_seed(
     thresholding: float = 0.5,
     position: Any = None,
     attention_mask: Tensor | None = None,
+    temperature: float = 1.0,
 ) -> Rel:
     """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks'), stacked
     (``[1, *shape]``; ``[2, *shape]`` in contrastive mode: positive, negative).
     ``attention_mask`` ([batch, positions], the model's own) places the default position
     of sequence outputs at each row's last real token and rejects positions on padding."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise TargetError(f"temperature must be a positive number, got {temperature!r}")
     seed = _seed(output, target, task=task, multiplier=multiplier, mode=mode,
-                 thresholding=thresholding, position=position, attention_mask=attention_mask)
+                 thresholding=thresholding, position=position, attention_mask=attention_mask,
+                 temperature=float(temperature))
     return stack(seed) if isinstance(seed, Streams) else seed.unsqueeze(0)
 
 
 def _seed(output: Tensor, target: Any, *, task: str, multiplier: float, mode: str,
-          thresholding: float, position: Any, attention_mask: Tensor | None) -> _Pair:
+          thresholding: float, position: Any, attention_mask: Tensor | None,
+          temperature: float = 1.0) -> _Pair:
     """:func:`make_seed` as one tensor, or a :class:`Streams` pair in contrastive mode."""
     if task not in TASKS:
         raise TargetError(f"unknown task {task!r}; choose one of {sorted(set(TASKS.values()))}")
@@ -61,6 +66,8 @@ def _seed(output: Tensor, target: Any, *, task: str, multiplier: float, mode: st
     if isinstance(target, Tensor) and target.is_floating_point() and target.shape == out.shape:
         seed = target.to(out.dtype)
         return Streams(seed.clamp_min(0), (-seed).clamp_min(0)) if mode == "contrastive" else seed
+    if temperature != 1.0:  # (METHOD §1: every probability the seed uses; argmax and |out|
+        out = out / temperature  # proportions do not change)
     m = float(multiplier)
     if task == "multiclass" and out.dim() == 3:
         return _sequence(out, target, m, mode, position, attention_mask)

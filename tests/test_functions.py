@@ -636,3 +636,25 @@ def test_baddbmm_splits_between_the_bias_and_the_product():
     # (input 0 is the bias, a parameter: a constant)
     assert torch.allclose(exp.at("baddbmm", 1), want_q, rtol=0, atol=1e-12)
     assert exp.absorbed["baddbmm"] == pytest.approx(kept, rel=1e-12)
+
+
+def test_temperature_changes_the_probabilities_the_seed_uses_only():
+    """METHOD §1: logits / T before the contrastive R- split; default mode, a fixed
+    target and the argmax do not depend on T."""
+    from dlbhooks.seeds import make_seed
+
+    out = torch.randn(3, 5, dtype=D, generator=_gen(22))
+    cold, hot = (make_seed(out, mode="contrastive", temperature=t) for t in (0.5, 4.0))
+    assert torch.equal(cold[0], hot[0])  # R+ at the argmax: the same
+    p = torch.softmax(out / 4.0, -1)
+    p[torch.arange(3), out.argmax(-1)] = 0
+    assert torch.allclose(hot[1], 100 * p / p.sum(-1, keepdim=True), rtol=0, atol=1e-12)
+    assert not torch.allclose(cold[1], hot[1])
+    assert torch.equal(make_seed(out, temperature=0.5), make_seed(out))
+    with pytest.raises(dlb.TargetError, match="temperature"):
+        make_seed(out, temperature=0.0)
+    model = Pair(lambda a, b: a + b, 6).double()
+    x = torch.randn(2, 4, dtype=D)
+    a = dlb.explain(model, x, temperature=3.0)
+    assert torch.equal(a.inputs["x"], dlb.explain(model, x).inputs["x"])
+    assert a.info["temperature"] == 3.0
