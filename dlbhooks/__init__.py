@@ -25,6 +25,7 @@ from .errors import (
 )
 from .generation import GenerationExplanation, explain_generation
 from .memory import MemoryEstimate, estimate_memory, record_bytes
+from .pipeline import run_task
 from .records import Record, Tape
 from .relevance import Streams
 from .results import Explanation
@@ -46,7 +47,7 @@ __all__ = [
     "TraceError", "UnsupportedModuleError",
     "coverage", "estimate_memory",
     "explain", "explain_generation", "record_bytes", "register_dequantizer",
-    "register_function_rule", "register_rule",
+    "register_function_rule", "register_rule", "run_task",
     "register_saturation",
     "set_weight_cache", "stacked_rule", "trace", "unregister_rule",
 ]
