@@ -5,6 +5,7 @@ access) and look at it — a text summary, a self-contained HTML report, a saved
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ import torch
 import dlbhooks as dlb
 
 #: config architectures suffix -> (transformers Auto class, task)
-_HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForConditionalGeneration", None),
+_HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
+          ("ForConditionalGeneration", None),
           ("ForSequenceClassification", "AutoModelForSequenceClassification"),
           ("ForMaskedLM", "AutoModelForMaskedLM"))
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -40,11 +42,26 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["default", "contrastive"], default="default")
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
     p.add_argument("--device-map", default=None,
-                   help="accelerate device map for models larger than memory (auto, cpu, ...)")
+                   help="accelerate device map for models larger than memory: auto, cpu, ... "
+                        "or a JSON object {module: device or \"disk\"}")
+    p.add_argument("--offload-folder", default=None,
+                   help="where weights mapped to \"disk\" go (with --device-map)")
     p.add_argument("--storage", default=None,
                    help="where records keep tensors: cpu, bf16, cpu+bf16 (see README)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--top", type=int, default=10, help="input tokens listed in the summary")
+    g = p.add_argument_group("generation (causal LMs): explain each generated token")
+    g.add_argument("--generate", type=int, default=None, metavar="N",
+                   help="generate N tokens after the prompt and explain them")
+    g.add_argument("--explain-tokens", default="all",
+                   help="which generated tokens to explain: all, or the first K (a number)")
+    g.add_argument("--do-sample", action="store_true")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="generation's sampling temperature")
+    g.add_argument("--num-beams", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="torch seed for sampling")
     p.add_argument("--out", help="write the HTML report here")
     p.add_argument("--save", help="write the result (safetensors) here")
 
@@ -59,6 +76,8 @@ def explain_command(args: argparse.Namespace) -> int:
     try:
         model, tokenizer, auto = _load(args)
         inputs, tokens = _inputs(args, model, tokenizer)
+        if args.generate is not None:
+            return _generation(args, model, tokenizer, auto, inputs)
         target, position = _target(args, model, tokenizer, auto, inputs)
         with dlb.trace(model, storage=args.storage) as tape:
             with torch.no_grad():
@@ -81,12 +100,65 @@ def explain_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, auto: str,
+                inputs: dict[str, torch.Tensor]) -> int:
+    """``--generate N``: generate, explain each generated token (or the first K), report."""
+    if auto != "AutoModelForCausalLM":
+        raise CommandError("--generate needs a causal LM checkpoint")
+    if args.generate < 1:
+        raise CommandError(f"--generate must be at least 1, got {args.generate}")
+    options: dict[str, Any] = {"do_sample": args.do_sample}
+    for name in ("top_p", "top_k", "temperature", "num_beams"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.generate, **options)
+    new = out[0, ids.shape[-1]:]
+    if args.explain_tokens != "all":
+        if not args.explain_tokens.isdigit() or int(args.explain_tokens) < 1:
+            raise CommandError(f"--explain-tokens: all, or a number, got "
+                               f"{args.explain_tokens!r}")
+        new = new[: int(args.explain_tokens)]
+    gen = dlb.explain_generation(model, ids, generated_ids=new, mode=args.mode,
+                                 storage=args.storage)
+    if tokenizer is not None:
+        gen.tokens = tokenizer.convert_ids_to_tokens(gen.ids.tolist())
+    gen.info["checkpoint"] = str(args.checkpoint)
+    names = gen.tokens or [str(i) for i in gen.ids.tolist()]
+    T = gen.prompt_length
+    print(f"generated {gen.n} token(s), mode {gen.mode}; conservation error "
+          f"{gen.conservation_error():.2g}")
+    for k in range(gen.n):
+        row = gen.row(k).double()
+        best = int(row.abs().argmax())
+        print(f"  {k:3d} {names[T + k]!r:>14}  most relevant: {names[best]!r} "
+              f"({float(row[best]):+.4g}), absorbed {float(gen.absorbed[k]):.4g}")
+    if args.out:
+        Path(args.out).write_text(gen.to_html(title=Path(args.checkpoint).name),
+                                  encoding="utf-8")
+        print(f"report: {args.out}")
+    if args.save:
+        gen.save(args.save)
+        print(f"saved: {args.save}")
+    return 0
+
+
 def report_command(args: argparse.Namespace) -> int:
     try:
-        exp = dlb.Explanation.load(args.result)
-    except (OSError, dlb.DLBError) as err:
-        print(f"dlbhooks report: {type(err).__name__}: {err}")
-        return 2
+        exp: Any = dlb.Explanation.load(args.result)
+    except (OSError, dlb.DLBError, KeyError, ValueError):
+        try:
+            exp = dlb.GenerationExplanation.load(args.result)
+        except (OSError, dlb.DLBError, KeyError, ValueError) as err:
+            print(f"dlbhooks report: {type(err).__name__}: {err}")
+            return 2
+        Path(args.out).write_text(exp.to_html(title=str(exp.info.get("checkpoint", ""))),
+                                  encoding="utf-8")
+        print(f"report: {args.out}")
+        return 0
     tokens = exp.info.get("tokens")
     Path(args.out).write_text(exp.to_html(tokens, row=args.row,
                                           title=str(exp.info.get("checkpoint", args.result))),
@@ -110,8 +182,20 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
     auto = _head(cfg)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _DTYPES[args.dtype],
                               "trust_remote_code": args.trust_remote_code}
+    moe = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if args.dtype == "float64" and moe:
+        # (transformers' grouped-mm experts kernel takes no doubles; eager is the same maths)
+        kwargs["experts_implementation"] = "eager"
     if args.device_map:
-        kwargs["device_map"] = args.device_map
+        dm = args.device_map
+        if dm.lstrip().startswith("{"):
+            try:
+                dm = json.loads(dm)
+            except ValueError as err:
+                raise CommandError(f"--device-map is not valid JSON: {err}") from None
+        kwargs["device_map"] = dm
+        if args.offload_folder:
+            kwargs["offload_folder"] = args.offload_folder
     model = getattr(transformers, auto).from_pretrained(path, **kwargs).eval()
     tokenizer = None
     if args.ids is None:
