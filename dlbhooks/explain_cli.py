@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import dlbhooks as dlb
+from dlbhooks.explaining import token_target
 
 #: config architectures suffix -> (transformers Auto class, task)
 _HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
@@ -89,15 +90,19 @@ def explain_command(args: argparse.Namespace) -> int:
     exp.info["tokens"] = tokens
     exp.info["checkpoint"] = str(args.checkpoint)
     print(_summary(exp, tokens, tokenizer, args.top))
+    _write(args, exp, lambda: exp.to_html(tokens, title=f"{Path(args.checkpoint).name}: "
+                                          f"{_target_text(exp, tokenizer)}"))
+    return 0
+
+
+def _write(args: argparse.Namespace, result: Any, page: Any) -> None:
+    """``--out``: the report (``page()``); ``--save``: the result."""
     if args.out:
-        Path(args.out).write_text(exp.to_html(tokens, title=f"{Path(args.checkpoint).name}: "
-                                              f"{_target_text(exp, tokenizer)}"),
-                                  encoding="utf-8")
+        Path(args.out).write_text(page(), encoding="utf-8")
         print(f"report: {args.out}")
     if args.save:
-        exp.save(args.save)
+        result.save(args.save)
         print(f"saved: {args.save}")
-    return 0
 
 
 def _generation(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, auto: str,
@@ -136,13 +141,7 @@ def _generation(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
         best = int(row.abs().argmax())
         print(f"  {k:3d} {names[T + k]!r:>14}  most relevant: {names[best]!r} "
               f"({float(row[best]):+.4g}), absorbed {float(gen.absorbed[k]):.4g}")
-    if args.out:
-        Path(args.out).write_text(gen.to_html(title=Path(args.checkpoint).name),
-                                  encoding="utf-8")
-        print(f"report: {args.out}")
-    if args.save:
-        gen.save(args.save)
-        print(f"saved: {args.save}")
+    _write(args, gen, lambda: gen.to_html(title=Path(args.checkpoint).name))
     return 0
 
 
@@ -275,14 +274,7 @@ def _target(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any, au
     elif tokenizer is None:
         raise CommandError("a token string target needs the tokenizer; give its id")
     else:
-        tid = tokenizer.convert_tokens_to_ids(args.target)
-        ids = tokenizer(args.target, add_special_tokens=False)["input_ids"]
-        if (tid is None or tid == tokenizer.unk_token_id) and len(ids) == 1:
-            tid = ids[0]
-        if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
-            raise CommandError(f"target {args.target!r} is not a token of the vocabulary "
-                               f"(it encodes as {len(ids)} tokens: {ids}); give one token "
-                               "or its id")
+        tid = token_target(args.target, tokenizer)  # (a TargetError names the problem)
     vocab = model.config.vocab_size
     if not -vocab <= tid < vocab:
         raise CommandError(f"target id {tid} is outside the vocabulary of {vocab}")

@@ -64,6 +64,7 @@ def explain_tape(
     position: Any = None,
     share: bool = False,
     temperature: float = 1.0,
+    tokenizer: Any = None,
 ) -> Explanation:
     """Propagate relevance from the last recorded model call back to its inputs.
 
@@ -76,6 +77,9 @@ def explain_tape(
     model output to explain (name or index); ``position``: the sequence position of a
     ``[batch, T, vocab]`` output (default: the last unmasked one).
 
+    ``tokenizer``: lets ``target`` be a token string (``"▁Paris"``, or text that encodes
+    as exactly one token), or a list of them per row.
+
     ``temperature``: logits are divided by it before every probability the seed uses (the
     contrastive R- split, the binary 1 - p, segmentation's threshold; METHOD §1).
 
@@ -84,6 +88,8 @@ def explain_tape(
     second target on, at the cost of about one more copy of the layers' activations
     (``tape.shared.clear()`` frees it)."""
     root = _checked_root(tape)
+    if tokenizer is not None:
+        target = token_target(target, tokenizer)
     k = select_output(root, output)
     seeded = _seed(tape, root, k, target, task=task, multiplier=multiplier, mode=mode,
                    thresholding=thresholding, position=position, saturation=saturation,
@@ -94,6 +100,25 @@ def explain_tape(
     inputs = _input_relevance(tape, root, R_in, seeded.dtype, mode)
     return _assemble(engine, ledger, inputs, mode=mode, multiplier=multiplier,
                      target=seeded.target, scaler=scaler, info=seeded.info)
+
+
+def token_target(target: Any, tokenizer: Any) -> Any:
+    """``target`` with token strings replaced by their ids (a string in the vocabulary, or
+    text that encodes as exactly one token); a :class:`TargetError` otherwise."""
+    if isinstance(target, (list, tuple)):
+        return [token_target(t, tokenizer) for t in target]
+    if not isinstance(target, str):
+        return target
+    tid = tokenizer.convert_tokens_to_ids(target)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tid is not None and tid != unk:
+        return int(tid)
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and ids[0] != unk:
+        return int(ids[0])
+    raise TargetError(f"target {target!r} is not one token of the vocabulary: it encodes as "
+                      f"{len(ids)} tokens {ids}; give one token (e.g. with its leading-space "
+                      "mark) or its id")
 
 
 def _checked_root(tape: Tape) -> Record:

@@ -57,7 +57,7 @@ def test_contrastive_and_ids_and_a_numeric_target(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--prompt", "the cat", "--target", "zebra"], "not a token of the vocabulary"),
+    (["--prompt", "the cat", "--target", "zebra"], "not one token of the vocabulary"),
     (["--prompt", " ".join(["cat"] * 20)], "the model's context is 16"),
     (["--ids", "2,99"], "outside the model's vocabulary of 12"),
     (["--ids", "2,x"], "comma-separated integers"),
@@ -147,3 +147,18 @@ def test_a_device_map_with_part_of_the_model_on_disk(checkpoint, tmp_path, capsy
     assert code == 0, capsys.readouterr().out
     a, b = dlb.Explanation.load(plain), dlb.Explanation.load(offloaded)
     assert torch.allclose(a.inputs["input_ids"], b.inputs["input_ids"], rtol=0, atol=1e-5)
+
+
+def test_token_string_targets_through_a_tokenizer(checkpoint):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint,
+                                                              local_files_only=True)
+    enc = tok("the cat sat on a", return_tensors="pt")
+    by_string = dlb.explain(model, enc, target="mat", tokenizer=tok)
+    by_id = dlb.explain(model, enc, target=8)
+    assert by_string.target == 8 and torch.equal(by_string.inputs["input_ids"],
+                                                 by_id.inputs["input_ids"])
+    with pytest.raises(dlb.TargetError, match="not one token of the vocabulary"):
+        dlb.explain(model, enc, target="zebra crossing", tokenizer=tok)
