@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .errors import SavedFileError, TraceError
 from .ledger import LedgerEntry
+from .plot import plot_explanation
 from .report import explanation_html
 
 
@@ -107,6 +108,13 @@ class Explanation:
 
     def _repr_html_(self) -> str:
         return explanation_html(self)
+
+    def plot(self, input: str | None = None, *, row: int = 0,  # noqa: A002
+             tokens: list[str] | None = None, ax: Any = None) -> Any:
+        """A matplotlib figure of an input's relevance (``pip install 'dlbhooks[plot]'``):
+        a signed heatmap over an image (summed over channels, centred at 0), bars for
+        tabular features or tokens. Returns the axes."""
+        return plot_explanation(self, input, row=row, tokens=tokens, ax=ax)
 
     def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
         """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""

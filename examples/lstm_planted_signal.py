@@ -2,7 +2,7 @@
 
     python examples/lstm_planted_signal.py [--seed 0]
 
-Synthetic series (offline, a few seconds): 40 steps of noise; in class 1 a bump (three
+Synthetic series (offline; about 15 s on two CPU cores): 40 steps of noise; in class 1 a bump (three
 steps of +1.5) sits at a random position. An LSTM (1 → 16 units) with a linear head learns
 to detect it. For every detected series the explanation should put its relevance on the
 bump, which the model never saw marked: the script prints the share of relevance that

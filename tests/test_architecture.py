@@ -31,7 +31,7 @@ MARKER = "# lazy:"
 LAYERS: list[set[str]] = [
     {"errors", "relevance", "binding", "views", "ledger"},
     {"storage", "integrations", "integrations.accelerate", "weights", "results", "seeds",
-     "footprint", "report"},
+     "footprint", "report", "plot"},
     {"rules"},
     {"engine"},
     {"explaining"},

@@ -71,3 +71,23 @@ def test_generation_reports_show_the_matrix_and_each_token_s_map():
         value = f"{float(gen.matrix[2, 4]):.4g}"
         assert f": {value}\"" in page  # a context token's value for the third token
         assert ("+ stream" in page) == (mode == "contrastive")
+
+
+def test_plots_of_an_image_and_of_tabular_features(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dlbhooks.demo import load_digits_model
+
+    cnn, images = load_digits_model()[:2]
+    ax = dlb.explain(cnn.double(), images[:1].double()).plot()
+    image = ax.images[0].get_array()
+    assert image.shape == (8, 8) and ax.images[0].get_clim()[0] == -ax.images[0].get_clim()[1]
+    ax.figure.savefig(tmp_path / "digit.png")
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(),
+                              torch.nn.Linear(4, 2)).double()
+    exp = dlb.explain(mlp, torch.randn(2, 5, dtype=torch.float64))
+    ax = exp.plot(row=1)
+    heights = [p.get_height() for p in ax.patches]
+    assert torch.allclose(torch.tensor(heights, dtype=torch.float64), exp.inputs["input"][1])
