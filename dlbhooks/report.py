@@ -37,7 +37,10 @@ th{color:#555;font-weight:600} td.name{text-align:left;font-family:ui-monospace,
 
 
 def _color(v: float, scale: float) -> str:
-    """Red for positive, blue for negative relevance, white at 0 (signed, centred)."""
+    """Red for positive, blue for negative relevance, white at 0 (signed, centred); grey
+    for no value (NaN: a context position after the generated token)."""
+    if math.isnan(v):
+        return "rgb(238,238,238)"
     x = 0.0 if scale <= 0 else max(-1.0, min(1.0, v / scale))
     if x >= 0:
         g = int(255 - 200 * x)
@@ -63,7 +66,10 @@ def _tokens_html(values: Tensor, tokens: list[str] | None, label: str) -> str:
 
 
 def _visible(token: str) -> str:
-    """A token as shown: line breaks and tabs as visible marks (spaces stay)."""
+    """A token as shown: line breaks and tabs as visible marks; spaces stay, unless the
+    token is only spaces (then each is ␣)."""
+    if token and not token.strip(" "):
+        return "␣" * len(token)
     return token.replace("\n", "⏎").replace("\t", "→") or "∅"
 
 

@@ -96,8 +96,13 @@ def test_classifier_moe_image_and_tabular_reports_render(tmp_path):
     mlp = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     tab = dlb.explain(mlp.double(), torch.randn(2, 6, dtype=torch.float64))
     gen = dlb.explain_generation(tiny_llama(), torch.tensor([[3, 7, 11, 2]]), max_new_tokens=3)
+    torch.manual_seed(1)
+    sampled = dlb.explain_generation(tiny_llama(), torch.tensor([[3, 7, 11, 2]]),
+                                     max_new_tokens=3, do_sample=True, top_k=10,
+                                     mode="contrastive")
     kinds = {
         "generation": (gen.to_html(), ["Generated token × context token", "<details>"]),
+        "sampled": (sampled.to_html(), ["Generated token × context token", "+ stream"]),
         "classifier": (cls.to_html(["[CLS]", "good", "film", "indeed", "[SEP]"]),
                        ["good", "film", "indeed"]),
         "moe": (moe.to_html([decode([int(i)]) for i in text_ids[0]]),
