@@ -160,7 +160,7 @@ def _heads_section(exp: Explanation, row: int) -> str:
                     "Relevance per attention head (layer × head)")
 
 
-def _experts_section(exp: Explanation, row: int) -> str:
+def _experts_section(exp: Explanation, row: int, tokens: list[str] | None = None) -> str:
     if not exp.experts:
         return ""
     blocks = list(exp.experts)
@@ -182,6 +182,14 @@ def _experts_section(exp: Explanation, row: int) -> str:
                    "summed over the row's tokens; hover for values")
     out += _heatmap(blocks, freq, cols, "Routing frequency (layer × expert)",
                     "share of the row's tokens routed to each expert")
+    out += "<h2>Token × expert, per layer</h2>"
+    for b in blocks:  # one table per layer, opened on click (no script)
+        t = exp.experts[b]
+        r = (t[row] if t.shape[0] > row else t[0]).double().reshape(-1, t.shape[-1])
+        names = [_visible(x) for x in tokens] if tokens is not None and \
+            len(tokens) == r.shape[0] else [f"#{i}" for i in range(r.shape[0])]
+        grid = _heatmap(names, r.tolist(), cols, b)
+        out += f"<details><summary>{html.escape(b)}</summary>{grid}</details>"
     return out
 
 
@@ -221,7 +229,9 @@ def explanation_html(exp: Explanation, tokens: Any = None, *, row: int = 0,
               "its value</div>")
     layers = _bars(list(exp.layers.items())[:60], "Relevance per layer (output → input)")
     body = (head + legend + _input_section(exp, toks, row) + _ledger_section(exp)
-            + _heads_section(exp, row) + _experts_section(exp, row) + layers)
+            + _heads_section(exp, row)
+            + _experts_section(exp, row, toks[row] if toks is not None and row < len(toks)
+                               else None) + layers)
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>"
             f"{html.escape(title or 'dlbhooks explanation')}</title><style>{_STYLE}</style>"
             f"</head><body>{body}</body></html>")

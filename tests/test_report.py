@@ -48,7 +48,8 @@ def test_moe_reports_show_experts_and_routing():
     page = tape.explain().to_html()
     assert "Relevance per expert (layer × expert)" in page
     assert "Routing frequency (layer × expert)" in page
-    assert page.count("model.layers.0.mlp") >= 2
+    assert page.count("model.layers.0.mlp") >= 3  # layer × expert, frequency, token × expert
+    assert "Token × expert, per layer" in page and "<details><summary>model.layers.0.mlp" in page
 
 
 def test_tabular_inputs_get_bars_per_feature():
