@@ -128,7 +128,7 @@ def _generation(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
                                f"{args.explain_tokens!r}")
         new = new[: int(args.explain_tokens)]
     gen = dlb.explain_generation(model, ids, generated_ids=new, mode=args.mode,
-                                 storage=args.storage)
+                                 storage=args.storage, progress=True)
     if tokenizer is not None:
         gen.tokens = tokenizer.convert_ids_to_tokens(gen.ids.tolist())
     gen.info["checkpoint"] = str(args.checkpoint)

@@ -220,6 +220,7 @@ def explain_generation(
     keep: bool = False,
     storage: Any = None,
     share: bool = True,
+    progress: bool = False,
     **generate_kwargs: Any,
 ) -> GenerationExplanation:
     """Generate up to ``max_new_tokens`` tokens after a prompt and explain each of them.
@@ -240,6 +241,7 @@ def explain_generation(
     generated token (module docstring: why not one batched pass). ``keep=True`` also
     returns each token's full :class:`~dlbhooks.Explanation` (with per-module tensors).
     ``storage`` is the record storage policy of :func:`dlbhooks.trace` (e.g. ``"cpu"``).
+    ``progress``: a progress bar (tqdm) over the generated tokens' explanations.
     ``share``: the reverse passes share the forward-only denominators (``tape.explain(
     share=True)``; about one more copy of the layer activations while it runs).
     """
@@ -254,7 +256,7 @@ def explain_generation(
     with trace(model, storage=storage) as tape:
         model(**_forward_inputs(seq, mask, n))
     rows = _TokenRows(keep=keep)
-    for k in range(n):
+    for k in _steps(n, progress):
         rows.add(tape.explain(target=int(gen[k]), position=T + k - 1, mode=mode,
                               multiplier=multiplier, saturation=saturation, keep=keep,
                               share=share and n > 1))
@@ -265,6 +267,15 @@ def explain_generation(
         multiplier=float(multiplier), tokens=tokens,
         info={"saturation": saturation, "generated_here": generated_ids is None},
     )
+
+
+def _steps(n: int, progress: bool) -> Any:
+    """``range(n)``, with a progress bar over the explained tokens if asked."""
+    if not progress:
+        return range(n)
+    from tqdm.auto import tqdm  # lazy: only for the bar (tqdm comes with transformers)
+
+    return tqdm(range(n), desc="explaining generated tokens", unit="token")
 
 
 def _continuation(model: nn.Module, ids: Tensor, mask: Tensor | None, tok: Any,
