@@ -241,9 +241,8 @@ def explain_generation(
     generated token (module docstring: why not one batched pass). ``keep=True`` also
     returns each token's full :class:`~dlbhooks.Explanation` (with per-module tensors).
     ``storage`` is the record storage policy of :func:`dlbhooks.trace` (e.g. ``"cpu"``).
-    ``progress``: a progress bar (tqdm) over the generated tokens' explanations.
-    ``share``: the reverse passes share the forward-only denominators (``tape.explain(
-    share=True)``; about one more copy of the layer activations while it runs).
+    ``progress``: a bar over the tokens' explanations. ``share``: the reverse passes share
+    the denominators (``tape.explain(share=True)``; one more copy of the activations).
     """
     ids, mask, tok = _prompt_ids(tokenizer_or_ids, prompt, attention_mask)
     device = input_device(model)
