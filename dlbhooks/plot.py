@@ -10,11 +10,13 @@ if TYPE_CHECKING:
 
 
 def plot_explanation(exp: Explanation, input: str | None = None, *, row: int = 0,  # noqa: A002
-                     tokens: list[str] | None = None, ax: Any = None, top: int = 30) -> Any:
+                     tokens: list[str] | None = None, ax: Any = None, top: int = 30,
+                     image: Any = None) -> Any:
     """Draw input ``input``'s relevance (default: the first input relevance reached) for
     batch row ``row`` on ``ax`` (a new figure if ``None``) and return the axes. Images
     (``[C, H, W]`` or ``[H, W]``): relevance summed over channels, a red–blue map centred at
-    0. One-dimensional inputs: a bar per feature (or token, with ``tokens``), the ``top``
+    0, drawn over ``image`` (the input, ``[C, H, W]`` or ``[H, W]``, in grey) when given.
+    One-dimensional inputs: a bar per feature (or token, with ``tokens``), the ``top``
     largest by |relevance| for long ones."""
     try:
         import matplotlib.pyplot as plt  # lazy: optional dependency
@@ -30,7 +32,12 @@ def plot_explanation(exp: Explanation, input: str | None = None, *, row: int = 0
     if r.dim() in (2, 3):
         img = r.sum(0) if r.dim() == 3 else r
         m = float(img.abs().max()) or 1.0
-        shown = ax.imshow(img.numpy(), cmap="bwr", vmin=-m, vmax=m)
+        if image is not None:
+            base = image.detach().double().cpu()
+            base = base.mean(0) if base.dim() == 3 else base
+            ax.imshow(base.numpy(), cmap="gray")
+        shown = ax.imshow(img.numpy(), cmap="bwr", vmin=-m, vmax=m,
+                          alpha=0.6 if image is not None else 1.0)
         ax.figure.colorbar(shown, ax=ax, label="relevance")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -50,3 +57,21 @@ def plot_explanation(exp: Explanation, input: str | None = None, *, row: int = 0
     ax.set_title(f"{name}, row {row}")
     ax.figure.tight_layout()
     return ax
+
+
+def plot_png(exp: Explanation, input: str, row: int, image: Any = None) -> bytes | None:  # noqa: A002
+    """The figure of :func:`plot_explanation` as PNG bytes (for the HTML report), drawn on
+    a figure of its own (no pyplot, no backend change), or ``None`` without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    fig = Figure(figsize=(4.5, 3.6))
+    FigureCanvasAgg(fig)
+    plot_explanation(exp, input, row=row, image=image, ax=fig.add_subplot())
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    return buf.getvalue()

@@ -10,12 +10,15 @@ reached the inputs, where the rest was absorbed.
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from .plot import plot_png
 
 if TYPE_CHECKING:
     from .results import Explanation
@@ -99,7 +102,8 @@ def _heatmap(rows: list[str], matrix: list[list[float]], cols: list[str], title:
             f"</tr>{body}</table>")
 
 
-def _input_section(exp: Explanation, tokens: list[list[str]] | None, row: int) -> str:
+def _input_section(exp: Explanation, tokens: list[list[str]] | None, row: int,
+                   image: Any = None) -> str:
     parts = []
     for name, t in exp.inputs.items():
         if t.dim() == 0 or (len(exp.inputs) > 1 and not bool(t.abs().sum() > 0)):
@@ -118,7 +122,12 @@ def _input_section(exp: Explanation, tokens: list[list[str]] | None, row: int) -
             items.sort(key=lambda kv: -abs(kv[1]))
             parts.append(_bars(items[:40], f"Input {name} (row {row}): features by |relevance|"))
         elif r.dim() in (2, 3):  # an image: [H, W] or [C, H, W], relevance summed over C
-            body = "".join(_image_html(v, label) for label, v in streams)
+            png = plot_png(exp, name, row, None if image is None else image[row]
+                           if image.dim() == r.dim() + 1 else image)
+            body = "" if png is None else (
+                '<div class="row"><img alt="relevance heatmap" src="data:image/png;base64,'
+                f'{base64.b64encode(png).decode()}"></div>')
+            body += "".join(_image_html(v, label) for label, v in streams)
             parts.append(f"<h2>Input {html.escape(name)} (row {row}): pixel relevance, summed "
                          f"over channels</h2>{body}")
         else:
@@ -215,10 +224,11 @@ def _cell(v: Any) -> str:
 
 
 def explanation_html(exp: Explanation, tokens: Any = None, *, row: int = 0,
-                     title: str | None = None) -> str:
+                     title: str | None = None, image: Any = None) -> str:
     """One self-contained HTML page for ``exp`` (batch row ``row``). ``tokens``: the token
     strings of the text input, for one row (a list of strings) or per row (a list of
-    lists), e.g. ``tokenizer.convert_ids_to_tokens(ids[0])``."""
+    lists), e.g. ``tokenizer.convert_ids_to_tokens(ids[0])``. ``image``: the input image
+    (batch or one), drawn under the heatmap the report embeds as PNG (with matplotlib)."""
     toks = _tokens(tokens)
     head = (f"<h1>{html.escape(title or 'dlbhooks explanation')}</h1>"
             f'<div class="meta">mode {html.escape(exp.mode)} · target '
@@ -228,7 +238,7 @@ def explanation_html(exp: Explanation, tokens: Any = None, *, row: int = 0,
     legend = ('<div class="legend">red: positive relevance, blue: negative; hover a cell for '
               "its value</div>")
     layers = _bars(list(exp.layers.items())[:60], "Relevance per layer (output → input)")
-    body = (head + legend + _input_section(exp, toks, row) + _ledger_section(exp)
+    body = (head + legend + _input_section(exp, toks, row, image) + _ledger_section(exp)
             + _heads_section(exp, row)
             + _experts_section(exp, row, toks[row] if toks is not None and row < len(toks)
                                else None) + layers)

@@ -99,22 +99,25 @@ class Explanation:
             lines.append(f"  conservation error {self.conservation_error():.2g} of the seed")
         return "\n".join(lines)
 
-    def to_html(self, tokens: Any = None, *, row: int = 0, title: str | None = None) -> str:
+    def to_html(self, tokens: Any = None, *, row: int = 0, title: str | None = None,
+                image: Any = None) -> str:
         """A self-contained HTML report (no network): inputs coloured by signed relevance
         (``tokens``: the token strings of a text input), both streams in contrastive mode,
         the ledger, relevance per layer, head and expert. Write it to a file and open it,
-        or let a notebook show it (``_repr_html_``)."""
-        return explanation_html(self, tokens, row=row, title=title)
+        or let a notebook show it (``_repr_html_``). ``image``: the input image, drawn
+        under the relevance heatmap the report embeds (with matplotlib)."""
+        return explanation_html(self, tokens, row=row, title=title, image=image)
 
     def _repr_html_(self) -> str:
         return explanation_html(self)
 
     def plot(self, input: str | None = None, *, row: int = 0,  # noqa: A002
-             tokens: list[str] | None = None, ax: Any = None) -> Any:
+             tokens: list[str] | None = None, ax: Any = None, image: Any = None) -> Any:
         """A matplotlib figure of an input's relevance (``pip install 'dlbhooks[plot]'``):
         a signed heatmap over an image (summed over channels, centred at 0), bars for
-        tabular features or tokens. Returns the axes."""
-        return plot_explanation(self, input, row=row, tokens=tokens, ax=ax)
+        tabular features or tokens; ``image`` (the input) is drawn under the heatmap.
+        Returns the axes."""
+        return plot_explanation(self, input, row=row, tokens=tokens, ax=ax, image=image)
 
     def at(self, path: str, input: int = 0) -> Tensor:  # noqa: A002 - mirrors record inputs
         """Relevance at one module's input (neuron level); ``path#k`` for its k-th call."""

@@ -39,7 +39,8 @@ def image_report() -> str:
 
     model, images, labels = load_digits_model()[:3]
     exp = dlb.explain(model.double(), images[:1].double(), mode="contrastive")
-    return exp.to_html(title=f"digits CNN: a held-out {int(labels[0])}, contrastive")
+    return exp.to_html(title=f"digits CNN: a held-out {int(labels[0])}, contrastive",
+                       image=images[:1])
 
 
 def tabular_report() -> str:

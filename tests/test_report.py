@@ -85,6 +85,11 @@ def test_plots_of_an_image_and_of_tabular_features(tmp_path):
     image = ax.images[0].get_array()
     assert image.shape == (8, 8) and ax.images[0].get_clim()[0] == -ax.images[0].get_clim()[1]
     ax.figure.savefig(tmp_path / "digit.png")
+    exp = dlb.explain(cnn.double(), images[:1].double())
+    over = exp.plot(image=images[0])
+    assert len(over.images) == 2 and over.images[1].get_alpha() == 0.6  # grey under heat
+    page = exp.to_html(image=images[:1])
+    assert page.count('src="data:image/png;base64,') == 1  # the figure, embedded
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(),
                               torch.nn.Linear(4, 2)).double()
