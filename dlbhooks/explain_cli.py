@@ -55,7 +55,8 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--generate", type=int, default=None, metavar="N",
                    help="generate N tokens after the prompt and explain them")
     g.add_argument("--explain-tokens", default="all",
-                   help="which generated tokens to explain: all, or the first K (a number)")
+                   help="which generated tokens to explain: all, the first K (a number), or "
+                        "indices separated by commas (the others are left as NaN rows)")
     g.add_argument("--do-sample", action="store_true")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -122,13 +123,21 @@ def _generation(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=args.generate, **options)
     new = out[0, ids.shape[-1]:]
-    if args.explain_tokens != "all":
-        if not args.explain_tokens.isdigit() or int(args.explain_tokens) < 1:
-            raise CommandError(f"--explain-tokens: all, or a number, got "
-                               f"{args.explain_tokens!r}")
-        new = new[: int(args.explain_tokens)]
+    only = None
+    spec = args.explain_tokens
+    if spec.isdigit() and int(spec) >= 1:  # the first K
+        new = new[: int(spec)]
+    elif spec != "all":  # a list of generated-token indices
+        try:
+            only = sorted({int(x) for x in spec.split(",")})
+        except ValueError:
+            only = None
+        if not only or only[0] < 0 or only[-1] >= new.numel():
+            raise CommandError(f"--explain-tokens: all, a number K (the first K), or indices "
+                               f"0..{new.numel() - 1} separated by commas; got {spec!r}")
+        new = new[: only[-1] + 1]
     gen = dlb.explain_generation(model, ids, generated_ids=new, mode=args.mode,
-                                 storage=args.storage, progress=True)
+                                 storage=args.storage, progress=True, only=only)
     if tokenizer is not None:
         gen.tokens = tokenizer.convert_ids_to_tokens(gen.ids.tolist())
     gen.info["checkpoint"] = str(args.checkpoint)
@@ -136,7 +145,7 @@ def _generation(args: argparse.Namespace, model: torch.nn.Module, tokenizer: Any
     T = gen.prompt_length
     print(f"generated {gen.n} token(s), mode {gen.mode}; conservation error "
           f"{gen.conservation_error():.2g}")
-    for k in range(gen.n):
+    for k in range(gen.n) if only is None else only:
         row = gen.row(k).double()
         best = int(row.abs().argmax())
         print(f"  {k:3d} {names[T + k]!r:>14}  most relevant: {names[best]!r} "

@@ -89,8 +89,10 @@ class GenerationExplanation:
         else:
             pairs = [(self.positive, self.absorbed_positive),
                      (self.negative, self.absorbed_negative)]
-        errors = [(m.double().sum(-1) + a - self.multiplier).abs().max() for m, a in pairs]
-        return float(max(errors)) / abs(self.multiplier)
+        done = ~torch.isnan(self.absorbed)  # (tokens left unexplained: rows of NaN)
+        errors = [(m.double()[done].sum(-1) + a[done] - self.multiplier).abs().max()
+                  for m, a in pairs if bool(done.any())]
+        return float(max(errors, default=0.0)) / abs(self.multiplier)
 
     # -- display --------------------------------------------------------------------------
     def _label(self, pos: int, width: int = 10) -> str:
@@ -206,7 +208,7 @@ def _prompt_ids(tokenizer_or_ids: Any, prompt: str | None, attention_mask: Tenso
     return ids.long(), attention_mask, tok
 
 
-def explain_generation(
+def explain_generation(  # long: its docstring documents every option of a public entry point
     model: nn.Module,
     tokenizer_or_ids: Any,
     prompt: str | None = None,
@@ -221,6 +223,7 @@ def explain_generation(
     storage: Any = None,
     share: bool = True,
     progress: bool = False,
+    only: list[int] | None = None,
     **generate_kwargs: Any,
 ) -> GenerationExplanation:
     """Generate up to ``max_new_tokens`` tokens after a prompt and explain each of them.
@@ -241,7 +244,8 @@ def explain_generation(
     generated token (module docstring: why not one batched pass). ``keep=True`` also
     returns each token's full :class:`~dlbhooks.Explanation` (with per-module tensors).
     ``storage`` is the record storage policy of :func:`dlbhooks.trace` (e.g. ``"cpu"``).
-    ``progress``: a bar over the tokens' explanations. ``share``: the reverse passes share
+    ``progress``: a bar over the tokens' explanations; ``only``: these generated tokens
+    (indices) only, the other rows NaN. ``share``: the reverse passes share
     the denominators (``tape.explain(share=True)``; one more copy of the activations).
     """
     ids, mask, tok = _prompt_ids(tokenizer_or_ids, prompt, attention_mask)
@@ -255,10 +259,13 @@ def explain_generation(
     with trace(model, storage=storage) as tape:
         model(**_forward_inputs(seq, mask, n))
     rows = _TokenRows(keep=keep)
+    options = {"mode": mode, "multiplier": multiplier, "saturation": saturation, "keep": keep,
+               "share": share and n > 1}
     for k in _steps(n, progress):
-        rows.add(tape.explain(target=int(gen[k]), position=T + k - 1, mode=mode,
-                              multiplier=multiplier, saturation=saturation, keep=keep,
-                              share=share and n > 1))
+        if only is None or k in only:
+            rows.add(tape.explain(target=int(gen[k]), position=T + k - 1, **options))
+        else:
+            rows.skip(seq.shape[-1] - 1, mode == "contrastive")
     del tape
     tokens = None if tok is None else [tok.decode([int(i)]) for i in seq.tolist()]
     return rows.result(
@@ -334,6 +341,18 @@ class _TokenRows:
     streams: list[tuple[float, float]] = field(default_factory=list)  # absorbed per stream
     kept: list[Explanation] = field(default_factory=list)
 
+    def skip(self, width: int, contrastive: bool) -> None:
+        """A generated token left unexplained: a row of NaN."""
+        nan = torch.full((width,), float("nan"), dtype=torch.float64)
+        self.rows.append(nan)
+        if contrastive:
+            self.pos_rows.append(nan)
+            self.neg_rows.append(nan)
+            self.streams.append((float("nan"), float("nan")))
+        self.absorbed.append(float("nan"))
+        if self.keep:
+            self.kept.append(None)  # type: ignore[arg-type]
+
     def add(self, exp: Explanation) -> None:
         """Add the explanation of the next generated token."""
         self.rows.append(exp.inputs["input_ids"][0])
@@ -351,11 +370,17 @@ class _TokenRows:
         def f64(values: list[float]) -> Tensor | None:  # None outside contrastive mode
             return torch.tensor(values, dtype=torch.float64) if self.streams else None
 
+        explained = [r for r, a in zip(self.rows, self.absorbed) if a == a]  # (NaN: skipped)
+        dtype = explained[0].dtype if explained else torch.float64
+
+        def stack(rows: list[Tensor]) -> Tensor:
+            return torch.stack([r.cpu().to(dtype) for r in rows])
+
         return GenerationExplanation(
-            matrix=torch.stack(self.rows).cpu(),
+            matrix=stack(self.rows),
             absorbed=torch.tensor(self.absorbed, dtype=torch.float64),
-            positive=torch.stack(self.pos_rows).cpu() if self.pos_rows else None,
-            negative=torch.stack(self.neg_rows).cpu() if self.neg_rows else None,
+            positive=stack(self.pos_rows) if self.pos_rows else None,
+            negative=stack(self.neg_rows) if self.neg_rows else None,
             explanations=self.kept if self.keep else None,
             absorbed_positive=f64([a for a, _ in self.streams]),
             absorbed_negative=f64([b for _, b in self.streams]),

@@ -281,6 +281,8 @@ def generation_html(gen: Any, *, title: str | None = None) -> str:
            _heatmap(rows, grid, cols, "Generated token × context token")]
     out.append("<h2>Each generated token's map</h2>")
     for k in range(n):
+        if math.isnan(float(gen.absorbed[k])):
+            continue  # (left unexplained)
         ctx = tokens[: T + k]
         body = _tokens_html(matrix[k, : T + k], ctx, "relevance")
         if gen.positive is not None and gen.negative is not None:

@@ -133,6 +133,17 @@ def test_other_checkpoints_in_both_modes(family, tmp_path, capsys):
         assert exp.mode == mode and exp.conservation_error() < 1e-12
         if family == "bert-mlm":
             assert exp.info["position"] == [2]  # the mask token
+        # the saved result equals the same explanation made in Python
+        auto = {"gpt2": "AutoModelForCausalLM", "qwen3_moe": "AutoModelForCausalLM",
+                "bert-cls": "AutoModelForSequenceClassification",
+                "bert-mlm": "AutoModelForMaskedLM"}[family]
+        extra = {"experts_implementation": "eager"} if family == "qwen3_moe" else {}
+        again = getattr(transformers, auto).from_pretrained(
+            tmp_path, local_files_only=True, dtype=torch.float64, **extra).eval()
+        enc = transformers.AutoTokenizer.from_pretrained(tmp_path)(prompt, return_tensors="pt")
+        direct = dlb.explain(again, dict(enc), mode=mode,
+                             **({"position": 2} if family == "bert-mlm" else {}))
+        assert torch.equal(exp.inputs["input_ids"], direct.inputs["input_ids"])
 
 
 def test_a_device_map_with_part_of_the_model_on_disk(checkpoint, tmp_path, capsys):
@@ -162,3 +173,20 @@ def test_token_string_targets_through_a_tokenizer(checkpoint):
                                                  by_id.inputs["input_ids"])
     with pytest.raises(dlb.TargetError, match="not one token of the vocabulary"):
         dlb.explain(model, enc, target="zebra crossing", tokenizer=tok)
+
+
+def test_explain_tokens_as_a_list_leaves_the_others_unexplained(checkpoint, tmp_path, capsys):
+    saved = tmp_path / "g.safetensors"
+    code = main(["explain", str(checkpoint), "--prompt", "the cat sat", "--generate", "4",
+                 "--explain-tokens", "0,2", "--save", str(saved), "--out",
+                 str(tmp_path / "g.html")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    gen = dlb.GenerationExplanation.load(saved)
+    assert gen.n == 3 and torch.isnan(gen.absorbed[1]) and not torch.isnan(gen.absorbed[2])
+    assert gen.conservation_error() < 1e-5
+    assert (tmp_path / "g.html").read_text(encoding="utf-8").count("<details>") == 2
+    assert main(["explain", str(checkpoint), "--prompt", "the cat", "--generate", "2",
+                 "--explain-tokens", "5"]) == 0
+    assert main(["explain", str(checkpoint), "--prompt", "the cat", "--generate", "2",
+                 "--explain-tokens", "0,7"]) == 2
