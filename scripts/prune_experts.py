@@ -161,7 +161,7 @@ def main() -> None:
                   "| checkpoint | parameters | safetensors bytes | masked-routing loss | "
                   "checkpoint loss |", "|---|---|---|---|---|"]
         for c in checkpoints:
-            lines.append(f"| `{c['dir']}` | {c['params']:,} | {c['bytes']:,} | "
+            lines.append(f"| `{Path(c['dir']).name}` | {c['params']:,} | {c['bytes']:,} | "
                          f"{c['masked']:.6f} | {c['loss']:.6f} |")
     lines += ["", "## Verdict", ""]
     for domain in DOMAINS:
@@ -169,17 +169,22 @@ def main() -> None:
             sel = {n: l[domain] for d, f, n, l, _ in rows if d == domain and f == frac}
             rel = sel["relevance"]
             others = {n: v for n, v in sel.items() if n != "relevance"}
-            best = all(rel < v for v in others.values())
-            lines.append(
-                f"- {domain}, {frac:.0%}: relevance-based pruning "
-                + ("**beats**" if best else "does **not** beat")
-                + " " + ", ".join(f"{n} ({v - base[domain]:+.4f})" for n, v in others.items())
-                + f" on the {domain} held-out loss (relevance: {rel - base[domain]:+.4f}).")
+            lines.append(verdict(domain, frac, rel, others, base[domain]))
     text = "\n".join(lines) + "\n"
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
     assert all(math.isfinite(v) for v in base.values())
+
+
+def verdict(domain: str, frac: float, rel: float, others: dict[str, float],
+            base: float) -> str:
+    """One line per domain and fraction, each baseline named with the comparison it earns:
+    relevance-based pruning beats it (a smaller loss increase) or does not."""
+    parts = [f"{'**beats**' if rel < v else 'does **not** beat'} {n} ({v - base:+.4f})"
+             for n, v in others.items()]
+    return (f"- {domain}, {frac:.0%}: relevance-based pruning (+{rel - base:.4f}) "
+            + "; ".join(parts) + f", on the {domain} held-out loss.")
 
 
 if __name__ == "__main__":
