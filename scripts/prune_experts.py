@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--positions", type=int, default=4)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--random-seeds", type=int, default=3)
+    ap.add_argument("--random-seeds", type=int, default=10)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write-checkpoint", metavar="DIR", default=None,
@@ -106,6 +106,7 @@ def main() -> None:
     held = {d: corpus_ids(d, "heldout") for d in DOMAINS}
     base = {d: heldout_loss(model, held[d], args.length, args.eval_windows) for d in DOMAINS}
     rows, checkpoints = [], []
+    spread: dict[tuple[str, float], dict[str, float]] = {}  # random: standard errors
     n_params = sum(p.numel() for p in model.parameters())
     for domain in DOMAINS:
         stats = expert_stats(model, corpus_ids(domain, "train"), args.sequences, args.length,
@@ -135,6 +136,7 @@ def main() -> None:
                                                    args.eval_windows))
             rows.append((domain, frac, f"random (mean of {args.random_seeds})",
                          {d: sum(v) / len(v) for d, v in rnd.items()}, None))
+            spread[(domain, frac)] = {d: _standard_error(v) for d, v in rnd.items()}
         print(stats)
     lines = [
         "# Expert pruning on the shipped tiny MoE",
@@ -153,8 +155,11 @@ def main() -> None:
         "|---|---|---|" + "---|" * len(DOMAINS),
     ]
     for domain, frac, name, losses, _plan in rows:
-        cells = " | ".join(f"{losses[d]:.4f} ({losses[d] - base[d]:+.4f})" for d in DOMAINS)
+        se = spread.get((domain, frac), {}) if name.startswith("random") else {}
+        cells = " | ".join(f"{losses[d]:.4f} ({losses[d] - base[d]:+.4f}"
+                           + (f" ± {se[d]:.4f}" if d in se else "") + ")" for d in DOMAINS)
         lines.append(f"| {domain} | {frac:.0%} | {name} | {cells} |")
+    lines += ["", "Random pruning: the mean over the seeds, ± its standard error."]
     if checkpoints:
         lines += ["", "## Smaller checkpoints (relevance-based plans, experts removed)", "",
                   f"Unpruned: {n_params:,} parameters.", "",
@@ -175,6 +180,15 @@ def main() -> None:
         f.write(text)
     print(text)
     assert all(math.isfinite(v) for v in base.values())
+
+
+def _standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (0 for fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
 def verdict(domain: str, frac: float, rel: float, others: dict[str, float],
