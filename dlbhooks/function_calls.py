@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .binding import tensor_leaves
-from .rules.functions import INDEX_COPIES, INDEX_READERS, FunctionCall
+from .rules.functions import INDEX_COPIES, INDEX_READERS
 
 if TYPE_CHECKING:
     from .records import Record
@@ -79,8 +79,10 @@ class FunctionRecorder(TorchFunctionMode):
         name = _name(func)
         inplace = _inplace(name)
         target = args[0] if inplace and args and isinstance(args[0], Tensor) else None
-        before = target.clone() if target is not None and target.is_floating_point() \
-            else None
+        before = None
+        if target is not None and target.is_floating_point() and any(
+                self.tracer.tape.is_derived(t) for _, t in tensor_leaves((args, kwargs))):
+            before = target.clone()  # (only when the call may be recorded)
         out = func(*args, **kwargs)
         try:
             self.paused += 1
@@ -150,8 +152,3 @@ def _caller() -> str:
         frame = frame.f_back
     return "<unknown>"
 
-
-def new_function_call(func: Any, name: str, args: tuple, kwargs: dict, where: str
-                      ) -> FunctionCall:
-    """The stand-in module of one recorded function call."""
-    return FunctionCall(func, name, args, kwargs, where)

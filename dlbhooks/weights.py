@@ -72,8 +72,8 @@ def dequantized(module: nn.Module, name: str, value: Tensor) -> Tensor:
     if type(value) not in (Tensor, nn.Parameter) and callable(getattr(value, "dequantize",
                                                                        None)):
         return value.dequantize().detach()
-    if value.is_floating_point():
-        return value
+    if value.is_floating_point() or type(value) is Tensor:
+        return value  # (a plain integer buffer, e.g. positions: not a quantized weight)
     raise UnsupportedModuleError(
         f"{type(module).__module__}.{type(module).__qualname__}.{name} holds quantized "
         f"weights ({type(value).__name__}, {value.dtype}) that dlbhooks cannot read: "

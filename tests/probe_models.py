@@ -249,30 +249,25 @@ probe("Cohere", "transformers")(causal("CohereConfig", **DEC))
 probe("SmolLM3", "transformers")(causal("SmolLM3Config", **DEC, no_rope_layer_interval=2))
 
 
-@probe("DeepSeek-V2", "transformers")
-def _deepseek_v2() -> Probe:
-    import transformers as t
+def deepseek(cfg_cls: str, note: str) -> Callable[[], Probe]:
+    """DeepSeek-V2/V3 (the same small MLA + MoE layout; the routers differ)."""
 
-    cfg = t.DeepseekV2Config(
-        **{**MOE, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
-        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
-        v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        first_k_dense_replace=1, n_group=1, topk_group=1)
-    return text_probe("AutoModelForCausalLM", cfg, perturb="moe",
-                      note="MLA attention (LoRA q/kv), layer 0 dense, layer 1 MoE")
+    def build() -> Probe:
+        import transformers
+
+        cfg = getattr(transformers, cfg_cls)(
+            **{**MOE, "num_key_value_heads": 4}, intermediate_size=48,
+            moe_intermediate_size=16, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4,
+            qk_nope_head_dim=4, v_head_dim=8, n_routed_experts=4, n_shared_experts=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1)
+        return text_probe("AutoModelForCausalLM", cfg, perturb="moe", note=note)
+    return build
 
 
-@probe("DeepSeek-V3", "transformers")
-def _deepseek_v3() -> Probe:
-    import transformers as t
-
-    cfg = t.DeepseekV3Config(
-        **{**MOE, "num_key_value_heads": 4}, intermediate_size=48, moe_intermediate_size=16,
-        kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
-        v_head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        first_k_dense_replace=1, n_group=1, topk_group=1)
-    return text_probe("AutoModelForCausalLM", cfg, perturb="moe",
-                      note="MLA attention, sigmoid router with bias, layer 1 MoE")
+probe("DeepSeek-V2", "transformers")(deepseek(
+    "DeepseekV2Config", "MLA attention (LoRA q/kv), layer 0 dense, layer 1 MoE"))
+probe("DeepSeek-V3", "transformers")(deepseek(
+    "DeepseekV3Config", "MLA attention, sigmoid router with bias, layer 1 MoE"))
 
 
 @probe("Llama 4 (text)", "transformers")

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..relevance import Rel, Streams, stack
+from ..relevance import Rel, Streams, stack, total64
 
 if TYPE_CHECKING:
     from ..records import Record
@@ -262,4 +262,4 @@ def _as_result(res: Any) -> RuleResult:
 def _total(t: Tensor | float) -> Tensor:
     if not isinstance(t, Tensor):
         return torch.tensor(float(t), dtype=torch.float64)
-    return t.detach().sum().double() if t.dim() else t.detach().double()
+    return total64(t)

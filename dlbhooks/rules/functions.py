@@ -701,19 +701,15 @@ def max_pool_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> 
     return _result(rec, {i: R_x}, lost)
 
 
-def _names(*objs: Any) -> list[Any]:
-    return [o for o in objs if o is not None]
-
-
 T = torch.Tensor
-_ACTIVATIONS = _names(
+_ACTIVATIONS = (
     F.relu, torch.relu, T.relu, F.relu6, F.gelu, F.silu, F.mish, F.elu, F.selu, F.celu,
     F.leaky_relu, F.hardtanh, F.hardswish, F.hardsigmoid, F.softplus, F.tanh, torch.tanh,
     T.tanh, F.sigmoid, torch.sigmoid, T.sigmoid, F.softmax, torch.softmax, T.softmax,
     F.log_softmax, torch.log_softmax, T.log_softmax, F.dropout, torch.exp, T.exp, torch.neg,
     T.neg, T.__neg__, torch.abs, T.abs, torch.rsqrt, T.rsqrt, torch.sqrt, T.sqrt, torch.pow,
-    T.pow, T.__pow__, T.float, T.double, T.half, T.bfloat16, T.to, T.type_as, T.contiguous,
-    T.clone, torch.clone, T.square, torch.square, T.relu_, F.relu_, T.sigmoid_, T.tanh_,
+    T.pow, T.__pow__, T.float, T.double, T.half, T.bfloat16, T.to, T.type_as, T.square,
+    torch.square, T.relu_, F.relu_, T.sigmoid_, T.tanh_,
     T.exp_, T.neg_, T.abs_, T.sqrt_, T.rsqrt_, T.pow_, torch.clamp, T.clamp, T.clamp_,
     torch.clamp_min, T.clamp_min, torch.clamp_max, T.clamp_max, torch.clip, T.clip,
     F.normalize,
