@@ -242,6 +242,10 @@ class Tape:
             return True
         if id(t) in self._produced:
             return False
+        if self.store.active:  # records hold copies: ``t`` as the forward sees it -> its copy
+            kept = self.store.kept(t)
+            if kept is not None and kept is not t:
+                return self.is_derived(kept)
         if id(t) in self.aliases:
             return self.is_derived(self.aliases[id(t)][1])
         base = self.resolve(t)

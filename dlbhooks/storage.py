@@ -145,6 +145,16 @@ class Store:
         self._origin[id(copy)] = (copy, t.device, t.dtype)
         return copy
 
+    def kept(self, t: Tensor) -> Tensor | None:
+        """What a record keeps for ``t`` if one already does (its copy, or the same view of
+        a copy), without copying anything; ``t`` itself under the default policy."""
+        if not self.active:
+            return t
+        hit = self._live.get(id(t))
+        if hit is not None and hit[0]() is t and hit[1] == version_of(t):
+            return hit[2]
+        return self._view_of_kept(t)
+
     def keep_all(self, obj: Any) -> Any:
         """``obj`` with every tensor inside tuples, lists and dicts replaced by its copy."""
         if not self.active:

@@ -658,3 +658,17 @@ def test_temperature_changes_the_probabilities_the_seed_uses_only():
     a = dlb.explain(model, x, temperature=3.0)
     assert torch.equal(a.inputs["x"], dlb.explain(model, x).inputs["x"])
     assert a.info["temperature"] == 3.0
+
+
+def test_functions_are_recorded_under_a_storage_policy_too():
+    """Records hold copies under a storage policy; the forward goes on with the originals,
+    so whether a function's argument is derived is looked up through its copy."""
+    model = Pair(lambda a, b: torch.cat([F.relu(a), b * 2.0], -1) + 1.0, 12).double()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(23))
+    for mode in MODES:
+        want = dlb.explain(model, x, mode=mode).inputs["x"]
+        got = dlb.explain(model, x, mode=mode, storage="cpu")
+        assert torch.equal(got.inputs["x"], want)  # lossless copies: the same, bit for bit
+        cast = dlb.explain(model, x, mode=mode, storage="fp32")
+        assert torch.allclose(cast.inputs["x"], want, rtol=0, atol=1e-4)
+        _conserved(cast)
