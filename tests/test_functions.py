@@ -672,3 +672,40 @@ def test_functions_are_recorded_under_a_storage_policy_too():
         cast = dlb.explain(model, x, mode=mode, storage="fp32")
         assert torch.allclose(cast.inputs["x"], want, rtol=0, atol=1e-4)
         _conserved(cast)
+
+
+def test_amax_where_and_functional_linear():
+    """``amax`` over a dim gives each window's relevance to its winner (ties split, checked
+    against a loop), ``where`` routes exactly, ``F.linear`` equals ``nn.Linear``."""
+
+    class Net(nn.Module):
+        def __init__(self, functional: bool):
+            super().__init__()
+            torch.manual_seed(24)
+            self.a, self.head = nn.Linear(4, 6), nn.Linear(3, 2)
+            self.functional = functional
+
+        def forward(self, x):
+            h = self.a(x)
+            h = torch.where(h > 0, h, 0.1 * h)
+            m = h.view(-1, 3, 2).amax(-1)
+            if self.functional:
+                return F.linear(m, self.head.weight, self.head.bias)
+            return self.head(m)
+
+    x = torch.randn(5, 4, dtype=D, generator=_gen(24))
+    x[0] = 0.0  # a row where both window members are 0 after the first layer's bias: a tie
+    for mode in MODES:
+        mod = _explain(Net(False).double(), x, mode=mode)[1]
+        fun = _explain(Net(True).double(), x, mode=mode)[1]
+        _conserved(fun)
+        assert torch.allclose(fun.inputs["x"], mod.inputs["x"], rtol=0, atol=1e-12)
+    tape, exp, _ = _explain(Net(True).double(), x)
+    h = tape.last_root().child("where").outputs[0].view(-1, 3, 2)
+    R = exp.at("linear")  # relevance on amax's output [5, 3]
+    want = torch.zeros_like(h)
+    for b, w in itertools.product(range(5), range(3)):
+        best = [k for k in range(2) if h[b, w, k] == h[b, w].max()]
+        for k in best:
+            want[b, w, k] = R[b, w] / len(best)
+    assert torch.allclose(exp.at("amax"), want, rtol=0, atol=1e-12)
