@@ -1,44 +1,34 @@
 """The dlbhooks command line: ``dlbhooks demo`` explains a model that ships with the package
 (the tiny MoE language model by default, ``--model digits`` the digits CNN; no network),
 ``dlbhooks explain`` a checkpoint directory on disk (``dlbhooks report`` renders a saved
-result) and ``dlbhooks corpus-stats`` gathers expert statistics over a corpus."""
+result), ``dlbhooks experts`` gathers expert statistics of an MoE checkpoint over text and
+``dlbhooks prune`` writes a smaller checkpoint without its least important experts."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import textwrap
-import time
 
 import torch
 
 import dlbhooks as dlb
-from dlbhooks.corpus import (
-    batch_expert_stats,
-    batch_token_relevance,
-    chunk,
-    corpus_map,
-    default_state,
-    explain_batch,
-    merge_in_order,
-    windows,
-)
 from dlbhooks.demo import load_digits_model
+from dlbhooks.experts_cli import (
+    EXPERTS_DESCRIPTION,
+    PRUNE_DESCRIPTION,
+    add_experts_arguments,
+    add_prune_arguments,
+    experts_command,
+    prune_command,
+)
 from dlbhooks.explain_cli import (
     add_explain_arguments,
     add_report_arguments,
     explain_command,
     report_command,
 )
-from dlbhooks.tiny_moe import (
-    DOMAINS,
-    SPLITS,
-    VOCAB_SIZE,
-    corpus_ids,
-    decode,
-    encode,
-    load_tiny_moe,
-)
+from dlbhooks.tiny_moe import decode, encode, load_tiny_moe
 
 SHADES = " .:-=+*#%@"
 
@@ -157,135 +147,20 @@ def demo_digits(args: argparse.Namespace) -> int:
     return 0
 
 
-def corpus_stats(args: argparse.Namespace) -> int:
-    """ExpertStats of the tiny MoE (or ``--model``) over windows of a tiny_moe domain's text,
-    on one process or several (``accelerate launch``); see docs/corpus_runs.md."""
-    t0 = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    state = default_state(cpu=True if args.cpu else None)
-    model = _corpus_model(args)
-    model.to(state.device)
-    nxt = args.target == "next"
-    rows = windows(corpus_ids(args.domain, args.split), args.sequences,
-                   args.length + int(nxt), seed=args.seed)
-    batches = chunk(rows, args.batch_size)
-    L = args.length
-    positions = [-1] if args.positions == 1 else \
-        torch.linspace(L // 4, L - 1, args.positions).long().tolist()
-
-    def per_batch(batch: torch.Tensor):
-        exps, mask = explain_batch(model, batch, target="next" if nxt else None,
-                                   positions=positions, mode=args.mode)
-        rel = batch_token_relevance(exps, "input_ids", single=False) if args.tokens else None
-        return batch_expert_stats(exps, mask), rel
-
-    parts, rels = [], []
-    for stats, rel in corpus_map(per_batch, batches, state=state, progress=not args.quiet,
-                                 sync_every=args.sync_every, desc="corpus stats"):
-        parts.append(stats)
-        if rel is not None:
-            rels.append(rel)
-    stats = merge_in_order(parts)
-    if state.is_main_process:
-        _save_corpus_stats(args, stats, rels, rows[:, :L])
-        print(f"{args.sequences} windows of {L} bytes of {args.domain}/{args.split}, "
-              f"{len(batches)} batches, positions {positions}, target {args.target}, "
-              f"{args.mode} mode; {state.num_processes} process(es), "
-              f"{time.time() - t0:.1f} s")
-        print(stats)
-        print("experts from least to most relevant (|relevance|), and by routing frequency:")
-        for layer in stats.layers:
-            print(f"  {layer}: {stats.ranking(layer)}  "
-                  f"frequency {stats.ranking(layer, 'frequency')}")
-        print(f"saved {args.out}" + (f" and {args.tokens}" if args.tokens else ""))
-    state.destroy_process_group()
-    return 0
-
-
-def _corpus_model(args: argparse.Namespace):
-    """The model corpus-stats explains: ``--model`` (a local folder with the byte
-    vocabulary) or the shipped tiny MoE, in ``--dtype``, with ``--experts-implementation``."""
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    if args.model:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True,
-                                                     dtype=dtype).eval()
-        if model.config.vocab_size < VOCAB_SIZE:
-            raise SystemExit(f"{args.model}: vocabulary of {model.config.vocab_size} ids; the "
-                             f"corpus is byte-level ({VOCAB_SIZE} ids, dlbhooks.tiny_moe)")
-    else:
-        model, _ = load_tiny_moe(dtype=dtype)
-    if args.experts_implementation:
-        model.set_experts_implementation(args.experts_implementation)
-    return model
-
-
-def _save_corpus_stats(args: argparse.Namespace, stats, rels: list, ids: torch.Tensor) -> None:
-    """``--out`` (the ExpertStats) and, with ``--tokens``, the token relevance."""
-    stats.save(args.out)
-    if args.tokens:
-        from safetensors.torch import save_file
-
-        save_file({"relevance": torch.cat(rels).contiguous(), "input_ids": ids.contiguous()},
-                  args.tokens)
-
-
 # What --help prints (plain text: argparse shows it as written, reflowed).
 DESCRIPTION = (
     "Explain PyTorch models with the DLBacktrace method. 'dlbhooks demo' explains a model "
     "that ships with dlbhooks, without network access: by default the tiny byte-level "
     "mixture-of-experts language model (the next byte after a code prompt, per prompt byte "
-    "and per expert), with '--model digits' a CNN on 8x8 digit images. 'dlbhooks "
-    "corpus-stats' gathers expert statistics over a corpus, on one process or several.")
+    "and per expert), with '--model digits' a CNN on 8x8 digit images. 'dlbhooks explain' "
+    "explains a checkpoint on disk; 'dlbhooks experts' and 'dlbhooks prune' find the experts "
+    "a domain relies on and remove the rest.")
 DEMO_DESCRIPTION = (
     "Explain a model that ships with dlbhooks (no network). --model moe (default): the tiny "
     "byte-level mixture-of-experts language model predicts the next byte after --prompt; "
     "the demo prints the relevance of each prompt byte and of each expert. --model digits: "
     "a CNN trained on scikit-learn's 8x8 digits explains --samples held-out images and "
     "prints the relevance as text heatmaps.")
-CORPUS_STATS_DESCRIPTION = (
-    "Expert statistics (dlb.ExpertStats) of the tiny MoE language model, or of --model, over "
-    "random windows of the tiny MoE's training or held-out text, saved to --out. Runs on one "
-    "process, or on several with: accelerate launch -m dlbhooks.cli corpus-stats ... "
-    "(see docs/corpus_runs.md).")
-
-
-def add_corpus_stats_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="a local HF causal-LM folder with the byte vocabulary of "
-                        "dlbhooks.tiny_moe (default: the shipped tiny MoE)")
-    p.add_argument("--domain", choices=DOMAINS, default="prose",
-                   help="which text: the standard library's sources (code) or pydoc topics "
-                        "(prose, the default)")
-    p.add_argument("--split", choices=SPLITS, default="train",
-                   help="the training text (default) or the held-out text")
-    p.add_argument("--sequences", type=int, default=64, help="random windows (seeded)")
-    p.add_argument("--length", type=int, default=64, help="bytes the model reads per window")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
-    p.add_argument("--positions", type=int, default=1,
-                   help="explained positions per window (1: the last; k: spread over the "
-                        "last three quarters)")
-    p.add_argument("--target", choices=["next", "argmax"], default="next",
-                   help="the true next byte (default) or the model's prediction")
-    p.add_argument("--mode", choices=["default", "contrastive"], default="default",
-                   help="the method's mode (default: default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random windows")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="dtype of the model and the explanations")
-    p.add_argument("--experts-implementation", default=None,
-                   help="eager, grouped_mm, batched_mm (default: the model's)")
-    p.add_argument("--out", default="expert_stats.safetensors", help="ExpertStats file")
-    p.add_argument("--tokens", default=None,
-                   help="also save the token relevance [windows, positions, bytes] here")
-    p.add_argument("--sync-every", type=int, default=16,
-                   help="batches per process between two gathers")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    p.add_argument("--cpu", action="store_true", help="run on the CPU even if GPUs exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -315,10 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="render a saved result as an HTML report")
     add_report_arguments(p)
     p.set_defaults(func=report_command)
-    p = sub.add_parser("corpus-stats", help="expert statistics over a corpus, on one or "
-                       "several processes", description=CORPUS_STATS_DESCRIPTION)
-    add_corpus_stats_arguments(p)
-    p.set_defaults(func=corpus_stats)
+    p = sub.add_parser("experts", help="expert statistics of an MoE checkpoint over your "
+                       "text, on one or several processes", description=EXPERTS_DESCRIPTION)
+    add_experts_arguments(p)
+    p.set_defaults(func=experts_command)
+    p = sub.add_parser("prune", help="a smaller MoE checkpoint without its least important "
+                       "experts, and a held-out evaluation", description=PRUNE_DESCRIPTION)
+    add_prune_arguments(p)
+    p.set_defaults(func=prune_command)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -179,40 +179,59 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, str]:
-    import transformers  # lazy: only this command needs it loaded
+    model, auto = load_model(args.checkpoint, dtype=args.dtype, device_map=args.device_map,
+                             offload_folder=args.offload_folder,
+                             trust_remote_code=args.trust_remote_code)
+    tokenizer = None
+    if args.ids is None:
+        tokenizer = load_tokenizer(args.checkpoint, "give token ids with --ids")
+    return model, tokenizer, auto
 
-    path = Path(args.checkpoint)
+
+def load_model(checkpoint: str | Path, *, dtype: str = "float32", device_map: str | None = None,
+               offload_folder: str | None = None, trust_remote_code: bool = False
+               ) -> tuple[torch.nn.Module, str]:
+    """A checkpoint directory on disk (no hub access), in eval mode, with its transformers
+    Auto class name. ``device_map``: accelerate's (``auto``, ``cpu``, ... or a JSON object
+    {module: device or "disk"})."""
+    import transformers  # lazy: only the commands that load checkpoints need it
+
+    path = Path(checkpoint)
     if not (path / "config.json").is_file():
         raise CommandError(f"{path} is not a checkpoint directory: it has no config.json "
                            "(a directory written by save_pretrained)")
     cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True,
-                                                  trust_remote_code=args.trust_remote_code)
+                                                  trust_remote_code=trust_remote_code)
     auto = _head(cfg)
-    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _DTYPES[args.dtype],
-                              "trust_remote_code": args.trust_remote_code}
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": _DTYPES[dtype],
+                              "trust_remote_code": trust_remote_code}
     moe = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
-    if args.dtype == "float64" and moe:
+    if dtype == "float64" and moe:
         # (transformers' grouped-mm experts kernel takes no doubles; eager is the same maths)
         kwargs["experts_implementation"] = "eager"
-    if args.device_map:
-        dm = args.device_map
+    if device_map:
+        dm: Any = device_map
         if dm.lstrip().startswith("{"):
             try:
                 dm = json.loads(dm)
             except ValueError as err:
                 raise CommandError(f"--device-map is not valid JSON: {err}") from None
         kwargs["device_map"] = dm
-        if args.offload_folder:
-            kwargs["offload_folder"] = args.offload_folder
-    model = getattr(transformers, auto).from_pretrained(path, **kwargs).eval()
-    tokenizer = None
-    if args.ids is None:
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise CommandError(f"{path} has no tokenizer ({err.__class__.__name__}); give "
-                               "token ids with --ids") from None
-    return model, tokenizer, auto
+        if offload_folder:
+            kwargs["offload_folder"] = offload_folder
+    return getattr(transformers, auto).from_pretrained(path, **kwargs).eval(), auto
+
+
+def load_tokenizer(checkpoint: str | Path, instead: str) -> Any:
+    """The checkpoint's tokenizer; a CommandError saying what to do ``instead`` if none."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(Path(checkpoint),
+                                                          local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CommandError(f"{checkpoint} has no tokenizer ({err.__class__.__name__}); "
+                           f"{instead}") from None
 
 
 def _head(cfg: Any) -> str:

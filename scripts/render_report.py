@@ -6,7 +6,9 @@ installed (Debian's ``chromium``), screenshots of them: what a user sees.
 * ``image``: the digits CNN on a held-out digit (pixel heatmap);
 * ``generation``: the tiny MoE generating eight bytes, each explained (the matrix);
 * ``classifier``: a random tiny BERT sequence classifier, contrastive (both streams);
-* ``tabular``: a small MLP on the breast-cancer features of scikit-learn (feature bars).
+* ``tabular``: a small MLP on the breast-cancer features of scikit-learn (feature bars);
+* ``pruning``: ``dlbhooks prune --eval`` on the tiny MoE (loss table, verdicts, layer ×
+  expert heatmaps), from small statistics (64 windows).
 
     python scripts/render_report.py [--kind all] [--dir .]   (docs/img holds the README's)
 """
@@ -84,8 +86,23 @@ def classifier_report() -> str:
     return exp.to_html(tokens, title="a random tiny BERT classifier, contrastive")
 
 
+def pruning_report() -> str:
+    import tempfile
+
+    from dlbhooks.cli import main as dlbhooks
+
+    work = Path(tempfile.mkdtemp(prefix="dlb-report-"))
+    common = ["--length", "64", "--quiet"]
+    dlbhooks(["experts", "tiny-moe", "--data", "tiny-moe:code", "--windows", "64", "--out",
+              str(work / "code.st"), *common])
+    dlbhooks(["prune", "tiny-moe", "--stats", str(work / "code.st"), "--fraction", "0.25",
+              "--out", str(work / "pruned"), "--eval", "code=tiny-moe:code:heldout",
+              "prose=tiny-moe:prose:heldout", "--eval-windows", "32", *common])
+    return (work / "pruned" / "report.html").read_text(encoding="utf-8")
+
+
 KINDS = {"moe": moe_report, "generation": generation_report, "classifier": classifier_report,
-         "image": image_report, "tabular": tabular_report}
+         "image": image_report, "tabular": tabular_report, "pruning": pruning_report}
 
 
 def screenshot(page: Path, png: Path) -> int:

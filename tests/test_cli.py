@@ -38,7 +38,7 @@ def test_demo_rejects_samples_it_cannot_use(argv, capsys):
 def test_help_texts(capsys):
     """`--help` says what each command does, in plain text (no reStructuredText markup)."""
     outs = {}
-    for argv in ([], ["demo"], ["corpus-stats"]):
+    for argv in ([], ["demo"], ["experts"], ["prune"]):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--help"])
         assert exit_.value.code == 0
@@ -48,4 +48,5 @@ def test_help_texts(capsys):
     assert "by default the tiny byte-level mixture-of-experts language model" in outs[""]
     assert "--model digits" in outs[""] and "--model digits" in outs["demo"]
     assert "--prompt" in outs["demo"] and "--samples" in outs["demo"]
-    assert "accelerate launch -m dlbhooks.cli corpus-stats" in outs["corpus-stats"]
+    assert "accelerate launch -m dlbhooks.cli experts" in outs["experts"]
+    assert "--fraction" in outs["prune"] and "--eval" in outs["prune"]

@@ -1,4 +1,4 @@
-"""Corpus runs (dlbhooks.corpus, scripts/corpus_stats.py): sharding over processes and
+"""Corpus runs (dlbhooks.corpus, dlbhooks experts): sharding over processes and
 gathering give the same ExpertStats and token relevance as one process.
 
 Tolerance: the per-batch results are merged in batch order whatever the number of
@@ -16,18 +16,14 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import dlbhooks as dlb
 from dlbhooks import corpus
-from dlbhooks.tiny_moe import asset_path, corpus_ids, load_tiny_moe
+from dlbhooks.tiny_moe import corpus_ids, load_tiny_moe
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "corpus_stats.py"
 RTOL = 1e-12
 
 
@@ -182,41 +178,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-ARGS = ["--sequences", "8", "--length", "32", "--batch-size", "3", "--positions", "2",
-        "--threads", "1", "--quiet"]
+ARGS = ["experts", "tiny-moe", "--data", "tiny-moe:code", "--windows", "8", "--length", "32",
+        "--batch-size", "3", "--positions", "2", "--threads", "1", "--quiet"]
 
 
 def test_two_processes_equal_one(tmp_path):
+    """``dlbhooks experts`` in one process, and under ``accelerate launch`` in two."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     one = subprocess.run(
-        [sys.executable, str(SCRIPT), *ARGS, "--model", str(asset_path()),
-         "--out", str(tmp_path / "one.safetensors"),
-         "--tokens", str(tmp_path / "one_tokens.safetensors")],
+        [sys.executable, "-m", "dlbhooks.cli", *ARGS, "--out", str(tmp_path / "one.st")],
         env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "1 process(es)" in one.stdout
     # ``--cpu`` alone would make accelerate start one process (its simple launcher); the
-    # multi-GPU launcher (torchrun) starts two, and the script's --cpu joins them over gloo.
+    # multi-GPU launcher (torchrun) starts two, and the command's --cpu joins them over gloo.
     two = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
          "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-         str(SCRIPT), "--cpu", *ARGS, "--sync-every", "1",  # 2 rounds: [0 | 1], [2 | -]
-         "--out", str(tmp_path / "two.safetensors"),
-         "--tokens", str(tmp_path / "two_tokens.safetensors")],
+         "-m", "dlbhooks.cli", *ARGS, "--cpu", "--sync-every", "1",  # rounds [0 | 1], [2 | -]
+         "--out", str(tmp_path / "two.st")],
         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es)" in two.stdout
     assert two.stdout.count("ExpertStats over") == 1  # only the main process reports
-    a = dlb.ExpertStats.load(tmp_path / "one.safetensors")
-    b = dlb.ExpertStats.load(tmp_path / "two.safetensors")
+    a = dlb.ExpertStats.load(tmp_path / "one.st")
+    b = dlb.ExpertStats.load(tmp_path / "two.st")
     assert a.explanations == 3 * 2 and len(a.layers) == 4  # 3 batches × 2 positions
     for st in a.layers.values():  # every window counted once: 8 rows × 32 tokens × 2
         assert st.tokens == 512 and float(st.routed.sum()) == 2 * 512  # top-2 routing
     assert_same_stats(b, a)
-    ta = load_file(tmp_path / "one_tokens.safetensors")
-    tb = load_file(tmp_path / "two_tokens.safetensors")
-    assert ta["relevance"].shape == (8, 2, 32)
-    assert torch.equal(ta["input_ids"], tb["input_ids"])
-    torch.testing.assert_close(tb["relevance"], ta["relevance"], rtol=RTOL, atol=0.0)
+    assert a.info["batches_done"] == b.info["batches_done"] == 3

@@ -202,16 +202,19 @@ def test_commands_name_existing_scripts_and_flags() -> None:
     launch: set[str] = set()
     for span in spans:
         for line in span.splitlines():
-            cli = re.match(r"dlbhooks ([a-z-]+)(.*)", line)
+            cli = re.search(r"(?:^|-m )dlbhooks(?:\.cli)? ([a-z-]+)(.*)", line)
             if cli:  # the console script: python -m dlbhooks.cli <command>
                 uses.setdefault(f"-m dlbhooks.cli {cli.group(1)}", set()).update(
                     re.findall(r"--[\w-]+", cli.group(2)))
+                if "accelerate launch" in line:
+                    launch.update(re.findall(r"--[\w-]+", line[:cli.start()]))
             m = re.search(r"((?:scripts|examples)/\w+\.py)(.*)", line)
             if m:
                 uses.setdefault(m.group(1), set()).update(re.findall(r"--[\w-]+", m.group(2)))
                 if "accelerate launch" in line:
                     launch.update(re.findall(r"--[\w-]+", line[:m.start()]))
-    assert "scripts/corpus_stats.py" in uses and launch >= {"--multi_gpu", "--num_processes"}
+    assert "--cpu" in uses["-m dlbhooks.cli experts"]  # (the launched command's flags)
+    assert launch >= {"--multi_gpu", "--num_processes"}
     assert "--model" in uses["-m dlbhooks.cli demo"]  # dlbhooks demo --model digits
     assert all((ROOT / script).is_file() for script in uses if script.endswith(".py")), uses
     flagged = {script: flags for script, flags in uses.items() if flags}

@@ -117,3 +117,31 @@ def test_classifier_moe_image_and_tabular_reports_render(tmp_path):
         for text in expected:
             assert text in dom, (name, text)
         assert "script" not in {t for t, _ in _tags(dom)} and png > 10_000, name
+
+
+def test_pruning_report_renders(tmp_path):
+    """``dlbhooks prune --eval``'s HTML page: the loss table, verdicts and the three layer ×
+    expert heatmaps, with untrusted domain names kept as text."""
+    from dlbhooks.analysis.experts import ExpertStats, _Layer
+    from dlbhooks.analysis.prune_eval import PruningEvaluation
+
+    stats = ExpertStats()
+    for i in range(3):
+        r = torch.arange(1.0, 7.0, dtype=torch.float64) * (i + 1)
+        stats.layers[f"model.layers.{i}.mlp"] = _Layer(r, r, r.flip(0), r, tokens=100)
+    bad = ATTACK[0]
+    ev = PruningEvaluation(0.5, 3, "relevance", {"code": 1.4, bad: 1.2},
+                           {"relevance": {"code": 1.9, bad: 1.6},
+                            "frequency": {"code": 2.1, bad: 1.5}},
+                           {"code": [2.0, 2.05, 1.95], bad: [1.7, 1.65, 1.75]},
+                           {"relevance": stats.least(0.5), "frequency": stats.least(0.5,
+                                                                                    "frequency")},
+                           stats, {"title": "pruning <b>report</b>"})
+    page = ev.to_html()
+    _offline(page)
+    dom, png = _render(page, tmp_path, "pruning")
+    for text in ("Held-out loss", "Relevance share (layer × expert)", "Routing frequency",
+                 "Pruned experts (relevance)", "model.layers.2.mlp", "+0.5000",
+                 "&lt;script&gt;alert(1)&lt;/script&gt; loss", "pruning &lt;b&gt;report"):
+        assert text in dom, text
+    assert "script" not in {t for t, _ in _tags(dom)} and png > 10_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class ExpertStats:
 
     layers: dict[str, _Layer] = field(default_factory=dict)
     explanations: int = 0
+    #: what the statistics describe (JSON-able; saved with them): ``domain``, ``model``,
+    #: the ``run`` that gathered them and its progress (``dlbhooks experts``)
+    info: dict = field(default_factory=dict)
 
     def add(self, exp, mask: Tensor | None = None) -> ExpertStats:
         if not exp.experts:
@@ -69,8 +73,17 @@ class ExpertStats:
                 self.layers[layer].merge(new)
             else:
                 self.layers[layer] = new
+        self._order()
         self.explanations += 1
         return self
+
+    def _order(self) -> None:
+        """Layers in model order (``layers.2`` before ``layers.10``), not reverse-pass order."""
+        def key(name: str) -> list:
+            return [(0, int(p), "") if p.isdigit() else (1, 0, p)
+                    for p in re.split(r"[.#]", name)]
+
+        self.layers = dict(sorted(self.layers.items(), key=lambda kv: key(kv[0])))
 
     def merge(self, other: ExpertStats) -> ExpertStats:
         for layer, st in other.layers.items():
@@ -80,8 +93,38 @@ class ExpertStats:
                 self.layers[layer] = _Layer(st.relevance.clone(), st.abs_relevance.clone(),
                                             st.routed.clone(), st.weight.clone(), st.tokens,
                                             dict(st.shared))
+        self._order()
         self.explanations += other.explanations
         return self
+
+    def experts_per_layer(self) -> dict[str, int]:
+        """Routed experts of every MoE layer (block path -> count)."""
+        return {layer: st.relevance.numel() for layer, st in self.layers.items()}
+
+    def check_layout(self, layout: dict[str, int], what: str = "the model") -> None:
+        """Raise a ValueError unless these statistics cover exactly the MoE blocks of
+        ``layout`` (block path -> routed experts), with the same expert counts."""
+        mine = self.experts_per_layer()
+        if mine == layout:
+            return
+        missing, extra = sorted(set(layout) - set(mine)), sorted(set(mine) - set(layout))
+        counts = {k: (mine[k], layout[k]) for k in set(mine) & set(layout)
+                  if mine[k] != layout[k]}
+        parts = []
+        if missing:
+            parts.append(f"no statistics for {what}'s blocks {missing[:4]}"
+                         + (" ..." if len(missing) > 4 else ""))
+        if extra:
+            parts.append(f"statistics for blocks {what} lacks: {extra[:4]}"
+                         + (" ..." if len(extra) > 4 else ""))
+        if counts:
+            k, (a, b) = next(iter(sorted(counts.items())))
+            parts.append(f"{k} has {a} experts in the statistics and {b} in {what}"
+                         + (f" (and {len(counts) - 1} more blocks differ)" if len(counts) > 1
+                            else ""))
+        model = self.info.get("model")
+        raise ValueError("the expert statistics" + (f" (gathered on {model})" if model else "")
+                         + f" do not match {what}: " + "; ".join(parts))
 
     # -- views --------------------------------------------------------------------------
     def frequency(self, layer: str) -> Tensor:
@@ -129,7 +172,9 @@ class ExpertStats:
     # -- persistence ----------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Totals to a safetensors file; counts and layer data as its JSON metadata."""
-        tensors, meta = {}, {"explanations": self.explanations, "tokens": {}, "shared": {}}
+        tensors: dict = {}
+        meta: dict = {"explanations": self.explanations, "tokens": {}, "shared": {},
+                      "info": self.info}
         for layer, st in self.layers.items():
             for name in ("relevance", "abs_relevance", "routed", "weight"):
                 tensors[f"{name}/{layer}"] = getattr(st, name)
@@ -140,7 +185,7 @@ class ExpertStats:
     @classmethod
     def load(cls, path: str | Path) -> ExpertStats:
         meta, t = read_saved(path, "dlbhooks_expert_stats")
-        stats = cls(explanations=meta["explanations"])
+        stats = cls(explanations=meta["explanations"], info=dict(meta.get("info", {})))
         for layer, tokens in meta["tokens"].items():
             stats.layers[layer] = _Layer(
                 *(t[f"{n}/{layer}"] for n in ("relevance", "abs_relevance", "routed", "weight")),
