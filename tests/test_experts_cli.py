@@ -151,7 +151,7 @@ def test_disk_offloaded_checkpoint(tmp_path, data):
                  "--device-map", '{"": "disk"}', "--offload-folder", str(tmp_path / "off"),
                  *RUN]) == 0
     want = python_api_stats(load(ckpt), hf_tokenizer(char_tokenizer()), [data["prose"]])
-    assert_same_stats(dlb.ExpertStats.load(out), want, rtol=1e-12)
+    assert_same_stats(dlb.ExpertStats.load(out), want, rtol=0.0)  # measured: identical
     pruned_dir = tmp_path / "pruned"
     assert main(["prune", str(ckpt), "--stats", str(out), "--fraction", "0.5",
                  "--by", "frequency", "--out", str(pruned_dir), "--eval", str(data["prose"]),

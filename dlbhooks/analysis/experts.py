@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,14 @@ import torch
 from torch import Tensor
 
 from ..results import read_saved, write_saved
+
+
+def model_order(blocks: Iterable[str]) -> list[str]:
+    """Block names in model order (``layers.2`` before ``layers.10``), as ExpertStats."""
+    def key(name: str) -> list:
+        return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.#]", name)]
+
+    return sorted(blocks, key=key)
 
 
 @dataclass
@@ -79,11 +88,7 @@ class ExpertStats:
 
     def _order(self) -> None:
         """Layers in model order (``layers.2`` before ``layers.10``), not reverse-pass order."""
-        def key(name: str) -> list:
-            return [(0, int(p), "") if p.isdigit() else (1, 0, p)
-                    for p in re.split(r"[.#]", name)]
-
-        self.layers = dict(sorted(self.layers.items(), key=lambda kv: key(kv[0])))
+        self.layers = {k: self.layers[k] for k in model_order(self.layers)}
 
     def merge(self, other: ExpertStats) -> ExpertStats:
         for layer, st in other.layers.items():

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..corpus import explain_batch
+from .experts import model_order
 
 Plan = tuple[tuple[str, tuple[int, ...]], ...]  # hashable: ((block, dropped ids), ...)
 
@@ -57,8 +58,8 @@ def window_scores(model: nn.Module, rows: Tensor, positions: Sequence[int], *,
         if progress:
             print(f"  windows {min(i + batch_size, rows.shape[0])}/{rows.shape[0]}",
                   flush=True)
-    return {by: {b: torch.cat([p[by][b] for p in parts]) for b in parts[0][by]}
-            for by in parts[0]}
+    blocks = model_order(parts[0]["relevance"])
+    return {by: {b: torch.cat([p[by][b] for p in parts]) for b in blocks} for by in parts[0]}
 
 
 def plan_from_totals(totals: dict[str, Tensor], n_drop: int) -> Plan:
