@@ -417,6 +417,21 @@ def compare(table: Table, metric: str, a: str, b: str) -> tuple[str, float, floa
     return word, mean, se
 
 
+def optional_packages() -> str:
+    """Which optional comparisons ran (captum, LXT)."""
+    import importlib.metadata as md
+
+    found = []
+    for pkg, what in (("captum", "captum's DeepLift and LRP (ε) compared on continuous inputs"),
+                      ("lxt", "LXT installed but not wired in (AttnLRP patches transformers "
+                       "models of its own list)")):
+        try:
+            found.append(f"{pkg} {md.version(pkg)}: {what}")
+        except md.PackageNotFoundError:
+            found.append(f"{pkg} not installed: not compared")
+    return "Optional comparisons: " + "; ".join(found) + "."
+
+
 def summary(tables: list[Table]) -> list[str]:
     """One line per dataset: the methods ranked by its headline metric, best first."""
     lines = ["## Summary", "", "Each dataset's methods ranked by its headline metric (best "
@@ -441,8 +456,8 @@ def markdown(tables: list[Table], args, seconds: float, images: dict[str, str]) 
              f"` (seed {args.seed}, {seconds:.0f} s on {args.threads} CPU threads). Means ± "
              "standard errors over examples. Higher is better for top-k hit, top-1, mass, "
              "ΔAUC (LeRF AUC − MoRF AUC), LeRF AUC, faithfulness correlation and MPRT; lower "
-             "for MoRF AUC and max-sensitivity; complexity and sparseness describe the maps.",
-             ""]
+             "for MoRF AUC and max-sensitivity; complexity and sparseness describe the maps. "
+             + optional_packages(), ""]
     lines += summary(tables)
     for table in tables:
         lines += [f"## {table.dataset}", "", table.note, ""]
