@@ -40,7 +40,7 @@ from .analysis.texts import (
     spread_windows,
     token_stream,
 )
-from .explain_cli import _DTYPES, CommandError, load_model, load_tokenizer
+from .explain_cli import CommandError, add_loading_arguments, load_model, load_tokenizer
 from .tiny_moe import asset_path
 
 #: the CHECKPOINT name of the model that ships with dlbhooks
@@ -352,13 +352,7 @@ def _evaluate(args: argparse.Namespace, path: Path, out: Path, stats: ExpertStat
 def _loading_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=f"a checkpoint directory (config.json + weights + "
                    f"tokenizer), or {SHIPPED!r} for the MoE that ships with dlbhooks")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    p.add_argument("--device-map", default=None,
-                   help="accelerate device map for models larger than memory: auto, cpu, ... "
-                        "or a JSON object {module: device or \"disk\"}")
-    p.add_argument("--offload-folder", default=None,
-                   help="where weights mapped to \"disk\" go (with --device-map)")
-    p.add_argument("--trust-remote-code", action="store_true")
+    add_loading_arguments(p)
     p.add_argument("--tokenizer", default=None,
                    help="a tokenizer directory if the checkpoint has none, or 'bytes' (the "
                         "tiny MoE's byte vocabulary)")

@@ -41,15 +41,9 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="the sequence position explained (default: the last token; masked "
                         "LMs: the mask token)")
     p.add_argument("--mode", choices=["default", "contrastive"], default="default")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    p.add_argument("--device-map", default=None,
-                   help="accelerate device map for models larger than memory: auto, cpu, ... "
-                        "or a JSON object {module: device or \"disk\"}")
-    p.add_argument("--offload-folder", default=None,
-                   help="where weights mapped to \"disk\" go (with --device-map)")
+    add_loading_arguments(p)
     p.add_argument("--storage", default=None,
                    help="where records keep tensors: cpu, bf16, cpu+bf16 (see README)")
-    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--top", type=int, default=10, help="input tokens listed in the summary")
     g = p.add_argument_group("generation (causal LMs): explain each generated token")
     g.add_argument("--generate", type=int, default=None, metavar="N",
@@ -66,6 +60,17 @@ def add_explain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="torch seed for sampling")
     p.add_argument("--out", help="write the HTML report here")
     p.add_argument("--save", help="write the result (safetensors) here")
+
+
+def add_loading_arguments(p: argparse.ArgumentParser) -> None:
+    """How a checkpoint is loaded (``dlbhooks explain``, ``experts``, ``prune``)."""
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    p.add_argument("--device-map", default=None,
+                   help="accelerate device map for models larger than memory: auto, cpu, ... "
+                        "or a JSON object {module: device or \"disk\"}")
+    p.add_argument("--offload-folder", default=None,
+                   help="where weights mapped to \"disk\" go (with --device-map)")
+    p.add_argument("--trust-remote-code", action="store_true")
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
