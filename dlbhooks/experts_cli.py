@@ -19,7 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -80,7 +80,8 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Path]:
 def _moe_counts(model: torch.nn.Module, path: Path) -> dict[str, int]:
     """MoE blocks the pruning code knows (block path -> experts); a CommandError for a
     model without experts."""
-    blocks = {p: int(router.num_experts) for p, (router, _) in moe_blocks(model).items()}
+    blocks = {p: int(cast(Any, router).num_experts) for p, (router, _) in
+              moe_blocks(model).items()}
     if not blocks and not any(_config_count(model.config, a) for a in COUNT_ATTRS):
         raise CommandError(f"{path} is not a mixture-of-experts checkpoint "
                            f"({type(model).__name__}: no MoE block, no expert count in its "
@@ -155,7 +156,8 @@ def _experts(args: argparse.Namespace) -> int:
                   "starts over)")
         return 0
     stats.info.update(domain=domain, run=run, batches=len(batches),
-                      model={"checkpoint": str(path), "model_type": model.config.model_type,
+                      model={"checkpoint": str(path),
+                             "model_type": cast(Any, model).config.model_type,
                              "experts": counts})
 
     def per_batch(batch: torch.Tensor) -> ExpertStats:

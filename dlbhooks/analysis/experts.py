@@ -193,6 +193,7 @@ class ExpertStats:
         stats = cls(explanations=meta["explanations"], info=dict(meta.get("info", {})))
         for layer, tokens in meta["tokens"].items():
             stats.layers[layer] = _Layer(
-                *(t[f"{n}/{layer}"] for n in ("relevance", "abs_relevance", "routed", "weight")),
-                tokens=tokens, shared=dict(meta.get("shared", {}).get(layer, {})))
+                t[f"relevance/{layer}"], t[f"abs_relevance/{layer}"], t[f"routed/{layer}"],
+                t[f"weight/{layer}"], tokens=tokens,
+                shared=dict(meta.get("shared", {}).get(layer, {})))
         return stats

@@ -19,7 +19,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -299,7 +299,7 @@ def write_pruned_checkpoint(model: nn.Module, experts: dict[str, list[int]],
     target = model if in_place else copy.deepcopy(model)
     kept = drop_experts(target, experts, params)
     out = Path(out_dir)
-    target.save_pretrained(out, safe_serialization=True)
+    cast(Any, target).save_pretrained(out, safe_serialization=True)  # a transformers model
     (out / "pruned_experts.json").write_text(json.dumps(pruning_info(kept, experts), indent=1)
                                              + "\n")
     return target

@@ -53,7 +53,7 @@ def window_scores(model: nn.Module, rows: Tensor, positions: Sequence[int], *,
         exps, mask = explain_batch(model, rows[i:i + batch_size], target="next",
                                    positions=list(positions), **explain_kwargs)
         per = [exp_window_scores(e, mask) for e in exps]
-        parts.append({by: {b: sum(p[by][b] for p in per) for b in per[0][by]}
+        parts.append({by: {b: torch.stack([p[by][b] for p in per]).sum(0) for b in per[0][by]}
                       for by in per[0]})
         if progress:
             print(f"  windows {min(i + batch_size, rows.shape[0])}/{rows.shape[0]}",

@@ -17,7 +17,7 @@ baselines :func:`random_attribution` and :func:`recency_attribution`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -125,7 +125,7 @@ def _continuous(model: nn.Module, inputs: Any) -> tuple[Tensor, Callable[[Tensor
     if not is_token_input(inputs):
         return inputs.detach(), lambda v: v, None
     ids = inputs["input_ids"]
-    emb = model.get_input_embeddings()(ids).detach()
+    emb = cast(Any, model).get_input_embeddings()(ids).detach()  # a transformers model
     rest = {k: v for k, v in inputs.items() if k != "input_ids"}
     n = len(ids)
 

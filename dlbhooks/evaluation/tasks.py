@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -155,7 +155,8 @@ def _trigger_model() -> nn.Module:
     cfg = BertConfig(vocab_size=ENC_VOCAB, hidden_size=32, intermediate_size=64,
                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=ENC_LEN,
                      type_vocab_size=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                     pad_token_id=ENC_PAD, num_labels=2)
+                     pad_token_id=ENC_PAD)
+    cfg.num_labels = 2
     return BertForSequenceClassification(cfg)
 
 
@@ -218,9 +219,9 @@ def _gen(seed: int, stream: int) -> torch.Generator:
 def _logits(kind: str, model: nn.Module, inputs: Inputs) -> Tensor:
     """The logits the task's target indexes: ``[n, classes]`` (the LM's last position)."""
     if kind == "causal_lm":
-        return model(**inputs).logits[:, -1]
+        return model(**cast(dict, inputs)).logits[:, -1]
     if kind == "classifier":
-        return model(**inputs).logits
+        return model(**cast(dict, inputs)).logits
     return model(inputs)
 
 
