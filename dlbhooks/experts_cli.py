@@ -106,6 +106,21 @@ def experts_command(args: argparse.Namespace) -> int:
     except (CommandError, DataError) as err:
         print(f"dlbhooks experts: {err}")
         return 2
+    finally:
+        _shut_down(barrier=False)  # (after a success: already done; after an error: no
+        # collective call, another process may be inside one)
+
+
+def _shut_down(barrier: bool) -> None:
+    """Leave a process group cleanly: wait for every process, then destroy the group (a
+    process leaving gloo while another still tears it down can abort with "terminate
+    called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def _windows(args: argparse.Namespace, model: torch.nn.Module, path: Path
@@ -185,6 +200,7 @@ def _experts(args: argparse.Namespace) -> int:
               f"{time.time() - t0:.1f} s")
         print(stats)
         print(f"saved {out}")
+    _shut_down(barrier=True)
     return 0
 
 
