@@ -19,7 +19,12 @@ import torch
 
 from dlbhooks.analysis.prune_eval import heldout_loss, pruning_plan
 from dlbhooks.analysis.pruning import pruned
-from dlbhooks.analysis.stability import as_dict, bootstrap_plans, window_scores
+from dlbhooks.analysis.stability import (
+    as_dict,
+    bootstrap_plans,
+    plan_from_totals,
+    window_scores,
+)
 from dlbhooks.analysis.texts import (
     byte_tokenizer,
     consecutive_windows,
@@ -101,9 +106,7 @@ def main() -> None:
             for frac in args.fractions:
                 n_drop = int(round(frac * E))
                 boot = bootstrap_plans(sub, n_drop, args.resamples, seed=1)
-                plans = _resample_plans(sub, n_drop, args.loss_resamples, seed=1,
-                                        resamples=args.resamples)
-                lo = [losses(p) for p in plans]
+                lo = [losses(as_dict(p)) for p in boot.plans[:args.loss_resamples]]
                 full = losses(as_dict(boot.full))
                 sd = {e: _sd([x[e] for x in lo]) for e in DOMAINS}
                 per_layer = sum(boot.agreement.values()) / len(boot.agreement)
@@ -126,10 +129,8 @@ def main() -> None:
             lines.append(f"| {d} (relevance) | " + " | ".join(
                 f"{full[e] - base[e]:+.4f} ± {sd[e]:.4f}" for e in DOMAINS) + " |")
         for d in DOMAINS:
-            totals = {b: s.sum(0) for b, s in scores[d]["frequency"].items()}
-            plan = {b: sorted(torch.argsort(t, stable=True)[:int(round(frac * E))].tolist())
-                    for b, t in totals.items()}
-            f = losses(plan)
+            f = losses(as_dict(plan_from_totals(
+                {b: s.sum(0) for b, s in scores[d]["frequency"].items()}, int(round(frac * E)))))
             lines.append(f"| {d} (frequency) | " + " | ".join(
                 f"{f[e] - base[e]:+.4f}" for e in DOMAINS) + " |")
         rnd = [losses(pruning_plan(_layout_stats(E, scores), int(round(frac * E)), "random",
@@ -159,20 +160,6 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
-
-
-def _resample_plans(scores, n_drop: int, k: int, seed: int, resamples: int
-                    ) -> list[dict[str, list[int]]]:
-    """The plans of the first ``k`` resamples (the same draws as :func:`bootstrap_plans`)."""
-    N = next(iter(scores.values())).shape[0]
-    g = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, N, (resamples, N), generator=g)[:k]
-    out = []
-    for r in range(k):
-        w = torch.bincount(draws[r], minlength=N).double()
-        out.append({b: sorted(torch.argsort(w @ s, stable=True)[:n_drop].tolist())
-                    for b, s in scores.items()})
-    return out
 
 
 def _sd(values: list[float]) -> float:

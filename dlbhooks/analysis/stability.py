@@ -3,7 +3,7 @@ a bootstrap over windows: how often each pruned set is chosen.
 
     scores = window_scores(model, rows, positions=[31, 63, 95, 127])  # by -> block -> [N, E]
     boot = bootstrap_plans(scores["relevance"], n_drop=2, resamples=200)
-    boot.top_share            # share of resamples that choose the most common plan
+    boot.full_share           # share of resamples that choose the all-windows plan
     boot.agreement            # block -> share of resamples choosing that block's full-data set
 """
 
@@ -74,18 +74,11 @@ class Bootstrap:
     """Plans chosen on ``resamples`` bootstrap resamples of the windows."""
 
     full: Plan  # the plan from all windows
+    plans: list[Plan]  # each resample's plan, in draw order
     counts: Counter  # plan -> resamples choosing it
     agreement: dict[str, float]  # block -> share of resamples with the full plan's set
     resamples: int
     experts: dict[str, int]  # block -> routed experts
-
-    @property
-    def top(self) -> Plan:
-        return self.counts.most_common(1)[0][0]
-
-    @property
-    def top_share(self) -> float:
-        return self.counts.most_common(1)[0][1] / self.resamples
 
     @property
     def full_share(self) -> float:
@@ -113,15 +106,13 @@ def bootstrap_plans(scores: dict[str, Tensor], n_drop: int, resamples: int = 200
         1, draws, torch.ones(resamples, N, dtype=torch.float64))  # times each window drawn
     totals = {b: weights @ scores[b] for b in blocks}  # [resamples, E]
     full = plan_from_totals({b: s.sum(0) for b, s in scores.items()}, n_drop)
-    full_sets = dict(full)
-    counts: Counter = Counter()
-    agree = dict.fromkeys(blocks, 0)
-    for r in range(resamples):
-        plan = plan_from_totals({b: totals[b][r] for b in blocks}, n_drop)
-        counts[plan] += 1
-        for b, ids in plan:
-            agree[b] += ids == full_sets[b]
-    return Bootstrap(full, counts, {b: n / resamples for b, n in agree.items()}, resamples,
+    # every resample's dropped experts per block at once (stable ties, then sorted)
+    ids = {b: torch.argsort(t, dim=1, stable=True)[:, :n_drop].sort(dim=1).values.tolist()
+           for b, t in totals.items()}
+    plans = [tuple((b, tuple(ids[b][r])) for b in blocks) for r in range(resamples)]
+    agreement = {b: sum(tuple(row) == ids_full for row in ids[b]) / resamples
+                 for b, ids_full in full}
+    return Bootstrap(full, plans, Counter(plans), agreement, resamples,
                      {b: s.shape[1] for b, s in scores.items()})
 
 
