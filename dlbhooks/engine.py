@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .errors import FunctionalGapError, OffloadError, UnsupportedModuleError
 from .integrations.accelerate import materialise
-from .ledger import LedgerEntry, PendingEntry, finish_ledger
+from .ledger import LedgerEntry, PendingEntry, finish_ledger, finish_ledgers
 from .relevance import Rel, radd, rmap, rsum, stack, streams_of
 from .rules import registry
 from .rules.contract import Bag as BagLike
@@ -104,6 +104,8 @@ class Engine:
     saturation: bool = True
     keep: bool = True
     share: bool = False
+    # targets explained in this one pass (the relevance's leading axis is targets × streams)
+    targets: int = 1
     # the ledger being built, output->input order; finish() makes the final one
     ledger: list[PendingEntry] = field(default_factory=list)
     kept: dict[str, list[Rel | None]] = field(default_factory=dict)
@@ -122,6 +124,11 @@ class Engine:
     @property
     def contrastive(self) -> bool:
         return self.mode == "contrastive"
+
+    @property
+    def streams(self) -> int:
+        """Streams per target: 1 (default mode) or 2 (contrastive: positive, negative)."""
+        return 2 if self.contrastive else 1
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -328,6 +335,10 @@ class Engine:
         (``(pos, neg)`` in contrastive mode), with what each call absorbed inside it."""
         return finish_ledger(self.ledger, self._absorptions, self.contrastive)
 
+    def finish_targets(self) -> list[list[LedgerEntry]]:
+        """One final ledger per target (:meth:`finish` of each target's streams)."""
+        return finish_ledgers(self.ledger, self._absorptions, self.contrastive, self.targets)
+
     def _total(self, rels: list[Rel | None], pop: bool = False,
                keep: list[Rel | None] | None = None) -> Rel | None:
         """Float64 total of a list of relevances, each tensor summed only once: a record's
@@ -365,6 +376,11 @@ class Engine:
                     f"the rule {rule.name!r} for {rec.describe()} returned "
                     f"{type(res).__name__}; rules annotated `-> RuleResult` must return "
                     "dlbhooks.RuleResult(relevance_in, absorbed)")
+        elif self.targets > 1:
+            raise UnsupportedModuleError(
+                f"the rule {rule.name!r} for {rec.describe()} is written to the first rule "
+                "form, which knows one target's streams only: explain the targets one at a "
+                "time, or write the rule to the RuleResult form (README, 'Custom rules').")
         else:
             res = legacy_call(rule.fn, rec, R_out, self)
         return list(res.relevance_in), rsum(res.absorbed)

@@ -21,7 +21,7 @@ from .errors import (
 )
 from .footprint import record_bytes
 from .ledger import LedgerEntry
-from .relevance import Rel, all_finite, has_nan, net, to_float
+from .relevance import CURRENT_STREAMS, Rel, all_finite, has_nan, net, to_float
 from .results import Explanation
 from .seeds import TASKS, make_seed, sequence_positions
 from .weights import changed_weights
@@ -65,7 +65,8 @@ def explain_tape(
     share: bool = False,
     temperature: float = 1.0,
     tokenizer: Any = None,
-) -> Explanation:
+    targets: list[Any] | None = None,
+) -> Any:
     """Propagate relevance from the last recorded model call back to its inputs.
 
     ``target``: what to explain, per ``task`` (``"multiclass"``, ``"binary"``,
@@ -77,6 +78,12 @@ def explain_tape(
     model output to explain (name or index); ``position``: the sequence position of a
     ``[batch, T, vocab]`` output (default: the last unmasked one).
 
+    ``targets``: several targets (each one what ``target`` may be) explained in one
+    reverse pass, which shares every product that depends on the forward only: returns a
+    list of :class:`Explanation`, each equal to explaining that target alone (to rounding:
+    a batched product may sum in another order). Memory grows with the number of targets
+    (the relevance of every target is held at once).
+
     ``tokenizer``: lets ``target`` be a token string (``"▁Paris"``, or text that encodes
     as exactly one token), or a list of them per row.
 
@@ -87,19 +94,56 @@ def explain_tape(
     tape for later explanations of the same forward (several targets): faster from the
     second target on, at the cost of about one more copy of the layers' activations
     (``tape.shared.clear()`` frees it)."""
-    root = _checked_root(tape)
+    options = dict(mode=mode, multiplier=multiplier, saturation=saturation, task=task,
+                   thresholding=thresholding, scaler=scaler, keep=keep, output=output,
+                   share=share, temperature=temperature)
+    if targets is None:
+        if tokenizer is not None:
+            target = token_target(target, tokenizer)
+        return explain_targets(tape, [(target, position)], **options)[0]
+    if target is not None:
+        raise TargetError("give target= (one target) or targets= (several), not both")
+    if isinstance(targets, (str, Tensor)) or not isinstance(targets, (list, tuple)) \
+            or not targets:
+        raise TargetError(f"targets= must be a non-empty list of targets, got {targets!r}")
     if tokenizer is not None:
-        target = token_target(target, tokenizer)
+        targets = [token_target(t, tokenizer) for t in targets]
+    return explain_targets(tape, [(t, position) for t in targets], **options)
+
+
+def explain_targets(
+    tape: Tape,
+    specs: list[tuple[Any, Any]],
+    *,
+    mode: str = "default",
+    multiplier: float = 100.0,
+    saturation: bool = True,
+    task: str = "multiclass",
+    thresholding: float = 0.5,
+    scaler: float | None = None,
+    keep: bool = True,
+    output: str | int | None = None,
+    share: bool = False,
+    temperature: float = 1.0,
+) -> list[Explanation]:
+    """One reverse pass for every ``(target, position)`` of ``specs``: the seeds stacked
+    on the relevance's leading axis (targets × streams), one :class:`Explanation` each
+    (the options as in :func:`explain_tape`)."""
+    root = _checked_root(tape)
     k = select_output(root, output)
-    seeded = _seed(tape, root, k, target, task=task, multiplier=multiplier, mode=mode,
-                   thresholding=thresholding, position=position, saturation=saturation,
-                   temperature=temperature)
-    engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share)
-    R_out = [seeded.relevance if i == k else None for i in range(len(root.outputs))]
-    R_in, ledger = _run(engine, root, R_out)
-    inputs = _input_relevance(tape, root, R_in, seeded.dtype, mode)
-    return _assemble(engine, ledger, inputs, mode=mode, multiplier=multiplier,
-                     target=seeded.target, scaler=scaler, info=seeded.info)
+    seeded = [_seed(tape, root, k, target, task=task, multiplier=multiplier, mode=mode,
+                    thresholding=thresholding, position=position, saturation=saturation,
+                    temperature=temperature) for target, position in specs]
+    seed = seeded[0].relevance if len(seeded) == 1 else torch.cat(
+        [s.relevance for s in seeded])
+    engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share,
+                    targets=len(specs))
+    R_out = [seed if i == k else None for i in range(len(root.outputs))]
+    R_in, ledgers = _run(engine, root, R_out)
+    inputs = _input_relevance(tape, root, R_in, seeded[0].dtype, engine.streams * len(specs))
+    return [_assemble(engine, ledger, inputs, t, mode=mode, multiplier=multiplier,
+                      target=s.target, scaler=scaler, info=s.info)
+            for t, (s, ledger) in enumerate(zip(seeded, ledgers))]
 
 
 def token_target(target: Any, tokenizer: Any) -> Any:
@@ -180,16 +224,17 @@ def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplie
 
 
 def _run(engine: Engine, root: Record,
-         R_out: list[Rel | None]) -> tuple[list[Rel | None], list[LedgerEntry]]:
-    """Relevance on ``root``'s inputs and the final ledger; running out of memory raises
-    :class:`~dlbhooks.errors.OutOfMemoryError` with advice."""
+         R_out: list[Rel | None]) -> tuple[list[Rel | None], list[list[LedgerEntry]]]:
+    """Relevance on ``root``'s inputs and the final ledger of each target; running out of
+    memory raises :class:`~dlbhooks.errors.OutOfMemoryError` with advice."""
     tape = engine.tape
+    token = CURRENT_STREAMS.set(engine.streams)
     try:
         # relevance is not differentiated: no autograd graph, even for a tape recorded
         # with grad=True or an explanation asked for inside torch.inference_mode()
         with torch.inference_mode(False), torch.no_grad(), tape.store.checks():
             R_in = engine.propagate(root, R_out)
-            ledger = engine.finish()
+            ledgers = engine.finish_targets()
     except Exception as err:
         if not is_out_of_memory(err):
             raise
@@ -198,11 +243,13 @@ def _run(engine: Engine, root: Record,
             memory_advice(where or "while explaining", str(tape.store.policy),
                           record_bytes(tape))
         ) from err
-    return R_in, ledger
+    finally:
+        CURRENT_STREAMS.reset(token)
+    return R_in, ledgers
 
 
 def _input_relevance(tape: Tape, root: Record, R_in: list[Rel | None], dtype: torch.dtype,
-                     mode: str) -> dict[str, Rel]:
+                     S: int) -> dict[str, Rel]:
     """Relevance per model input, by name: zeros for an input it did not reach; raises on
     an input holding inf that it did reach."""
     inputs: dict[str, Rel] = {}
@@ -213,22 +260,29 @@ def _input_relevance(tape: Tape, root: Record, R_in: list[Rel | None], dtype: to
                 "meaningless. Clean the input (torch.nan_to_num) before explaining."
             )
         if R is None:
-            S = 2 if mode == "contrastive" else 1
             R = torch.zeros((S, *t.shape), dtype=dtype, device=tape.store.device_of(t))
         inputs[name] = R
     return inputs
 
 
-def _assemble(engine: Engine, ledger: list[LedgerEntry], inputs: dict[str, Rel], *,
-              mode: str, multiplier: float, target: Any, scaler: float | None,
+def _assemble(engine: Engine, ledger: list[LedgerEntry], inputs: dict[str, Rel], t: int,
+              *, mode: str, multiplier: float, target: Any, scaler: float | None,
               info: dict[str, Any]) -> Explanation:
-    """The :class:`Explanation` of a finished engine run."""
+    """The :class:`Explanation` of target ``t`` of a finished engine run."""
     contrastive = mode == "contrastive"
-    streams = inputs if contrastive else {}
+    m = engine.streams
+
+    def part(R: Tensor) -> Tensor:  # target t's streams
+        return R if engine.targets == 1 else R[t * m:(t + 1) * m]
+
+    def net_of(R: Tensor) -> Tensor:
+        return net(part(R))
+
+    streams = {name: part(R) for name, R in inputs.items()} if contrastive else {}
     absorbing = [e for e in ledger if e.leaf or e.absorbed not in (0.0, (0.0, 0.0))]
     reports = engine.reports
     return Explanation(
-        inputs={name: net(R) for name, R in inputs.items()},
+        inputs={name: net_of(R) for name, R in inputs.items()},
         layers={e.key: _net(e.relevance_in) for e in ledger if e.path},
         absorbed={e.key: _net(e.absorbed) for e in absorbing}, mode=mode,
         multiplier=float(multiplier),
@@ -238,15 +292,15 @@ def _assemble(engine: Engine, ledger: list[LedgerEntry], inputs: dict[str, Rel],
         absorbed_negative={e.key: e.absorbed[1] for e in absorbing} if contrastive else None,
         target=target, ledger=ledger,
         tensors={
-            key: [None if r is None else net(r) for r in rs]
+            key: [None if r is None else net_of(r) for r in rs]
             for key, rs in engine.kept.items() if key != "<root>"
         },
         scaler=scaler, info=info,
-        heads={k: net(v) for k, v in reports.heads.items()},
-        experts={k: net(v) for k, v in reports.experts.items()},
+        heads={k: net_of(v) for k, v in reports.heads.items()},
+        experts={k: net_of(v) for k, v in reports.experts.items()},
         routing=dict(reports.routing),
         blocks={
-            k: {name: _net(to_float(v)) for name, v in d.items()}
+            k: {name: _net(to_float(part(v))) for name, v in d.items()}
             for k, d in reports.blocks.items()
         },
     )

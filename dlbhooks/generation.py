@@ -3,17 +3,13 @@
 A decoder-only language model generates ``n`` tokens after a prompt of ``T`` tokens. The
 token generated at sequence position ``T + k`` is predicted by the logits at position
 ``T + k - 1``, and by causality those logits depend only on positions ``0 .. T + k - 1``.
-So one recorded forward over ``prompt + generated[:-1]`` holds everything needed: each
-generated token is one reverse pass (``tape.explain(target=token, position=T + k - 1)``)
-over that same tape. Row ``k`` of the result's ``matrix`` is the relevance of every earlier
-token for generated token ``k``; the entries after position ``T + k - 1`` are exactly 0.
-
-Why one reverse pass per token and not one batched pass for all of them: every rule takes
-one seed per batch row and splits it against that row's recorded activations. Explaining
-``k`` targets of one row at once would mean replicating the row ``k`` times in every rule
-(the activations, the denominators, the attention recomputation), so the arithmetic and the
-memory grow ``k``-fold anyway; only the per-call Python overhead would be saved. Sharing the
-forward is what saves real work: ``1 + k`` passes' worth instead of ``2k``.
+So one recorded forward over ``prompt + generated[:-1]`` holds everything needed, and the
+generated tokens are explained as several targets of that one tape
+(``tape.explain(targets=...)``, each at its own position ``T + k - 1``): up to
+``targets_per_pass`` of them in one reverse pass, which shares every product that depends
+on the forward only (the denominators, the attention probabilities). Row ``k`` of the
+result's ``matrix`` is the relevance of every earlier token for generated token ``k``; the
+entries after position ``T + k - 1`` are exactly 0.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .explaining import explain_targets
 from .integrations.accelerate import input_device
 from .report import generation_html
 from .results import Explanation, read_saved, write_saved
@@ -224,6 +221,7 @@ def explain_generation(  # long: its docstring documents every option of a publi
     share: bool = True,
     progress: bool = False,
     only: list[int] | None = None,
+    targets_per_pass: int = 8,
     **generate_kwargs: Any,
 ) -> GenerationExplanation:
     """Generate up to ``max_new_tokens`` tokens after a prompt and explain each of them.
@@ -241,13 +239,17 @@ def explain_generation(  # long: its docstring documents every option of a publi
     given continuation instead.
 
     Then one traced forward over ``prompt + generated[:-1]`` and one reverse pass per
-    generated token (module docstring: why not one batched pass). ``keep=True`` also
+    ``targets_per_pass`` generated tokens (each pass explains that many tokens at once;
+    memory for relevance grows with it). ``keep=True`` also
     returns each token's full :class:`~dlbhooks.Explanation` (with per-module tensors).
     ``storage`` is the record storage policy of :func:`dlbhooks.trace` (e.g. ``"cpu"``).
     ``progress``: a bar over the tokens' explanations; ``only``: these generated tokens
-    (indices) only, the other rows NaN. ``share``: the reverse passes share
-    the denominators (``tape.explain(share=True)``; one more copy of the activations).
+    (indices) only, the other rows NaN. ``share``: when there is more than one reverse
+    pass, they share the denominators (``tape.explain(share=True)``; one more copy of the
+    activations).
     """
+    if not (isinstance(targets_per_pass, int) and targets_per_pass >= 1):
+        raise ValueError(f"targets_per_pass must be a positive int, got {targets_per_pass!r}")
     ids, mask, tok = _prompt_ids(tokenizer_or_ids, prompt, attention_mask)
     device = input_device(model)
     ids = ids.to(device)
@@ -259,11 +261,17 @@ def explain_generation(  # long: its docstring documents every option of a publi
     with trace(model, storage=storage) as tape:
         model(**_forward_inputs(seq, mask, n))
     rows = _TokenRows(keep=keep)
+    chosen = [k for k in range(n) if only is None or k in only]
+    passes = [chosen[i:i + targets_per_pass] for i in range(0, len(chosen), targets_per_pass)]
     options = {"mode": mode, "multiplier": multiplier, "saturation": saturation, "keep": keep,
-               "share": share and n > 1}
-    for k in _steps(n, progress):
-        if only is None or k in only:
-            rows.add(tape.explain(target=int(gen[k]), position=T + k - 1, **options))
+               "share": share and len(passes) > 1}
+    done: dict[int, Explanation] = {}
+    for group in _steps(passes, progress):
+        specs = [(int(gen[k]), T + k - 1) for k in group]
+        done.update(zip(group, explain_targets(tape, specs, **options)))
+    for k in range(n):
+        if k in done:
+            rows.add(done.pop(k))
         else:
             rows.skip(seq.shape[-1] - 1, mode == "contrastive")
     del tape
@@ -275,13 +283,13 @@ def explain_generation(  # long: its docstring documents every option of a publi
     )
 
 
-def _steps(n: int, progress: bool) -> Any:
-    """``range(n)``, with a progress bar over the explained tokens if asked."""
+def _steps(passes: list[list[int]], progress: bool) -> Any:
+    """The reverse passes (groups of generated tokens), with a progress bar if asked."""
     if not progress:
-        return range(n)
+        return passes
     from tqdm.auto import tqdm  # lazy: only for the bar (tqdm comes with transformers)
 
-    return tqdm(range(n), desc="explaining generated tokens", unit="token")
+    return tqdm(passes, desc="explaining generated tokens", unit="pass")
 
 
 def _continuation(model: nn.Module, ids: Tensor, mask: Tensor | None, tok: Any,

@@ -56,8 +56,29 @@ def finish_ledger(pending: list[PendingEntry], log_length: int,
     """The final ledger of the finished entries, in their order: totals as floats (``(pos,
     neg)`` in contrastive mode), ``absorbed_inside`` as a difference of running sums over
     the log of absorptions (``log_length`` items)."""
+    return finish_ledgers(pending, log_length, contrastive, 1)[0]
+
+
+def finish_ledgers(pending: list[PendingEntry], log_length: int, contrastive: bool,
+                   targets: int) -> list[list[LedgerEntry]]:
+    """:func:`finish_ledger` of each of ``targets`` targets explained in one pass (each
+    total ``[targets × streams]``, target-major)."""
     done = [e for e in pending if e.log_end is not None]
-    values = _host_values(done, contrastive)
+    m = 2 if contrastive else 1
+    rows = _host_values(done, m * targets)
+    return [_ledger(done, [tuple(_value(v, t, m) for v in row) for row in rows], log_length,
+                    contrastive) for t in range(targets)]
+
+
+def _value(v: list[float] | None, t: int, m: int) -> Value:
+    """Target ``t``'s value of a row of totals (``None``: nothing, 0 per stream)."""
+    if v is None:
+        return (0.0, 0.0) if m == 2 else 0.0
+    return (v[2 * t], v[2 * t + 1]) if m == 2 else v[t]
+
+
+def _ledger(done: list[PendingEntry], values: list[tuple[Value, ...]], log_length: int,
+            contrastive: bool) -> list[LedgerEntry]:
     zero: Value = (0.0, 0.0) if contrastive else 0.0
     log = [zero] * log_length
     for e, (_, _, absorbed) in zip(done, values):
@@ -78,23 +99,23 @@ def finish_ledger(pending: list[PendingEntry], log_length: int,
 
 
 def _host_values(entries: list[PendingEntry],
-                 contrastive: bool) -> list[tuple[Value, Value, Value]]:
-    """Each entry's ``(relevance_out, relevance_in, absorbed)`` as floats, with one transfer
-    per device instead of one per value; ``None`` (nothing) is 0, per stream too."""
+                 width: int) -> list[tuple[list[float] | None, ...]]:
+    """Each entry's ``(relevance_out, relevance_in, absorbed)`` as lists of ``width`` floats
+    (one per stack entry), with one transfer per device instead of one per value; ``None``
+    for nothing."""
     totals: dict[torch.device, list[Tensor]] = {}
     for e in entries:
         for v in (e.relevance_out, e.relevance_in, e.absorbed):
             if v is not None:
+                if v.shape != (width,):
+                    raise ValueError(f"{e.path or e.key}: a total of shape {tuple(v.shape)} "
+                                     f"where {width} per-stream values were expected")
                 totals.setdefault(v.device, []).append(v)
     floats = {dev: iter(torch.stack(ts).tolist()) for dev, ts in totals.items()}
-    zero: Value = (0.0, 0.0) if contrastive else 0.0
 
-    def value(v: Tensor | None) -> Value:
-        if v is None:
-            return zero
-        pair = next(floats[v.device])
-        return (pair[0], pair[1]) if contrastive else pair[0]
+    def value(v: Tensor | None) -> list[float] | None:
+        return None if v is None else next(floats[v.device])
 
-    # left to right, as stacked: out, in, absorbed (a pair: pos, neg)
+    # left to right, as stacked: out, in, absorbed
     return [(value(e.relevance_out), value(e.relevance_in), value(e.absorbed))
             for e in entries]

@@ -1,10 +1,13 @@
 """Relevance values: one tensor whose leading axis stacks what is explained at once.
 
-A relevance on a tensor ``x`` has shape ``[S, *x.shape]``. In default mode ``S = 1``; in
-contrastive mode ``S = 2``: index 0 is the positive stream, index 1 the negative one (the
-explanation is ``R[0] - R[1]``). Rules that treat each stream alike work on the whole stack
-(broadcasting over the leading axis) or map a one-tensor function over it with
-:func:`rmap`; only the weighted-sum rule (``rules/core.py``) mixes the two streams.
+A relevance on a tensor ``x`` has shape ``[S, *x.shape]``, ``S = targets × streams``: one
+entry per stream of each target explained in the same reverse pass, target-major. In
+default mode there is one stream per target; in contrastive mode two, positive then
+negative (the explanation of target ``t`` is ``R[2t] - R[2t + 1]``). With one target,
+``S = 1`` (default) or ``S = 2`` (contrastive). Rules that treat each entry alike work on
+the whole stack (broadcasting over the leading axis) or map a one-tensor function over it
+with :func:`rmap`; only the contrastive weighted-sum rule (``rules/core.py``) mixes a
+target's two streams, and no rule mixes targets.
 
 :class:`Streams` is the pair type of the first documented rule form (a contrastive
 relevance as ``(pos, neg)``); only the adapter for rules written to that form uses it.
@@ -14,13 +17,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-#: A stacked relevance: ``[S, *shape]`` (``S`` = 1 default, 2 contrastive: pos, neg).
+#: A stacked relevance: ``[S, *shape]`` (``S`` = targets × streams; streams: 1 default, 2
+#: contrastive: pos, neg).
 Rel = Tensor
+
+#: Streams per target of the explanation being run (1 default, 2 contrastive); ``None``
+#: outside an explanation. Set by the engine, read where a rule does not say its mode.
+CURRENT_STREAMS: ContextVar[int | None] = ContextVar("dlbhooks_streams", default=None)
+
+
+def by_target(R: Rel, streams: int) -> list[Rel]:
+    """``R`` cut into one stacked relevance per target (``[streams, ...]`` views)."""
+    return list(R.split(streams, dim=0))
 
 
 class Streams(NamedTuple):

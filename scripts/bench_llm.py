@@ -1,29 +1,33 @@
-"""Explanation cost of a ~100M-parameter Llama on CPU: time and peak memory vs a forward.
+"""Explanation cost of a ~100M-parameter Llama on CPU: time and peak memory against a
+forward and against gradient x input (one forward + one backward: the cost of LXT's
+AttnLRP and of any gradient method).
 
 A random LlamaForCausalLM (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, tied
-embeddings: ~110M parameters), fp32, ``torch.set_num_threads(2)``, batch 1, at each length:
+embeddings: ~110M parameters), fp32, ``torch.set_num_threads(2)``, batch 1, eager
+attention, at each length:
 
-* forward: ``model(input_ids, use_cache=False)`` under ``torch.no_grad``, eager attention;
-* explanation: recorded forward (``dlb.trace``) + ``tape.explain(keep=False)`` of the
-  argmax token at the last position;
+* forward: ``model(input_ids, use_cache=False)`` under ``torch.no_grad``;
 * gradient x input: forward on ``inputs_embeds`` with grad on them (parameters frozen) +
   backward of the target logit, then ``grad * embeds`` summed per token;
-* k targets (default 4): ``dlb.explain_generation`` with a given continuation of k tokens
-  (one recorded forward + k reverse passes) vs k independent explanations (k recorded
-  forwards + k reverse passes) of the same full-length sequence. The time ratio is printed
-  next to (2+k)/(3k) and next to the ratio predicted from the measured split of one
-  explanation into recorded forward and reverse pass, (fwd + k·rev) / (k·(fwd + rev)).
+* explanation: ``dlb.explain(model, {"input_ids": ids}, keep=False)`` (a recorded forward
+  + one reverse pass) of the arg-max token at the last position;
+* k targets on one forward: ``dlb.explain(..., targets=[...])`` with k next-token
+  targets at the last position (one recorded forward + one reverse pass for all k),
+  against k single explanations (each its own forward): the ratio is
+  ``time(k targets) / (k · time(one explanation))``, next to (2+k)/(3k), the floor of a
+  method whose one explanation costs three products per layer of which two (forward and
+  denominators) are shared.
 
-Every measurement runs in a fresh subprocess (the model is rebuilt from the same seed), so
-memory of one measurement never hides another's. Peak memory: after building the model
-and its inputs the process resets its resident-set high-water mark (``/proc/self/clear_refs``
-with ``5``, Linux) and notes its RSS; the first (warm-up) run's increase is ``VmHWM - RSS``.
-Where the reset is not possible a psutil thread samples RSS every millisecond instead.
-Times are the fastest of ``--repeats`` runs after the warm-up (the run least disturbed by
-other work on the machine; the medians are in the JSON each worker prints).
+Times: one process per length runs every method in turn, ``--repeats`` rounds after a
+warm-up round (alternating, so a slow spell of the machine hits all of them), and prints
+medians. Memory: each method in a fresh process; after building the model and its inputs
+the process resets its resident-set high-water mark (``/proc/self/clear_refs`` with ``5``,
+Linux) and notes its RSS; the first run's increase is ``VmHWM - RSS`` (where the reset is
+not possible a psutil thread samples RSS every millisecond). The explanation's process
+also reports the bytes its records hold (``dlb.record_bytes``).
 
-    python scripts/bench_llm.py [--lengths 128 512] [--repeats 3] [--k 4] [--profile 512]
-                                [--weight-cache MIB]
+    python scripts/bench_llm.py [--lengths 128 512 2048] [--repeats 3] [--k 1 4 8]
+                                [--profile 512] [--weight-cache MIB] [--json FILE]
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import time
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
               num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=4096,
               tie_word_embeddings=True)
-KINDS = ["forward", "explain", "gradxinput", "shared_k", "independent_k"]
+MEMORY_KINDS = ["forward", "gradxinput", "explain"]
 
 
 # -- memory -------------------------------------------------------------------------------
@@ -93,7 +97,7 @@ class PeakRSS:
         return None
 
 
-# -- the worker: one measurement in a fresh process ---------------------------------------
+# -- the workers ----------------------------------------------------------------------------
 
 
 def build(threads: int):
@@ -108,76 +112,84 @@ def build(threads: int):
     return model
 
 
-def worker(kind: str, length: int, repeats: int, threads: int, k: int) -> dict:
+def operations(model, length: int, ks: list[int]) -> dict:
+    """The measured operations on one model and one input of ``length`` tokens."""
     import torch
 
     import dlbhooks as dlb
 
-    model = build(threads)
-    params = sum(p.numel() for p in model.parameters())
     ids = torch.randint(0, CONFIG["vocab_size"], (1, length),
                         generator=torch.Generator().manual_seed(1))
-    split: dict[str, list[float]] = {"traced_forward": [], "reverse": []}
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, -1]
+    top = logits.topk(max(ks)).indices.tolist()  # the k most likely next tokens
+    emb_layer = model.get_input_embeddings()
 
-    if kind == "forward":
-        def op():
-            with torch.no_grad():
-                return model(input_ids=ids, use_cache=False).logits
-    elif kind == "explain":
-        def op():
-            c0 = time.process_time()
-            with dlb.trace(model) as tape:
-                model(input_ids=ids)
-            c1 = time.process_time()
-            exp = tape.explain(keep=False)
-            split["traced_forward"].append(c1 - c0)
-            split["reverse"].append(time.process_time() - c1)
-            return exp
-    elif kind == "gradxinput":
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+
+    def gradxinput():
         for p in model.parameters():
             p.requires_grad_(False)
-        with torch.no_grad():
-            target = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
-        emb_layer = model.get_input_embeddings()
+        emb = emb_layer(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=emb, use_cache=False).logits
+        out[0, -1, top[0]].backward()
+        return (emb.grad * emb).sum(-1).detach()
 
-        def op():
-            emb = emb_layer(ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=emb, use_cache=False).logits
-            logits[0, -1, target].backward()
-            return (emb.grad * emb).sum(-1).detach()
-    elif kind == "shared_k":
-        prompt, cont = ids[:, : length - k + 1], ids[0, length - k + 1:]
-        cont = torch.cat([cont, cont.new_tensor([7])])  # k tokens: the sequence traced is ids
+    def explain():
+        return dlb.explain(model, {"input_ids": ids}, target=top[0], keep=False)
 
-        def op():
-            return dlb.explain_generation(model, prompt, generated_ids=cont)
-    elif kind == "independent_k":
-        targets = ids[0, length - k + 1:].tolist() + [7]
+    ops = {"forward": forward, "gradxinput": gradxinput, "explain": explain}
+    for k in ks:
+        if k > 1:
+            ops[f"targets_{k}"] = (lambda k=k: dlb.explain(
+                model, {"input_ids": ids}, targets=top[:k], keep=False))
+    return ops
 
-        def op():
-            return [dlb.explain(model, {"input_ids": ids}, target=t, position=length - k + j,
-                                keep=False) for j, t in enumerate(targets)]
-    else:
-        raise ValueError(kind)
 
-    with PeakRSS() as mem:
-        out = op()  # warm-up, and the memory measurement
-    del out
-    split = {key: [] for key in split}
-    times, cpu = [], []
+def time_worker(length: int, repeats: int, threads: int, ks: list[int]) -> dict:
+    """Every operation in turn, ``repeats`` rounds after a warm-up round: medians."""
+    model = build(threads)
+    ops = operations(model, length, ks)
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    cpus: dict[str, list[float]] = {name: [] for name in ops}
+    for op in ops.values():  # warm-up
+        op()
     for _ in range(repeats):
-        gc.collect()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = op()
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        del out
-    res = {"kind": kind, "length": length, "time": min(times), "cpu": min(cpu),
-           "median": statistics.median(times), "times": times, "cpus": cpu,
-           "peak_mib": mem.mib, "mem_method": mem.method, "params": params}
-    for key, v in split.items():
-        if v:
-            res[key] = min(v)
+        for name, op in ops.items():
+            gc.collect()
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = op()
+            times[name].append(time.perf_counter() - t0)
+            cpus[name].append(time.process_time() - c0)
+            del out
+    return {"length": length, "params": sum(p.numel() for p in model.parameters()),
+            "median": {n: statistics.median(v) for n, v in times.items()},
+            "cpu_median": {n: statistics.median(v) for n, v in cpus.items()},
+            "times": times, "cpus": cpus}
+
+
+def memory_worker(kind: str, length: int, threads: int) -> dict:
+    """Peak RSS increase of one run of ``kind`` in this (fresh) process."""
+    import dlbhooks as dlb
+
+    model = build(threads)
+    ops = operations(model, length, [1])
+    res: dict = {"kind": kind, "length": length}
+    with PeakRSS() as mem:
+        out = ops[kind]()
+    del out
+    if kind == "explain":  # the records' bytes, from a trace of the same forward (after)
+        import torch
+
+        ids = torch.randint(0, CONFIG["vocab_size"], (1, length),
+                            generator=torch.Generator().manual_seed(1))
+        with dlb.trace(model) as tape:
+            model(input_ids=ids)
+        res["records_mib"] = dlb.record_bytes(tape) / 2**20
+        del tape
+    res.update(peak_mib=mem.mib, mem_method=mem.method)
     return res
 
 
@@ -245,10 +257,9 @@ def profile(length: int, threads: int) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def run_worker(kind: str, length: int, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--lengths",
-           str(length), "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--k", str(args.k)]
+def run_worker(args, *extra: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--k", *map(str, args.k), *extra]
     if args.weight_cache is not None:
         cmd += ["--weight-cache", str(args.weight_cache)]
     env = dict(os.environ)
@@ -256,60 +267,18 @@ def run_worker(kind: str, length: int, args) -> dict:
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {kind} @ {length} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"worker {extra} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--profile", type=int, nargs="*", default=None,
-                    help="profile the reverse pass at these lengths (default: the longest)")
-    ap.add_argument("--spin", action="store_true",
-                    help="leave OpenMP's wait policy alone (default: OMP_WAIT_POLICY=PASSIVE)")
-    ap.add_argument("--json", help="also write every measurement (all run times) here")
-    ap.add_argument("--weight-cache", type=int, default=None, metavar="MIB",
-                    help="dlb.set_weight_cache budget in MiB (default: the library's, "
-                         "256; 0 turns the |W| cache off)")
-    ap.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.worker:
-        if args.weight_cache is not None:
-            import dlbhooks as dlb
-
-            dlb.set_weight_cache(args.weight_cache * 2**20)
-        print(json.dumps(worker(args.worker, args.lengths[0], args.repeats, args.threads,
-                                args.k)))
-        return
-    if args.profile is not None:
-        for length in args.profile or [max(args.lengths)]:
-            profile(length, args.threads)
-        return
-
-    k = args.k
-    results: dict[tuple[str, int], dict] = {}
-    for length in args.lengths:
-        for kind in KINDS:
-            t0 = time.perf_counter()
-            results[kind, length] = r = run_worker(kind, length, args)
-            print(f"  [{kind} @ {length}: {r['time']:.2f} s, +{r['peak_mib']:.0f} MiB; "
-                  f"wall {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([results[key] for key in results], f, indent=1)
-    any_r = next(iter(results.values()))
-    print(f"Random LlamaForCausalLM, {any_r['params'] / 1e6:.1f}M parameters "
-          f"(hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, tied embeddings), "
-          f"fp32, CPU, {args.threads} threads, batch 1, eager attention.")
-    print(f"Times: fastest of {args.repeats} runs after a warm-up, wall clock and CPU time "
-          "(all threads; idle OpenMP threads sleep). Ratios use CPU time, which other work on "
-          "the machine disturbs far less than wall time.")
-    print(f"Memory: peak RSS increase during the warm-up run, each measurement in a fresh "
-          f"process ({any_r['mem_method']}).")
+def report(args, timing: dict[int, dict], memory: dict[tuple[str, int], dict]) -> None:
+    any_t = next(iter(timing.values()))
+    print(f"Random LlamaForCausalLM, {any_t['params'] / 1e6:.1f}M parameters (hidden 768, 12 "
+          f"layers, 12 heads, MLP 2048, vocab 32000, tied embeddings), fp32, CPU, "
+          f"{args.threads} threads, batch 1, eager attention.")
+    print(f"Times: medians of {args.repeats} alternating rounds in one process per length "
+          "(wall clock). Memory: peak RSS increase of one run, each in a fresh process "
+          f"({next(iter(memory.values()))['mem_method']}).")
     try:
         load = os.getloadavg()
         print(f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
@@ -317,36 +286,85 @@ def main() -> None:
     except OSError:
         pass
     print()
-    head = (f"{'tokens':>6} | {'what':<40} | {'wall s':>7} | {'cpu s':>7} | {'x fwd':>6} | "
-            f"{'peak +MiB':>9} | {'x fwd':>6}")
+    head = (f"{'tokens':>6} | {'forward':>8} | {'grad x in':>9} | {'explain':>8} | "
+            f"{'expl/fwd':>8} | {'expl/gxi':>8} | " + " | ".join(
+                f"{f'k={k}':>11}" for k in args.k))
     print(head)
     print("-" * len(head))
+    for length, t in timing.items():
+        m = t["median"]
+        ratios = []
+        for k in args.k:
+            single = m["explain"]
+            many = single if k == 1 else m[f"targets_{k}"]
+            ratios.append(f"{many / (k * single):5.2f} ({(2 + k) / (3 * k):.2f})")
+        print(f"{length:>6} | {m['forward']:7.2f}s | {m['gradxinput']:8.2f}s | "
+              f"{m['explain']:7.2f}s | {m['explain'] / m['forward']:8.2f} | "
+              f"{m['explain'] / m['gradxinput']:8.2f} | " + " | ".join(
+                  f"{r:>11}" for r in ratios))
+    print("k=K: time of K targets in one explanation / K single explanations (floor "
+          "(2+K)/(3K) in brackets).")
+    print()
+    head = (f"{'tokens':>6} | {'forward':>9} | {'grad x in':>9} | {'explain':>9} | "
+            f"{'records':>9} | {'explain / (gxi + records)':>25}")
+    print(head + "   (peak RSS increase, MiB)")
+    print("-" * len(head))
+    for length in timing:
+        f, g, e = (memory[kind, length] for kind in MEMORY_KINDS)
+        bound = g["peak_mib"] + e["records_mib"]
+        print(f"{length:>6} | {f['peak_mib']:9.0f} | {g['peak_mib']:9.0f} | "
+              f"{e['peak_mib']:9.0f} | {e['records_mib']:9.0f} | "
+              f"{e['peak_mib'] / bound:25.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--profile", type=int, nargs="*", default=None,
+                    help="profile the reverse pass at these lengths (default: the longest)")
+    ap.add_argument("--spin", action="store_true",
+                    help="leave OpenMP's wait policy alone (default: OMP_WAIT_POLICY=PASSIVE)")
+    ap.add_argument("--json", help="also write every measurement (all run times) here")
+    ap.add_argument("--weight-cache", type=int, default=None, metavar="MIB",
+                    help="dlb.set_weight_cache budget in MiB (default: the library's; 0 "
+                         "turns the |W| cache off)")
+    ap.add_argument("--time-worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.weight_cache is not None:
+        import dlbhooks as dlb
+
+        dlb.set_weight_cache(args.weight_cache * 2**20)
+    if args.time_worker:
+        print(json.dumps(time_worker(args.time_worker, args.repeats, args.threads, args.k)))
+        return
+    if args.memory_worker:
+        kind, length = args.memory_worker
+        print(json.dumps(memory_worker(kind, int(length), args.threads)))
+        return
+    if args.profile is not None:
+        for length in args.profile or [max(args.lengths)]:
+            profile(length, args.threads)
+        return
+    timing: dict[int, dict] = {}
+    memory: dict[tuple[str, int], dict] = {}
     for length in args.lengths:
-        f = results["forward", length]
-        fc, fm = f["cpu"], max(f["peak_mib"], 1e-9)
-
-        def line(label, r, length=length, fc=fc, fm=fm):
-            print(f"{length:>6} | {label:<40} | {r['time']:7.2f} | {r['cpu']:7.2f} | "
-                  f"{r['cpu'] / fc:6.2f} | {r['peak_mib']:9.0f} | {r['peak_mib'] / fm:6.2f}")
-
-        def part(label, c, length=length, fc=fc):
-            print(f"{length:>6} |   {label:<38} | {'':>7} | {c:7.2f} | {c / fc:6.2f} |")
-
-        line("forward (no grad)", f)
-        e = results["explain", length]
-        line("explanation (traced fwd + explain)", e)
-        part("of which traced forward", e["traced_forward"])
-        part("of which reverse pass", e["reverse"])
-        line("gradient x input (fwd + bwd)", results["gradxinput", length])
-        s, ind = results["shared_k", length], results["independent_k", length]
-        line(f"{k} targets: 1 traced fwd + {k} explains", s)
-        line(f"{k} targets: {k} independent explanations", ind)
-        fwd, rev = e["traced_forward"], e["reverse"]
-        print(f"{length:>6} |   shared / independent = {s['cpu'] / ind['cpu']:.2f} (CPU), "
-              f"{s['time'] / ind['time']:.2f} (wall); (2+k)/(3k) = {(2 + k) / (3 * k):.2f}; "
-              f"from the measured split (fwd + k rev)/(k (fwd + rev)) = "
-              f"{(fwd + k * rev) / (k * (fwd + rev)):.2f}")
-        print("-" * len(head))
+        for kind in MEMORY_KINDS:
+            memory[kind, length] = r = run_worker(args, "--memory-worker", kind, str(length))
+            print(f"  [memory {kind} @ {length}: +{r['peak_mib']:.0f} MiB]", file=sys.stderr,
+                  flush=True)
+        t0 = time.perf_counter()
+        timing[length] = r = run_worker(args, "--time-worker", str(length))
+        print(f"  [times @ {length}: {r['median']}; wall {time.perf_counter() - t0:.0f} s]",
+              file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"timing": list(timing.values()),
+                       "memory": list(memory.values())}, f, indent=1)
+    report(args, timing, memory)
 
 
 if __name__ == "__main__":

@@ -822,27 +822,33 @@ def run(c: Case) -> tuple[dict[str, Tensor], dict[str, Any]]:
     with dlb.trace(c.model) as tape:
         c.model(**c.inputs)
     for mode in MODES:
-        exp = tape.explain(mode=mode, **c.explain)
-        # contrastive inputs are positive - negative: the two streams are stored
-        groups = {"inputs": exp.inputs if exp.positive is None else {},
-                  "positive": exp.positive or {}, "negative": exp.negative or {},
-                  "heads": exp.heads, "experts": exp.experts}
-        for group, d in groups.items():
-            for k, v in d.items():
-                tensors[f"{mode}/{group}/{k}"] = v
-        for k, (idx, w) in exp.routing.items():
-            tensors[f"{mode}/routing_idx/{k}"] = idx
-            tensors[f"{mode}/routing_w/{k}"] = w
-        info[f"{mode}/target"] = _jsonable(exp.target)
-        tables = {
-            "layers": exp.layers, "absorbed": exp.absorbed,
-            "blocks": {f"{k}::{n}": x for k, v in exp.blocks.items() for n, x in v.items()},
-            "ledger": {e.key: [e.relevance_out, e.relevance_in, e.absorbed, e.absorbed_inside]
-                       for e in exp.ledger},
-        }
-        for name, d in tables.items():
-            info[f"{mode}/{name}"], tensors[f"{mode}/{name}"] = table(d)
+        add_results(tensors, info, mode, tape.explain(mode=mode, **c.explain))
     return tensors, info
+
+
+def add_results(tensors: dict[str, Tensor], info: dict[str, Any], mode: str,
+                exp: dlb.Explanation) -> None:
+    """Put what a golden file stores of one explanation (mode ``mode``) into ``tensors``
+    and ``info``."""
+    # contrastive inputs are positive - negative: the two streams are stored
+    groups = {"inputs": exp.inputs if exp.positive is None else {},
+              "positive": exp.positive or {}, "negative": exp.negative or {},
+              "heads": exp.heads, "experts": exp.experts}
+    for group, d in groups.items():
+        for k, v in d.items():
+            tensors[f"{mode}/{group}/{k}"] = v
+    for k, (idx, w) in exp.routing.items():
+        tensors[f"{mode}/routing_idx/{k}"] = idx
+        tensors[f"{mode}/routing_w/{k}"] = w
+    info[f"{mode}/target"] = _jsonable(exp.target)
+    tables = {
+        "layers": exp.layers, "absorbed": exp.absorbed,
+        "blocks": {f"{k}::{n}": x for k, v in exp.blocks.items() for n, x in v.items()},
+        "ledger": {e.key: [e.relevance_out, e.relevance_in, e.absorbed, e.absorbed_inside]
+                   for e in exp.ledger},
+    }
+    for name, d in tables.items():
+        info[f"{mode}/{name}"], tensors[f"{mode}/{name}"] = table(d)
 
 
 def build(name: str) -> Case:

@@ -5,8 +5,9 @@ A rule is a function ``rule(record, relevance_out, ctx) -> RuleResult``:
 * ``record`` — the :class:`~dlbhooks.records.Record` of one module call (its inputs,
   outputs, children);
 * ``relevance_out`` — one entry per ``record.outputs``: a tensor ``[S, *output.shape]``
-  whose leading axis stacks what is explained at once (``S = 1`` in default mode; ``S = 2``
-  in contrastive mode, positive stream first), or ``None``;
+  whose leading axis stacks what is explained at once, ``S = targets × streams``
+  (target-major; one stream per target in default mode, two in contrastive mode, positive
+  first: ``S = 1`` or ``2`` for one target), or ``None``;
 * ``ctx`` — a :class:`RuleContext`: the only way a rule reads weights, walks children or
   reports per-head, per-expert or per-block quantities.
 
@@ -16,7 +17,8 @@ a tensor ``[S]``, or ``[S, ...]`` that the engine sums per stream; ``None`` for 
 
 A rule that treats every stream alike and never mixes them can be written for one tensor
 without the leading axis and registered with ``streamwise=True``: the engine calls it once
-per stream and stacks the results.
+per stream and stacks the results. A rule written for one target's streams (``S = 1`` or
+``2``: e.g. one that splits a contrastive pair itself) is wrapped with :func:`per_target`.
 
 Rules written to the first documented form — returning a list, or ``(list, absorbed)``, of
 tensors without the leading axis (:class:`~dlbhooks.relevance.Streams` pairs in
@@ -27,6 +29,7 @@ at registration. A rule is taken to be in the new form when its return annotatio
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
@@ -34,14 +37,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from ..relevance import Rel, Streams, stack, total64
+from ..relevance import Rel, Streams, rsum, stack, total64
 
 if TYPE_CHECKING:
     from ..records import Record
     from .registry import Rule
 
 __all__ = ["Bag", "RuleContext", "RuleResult", "is_stacked_form", "legacy_call",
-           "stacked_rule", "streamwise_call"]
+           "per_target", "stacked_rule", "streamwise_call"]
 
 
 class RuleResult(NamedTuple):
@@ -76,6 +79,13 @@ class RuleContext(Protocol):
     def contrastive(self) -> bool:
         """Contrastive mode (``S = 2``: positive, negative)?"""
         ...
+
+    @property
+    def streams(self) -> int:
+        """Streams per target: 1 (default mode) or 2 (contrastive)."""
+        ...
+
+    targets: int  # targets explained in this pass (``S = targets × streams``)
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
@@ -148,6 +158,38 @@ def is_stacked_form(fn: Callable[..., Any]) -> bool:
     if ann is RuleResult:
         return True
     return isinstance(ann, str) and ann.split(".")[-1] == "RuleResult"
+
+
+def per_target(fn: Callable[..., RuleResult]) -> Callable[..., RuleResult]:
+    """A rule written for one target's streams (``S`` = 1 or 2) made a rule for any number
+    of targets: called once per target, the results concatenated. For leaf rules only (a
+    rule that walks children or reports would mix the per-target calls' totals)."""
+
+    @functools.wraps(fn)
+    def rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
+        k = getattr(ctx, "targets", 1)
+        if k == 1:
+            return fn(rec, R_out, ctx)
+        m = ctx.streams
+        outs = [fn(rec, [None if r is None else r[t * m:(t + 1) * m] for r in R_out], ctx)
+                for t in range(k)]
+        R_in: list[Tensor | None] = []
+        for parts in zip(*(o.relevance_in for o in outs)):
+            like = next((p for p in parts if p is not None), None)
+            R_in.append(None if like is None else torch.cat(
+                [like.new_zeros(like.shape) if p is None else p for p in parts]))
+        if all(o.absorbed is None for o in outs):
+            return RuleResult(R_in)
+        zero = torch.zeros(m, dtype=torch.float64)
+        return RuleResult(R_in, torch.cat([zero.to(_device(R_out)) if o.absorbed is None
+                                           else rsum(o.absorbed) for o in outs]))
+
+    rule.__dlb_stacked__ = True  # type: ignore[attr-defined]
+    return rule
+
+
+def _device(R_out: list[Tensor | None]) -> torch.device:
+    return next(r.device for r in R_out if r is not None)
 
 
 def streamwise_call(fn: Callable[..., Any], rec: Record, R_out: list[Rel | None],

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from ..relevance import Rel, stack
+from ..relevance import CURRENT_STREAMS, Rel, by_target, stack
 
 # the arithmetic helpers lived here before rules/arith.py; importable from here still
 from .arith import (  # noqa: F401
@@ -51,19 +51,33 @@ def _zero_units(T: Tensor, babs: Tensor | None, positive: bool | None = None) ->
     return T == 0
 
 
-def _absorbed(R: Tensor, s: Tensor, babs: Tensor | None, zero: Tensor | None) -> Tensor:
+def _absorbed(R: Tensor, s: Tensor, babs: Tensor | None, zero: Tensor | None,
+              stacked: bool = False) -> Tensor:
     """What a unit keeps from its contributions: the bias share Σ s·|b| plus the relevance
-    of units with T = 0 (``zero``, the guard)."""
+    of units with T = 0 (``zero``, the guard). ``stacked``: ``R`` and ``s`` have a leading
+    stack axis and the totals are per entry (``[S]``), else one total."""
+    if stacked:
+        S = R.shape[0]
+        if babs is not None and not (babs.dim() == 1 and s.dim() >= 2
+                                     and s.shape[-1] == babs.shape[0]):
+            return torch.stack([_absorbed(R[k], s[k], babs, zero) for k in range(S)])
     absorbed = None
     if babs is not None:
         if babs.dim() == 1 and s.dim() >= 1 and s.shape[-1] == babs.shape[0]:
-            absorbed = torch.matmul(s, babs.to(s.dtype)).sum()
+            absorbed = _total(torch.matmul(s, babs.to(s.dtype)), stacked)
         else:
             absorbed = (reduce_to(s, babs.shape) * babs).sum()
     if zero is not None:
-        lost = torch.where(zero, R, 0.0).sum()
+        lost = _total(torch.where(zero, R, 0.0), stacked)
         absorbed = lost if absorbed is None else absorbed + lost
-    return R.new_zeros((), dtype=torch.float64) if absorbed is None else absorbed.double()
+    if absorbed is None:
+        return R.new_zeros((R.shape[0],) if stacked else (), dtype=torch.float64)
+    return absorbed.double()
+
+
+def _total(t: Tensor, stacked: bool) -> Tensor:
+    """The sum of ``t``, per entry of its leading axis if ``stacked``."""
+    return t.reshape(t.shape[0], -1).sum(1) if stacked else t.sum()
 
 
 def coefficients(
@@ -105,11 +119,14 @@ def _default(
     own: bool = False,
     babs: Tensor | None = None,
     positive: bool | None = None,
+    stacked: bool = False,
 ) -> tuple[list[tuple[Tensor, Tensor | None]], Tensor]:
     """Default mode. ``signed`` may be a function computing the signed total (called only
     if saturation fires); ``pre``: the pre-activation ``t`` if known (the recorded output);
     ``own``: ``abs_total`` is the caller's temporary and may be overwritten; ``babs``:
-    ``|bias|`` if the caller has it, ``positive``: whether all of it is > 0, if known."""
+    ``|bias|`` if the caller has it, ``positive``: whether all of it is > 0, if known;
+    ``stacked``: ``R`` has a leading axis of several relevances split alike (targets), the
+    coefficients keep it and the absorbed totals are per entry."""
     if babs is None and bias is not None:
         babs = bias.abs()
     if _has_bounds(bounds):
@@ -125,7 +142,7 @@ def _default(
                 mn, mx = torch.aminmax(hit)
                 if bool(mn < 0) or bool(mx > 0):  # a saturated unit carries relevance
                     sg = signed() if callable(signed) else signed
-                    return _saturated(R, abs_total, sg, babs, d, own, positive)
+                    return _saturated(R, abs_total, sg, babs, d, own, positive, stacked)
     if babs is not None:
         T = abs_total.add_(babs) if own and fits(abs_total, babs) else abs_total + babs
         own = True
@@ -133,7 +150,7 @@ def _default(
         T = abs_total
     zero = _zero_units(T, babs, positive)
     s = nonneg_div(R, T, own=own, positive=zero is None)
-    return [(s, None)], _absorbed(R, s, babs, zero)
+    return [(s, None)], _absorbed(R, s, babs, zero, stacked)
 
 
 def _beyond(pre: Tensor, lo, hi) -> bool:
@@ -157,7 +174,7 @@ def _half_side(pre: Tensor, lo, hi) -> Tensor:
     return torch.sub(pre, d, out=d).sign_().mul_(0.5)
 
 
-def _saturated(R, abs_total, signed, babs, d, own, positive=None):
+def _saturated(R, abs_total, signed, babs, d, own, positive=None, stacked=False):
     """Default mode with at least one saturated unit that carries relevance, in float
     arithmetic. With ``h = (kp + kn) / 2 = 1 - |d|``: the moving total is ``kp P + kn N =
     h (P + N) + d (P - N)`` (a dropped side that is rounding noise is 0), ``c_abs = s h``
@@ -173,7 +190,7 @@ def _saturated(R, abs_total, signed, babs, d, own, positive=None):
         T = moving
     zero = _zero_units(T, babs, positive)
     s = nonneg_div(R, T, own=True, positive=zero is None)
-    absorbed = _absorbed(R, s, babs, zero)
+    absorbed = _absorbed(R, s, babs, zero, stacked)
     return [(h.mul_(s) if fits(h, s) else h * s, d.mul_(s) if fits(d, s) else d * s)], absorbed
 
 
@@ -292,12 +309,16 @@ def weighted_sum(
     """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``, and what
     the units absorbed, per stream (``[S]``).
 
-    ``R`` is stacked (``[S, *units]``); ``contrastive``: the two streams of contrastive
-    mode (default: ``S == 2``), else every stack entry is split by default mode.
+    ``R`` is stacked (``[S, *units]``, targets × streams); ``contrastive``: the streams
+    come in pairs of contrastive mode (default: the mode of the explanation being run;
+    outside one, ``S == 2``), else every stack entry is split by default mode. Several
+    targets share every product that does not depend on the relevance (the
+    denominators) and go back through the adjoint in one product.
 
     ``forward(x, W)`` is the map without bias; ``adjoint(s, W)`` its transpose applied to
     a unit-shaped tensor (computed with ``torch.func.vjp`` when not given; an explicit
-    adjoint must return a new tensor). ``output``, if given, is the recorded
+    adjoint must return a new tensor and accept several unit-shaped tensors stacked on the
+    first dim of the units, as a batch). ``output``, if given, is the recorded
     ``forward(a, W) + bias`` and saves one product. ``abs_weight``: ``|W|`` if the caller
     already has it, ``abs_bias`` likewise ``|bias|`` (shaped like ``bias``) and
     ``bias_positive`` whether all of it is > 0; ``nonneg_input``: ``a`` is known to have
@@ -306,11 +327,17 @@ def weighted_sum(
     denominators ``forward(|a|, |W|)`` depend on the forward only, so they are computed
     once (needs ``adjoint``).
     """
-    if contrastive if contrastive is not None else R.shape[0] == 2:
+    if contrastive is None:
+        streams = CURRENT_STREAMS.get()
+        contrastive = streams == 2 if streams is not None else R.shape[0] == 2
+    if contrastive:
         return _contrastive_weighted_sum(R, a, W, bias, forward, adjoint, output=output,
                                          nonneg_input=nonneg_input, shared=shared)
     if R.shape[0] != 1:
-        raise NotImplementedError("default mode splits one stacked relevance at a time")
+        return _default_weighted_sum(
+            R, a, W, bias, forward, adjoint, bounds=bounds, output=output,
+            abs_weight=abs_weight, abs_bias=abs_bias, bias_positive=bias_positive,
+            nonneg_input=nonneg_input, shared=shared, stacked=True)
     r, absorbed = _default_weighted_sum(
         R[0], a, W, bias, forward, adjoint, bounds=bounds, output=output,
         abs_weight=abs_weight, abs_bias=abs_bias, bias_positive=bias_positive,
@@ -324,9 +351,11 @@ def _default_weighted_sum(
     adjoint: Callable[[Tensor, Tensor], Tensor] | None, *,
     bounds: Bounds | None, output: Tensor | None, abs_weight: Tensor | None,
     abs_bias: Tensor | None, bias_positive: bool | None, nonneg_input: bool,
-    shared: dict | None,
+    shared: dict | None, stacked: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`weighted_sum` in default mode, for one stream's relevance (no leading axis)."""
+    """:func:`weighted_sum` in default mode, for one stream's relevance (no leading axis),
+    or for several split alike (``stacked``: a leading axis, kept in the result and the
+    absorbed totals)."""
     saturate = _has_bounds(bounds)
     absW = W.abs() if abs_weight is None else abs_weight
     ab = _AbsSide.of(a, absW, forward, adjoint, nonneg_input, shared)
@@ -334,13 +363,25 @@ def _default_weighted_sum(
     [(c_abs, c_sgn)], absorbed = _default(
         R, ab.total, sgn.total, bias, bounds if saturate else None,
         pre=output if saturate else None, own=ab.own_total, babs=abs_bias,
-        positive=bias_positive)
-    r = ab.adjoint(c_abs)
-    r = r.mul_(ab.a) if ab.own and fits(r, ab.a) else ab.a * r
+        positive=bias_positive, stacked=stacked)
+    fold = stacked and adjoint is not None and c_abs.dim() >= 3
+    r = _each(ab.adjoint, c_abs, fold) if stacked else ab.adjoint(c_abs)
+    r = r.mul_(ab.a) if (ab.own or stacked) and fits(r, ab.a) else ab.a * r
     if c_sgn is not None:
-        q = sgn.adjoint(c_sgn)
-        r = r.add_(q.mul_(a) if ab.own and fits(q, a) else a * q)
+        q = _each(sgn.adjoint, c_sgn, fold) if stacked else sgn.adjoint(c_sgn)
+        r = r.add_(q.mul_(a) if (ab.own or stacked) and fits(q, a) else a * q)
     return r, absorbed
+
+
+def _each(adjoint: Callable[[Tensor], Tensor], c: Tensor, fold: bool) -> Tensor:
+    """``adjoint`` applied to every entry of the stacked ``c`` (``[S, *units]``): in one
+    call with the entries stacked on the units' first dim (``fold``: an explicit adjoint
+    takes them as a batch), else one call each. A new tensor ``[S, *input]``."""
+    S = c.shape[0]
+    if fold:
+        out = adjoint(c.reshape(S * c.shape[1], *c.shape[2:]))
+        return out.reshape(S, out.shape[0] // S, *out.shape[1:])
+    return torch.stack([adjoint(x) for x in c.unbind(0)])
 
 
 class _AbsSide(NamedTuple):
@@ -440,8 +481,16 @@ def _contrastive_weighted_sum(
         signed = output - bias if bias is not None else output
     else:
         signed = P - N
-    pairs, absorbed = contrastive_side_coefficients(R, contrastive_split(P, N, signed, bias))
-    return _contrastive_back(pairs, parts, pulls, adjoint), absorbed
+    split = contrastive_split(P, N, signed, bias)
+    if R.shape[0] == 2:
+        pairs, absorbed = contrastive_side_coefficients(R, split)
+        return _contrastive_back(pairs, parts, pulls, adjoint), absorbed
+    pairs, lost = [], []  # several targets: each target's pair of streams, one way back
+    for Rt in by_target(R, 2):
+        p, ab = contrastive_side_coefficients(Rt, split)
+        pairs += p
+        lost.append(ab)
+    return _contrastive_back(pairs, parts, pulls, adjoint), torch.cat(lost)
 
 
 def _sides(a: Tensor, W: Tensor, forward, adjoint, nonneg_input: bool):
@@ -463,24 +512,24 @@ def _sides(a: Tensor, W: Tensor, forward, adjoint, nonneg_input: bool):
 
 
 def _contrastive_back(pairs, parts, pulls, adjoint) -> Tensor:
-    """The relevance of ``a`` per stream from the coefficients ``[(cp, cn)]`` of each
-    stream (:func:`contrastive_side_coefficients`), back through the products of
-    :func:`_sides`."""
-    (cp_pos, cn_pos), (cp_neg, cn_neg) = pairs
-    batched = adjoint is not None and cp_pos.dim() >= 2
-    if batched:  # both streams in one product per weight half: a leading dim of 2N
-        def both(x: Tensor, y: Tensor) -> Tensor:
-            c = torch.stack((x, y))
-            return c.view(2 * c.shape[1], *c.shape[2:])
+    """The relevance of ``a`` per stack entry from the coefficients ``[(cp, cn)]`` of each
+    entry (:func:`contrastive_side_coefficients`: a target's + and - streams), back
+    through the products of :func:`_sides`."""
+    n = len(pairs)
+    batched = adjoint is not None and pairs[0][0].dim() >= 2
+    if batched:  # every entry in one product per weight half: a leading dim of n·N
+        def each(cs: list[Tensor]) -> Tensor:
+            c = torch.stack(cs)
+            return c.view(n * c.shape[1], *c.shape[2:])
 
-        cp, cn = both(cp_pos, cp_neg), both(cn_pos, cn_neg)
+        cp, cn = each([p for p, _ in pairs]), each([q for _, q in pairs])
         r = None
         for ax, wp, wn in parts:
-            g = adjoint(cp, wp).add_(adjoint(cn, wn)).reshape(2, *ax.shape).mul_(ax)
+            g = adjoint(cp, wp).add_(adjoint(cn, wn)).reshape(n, *ax.shape).mul_(ax)
             r = g if r is None else r.add_(g)
         return r
     outs = []
-    for cp_s, cn_s in ((cp_pos, cn_pos), (cp_neg, cn_neg)):
+    for cp_s, cn_s in pairs:
         r = None
         for k, (ax, wp, wn) in enumerate(parts):
             if adjoint is None:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
-from ..relevance import Rel, radd, rmap, stack
+from ..relevance import CURRENT_STREAMS, Rel, by_target, radd, rmap, stack
 from ..storage import check_tolerance
 from .arith import nonneg_div
 from .composite import add_split, first_stream, per_stream
@@ -480,7 +480,12 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Tensor
     relevance splits by §2 (no bias) over its two contributions, and ``B_j``'s share goes
     to the partner ``x_{j ± half}``. ``x`` and ``R`` are the rotated dims only; ``c``/``s``
     broadcast to ``x``. ``R`` is stacked: one stream is split by default mode, two by
-    contrastive mode. Returns (relevance on ``x``, absorbed per stream)."""
+    contrastive mode (several targets: each target's streams, by the explanation's mode).
+    Returns (relevance on ``x``, absorbed per stream)."""
+    m = CURRENT_STREAMS.get() or R.shape[0]
+    if R.shape[0] != m:  # several targets
+        parts = [rope_relevance(Rt, x, c, s) for Rt in by_target(R, m)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     half = x.shape[-1] // 2
     if R.shape[0] == 1:  # default mode, in place on its own temporaries
         R = R[0]

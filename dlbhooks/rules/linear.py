@@ -14,7 +14,7 @@ from ..errors import UnsupportedModuleError
 from ..relevance import stack
 from .arith import nonzero_along
 from .composite import linear_adj, linear_fwd
-from .contract import RuleContext, RuleResult
+from .contract import RuleContext, RuleResult, per_target
 from .core import (
     _sign_parts,
     coefficients,
@@ -252,6 +252,7 @@ for _convt_cls, _convt_fn in _CONVT.items():
 
 
 @register_rule(nn.Bilinear)
+@per_target
 def bilinear_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleResult:
     """§2 over the pair contributions ``W_kij x1_i x2_j``; each pair's share goes half to
     ``x1_i`` and half to ``x2_j`` (the product rule of §3)."""

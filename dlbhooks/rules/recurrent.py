@@ -54,7 +54,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..errors import UnsupportedModuleError
 from ..relevance import stack, streams_of
 from ..weights import fetch_param
-from .contract import RuleContext, RuleResult
+from .contract import RuleContext, RuleResult, per_target
 from .core import _sign_parts, coefficients, contrastive_side_coefficients, contrastive_split
 from .elementwise import add_rule
 from .registry import register_rule
@@ -859,4 +859,4 @@ def recurrent_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) ->
 lstm_rule = gru_rule = lstm_cell_rule = gru_cell_rule = recurrent_rule
 for _cls, _name in ((nn.LSTM, "lstm"), (nn.GRU, "gru"), (nn.LSTMCell, "lstm_cell"),
                     (nn.GRUCell, "gru_cell")):
-    register_rule(_cls, recurrent_rule, name=_name)
+    register_rule(_cls, per_target(recurrent_rule), name=_name)
