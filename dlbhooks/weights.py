@@ -98,6 +98,12 @@ def fetch_param(module: nn.Module, name: str) -> Tensor | None:
     return value.detach() if plain_float(value) else dequantized(module, name, value)
 
 
+#: The default ``|W|`` cache budget: small against the records of an explanation, so that
+#: the cache stays inside an explanation's memory bound (scripts/bench_llm.py); enough for
+#: small models (an MLP or a CNN of a few million weights) to be kept whole.
+DEFAULT_WEIGHT_CACHE = 64 * 2**20
+
+
 class _AbsWeights:
     """``|W|`` of parameters, kept across explanations within a byte budget.
 
@@ -108,7 +114,7 @@ class _AbsWeights:
     first served until ``budget`` bytes are used; offloaded (meta) weights are never kept.
     """
 
-    def __init__(self, budget: int = 256 * 2**20):
+    def __init__(self, budget: int = DEFAULT_WEIGHT_CACHE):
         self.budget = budget
         # id(parameter) -> (weak ref to it, its _version, its data pointer, |W|)
         self._entries: dict[int, tuple[weakref.ref, int, int, Tensor]] = {}
@@ -135,6 +141,11 @@ class _AbsWeights:
     def clear(self) -> None:
         self._entries.clear()
 
+    def shrink(self) -> None:
+        """Drop entries, last kept first, until what is kept fits the budget."""
+        while self._entries and self.used > self.budget:
+            self._entries.pop(next(reversed(self._entries)))
+
 
 ABS_WEIGHTS = _AbsWeights()
 
@@ -156,13 +167,15 @@ def all_positive(t: Tensor) -> bool:
 
 
 def set_weight_cache(max_bytes: int) -> None:
-    """Bytes dlbhooks may keep of ``|W|`` across explanations (default 256 MiB; 0 turns
-    the cache off and empties it)."""
+    """Bytes dlbhooks may keep of ``|W|`` across explanations (default 64 MiB,
+    :data:`DEFAULT_WEIGHT_CACHE`; 0 turns the cache off and empties it; a smaller budget
+    drops what no longer fits)."""
     if max_bytes < 0:
         raise ValueError("max_bytes must be >= 0")
     ABS_WEIGHTS.budget = int(max_bytes)
     if max_bytes == 0:
         ABS_WEIGHTS.clear()
+    ABS_WEIGHTS.shrink()
 
 
 def fetch_abs_param(module: nn.Module, name: str) -> Tensor | None:

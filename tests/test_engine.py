@@ -354,9 +354,10 @@ def test_layers_are_ordered_output_to_input_and_at_has_neuron_shape():
 
 def test_abs_weight_cache_follows_weight_updates_and_budget():
     from dlbhooks.records import ABS_WEIGHTS, fetch_abs_param, set_weight_cache
+    from dlbhooks.weights import DEFAULT_WEIGHT_CACHE
 
     set_weight_cache(0)  # start empty: earlier tests' models may still hold the budget
-    set_weight_cache(256 * 2**20)
+    set_weight_cache(DEFAULT_WEIGHT_CACHE)
     lin = torch.nn.Linear(3, 2)
     first = fetch_abs_param(lin, "weight")
     assert fetch_abs_param(lin, "weight") is first  # cached
@@ -373,8 +374,15 @@ def test_abs_weight_cache_follows_weight_updates_and_budget():
         fresh = dlb.explain(lin, x, target=0).inputs["input"]
         assert torch.equal(fresh, after) and not torch.equal(before, after)
         assert fetch_abs_param(lin, "weight") is not fetch_abs_param(lin, "weight")
+        big = torch.nn.Linear(64, 64)
+        set_weight_cache(DEFAULT_WEIGHT_CACHE)
+        fetch_abs_param(lin, "weight")
+        fetch_abs_param(big, "weight")
+        assert ABS_WEIGHTS.used == (6 + 64 * 64) * 4
+        set_weight_cache(100)  # smaller than the cache holds: the last kept goes first
+        assert ABS_WEIGHTS.used == 6 * 4
     finally:
-        set_weight_cache(256 * 2**20)
+        set_weight_cache(DEFAULT_WEIGHT_CACHE)
 
 
 def test_bias_positivity_is_rechecked_after_an_in_place_change():

@@ -450,12 +450,11 @@ def test_gpt_oss_contrastive_conserves(theta, dtype, bound):
 # -- traced logits = eager attention's logits, bit for bit ---------------------------------------
 
 
-def _eager_and_traced(model, **kw):
-    impl = model.config._attn_implementation
-    model.set_attn_implementation("eager")
+def _eager_and_traced(model, impl: str = "eager", **kw):
+    """The logits of ``model`` set to ``impl``, untraced and traced."""
+    model.set_attn_implementation(impl)
     with torch.no_grad():
         eager = model(**kw, use_cache=False).logits
-    model.set_attn_implementation(impl)
     with dlb.trace(model):
         traced = model(**kw).logits
     return eager, traced
@@ -501,6 +500,19 @@ def test_traced_logits_equal_eager_bit_for_bit(name, head):
             assert torch.equal(traced[~padded], eager[~padded])
         else:
             assert torch.equal(traced, eager), f"{name} {dtype}"
+        if getattr(model, "_supports_sdpa", False):  # a model set to sdpa: its own sdpa,
+            # with the mask as an additive float mask (transformers' sdpa mask is boolean
+            # or none at all, a causal flag): equal to rounding on the unpadded rows
+            own, traced = _eager_and_traced(model, "sdpa", input_ids=ids, attention_mask=mask)
+            rows = mask.bool().all(-1)
+            tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float64: 1e-12}[dtype]
+            torch.testing.assert_close(traced[rows], own[rows], rtol=tol, atol=tol,
+                                       msg=f"{name} {dtype} sdpa")
+            _, eager_traced = _eager_and_traced(model, "eager", input_ids=ids,
+                                                attention_mask=mask)
+            if dtype != torch.float64:  # (float64: eager's float32 softmax differs more)
+                torch.testing.assert_close(traced[rows], eager_traced[rows], rtol=tol,
+                                           atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -5,8 +5,12 @@ the attention implementation ``"dlbhooks"``, registered with ``AttentionInterfac
 its mask builder with ``AttentionMaskInterface`` under the same name, without which the
 causal mask is silently dropped. The function runs the model family's own eager attention
 (GPT-2's ``_upcast_and_reordered_attn`` when its config asks for it), so outputs equal eager
-attention bit for bit — except that a float64 mask is clamped to float32's minimum, so that
-families whose eager softmax runs in float32 do not turn left-padded sequences to NaN — and
+attention bit for bit, except that a float64 mask is clamped to float32's minimum, so that
+families whose eager softmax runs in float32 do not turn left-padded sequences to NaN. For a
+model that was set to ``"sdpa"`` (transformers' default) it runs the registered ``"sdpa"``
+function instead, so that the recorded forward costs what the model's own forward costs and
+gives its outputs to rounding (the mask is the additive one); eager still runs where only
+eager will do (soft-capping, sinks, a score bias, dropout, attention weights asked for). It
 records Q, K (after RoPE and q/k norms), V, the mask, scaling, soft-capping and sinks as a
 child record ``attention_fn`` of the attention module. Its rule is METHOD.md §4
 (:func:`dlbhooks.rules.attention.attention_relevance`). ``use_cache`` is switched off for
@@ -82,7 +86,11 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
         # masked (padding) row turns to NaN; float32's min gives the same zeros elsewhere
         attention_mask = attention_mask.clamp_min(torch.finfo(torch.float32).min)
     upcast = _upcast_path(module, attention_mask)
-    if upcast is not None:
+    wanted = _attentions_wanted()
+    fused = _fused(module, kwargs, wanted) if upcast is None else None
+    if fused is not None:  # the model's own sdpa: no [T, T] probabilities materialised
+        out, weights = fused(module, query, key, value, attention_mask, *args, **kwargs)
+    elif upcast is not None:
         # GPT-2 family with reorder_and_upcast_attn: its eager path is this method (scores
         # and softmax in float32), not eager_attention_forward (which would differ in half
         # precision); the rule recomputes in float32 at least, as it does
@@ -105,7 +113,7 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     # records would keep every layer's [batch, heads, T, T] probabilities alive through the
     # attention module's output; the rule recomputes them in chunks, so hand them on only
     # when the caller collects attentions (output_attentions=True)
-    return out, weights if _attentions_wanted() else None
+    return out, weights if wanted else None
 
 
 def _score_terms(mask: Tensor | None, position_bias: Tensor | None) -> Tensor | None:
@@ -130,6 +138,27 @@ def _upcast_path(module: nn.Module, mask: Tensor | None):
     if mask is not None and mask.dtype == torch.float64:
         return None
     return upcast_attention(module)
+
+
+def _fused(module: nn.Module, kwargs: dict[str, Any], weights_wanted: bool):
+    """Transformers' registered ``"sdpa"`` attention if ``module``'s model was set to it
+    before the trace and the call needs nothing only eager gives (soft-capping, sinks, a
+    score bias, dropout, the attention weights: ``weights_wanted``); else ``None``."""
+    config = getattr(module, "config", None)
+    if config is None or _ORIGINAL.get(id(config)) != "sdpa":
+        return None
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None \
+            or getattr(module, "sinks", None) is not None \
+            or kwargs.get("position_bias") is not None or kwargs.get("dropout", 0.0) \
+            or weights_wanted:
+        return None
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS.get("sdpa")
+
+
+#: id(config) -> its attention implementation before the trace switched it (while tracing)
+_ORIGINAL: dict[int, str | None] = {}
 
 
 def _attentions_wanted() -> bool:
@@ -206,14 +235,21 @@ def switch_transformers(model: nn.Module):
     _ensure_registered()
     saved = [(c, get_attn_implementation(c), getattr(c, "use_cache", None)) for c in configs]
 
+    mine: list[int] = []  # (a nested trace finds the outer trace's originals kept)
+
     def undo() -> None:
+        for key in mine:
+            _ORIGINAL.pop(key, None)
         for c, impl, cache in saved:
             set_attn_implementation(c, impl)
             if cache is not None:
                 c.use_cache = cache
 
     try:
-        for c, _, cache in saved:
+        for c, impl, cache in saved:
+            if id(c) not in _ORIGINAL:
+                _ORIGINAL[id(c)] = impl
+                mine.append(id(c))
             set_attn_implementation(c, NAME)
             if cache is not None:
                 c.use_cache = False

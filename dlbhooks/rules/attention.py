@@ -173,6 +173,59 @@ def _probs(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None, sinks: Tens
     return E.mul_(inv), p_sink
 
 
+def _exp_scores(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None,
+                sinks: Tensor | None, softcap: float | None):
+    """:func:`_probs` without the rows' normalisation: ``(E, inv, p_sink)`` with ``A = E ·
+    inv`` (``inv`` per row, 0 for fully masked rows). The scale goes into the queries and
+    an additive or boolean mask is applied only on the key columns where it is not open
+    for every row (for a causal mask, the chunk's diagonal block)."""
+    S = torch.matmul(Qc * scale, K.transpose(-1, -2))
+    if softcap is not None:
+        S.div_(softcap).tanh_().mul_(softcap)
+    if mask is not None:
+        a, b = _mask_span(mask)
+        if a < b:
+            Sm, mm = S[..., a:b], mask[..., a:b]
+            if mask.dtype == torch.bool:
+                Sm.masked_fill_(~mm, float("-inf")) if _same(Sm, mm) else \
+                    Sm.copy_(Sm.masked_fill(~mm, float("-inf")))
+            else:
+                Sm.add_(mm) if _same(Sm, mm) else Sm.copy_(Sm + mm)
+    m = S.amax(-1, keepdim=True)
+    if sinks is not None:
+        m = torch.maximum(m, sinks)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    E = S.sub_(m).exp_()
+    Z = E.sum(-1, keepdim=True)
+    p_sink = None
+    if sinks is not None:
+        Es = torch.exp(sinks - m)
+        Z = Z + Es
+        p_sink = safe_div(Es, Z)
+    inv = torch.where(Z > 0, 1.0 / Z, torch.zeros_like(Z))  # fully masked rows: A = 0
+    return E, inv, p_sink
+
+
+def _mask_span(mask: Tensor) -> tuple[int, int]:
+    """The key columns ``[a, b)`` outside of which ``mask`` (a chunk's rows) is open for
+    every row: True (boolean) or 0 (additive)."""
+    closed = ~mask if mask.dtype == torch.bool else mask != 0
+    cols = closed.reshape(-1, mask.shape[-1]).any(0).nonzero()
+    if cols.numel() == 0:
+        return 0, 0
+    return int(cols[0]), int(cols[-1]) + 1
+
+
+def _may_be_zero(Dp: Tensor, absQ: Tensor, absK: Tensor) -> bool:
+    """Can an entry of ``Dp = |Q| @ |K|ᵀ (+ |bias|)`` be 0? Not when no entry of ``|Q|``
+    and ``|K|`` is 0 (two small reductions); else one pass over ``Dp`` decides."""
+    if Dp.numel() == 0:
+        return False
+    if absQ.numel() and absK.numel() and bool(absQ.amin() > 0) and bool(absK.amin() > 0):
+        return False
+    return not bool(Dp.amin() > 0)
+
+
 def _same(S: Tensor, t: Tensor) -> bool:
     """Can ``t`` be combined into ``S`` in place (it broadcasts to S's shape and dtype)?"""
     return broadcasts_into(t.shape, S.shape) and (
@@ -387,14 +440,17 @@ class _Sums:
         k0, k1 = _key_range(mc, lay.Tk)
         Kc, aK, aV = lay.K[..., k0:k1, :], self.absK[..., k0:k1, :], self.absV[..., k0:k1, :]
         Qc = q.Q[..., i0:i1, :]
-        A, p_sink = _probs(Qc, Kc, scale, _cols(mc, k0, k1), _rows(q.sinks, i0, i1), softcap)
+        # A = E · inv per row: the rows' normalisation is folded into the small [c, dv]
+        # factors instead of a pass over the [c, kc] probabilities
+        E, inv, p_sink = _exp_scores(Qc, Kc, scale, _cols(mc, k0, k1), _rows(q.sinks, i0, i1),
+                                     softcap)
         absQc = Qc.abs()
-        D = torch.matmul(A, aV)  # [B, Hkv, g, c, dv]
+        D = torch.matmul(E, aV).mul_(inv)  # A @ |V|: [B, Hkv, g, c, dv]
         Dp = torch.matmul(absQc, aK.transpose(-1, -2))  # [B, Hkv, g, c, kc]
         babs = _bias_magnitude(_cols(mc, k0, k1), scale) if bias else None
         if babs is not None:
             Dp = Dp + babs
-        dp_zero = Dp.numel() > 0 and not bool(Dp.amin() > 0)
+        dp_zero = _may_be_zero(Dp, absQc, aK)
         lost = self.lost
         for n, R in enumerate(q.R):
             r = R[..., i0:i1, :]
@@ -404,8 +460,9 @@ class _Sums:
                 lost[n] = lost[n] + r_sink.sum()
             s = safe_div(r, D)
             lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
-            RA = torch.matmul(s * 0.5, aV.transpose(-1, -2)).mul_(A)  # ½ A ⊙ (s @ |V|ᵀ)
-            self.RV[n][..., k0:k1, :] += _sum_groups(torch.matmul(A.transpose(-1, -2), s))
+            si = s.mul_(inv)  # s / Z: A ⊙ (s @ |V|ᵀ) = E ⊙ ((s/Z) @ |V|ᵀ), Aᵀ s = Eᵀ (s/Z)
+            RA = torch.matmul(si * 0.5, aV.transpose(-1, -2)).mul_(E)  # ½ A ⊙ (s @ |V|ᵀ)
+            self.RV[n][..., k0:k1, :] += _sum_groups(torch.matmul(E.transpose(-1, -2), si))
             if dp_zero:
                 lost[n] = lost[n] + torch.where(Dp == 0, RA, 0.0).sum()
                 s2 = RA.div_(Dp).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
