@@ -3,8 +3,8 @@ forward and against gradient x input (one forward + one backward: the cost of LX
 AttnLRP and of any gradient method).
 
 A random LlamaForCausalLM (hidden 768, 12 layers, 12 heads, MLP 2048, vocab 32000, tied
-embeddings: ~110M parameters), fp32, ``torch.set_num_threads(2)``, batch 1, eager
-attention, at each length:
+embeddings: ~110M parameters), fp32, ``torch.set_num_threads(2)``, batch 1, transformers'
+default attention (sdpa; the recorded forward runs it too), at each length:
 
 * forward: ``model(input_ids, use_cache=False)`` under ``torch.no_grad``;
 * gradient x input: forward on ``inputs_embeds`` with grad on them (parameters frozen) +
@@ -108,7 +108,7 @@ def build(threads: int):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**CONFIG)
     model = transformers.LlamaForCausalLM(cfg).float().eval()
-    model.set_attn_implementation("eager")
+    model.set_attn_implementation("sdpa")
     return model
 
 
@@ -275,7 +275,7 @@ def report(args, timing: dict[int, dict], memory: dict[tuple[str, int], dict]) -
     any_t = next(iter(timing.values()))
     print(f"Random LlamaForCausalLM, {any_t['params'] / 1e6:.1f}M parameters (hidden 768, 12 "
           f"layers, 12 heads, MLP 2048, vocab 32000, tied embeddings), fp32, CPU, "
-          f"{args.threads} threads, batch 1, eager attention.")
+          f"{args.threads} threads, batch 1, sdpa attention.")
     print(f"Times: medians of {args.repeats} alternating rounds in one process per length "
           "(wall clock). Memory: peak RSS increase of one run, each in a fresh process "
           f"({next(iter(memory.values()))['mem_method']}).")

@@ -451,6 +451,15 @@ class _Sums:
         if babs is not None:
             Dp = Dp + babs
         dp_zero = _may_be_zero(Dp, absQc, aK)
+        # what the queries' and keys' split needs of A, for every stream at once:
+        # R_S / D' = ½ (s @ |V|ᵀ) ⊙ A / D' = (s/Z @ |V|ᵀ) ⊙ E / (2 D')
+        Wt = torch.div(E, Dp)
+        if dp_zero:
+            zero = Dp == 0
+            lost_w = torch.where(zero, E, 0.0)  # A's pairs whose share D' cannot take
+            Wt.masked_fill_(zero, 0.0)
+        if babs is not None:
+            bias_w = Wt * babs  # the bias's share of each pair
         lost = self.lost
         for n, R in enumerate(q.R):
             r = R[..., i0:i1, :]
@@ -461,15 +470,13 @@ class _Sums:
             s = safe_div(r, D)
             lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
             si = s.mul_(inv)  # s / Z: A ⊙ (s @ |V|ᵀ) = E ⊙ ((s/Z) @ |V|ᵀ), Aᵀ s = Eᵀ (s/Z)
-            RA = torch.matmul(si * 0.5, aV.transpose(-1, -2)).mul_(E)  # ½ A ⊙ (s @ |V|ᵀ)
             self.RV[n][..., k0:k1, :] += _sum_groups(torch.matmul(E.transpose(-1, -2), si))
+            P = torch.matmul(si.mul_(0.5), aV.transpose(-1, -2))  # ½ (s/Z) @ |V|ᵀ
             if dp_zero:
-                lost[n] = lost[n] + torch.where(Dp == 0, RA, 0.0).sum()
-                s2 = RA.div_(Dp).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            else:
-                s2 = RA.div_(Dp)
+                lost[n] = lost[n] + (P * lost_w).sum()
             if babs is not None:
-                lost[n] = lost[n] + (s2 * babs).sum()  # the bias's share
+                lost[n] = lost[n] + (P * bias_w).sum()
+            s2 = P.mul_(Wt)  # R_S / D'
             self.RQ[n].append(torch.matmul(s2, aK).mul_(absQc).mul_(0.5))
             self.RK[n][..., k0:k1, :] += _sum_groups(torch.matmul(s2.transpose(-1, -2), absQc))
 

@@ -30,7 +30,7 @@ from ..errors import DLBError, UnsupportedModuleError
 from ..relevance import CURRENT_STREAMS, Rel, by_target, radd, rmap, stack
 from ..storage import check_tolerance
 from .arith import nonneg_div
-from .composite import add_split, first_stream, per_stream
+from .composite import add_split, first_stream, per_stream, reduce_stacked
 from .contract import Bag, RuleContext, RuleResult
 from .core import contrastive_side_coefficients, contrastive_split
 from .elementwise import product_rule
@@ -368,7 +368,8 @@ class Functional:
                     "multiply to the recorded result; the model's forward differs from the "
                     "rule's spec"
                 )
-            parts = per_stream(lambda r: product_rule(r, values), R)
+            parts = per_stream(lambda r: product_rule(r, values), R) if R.shape[0] == 1 \
+                else [reduce_stacked(R / len(values), v.shape) for v in values]
             for f, part in zip(found, parts):
                 bag.add(f.tensor, part, rec, base=f.base)
             return None
@@ -483,10 +484,24 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Tensor
     contrastive mode (several targets: each target's streams, by the explanation's mode).
     Returns (relevance on ``x``, absorbed per stream)."""
     m = CURRENT_STREAMS.get() or R.shape[0]
-    if R.shape[0] != m:  # several targets
+    half = x.shape[-1] // 2
+    if m == 1 and R.shape[0] > 1:  # several targets in default mode: one split for all
+        absA = torch.mul(x, c).abs_()
+        absB = torch.cat((x[..., half:] * s[..., :half], x[..., :half] * s[..., half:]),
+                         dim=-1).abs_()
+        T = absA + absB
+        zero = None if T.numel() == 0 or float(T.amin()) > 0 else T == 0
+        q = nonneg_div(R, T, positive=zero is None)
+        rA, rB = q * absA, q.mul_(absB)
+        rA[..., :half] += rB[..., half:]
+        rA[..., half:] += rB[..., :half]
+        S = R.shape[0]
+        absorbed = R.new_zeros((S,)) if zero is None else \
+            torch.where(zero, R, 0.0).reshape(S, -1).sum(1)
+        return rA, absorbed
+    if R.shape[0] != m:  # several targets in contrastive mode: each target's pair
         parts = [rope_relevance(Rt, x, c, s) for Rt in by_target(R, m)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    half = x.shape[-1] // 2
     if R.shape[0] == 1:  # default mode, in place on its own temporaries
         R = R[0]
         absA = torch.mul(x, c).abs_()
