@@ -52,6 +52,9 @@ def stack(parts: list[Tensor] | tuple[Tensor, ...]) -> Rel:
     first = parts[0]
     if len(parts) == 1:
         return first.unsqueeze(0)
+    spaced = _evenly_spaced(parts)
+    if spaced is not None:  # views of one stacked tensor (rmap of a view): stay a view
+        return spaced
     if first.is_contiguous() or first.dim() < 2:
         return torch.stack(tuple(parts))
     # dims from outermost to innermost in memory
@@ -61,6 +64,30 @@ def stack(parts: list[Tensor] | tuple[Tensor, ...]) -> Rel:
     for k, p in enumerate(parts):
         out[k].copy_(p)
     return out
+
+
+def _evenly_spaced(parts: list[Tensor] | tuple[Tensor, ...]) -> Tensor | None:
+    """The parts as one strided view ``[S, *shape]`` when they are equally shaped and
+    strided views into one storage at evenly spaced offsets (what slicing or reshaping
+    each stream of a stacked relevance gives), else ``None``."""
+    first = parts[0]
+    if first.requires_grad or not first.is_floating_point():
+        return None
+    try:
+        ptr = first.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+    step = parts[1].storage_offset() - first.storage_offset()
+    if step <= 0 or step < first.numel():  # (slices of one stream would overlap)
+        return None
+    for k, q in enumerate(parts):
+        if q.shape != first.shape or q.stride() != first.stride() or q.dtype != first.dtype \
+                or q.device != first.device \
+                or q.storage_offset() != first.storage_offset() + k * step \
+                or q.untyped_storage().data_ptr() != ptr:
+            return None
+    return first.as_strided((len(parts), *first.shape), (step, *first.stride()),
+                            first.storage_offset())
 
 
 def streams_of(R: Rel) -> list[Tensor]:

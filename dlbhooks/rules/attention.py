@@ -147,29 +147,8 @@ def _probs(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None, sinks: Tens
            softcap: float | None = None):
     """Masked softmax of one query chunk: ``(A, p_sink)``; fully masked rows give A = 0.
     ``softcap`` (Gemma 2): scores become ``tanh(S / softcap)·softcap`` before the mask — an
-    element-wise map, through which relevance passes unchanged. (The score matrix is
-    worked on in place: one buffer of chunk × keys.)"""
-    S = torch.matmul(Qc, K.transpose(-1, -2)).mul_(scale)
-    if softcap is not None:
-        S.div_(softcap).tanh_().mul_(softcap)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            S = S.masked_fill_(~mask, float("-inf")) if _same(S, mask) else \
-                S.masked_fill(~mask, float("-inf"))
-        else:
-            S = S.add_(mask) if _same(S, mask) else S + mask
-    m = S.amax(-1, keepdim=True)
-    if sinks is not None:
-        m = torch.maximum(m, sinks)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    E = S.sub_(m).exp_()
-    Z = E.sum(-1, keepdim=True)
-    p_sink = None
-    if sinks is not None:
-        Es = torch.exp(sinks - m)
-        Z = Z + Es
-        p_sink = safe_div(Es, Z)
-    inv = torch.where(Z > 0, 1.0 / Z, torch.zeros_like(Z))  # fully masked rows: A = 0
+    element-wise map, through which relevance passes unchanged."""
+    E, inv, p_sink = _exp_scores(Qc, K, scale, mask, sinks, softcap)
     return E.mul_(inv), p_sink
 
 
