@@ -24,11 +24,15 @@ import torch
 from torch import Tensor, nn
 
 from .analysis.experts import ExpertStats
+from .explaining import explain_targets
 from .integrations.accelerate import input_device
 from .results import Explanation
 from .trace import trace
 
 Batch = Tensor | Mapping[str, Any]
+#: Positions of a batch explained in one reverse pass (several targets share it).
+POSITIONS_PER_PASS = 8
+
 #: ``None`` (the model's argmax), ``"next"`` (the batch's own next token) or a callable
 #: ``target(inputs, position) -> target`` given the model's keyword inputs.
 Target = None | str | Callable[[dict[str, Any], int], Any]
@@ -128,8 +132,10 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     position ``p`` is the true next token ``input_ids[:, p + 1]``. ``target=None``: the
     model's own argmax at each position. A callable gets the model's keyword inputs and the
     position. ``storage`` is :func:`dlbhooks.trace`'s record storage policy.
-    ``explain_kwargs`` go to ``tape.explain`` (``keep=False`` unless given; several
-    positions share the denominators, ``share=True``, unless given)."""
+    ``explain_kwargs`` go to ``tape.explain`` (``keep=False`` unless given). Up to
+    :data:`POSITIONS_PER_PASS` positions are explained in one reverse pass (several targets,
+    ``tape.explain(targets=...)``); more passes share the denominators (``share=True``,
+    unless given)."""
     inputs = _model_inputs(batch, input_device(model))  # (accelerate-aware)
     pos_list = [positions] if isinstance(positions, int) else list(positions)
     ids = inputs.get("input_ids")
@@ -144,22 +150,25 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     elif isinstance(target, str):
         raise ValueError(f"unknown target {target!r}: None, 'next' or a callable")
     explain_kwargs.setdefault("keep", False)
-    explain_kwargs.setdefault("share", len(pos_list) > 1)
+    passes = -(-len(pos_list) // POSITIONS_PER_PASS)
+    explain_kwargs.setdefault("share", passes > 1)
     with trace(model, storage=storage) as tape:
         model(**inputs)
-    exps = []
+    specs = []
     for p in pos_list:
         if target == "next":
             length = ids.shape[1]
             pa = p + length if p < 0 else p
             if not 0 <= pa < length:
                 raise ValueError(f"position {p} out of range for {length} tokens")
-            exps.append(tape.explain(target=full[:, pa + 1].tolist(), position=pa,
-                                     **explain_kwargs))
+            specs.append((full[:, pa + 1].tolist(), pa))
         elif callable(target):
-            exps.append(tape.explain(target=target(inputs, p), position=p, **explain_kwargs))
+            specs.append((target(inputs, p), p))
         else:
-            exps.append(tape.explain(target=None, position=p, **explain_kwargs))
+            specs.append((None, p))
+    exps: list[Explanation] = []
+    for i in range(0, len(specs), POSITIONS_PER_PASS):  # several positions per reverse pass
+        exps += explain_targets(tape, specs[i:i + POSITIONS_PER_PASS], **explain_kwargs)
     return exps, inputs.get("attention_mask")
 
 
