@@ -152,3 +152,23 @@ def test_generation_passes_of_several_tokens_equal_one_token_passes():
     assert part.matrix[[0, 2, 4]].isnan().all()
     with pytest.raises(ValueError, match="targets_per_pass"):
         dlb.explain_generation(model, ids, max_new_tokens=2, targets_per_pass=0)
+
+
+@pytest.mark.parametrize("storage", ["cpu", "cpu+bf16"])
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_targets_with_a_storage_policy_equal_single_explanations(storage, mode):
+    """Stored records are loaded back per rule once for all targets."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).double().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with dlb.trace(model, storage=storage) as tape:
+        model(input_ids=ids)
+    many = tape.explain(targets=[3, 5, 7], mode=mode)
+    for t, exp in zip((3, 5, 7), many):
+        alone = tape.explain(target=t, mode=mode)
+        torch.testing.assert_close(exp.inputs["input_ids"], alone.inputs["input_ids"],
+                                   rtol=0, atol=1e-12)
