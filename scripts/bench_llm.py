@@ -124,14 +124,14 @@ def operations(model, length: int, ks: list[int]) -> dict:
         logits = model(input_ids=ids, use_cache=False).logits[0, -1]
     top = logits.topk(max(ks)).indices.tolist()  # the k most likely next tokens
     emb_layer = model.get_input_embeddings()
+    for p in model.parameters():  # gradient x input: gradients on the embeddings only
+        p.requires_grad_(False)
 
     def forward():
         with torch.no_grad():
             return model(input_ids=ids, use_cache=False).logits
 
     def gradxinput():
-        for p in model.parameters():
-            p.requires_grad_(False)
         emb = emb_layer(ids).detach().requires_grad_(True)
         out = model(inputs_embeds=emb, use_cache=False).logits
         out[0, -1, top[0]].backward()

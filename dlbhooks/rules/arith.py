@@ -44,6 +44,14 @@ def nonneg_div(num: Tensor, den: Tensor, own: bool = False, positive: bool = Fal
     return s if positive else torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def reduce_stacked(R: Tensor, shape) -> Tensor:
+    """``R`` ([S, *broadcast shape]) summed over the axes along which an operand of
+    ``shape`` was broadcast: ``[S, *shape]``."""
+    shape = tuple(shape)
+    pad = (1,) * (R.dim() - 1 - len(shape))
+    return reduce_to(R, (R.shape[0], *pad, *shape)).reshape(R.shape[0], *shape)
+
+
 def reduce_to(t: Tensor, shape) -> Tensor:
     """Sum ``t`` over the axes along which a tensor of ``shape`` was broadcast to it."""
     shape = tuple(shape)

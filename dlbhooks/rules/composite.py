@@ -20,12 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from ..errors import UnsupportedModuleError
 from ..relevance import Rel, per_stream, stack, streams_of
-from .arith import nonneg_div
 from .elementwise import add_rule
 
 if TYPE_CHECKING:
@@ -33,8 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LINEAR", "MATMUL", "add_split", "first_stream", "linear_adj", "linear_fwd",
-    "matmul_adj", "matmul_fwd", "per_stream", "reduce_stacked", "require_child", "stack",
-    "streams_of",
+    "matmul_adj", "matmul_fwd", "per_stream", "require_child", "stack", "streams_of",
 ]
 
 
@@ -53,28 +50,7 @@ def add_split(R: Rel, terms: list[Tensor]) -> tuple[list[Rel], Tensor]:
     entries (targets, streams) share the terms' magnitudes and their sum."""
     if R.shape[0] == 1:
         return per_stream(lambda r: add_rule(r, terms), R)
-    mags = [t.abs() for t in terms]
-    total = mags[0] + mags[1] if len(mags) > 1 else mags[0].clone()
-    for m in mags[2:]:
-        total.add_(m)
-    zero = None if total.numel() == 0 or float(total.amin()) > 0 else total == 0
-    q = nonneg_div(R, total, positive=zero is None)  # [S, *shape]
-    parts = [reduce_stacked(q * m, t.shape) for m, t in zip(mags, terms)]
-    S = R.shape[0]
-    if zero is None:
-        return parts, R.new_zeros((S,))
-    return parts, torch.where(zero, R, 0.0).reshape(S, -1).sum(1)
-
-
-def reduce_stacked(t: Tensor, shape) -> Tensor:
-    """The stacked ``t`` (``[S, *broadcast shape]``) summed over the axes along which a
-    tensor of ``shape`` was broadcast: ``[S, *shape]``."""
-    shape = tuple(shape)
-    lead = t.dim() - 1 - len(shape)
-    if lead:
-        t = t.sum(dim=tuple(range(1, 1 + lead)))
-    dims = tuple(i + 1 for i, n in enumerate(shape) if n == 1 and t.shape[i + 1] != 1)
-    return t.sum(dim=dims, keepdim=True) if dims else t
+    return add_rule(R, terms, stacked=True)
 
 
 # -- linear maps ------------------------------------------------------------------------------

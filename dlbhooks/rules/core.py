@@ -482,10 +482,7 @@ def _contrastive_weighted_sum(
     else:
         signed = P - N
     split = contrastive_split(P, N, signed, bias)
-    if R.shape[0] == 2:
-        pairs, absorbed = contrastive_side_coefficients(R, split)
-        return _contrastive_back(pairs, parts, pulls, adjoint), absorbed
-    pairs, lost = [], []  # several targets: each target's pair of streams, one way back
+    pairs, lost = [], []  # each target's pair of streams, then one way back for all
     for Rt in by_target(R, 2):
         p, ab = contrastive_side_coefficients(Rt, split)
         pairs += p

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .arith import broadcasts_into, nonneg_div, reduce_to
+from ..relevance import rsum
+from .arith import broadcasts_into, nonneg_div, reduce_stacked, reduce_to
 from .contract import RuleResult
 from .registry import register_rule
 
@@ -77,11 +78,13 @@ for _cls in PASSTHROUGH:
     register_rule(_cls, passthrough_rule, name="passthrough")
 
 
-def add_rule(R: Tensor, terms: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+def add_rule(R: Tensor, terms: list[Tensor],
+             stacked: bool = False) -> tuple[list[Tensor], Tensor]:
     """``y = sum_k a_k`` (broadcasting): ``R_k = R |a_k| / sum |a|``; zeros where all vanish.
 
     Returns the relevance of each term (reduced to its shape) and what was lost (positions
-    where every term is 0).
+    where every term is 0). ``stacked``: ``R`` has a leading axis of relevances split alike
+    (streams, targets), kept in the terms' relevance; what was lost is per entry (``[S]``).
     """
     mags = [t.abs() for t in terms]
     total = mags[0] + mags[1] if len(mags) > 1 else mags[0].clone()
@@ -89,13 +92,15 @@ def add_rule(R: Tensor, terms: list[Tensor]) -> tuple[list[Tensor], Tensor]:
         total.add_(m)
     zero = None if total.numel() == 0 or float(total.amin()) > 0 else total == 0
     s = nonneg_div(R, total, own=True, positive=zero is None)
+    reduce = reduce_stacked if stacked else reduce_to
     parts = []
     for m, t in zip(mags, terms):
         full = broadcasts_into(s.shape, m.shape) and m.dtype == s.dtype
-        parts.append(reduce_to(m.mul_(s) if full else s * m, t.shape))
+        parts.append(reduce(m.mul_(s) if full else s * m, t.shape))
     if zero is None:
-        return parts, R.new_zeros(())
-    return parts, torch.where(zero, R, 0.0).sum()
+        return parts, R.new_zeros((R.shape[0],) if stacked else ())
+    lost = torch.where(zero, R, 0.0)
+    return parts, rsum(lost) if stacked else lost.sum()
 
 
 def product_rule(R: Tensor, factors: list[Tensor]) -> list[Tensor]:

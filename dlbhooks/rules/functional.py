@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from ..errors import DLBError, UnsupportedModuleError
-from ..relevance import CURRENT_STREAMS, Rel, by_target, radd, rmap, stack
+from ..relevance import CURRENT_STREAMS, Rel, by_target, radd, rmap, rsum, stack
 from ..storage import check_tolerance
-from .arith import nonneg_div
-from .composite import add_split, first_stream, per_stream, reduce_stacked
+from .arith import nonneg_div, reduce_stacked
+from .composite import add_split, first_stream, per_stream
 from .contract import Bag, RuleContext, RuleResult
 from .core import contrastive_side_coefficients, contrastive_split
 from .elementwise import product_rule
@@ -368,8 +368,11 @@ class Functional:
                     "multiply to the recorded result; the model's forward differs from the "
                     "rule's spec"
                 )
-            parts = per_stream(lambda r: product_rule(r, values), R) if R.shape[0] == 1 \
-                else [reduce_stacked(R / len(values), v.shape) for v in values]
+            if R.shape[0] == 1:
+                parts = per_stream(lambda r: product_rule(r, values), R)
+            else:  # several stack entries: the same share, computed once
+                share = R / len(values)
+                parts = [reduce_stacked(share, v.shape) for v in values]
             for f, part in zip(found, parts):
                 bag.add(f.tensor, part, rec, base=f.base)
             return None
@@ -485,25 +488,10 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Tensor
     Returns (relevance on ``x``, absorbed per stream)."""
     m = CURRENT_STREAMS.get() or R.shape[0]
     half = x.shape[-1] // 2
-    if m == 1 and R.shape[0] > 1:  # several targets in default mode: one split for all
-        absA = torch.mul(x, c).abs_()
-        absB = torch.cat((x[..., half:] * s[..., :half], x[..., :half] * s[..., half:]),
-                         dim=-1).abs_()
-        T = absA + absB
-        zero = None if T.numel() == 0 or float(T.amin()) > 0 else T == 0
-        q = nonneg_div(R, T, positive=zero is None)
-        rA, rB = q * absA, q.mul_(absB)
-        rA[..., :half] += rB[..., half:]
-        rA[..., half:] += rB[..., :half]
-        S = R.shape[0]
-        absorbed = R.new_zeros((S,)) if zero is None else \
-            torch.where(zero, R, 0.0).reshape(S, -1).sum(1)
-        return rA, absorbed
-    if R.shape[0] != m:  # several targets in contrastive mode: each target's pair
+    if R.shape[0] > m:  # several targets in contrastive mode: each target's pair
         parts = [rope_relevance(Rt, x, c, s) for Rt in by_target(R, m)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    if R.shape[0] == 1:  # default mode, in place on its own temporaries
-        R = R[0]
+    if m == 1:  # default mode: one split for every target
         absA = torch.mul(x, c).abs_()
         absB = torch.empty_like(absA)
         torch.mul(x[..., half:], s[..., :half], out=absB[..., :half])
@@ -511,12 +499,13 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Tensor
         absB.abs_()
         T = absA + absB
         zero = None if T.numel() == 0 or float(T.amin()) > 0 else T == 0
-        q = nonneg_div(R, T, own=True, positive=zero is None)
-        absorbed = R.new_zeros(()) if zero is None else torch.where(zero, R, 0.0).sum()
-        rA, rB = absA.mul_(q), absB.mul_(q)
+        one = R.shape[0] == 1  # one target: in place on its own temporaries
+        q = nonneg_div(R[0] if one else R, T, own=True, positive=zero is None)
+        rA, rB = (absA.mul_(q), absB.mul_(q)) if one else (q * absA, q.mul_(absB))
         rA[..., :half] += rB[..., half:]
         rA[..., half:] += rB[..., :half]
-        return rA.unsqueeze(0), absorbed.reshape(1)
+        absorbed = R.new_zeros(R.shape[0]) if zero is None else rsum(torch.where(zero, R, 0.0))
+        return (rA.unsqueeze(0) if one else rA), absorbed
     A = x * c
     B = torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s
     # each unit's two contributions by sign: P and N summed directly (from |A| + |B| and

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import FunctionalGapError
 from ..relevance import Rel, radd, rsum
-from .arith import nonneg_div, reduce_to
+from .arith import nonneg_div, reduce_stacked
 from .attention import attention_relevance
 from .composite import LINEAR, MATMUL, add_split
 from .contract import RuleContext, RuleResult
@@ -170,14 +170,6 @@ def _substitute(rec: Record, values: dict[int, Tensor]) -> tuple[tuple, dict]:
 
 def _result(rec: Record, parts: dict[int, Rel | None], absorbed: Tensor | None) -> RuleResult:
     return RuleResult([parts.get(i) for i in range(len(rec.inputs))], absorbed)
-
-
-def _reduce_stacked(R: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
-    """``R`` ([S, *broadcast shape]) summed over the axes along which an operand of
-    ``shape`` was broadcast: ``[S, *shape]``."""
-    shape = tuple(shape)
-    pad = (1,) * (R.dim() - 1 - len(shape))
-    return reduce_to(R, (R.shape[0], *pad, *shape)).reshape(R.shape[0], *shape)
 
 
 def _first_derived(rec: Record) -> int:
@@ -328,7 +320,7 @@ def mul_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> RuleR
     share = R / len(live)
     out: dict[int, Rel | None] = {}
     for i, v in live:
-        out[i] = radd(out.get(i), _reduce_stacked(share, v.shape))
+        out[i] = radd(out.get(i), reduce_stacked(share, v.shape))
     return _result(rec, out, None)
 
 
@@ -421,8 +413,8 @@ def _matmul_parts(rec: Record, R: Tensor, ia: int | None, a: Tensor, ib: int | N
         return (A * (q @ B.transpose(-1, -2))) * 0.5, (B * (A.transpose(-1, -2) @ q)) * 0.5
 
     pieces = [parts(r) for r in R.unbind(0)]
-    ra = _reduce_stacked(torch.stack([p[0] for p in pieces]), a.shape)
-    rb = _reduce_stacked(torch.stack([p[1] for p in pieces]), b.shape)
+    ra = reduce_stacked(torch.stack([p[0] for p in pieces]), a.shape)
+    rb = reduce_stacked(torch.stack([p[1] for p in pieces]), b.shape)
     lost = rsum(torch.where(D == 0, R, 0.0))  # units without contributions
     if ia == ib:
         return {ia: ra + rb}, lost
@@ -460,7 +452,7 @@ def baddbmm_call(rec: Record, R_out: list[Tensor | None], ctx: RuleContext) -> R
     if idx[0] is None:
         absorbed = radd(absorbed, rsum(R_bias))
     else:
-        out[idx[0]] = radd(out.get(idx[0]), _reduce_stacked(R_bias, bias.shape))
+        out[idx[0]] = radd(out.get(idx[0]), reduce_stacked(R_bias, bias.shape))
     return _result(rec, out, absorbed)
 
 
