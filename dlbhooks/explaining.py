@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from . import scratch
 from .engine import Engine
 from .errors import (
     NonFiniteError,
@@ -232,7 +233,8 @@ def _run(engine: Engine, root: Record,
     try:
         # relevance is not differentiated: no autograd graph, even for a tape recorded
         # with grad=True or an explanation asked for inside torch.inference_mode()
-        with torch.inference_mode(False), torch.no_grad(), tape.store.checks():
+        with torch.inference_mode(False), torch.no_grad(), tape.store.checks(), \
+                scratch.session():
             R_in = engine.propagate(root, R_out)
             ledgers = engine.finish_targets()
     except Exception as err:

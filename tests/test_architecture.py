@@ -29,7 +29,7 @@ MARKER = "# lazy:"
 #: own layer or a lower one (``rules`` stands for the package and every module in it).
 #: Modules not listed (the public façade, models, analysis, corpus, ...) sit on top.
 LAYERS: list[set[str]] = [
-    {"errors", "relevance", "binding", "views", "ledger"},
+    {"errors", "relevance", "binding", "views", "ledger", "scratch"},
     {"storage", "integrations", "integrations.accelerate", "weights", "results", "seeds",
      "footprint", "report", "plot"},
     {"rules"},

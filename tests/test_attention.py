@@ -229,6 +229,35 @@ def test_gqa_equals_repeated_heads_summed():
                           atol=1e-13)
 
 
+def test_calls_in_one_scratch_session_equal_calls_without_one():
+    """The reused blocks (grown, shrunk, shared by calls of other shapes) and the mask's
+    plan kept for the session give exactly what fresh temporaries give."""
+    from dlbhooks import scratch
+
+    gen = torch.Generator().manual_seed(5)
+    cases = []
+    for B, H, Hkv, T, d in ((1, 4, 2, 9, 3), (2, 2, 2, 5, 4), (1, 4, 2, 9, 3)):
+        Q = torch.randn(B, H, T, d, generator=gen, dtype=DT)
+        K = torch.randn(B, Hkv, T, d, generator=gen, dtype=DT)
+        V = torch.randn(B, Hkv, T, d, generator=gen, dtype=DT)
+        R = torch.randn(2, B, H, T, d, generator=gen, dtype=DT)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        cases.append((R, Q, K, V, causal))
+    cases.append(cases[0][:4] + (cases[0][4].clone(),))  # the same mask values, new tensor
+    fresh = [attention_relevance(*c[:4], scale=0.3, mask=c[4], chunk=4) for c in cases]
+    with scratch.session():
+        reused = [attention_relevance(*c[:4], scale=0.3, mask=c[4], chunk=4) for c in cases]
+        cases[0][4][0, 0] = False  # changed in place: the plan must follow
+        changed = attention_relevance(*cases[0][:4], scale=0.3, mask=cases[0][4], chunk=4)
+    for a, b in zip(fresh, reused):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    want = attention_relevance(*cases[0][:4], scale=0.3, mask=cases[0][4], chunk=4)
+    for x, y in zip(changed, want):
+        assert torch.equal(x, y)
+    assert not torch.equal(changed.R_Q, fresh[0].R_Q)
+
+
 def test_attention_output_and_probabilities_match_torch():
     gen = torch.Generator().manual_seed(4)
     Q = torch.randn(2, 4, 6, 3, generator=gen, dtype=DT)

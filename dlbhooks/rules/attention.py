@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import scratch
 from ..errors import UnsupportedModuleError
 from ..relevance import Rel, radd, rmap, stack, streams_of
 from ..weights import fetch_param
@@ -148,21 +149,22 @@ def _probs(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None, sinks: Tens
     """Masked softmax of one query chunk: ``(A, p_sink)``; fully masked rows give A = 0.
     ``softcap`` (Gemma 2): scores become ``tanh(S / softcap)·softcap`` before the mask — an
     element-wise map, through which relevance passes unchanged."""
-    E, inv, p_sink = _exp_scores(Qc, K, scale, mask, sinks, softcap)
+    S = torch.matmul(Qc * scale, K.transpose(-1, -2))
+    E, inv, p_sink = _exp_scores(S, mask, sinks, softcap)
     return E.mul_(inv), p_sink
 
 
-def _exp_scores(Qc: Tensor, K: Tensor, scale: float, mask: Tensor | None,
-                sinks: Tensor | None, softcap: float | None):
-    """:func:`_probs` without the rows' normalisation: ``(E, inv, p_sink)`` with ``A = E ·
-    inv`` (``inv`` per row, 0 for fully masked rows). The scale goes into the queries and
-    an additive or boolean mask is applied only on the key columns where it is not open
-    for every row (for a causal mask, the chunk's diagonal block)."""
-    S = torch.matmul(Qc * scale, K.transpose(-1, -2))
+def _exp_scores(S: Tensor, mask: Tensor | None, sinks: Tensor | None, softcap: float | None,
+                span: tuple[int, int] | None = None):
+    """:func:`_probs` from the scaled scores ``S`` (overwritten) without the rows'
+    normalisation: ``(E, inv, p_sink)`` with ``A = E · inv`` (``inv`` per row, 0 for fully
+    masked rows). An additive or boolean mask is applied only on the key columns ``span``
+    where it is not open for every row (for a causal mask, the chunk's diagonal block;
+    found from the mask if not given)."""
     if softcap is not None:
         S.div_(softcap).tanh_().mul_(softcap)
     if mask is not None:
-        a, b = _mask_span(mask)
+        a, b = _mask_span(mask) if span is None else span
         if a < b:
             Sm, mm = S[..., a:b], mask[..., a:b]
             if mask.dtype == torch.bool:
@@ -195,12 +197,10 @@ def _mask_span(mask: Tensor) -> tuple[int, int]:
     return int(cols[0]), int(cols[-1]) + 1
 
 
-def _may_be_zero(Dp: Tensor, absQ: Tensor, absK: Tensor) -> bool:
-    """Can an entry of ``Dp = |Q| @ |K|ᵀ (+ |bias|)`` be 0? Not when no entry of ``|Q|``
-    and ``|K|`` is 0 (two small reductions); else one pass over ``Dp`` decides."""
-    if Dp.numel() == 0:
-        return False
-    if absQ.numel() and absK.numel() and bool(absQ.amin() > 0) and bool(absK.amin() > 0):
+def _may_be_zero(Dp: Tensor, nonzero: bool) -> bool:
+    """Can an entry of ``Dp = |Q| @ |K|ᵀ (+ |bias|)`` be 0? Not when no entry of ``Q``
+    and ``K`` is 0 (``nonzero``, known per call); else one pass over ``Dp`` decides."""
+    if Dp.numel() == 0 or nonzero:
         return False
     return not bool(Dp.amin() > 0)
 
@@ -250,11 +250,6 @@ def _cols(t: Tensor | None, k0: int, k1: int) -> Tensor | None:
     if t is None or t.shape[-1] == 1:
         return t
     return t[..., k0:k1]
-
-
-def _sum_groups(t: Tensor) -> Tensor:
-    """Sum over the grouped-query axis (2), kept (a no-op without grouping)."""
-    return t if t.shape[2] == 1 else t.sum(2, keepdim=True)
 
 
 def _live_queries(rels: list[Tensor]) -> Tensor | None:
@@ -348,13 +343,48 @@ def attention_relevance(
     """
     lay = _layout(Q, K, V, mask, sinks)
     q = _Queries.of(lay, R_O)
-    acc = _Sums.zeros(lay, len(q.R))
-    Tq = q.Q.shape[-2]
-    bias = _has_score_bias(q.mask)
-    for i0 in range(0, Tq, chunk):
-        acc.add_chunk(lay, q, i0, min(Tq, i0 + chunk), scale, softcap, bias)
+    acc = _Sums.zeros(lay, q)
+    plan = (_Plan.of(q.mask, q.Q.shape[-2], lay.Tk, chunk) if q.rows is not None or mask is None
+            else scratch.memo(f"attention.plan.{chunk}.{lay.Tq}", mask,
+                              lambda: _Plan.of(q.mask, lay.Tq, lay.Tk, chunk)))
+    for span in plan.chunks:
+        acc.add_chunk(lay, q, span, scale, softcap, plan.bias)
     per = acc.result(lay, q)  # (R_Q, R_K, R_V, absorbed) of each stream
     return AttentionRelevance(*(stack(list(r)) for r in zip(*per)))
+
+
+class _Span(NamedTuple):
+    """One query chunk: queries ``[i0, i1)``, the keys ``[k0, k1)`` they may attend, and
+    the columns ``[a, b)`` of those where the mask is not open for every row (relative
+    to ``k0``; ``a == b``: the mask adds nothing there)."""
+
+    i0: int
+    i1: int
+    k0: int
+    k1: int
+    a: int
+    b: int
+
+
+class _Plan(NamedTuple):
+    """The query chunks of one attention call and whether the mask holds a score bias;
+    it depends on the mask only, so it is made once per explanation for a mask every
+    layer shares (:func:`~dlbhooks.scratch.memo`)."""
+
+    chunks: list[_Span]
+    bias: bool
+
+    @classmethod
+    def of(cls, mask: Tensor | None, Tq: int, Tk: int, chunk: int) -> _Plan:
+        spans = []
+        for i0 in range(0, Tq, chunk):
+            i1 = min(Tq, i0 + chunk)
+            mc = _rows(mask, i0, i1)
+            k0, k1 = _key_range(mc, Tk)
+            cols = _cols(mc, k0, k1)
+            a, b = _mask_span(cols) if cols is not None else (0, 0)
+            spans.append(_Span(i0, i1, k0, k1, a, b))
+        return cls(spans, _has_score_bias(mask))
 
 
 @dataclass
@@ -392,53 +422,74 @@ class _Queries:
 class _Sums:
     """What :func:`attention_relevance` accumulates per stream over the query chunks:
     ``R_Q`` chunk by chunk, ``R_K`` and ``R_V`` (before their factor ``½·|K|``, ``½·|V|``)
-    and the relevance absorbed."""
+    and the relevance absorbed.
 
-    absK: Tensor
-    absV: Tensor
+    The products run as batched matrix products over ``N = batch · kv_heads`` with the
+    ``g`` query heads of a group stacked on the rows (``[N, g·chunk, ·]``): each key/value
+    head is read once per group, and the products into ``R_K`` and ``R_V`` sum over the
+    group's heads themselves. The three [rows × keys] temporaries of a chunk are
+    :mod:`~dlbhooks.scratch` buffers, reused from chunk to chunk and layer to layer."""
+
+    K: Tensor  # [N, T_k, d]
+    absK: Tensor  # [N, T_k, d]
+    absV: Tensor  # [N, T_k, dv]
     RQ: list[list[Tensor]]
-    RK: list[Tensor]
-    RV: list[Tensor]
+    RK: list[Tensor]  # [N, T_k, d]
+    RV: list[Tensor]  # [N, T_k, dv]
     lost: list[Tensor]
+    nonzero: bool  # no entry of Q or K is 0 (then no D' = |Q| @ |K|ᵀ is)
 
     @classmethod
-    def zeros(cls, lay: _Layout, n: int) -> _Sums:
-        return cls(lay.K.abs(), lay.V.abs(), [[] for _ in range(n)],
-                   [lay.K.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.d) for _ in range(n)],
-                   [lay.V.new_zeros(lay.B, lay.Hkv, 1, lay.Tk, lay.dv) for _ in range(n)],
-                   [lay.Q.new_zeros(()) for _ in range(n)])
+    def zeros(cls, lay: _Layout, q: _Queries) -> _Sums:
+        N, n = lay.B * lay.Hkv, len(q.R)
+        K = lay.K.reshape(N, lay.Tk, lay.d)
+        absK = K.abs()
+        nonzero = not absK.numel() or (bool(absK.amin() > 0) and not bool((q.Q == 0).any()))
+        return cls(K, absK, lay.V.reshape(N, lay.Tk, lay.dv).abs(), [[] for _ in range(n)],
+                   [K.new_zeros(N, lay.Tk, lay.d) for _ in range(n)],
+                   [K.new_zeros(N, lay.Tk, lay.dv) for _ in range(n)],
+                   [K.new_zeros(()) for _ in range(n)], nonzero)
 
-    def add_chunk(self, lay: _Layout, q: _Queries, i0: int, i1: int, scale: float,
+    def add_chunk(self, lay: _Layout, q: _Queries, span: _Span, scale: float,
                   softcap: float | None, bias: bool = False) -> None:
-        """Queries ``i0:i1``: recompute their ``A`` (over the keys they may attend) and
+        """Queries ``span.i0:i1``: recompute their ``A`` (over the keys they may attend) and
         add what each stream gives ``Q``, ``K``, ``V`` (the steps of §4). ``bias``: the
         additive mask holds finite non-zero scores (T5's relative position bias, ALiBi):
         they are a bias of step 3, ``D' = |Q| @ |K|ᵀ + |B| / scale``, and keep their share
         (absorbed)."""
-        mc = _rows(q.mask, i0, i1)
-        k0, k1 = _key_range(mc, lay.Tk)
-        Kc, aK, aV = lay.K[..., k0:k1, :], self.absK[..., k0:k1, :], self.absV[..., k0:k1, :]
-        Qc = q.Q[..., i0:i1, :]
+        i0, i1, k0, k1 = span.i0, span.i1, span.k0, span.k1
+        mc = _cols(_rows(q.mask, i0, i1), k0, k1)
+        N, g, c, kc = lay.B * lay.Hkv, lay.g, i1 - i0, k1 - k0
+        grid = (lay.B, lay.Hkv, g, c, kc)  # the [rows × keys] blocks, by head
+
+        def block(key: str) -> Tensor:
+            return scratch.buffer(f"attention.{key}", (N, g * c, kc), lay.dtype,
+                                  lay.K.device)
+
+        Kc, aK, aV = self.K[:, k0:k1], self.absK[:, k0:k1], self.absV[:, k0:k1]
+        Qc = q.Q[..., i0:i1, :].reshape(N, g * c, lay.d)
         # A = E · inv per row: the rows' normalisation is folded into the small [c, dv]
         # factors instead of a pass over the [c, kc] probabilities
-        E, inv, p_sink = _exp_scores(Qc, Kc, scale, _cols(mc, k0, k1), _rows(q.sinks, i0, i1),
-                                     softcap)
+        S = torch.bmm(Qc * scale, Kc.transpose(1, 2), out=block("scores"))
+        E, inv, p_sink = _exp_scores(S.view(grid), mc, _rows(q.sinks, i0, i1), softcap,
+                                     span=(span.a, span.b))
         absQc = Qc.abs()
-        D = torch.matmul(E, aV).mul_(inv)  # A @ |V|: [B, Hkv, g, c, dv]
-        Dp = torch.matmul(absQc, aK.transpose(-1, -2))  # [B, Hkv, g, c, kc]
-        babs = _bias_magnitude(_cols(mc, k0, k1), scale) if bias else None
+        D = torch.bmm(S, aV).view(*grid[:4], lay.dv).mul_(inv)  # A @ |V|
+        Dp = torch.bmm(absQc, aK.transpose(1, 2), out=block("denominators"))  # |Q| @ |K|ᵀ
+        babs = _bias_magnitude(mc, scale) if bias else None
         if babs is not None:
-            Dp = Dp + babs
-        dp_zero = _may_be_zero(Dp, absQc, aK)
+            Dp.view(grid).add_(babs)
+        dp_zero = _may_be_zero(Dp, self.nonzero)
         # what the queries' and keys' split needs of A, for every stream at once:
         # R_S / D' = ½ (s @ |V|ᵀ) ⊙ A / D' = (s/Z @ |V|ᵀ) ⊙ E / (2 D')
-        Wt = torch.div(E, Dp)
         if dp_zero:
-            zero = Dp == 0
+            zero = Dp.view(grid) == 0
             lost_w = torch.where(zero, E, 0.0)  # A's pairs whose share D' cannot take
-            Wt.masked_fill_(zero, 0.0)
+        Wt = torch.div(S, Dp, out=Dp)  # in place of D'
+        if dp_zero:
+            Wt.view(grid).masked_fill_(zero, 0.0)
         if babs is not None:
-            bias_w = Wt * babs  # the bias's share of each pair
+            bias_w = Wt.view(grid) * babs  # the bias's share of each pair
         lost = self.lost
         for n, R in enumerate(q.R):
             r = R[..., i0:i1, :]
@@ -448,28 +499,32 @@ class _Sums:
                 lost[n] = lost[n] + r_sink.sum()
             s = safe_div(r, D)
             lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
-            si = s.mul_(inv)  # s / Z: A ⊙ (s @ |V|ᵀ) = E ⊙ ((s/Z) @ |V|ᵀ), Aᵀ s = Eᵀ (s/Z)
-            self.RV[n][..., k0:k1, :] += _sum_groups(torch.matmul(E.transpose(-1, -2), si))
-            P = torch.matmul(si.mul_(0.5), aV.transpose(-1, -2))  # ½ (s/Z) @ |V|ᵀ
+            # s / Z: A ⊙ (s @ |V|ᵀ) = E ⊙ ((s/Z) @ |V|ᵀ), Aᵀ s = Eᵀ (s/Z)
+            si = s.mul_(inv).reshape(N, g * c, lay.dv)
+            self.RV[n][:, k0:k1] += torch.bmm(S.transpose(1, 2), si)
+            P = torch.bmm(si.mul_(0.5), aV.transpose(1, 2), out=block("products"))
             if dp_zero:
-                lost[n] = lost[n] + (P * lost_w).sum()
+                lost[n] = lost[n] + (P.view(grid) * lost_w).sum()
             if babs is not None:
-                lost[n] = lost[n] + (P * bias_w).sum()
+                lost[n] = lost[n] + (P.view(grid) * bias_w).sum()
             s2 = P.mul_(Wt)  # R_S / D'
-            self.RQ[n].append(torch.matmul(s2, aK).mul_(absQc).mul_(0.5))
-            self.RK[n][..., k0:k1, :] += _sum_groups(torch.matmul(s2.transpose(-1, -2), absQc))
+            self.RQ[n].append(torch.bmm(s2, aK).mul_(absQc).mul_(0.5).view(*grid[:4], lay.d))
+            self.RK[n][:, k0:k1] += torch.bmm(s2.transpose(1, 2), absQc)
 
     def result(self, lay: _Layout, q: _Queries) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
         """``(R_Q, R_K, R_V, absorbed)`` per stream, shaped like ``Q``, ``K``, ``V``."""
-        half_K, half_V = 0.5 * self.absK.squeeze(2), 0.5 * self.absV.squeeze(2)
+        half_K, half_V = 0.5 * self.absK, 0.5 * self.absV
+        kv = (lay.B, lay.Hkv, lay.Tk)
         res = []
         for n in range(len(q.R)):
             rq = torch.cat(self.RQ[n], dim=-2) if self.RQ[n] else q.Q.new_zeros(q.Q.shape)
             if q.rows is not None:
                 rq = q.Q.new_zeros(lay.Q.shape).index_copy_(-2, q.rows, rq)
             rq = rq.reshape(lay.B, lay.H, lay.Tq, lay.d)
-            res.append((rq.to(q.dtype), (half_K * self.RK[n].squeeze(2)).to(q.dtype),
-                        (half_V * self.RV[n].squeeze(2)).to(q.dtype), self.lost[n].to(q.dtype)))
+            rk = (half_K * self.RK[n]).reshape(*kv, lay.d)
+            rv = (half_V * self.RV[n]).reshape(*kv, lay.dv)
+            res.append((rq.to(q.dtype), rk.to(q.dtype), rv.to(q.dtype),
+                        self.lost[n].to(q.dtype)))
         return res
 
 

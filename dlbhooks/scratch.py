@@ -1,0 +1,78 @@
+"""Scratch buffers reused for the length of one reverse pass.
+
+Rules that work chunk by chunk (attention: a [queries × keys] block per chunk and head)
+need large temporaries whose size changes from chunk to chunk. Allocated afresh, each
+one is new memory from the operating system (large blocks are mapped and unmapped on
+every allocation) and the page faults of touching it cost as much as the arithmetic.
+Inside :func:`session` (the engine opens one per explanation), :func:`buffer` hands out
+the same block for the same key, grown when a larger one is asked for, and everything is
+released when the session ends. Outside a session :func:`buffer` is ``torch.empty``.
+
+A key names one temporary of one rule: a buffer is valid until the next call with the
+same key, so a rule must not hold it across calls into other rules.
+
+:func:`memo` keeps, for the same session, what a rule derives from a tensor that many
+records share (the attention mask every layer of a transformer receives).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["buffer", "memo", "session"]
+
+T = TypeVar("T")
+
+_POOL: ContextVar[dict | None] = ContextVar("dlbhooks_scratch", default=None)
+
+
+@contextmanager
+def session() -> Iterator[None]:
+    """Reuse :func:`buffer`'s blocks until the block ends (nested sessions share the
+    outer one); the blocks are freed at its end."""
+    if _POOL.get() is not None:
+        yield
+        return
+    token = _POOL.set({})
+    try:
+        yield
+    finally:
+        _POOL.reset(token)
+
+
+def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype,
+           device: torch.device) -> Tensor:
+    """An uninitialised contiguous tensor of ``shape``: within a :func:`session`, a view of
+    the block kept under ``(key, dtype, device)`` (grown as needed)."""
+    pool = _POOL.get()
+    if pool is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    slot = (key, dtype, torch.device(device))
+    block = pool.get(slot)
+    if block is None or block.numel() < n:
+        pool.pop(slot, None)  # free the smaller block before taking the larger
+        block = pool[slot] = torch.empty(n, dtype=dtype, device=device)
+    return block[:n].view(shape)
+
+
+def memo(key: str, of: Tensor, make: Callable[[], T]) -> T:
+    """``make()``, computed once per session for the tensor ``of`` (the same object,
+    unmodified since: its version is part of the key) under ``key``."""
+    pool = _POOL.get()
+    if pool is None:
+        return make()
+    slot = ("memo", key, id(of), of._version)
+    hit = pool.get(slot)
+    if hit is not None and hit[0] is of:
+        return hit[1]
+    value = make()
+    pool[slot] = (of, value)  # holding ``of`` keeps its id from being reused
+    return value
