@@ -11,6 +11,7 @@ and raises :class:`~dlbhooks.errors.FunctionalGapError`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,12 +27,19 @@ from .rules.contract import Bag as BagLike
 from .rules.contract import RuleResult, legacy_call, streamwise_call
 from .rules.elementwise import nonnegative_output, saturation_bounds
 from .rules.functions import FunctionCall
-from .storage import record_tensors
+from .storage import record_tensors, version_of
 from .views import base_to_view, view_to_base
 from .weights import all_positive, fetch_abs_param, fetch_param, plain_float
 
 if TYPE_CHECKING:
     from .records import Record, Tape
+
+
+def _forget(sums: dict, key: int) -> None:
+    """Drop the ledger total of a relevance tensor that was freed (if still its entry)."""
+    hit = sums.get(key)
+    if hit is not None and hit[0]() is None:
+        del sums[key]
 
 
 class Bag:
@@ -112,9 +120,11 @@ class Engine:
     # length of the log of absorptions: one item per processed call that absorbed, in
     # order (a pending entry spans the items its call and the calls below it made)
     _absorptions: int = 0
-    # id(relevance tensor) -> (tensor, its float64 total): a tensor passed from one record
-    # to the next is summed once for the ledger
-    _sums: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # id(relevance tensor) -> (weak reference, version, float64 total): a tensor passed
+    # from one record to the next is summed once for the ledger. Weak: a relevance the bag
+    # combines with another (a tensor read by several records) never comes back as it was
+    # and must not be kept alive until the end of the walk
+    _sums: dict[int, tuple[weakref.ref, int, Tensor]] = field(default_factory=dict)
     reports: Reports = field(default_factory=Reports)
     current: Record | None = None  # the record whose rule runs (for error messages)
     _param_owner: nn.Module | None = None
@@ -228,7 +238,7 @@ class Engine:
         R_out = [bag.pop(o) for o in rec.outputs]
         if all(r is None for r in R_out):
             return
-        R_in = self.propagate(rec, R_out)
+        R_in = self.propagate(rec, R_out, consume=True)
         for i, (t, R) in enumerate(zip(rec.inputs, R_in)):
             if R is not None:
                 bag.add(t, R, rec, base=rec.input_views.get(i))
@@ -276,11 +286,19 @@ class Engine:
                 bag.add(o, R, None, base=rec.output_views.get(i))
         return bag
 
-    def propagate(self, rec: Record, R_out: list[Rel | None]) -> list[Rel | None]:
-        """Relevance on ``rec``'s inputs, given relevance on its outputs."""
-        R_out = self._fill(rec, R_out)
+    def propagate(self, rec: Record, R_out: list[Rel | None], *,
+                  consume: bool = False) -> list[Rel | None]:
+        """Relevance on ``rec``'s inputs, given relevance on its outputs. ``consume``: the
+        relevance is handed over and ``R_out`` emptied, so that the caller's list does not
+        keep it (an LM's seed, as large as its logits) alive through the walk below."""
+        filled = self._fill(rec, R_out)
+        if consume:
+            R_out.clear()
+        R_out = filled
         entry = PendingEntry(rec.key, rec.path, rec.type_name, self._absorptions)
         self.ledger.append(entry)  # before its children's entries: output->input order
+        # totals stay tensors here (no device sync per call); finish() makes them floats
+        entry.relevance_out = self._total(R_out)
         rule = self._rule_for(rec)
         if rule is not None:
             R_in, absorbed = self._apply_loaded(rule, rec, R_out)
@@ -300,8 +318,6 @@ class Engine:
             )
         if absorbed is not None:
             self._absorptions += 1  # the call's own absorption: the last item of its span
-        # totals stay tensors here (no device sync per call); finish() makes them floats
-        entry.relevance_out = self._total(R_out, pop=True, keep=R_in)
         entry.relevance_in = self._total(R_in)
         entry.absorbed = absorbed
         # (the function calls of a module whose inherited rule fitted are not its children)
@@ -339,23 +355,20 @@ class Engine:
         """One final ledger per target (:meth:`finish` of each target's streams)."""
         return finish_ledgers(self.ledger, self._absorptions, self.contrastive, self.targets)
 
-    def _total(self, rels: list[Rel | None], pop: bool = False,
-               keep: list[Rel | None] | None = None) -> Rel | None:
+    def _total(self, rels: list[Rel | None]) -> Rel | None:
         """Float64 total of a list of relevances, each tensor summed only once: a record's
-        input relevance is remembered until it arrives as another record's output
-        relevance (``pop``), unless it also goes on as this record's input (``keep``: a
-        pass-through rule hands on the same tensor)."""
-        staying = {id(r) for r in keep or () if r is not None}
+        input relevance is remembered (weakly, with its version) for when it arrives as
+        another record's output relevance, or goes on unchanged as this one's input."""
+        sums = self._sums
 
         def one(t: Tensor) -> Tensor:
-            hit = self._sums.get(id(t))
-            if hit is not None and hit[0] is t:
-                if pop and id(t) not in staying:
-                    del self._sums[id(t)]
-                return hit[1]
+            key = id(t)
+            hit = sums.get(key)
+            version = version_of(t)
+            if hit is not None and hit[0]() is t and hit[1] == version:
+                return hit[2]
             total = rsum(t)
-            if not pop or id(t) in staying:
-                self._sums[id(t)] = (t, total)
+            sums[key] = (weakref.ref(t, lambda _, key=key: _forget(sums, key)), version, total)
             return total
 
         total = None
@@ -395,8 +408,10 @@ class Engine:
             return self._apply(rule, rec, R_out)
 
     def _transparent(self, rec: Record, R_out: list[Rel]) -> list[Rel | None]:
-        """A container with no rule: walk its children, routing by tensor identity."""
+        """A container with no rule: walk its children, routing by tensor identity (the
+        relevance goes into the bag: ``R_out`` is emptied)."""
         bag = self.seed_outputs(rec, R_out)
+        R_out.clear()
         self.walk(rec.children, bag)
         return self.collect(rec, bag)
 

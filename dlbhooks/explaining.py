@@ -137,9 +137,12 @@ def explain_targets(
                     temperature=temperature) for target, position in specs]
     seed = seeded[0].relevance if len(seeded) == 1 else torch.cat(
         [s.relevance for s in seeded])
+    for s in seeded:
+        s.relevance = None  # the seed is handed to the engine, which frees it once used
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share,
                     targets=len(specs))
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
+    del seed
     R_in, ledgers = _run(engine, root, R_out)
     inputs = _input_relevance(tape, root, R_in, seeded[0].dtype, engine.streams * len(specs))
     return [_assemble(engine, ledger, inputs, t, mode=mode, multiplier=multiplier,
@@ -196,7 +199,7 @@ def _checked_root(tape: Tape) -> Record:
 class _Seeded:
     """The seed of output ``k`` and what the explanation reports about it."""
 
-    relevance: Rel  # the seed, stacked ([2, ...] in contrastive mode)
+    relevance: Rel | None  # the seed, stacked ([2, ...] in contrastive mode); None once used
     dtype: torch.dtype  # of the relevance (for the inputs it does not reach)
     target: Any  # the target as resolved (a default becomes the arg-max classes)
     info: dict[str, Any]
@@ -235,7 +238,7 @@ def _run(engine: Engine, root: Record,
         # with grad=True or an explanation asked for inside torch.inference_mode()
         with torch.inference_mode(False), torch.no_grad(), tape.store.checks(), \
                 scratch.session():
-            R_in = engine.propagate(root, R_out)
+            R_in = engine.propagate(root, R_out, consume=True)
             ledgers = engine.finish_targets()
     except Exception as err:
         if not is_out_of_memory(err):

@@ -26,6 +26,8 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
+from .storage import version_of
+
 __all__ = ["buffer", "memo", "session"]
 
 T = TypeVar("T")
@@ -63,16 +65,21 @@ def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype,
     return block[:n].view(shape)
 
 
-def memo(key: str, of: Tensor, make: Callable[[], T]) -> T:
+def memo(key: str, of: Tensor, make: Callable[[], T], *, latest: bool = False) -> T:
     """``make()``, computed once per session for the tensor ``of`` (the same object,
-    unmodified since: its version is part of the key) under ``key``."""
+    unmodified since: its version is part of the key) under ``key``. ``latest``: keep it
+    for the most recent tensor only (a value as large as ``of``, wanted by consecutive
+    calls: ``|x|`` for the projections that share the input ``x``)."""
     pool = _POOL.get()
     if pool is None:
         return make()
-    slot = ("memo", key, id(of), of._version)
+    version = version_of(of)
+    slot = ("memo", key) if latest else ("memo", key, id(of), version)
     hit = pool.get(slot)
-    if hit is not None and hit[0] is of:
-        return hit[1]
+    if hit is not None and hit[0] is of and hit[1] == version:
+        return hit[2]
+    if latest:
+        pool.pop(slot, None)  # free the previous value first
     value = make()
-    pool[slot] = (of, value)  # holding ``of`` keeps its id from being reused
+    pool[slot] = (of, version, value)  # holding ``of`` keeps its id from being reused
     return value

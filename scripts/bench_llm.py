@@ -215,14 +215,14 @@ def profile(length: int, threads: int) -> None:
     stack: list[float] = []  # children's time of each open call
     original = Engine.propagate
 
-    def timed(engine, rec, R_out):
+    def timed(engine, rec, R_out, **kwargs):
         rule = registry.lookup(type(rec.module))
         leaf = rec.path.rsplit(".", 1)[-1] if rec.type_name == "Linear" else ""
         name = f"{rec.type_name} {leaf} [{rule.name if rule else 'walk children'}]"
         stack.append(0.0)
         t0 = time.process_time()
         try:
-            return original(engine, rec, R_out)
+            return original(engine, rec, R_out, **kwargs)
         finally:
             dt = time.process_time() - t0
             inner = stack.pop()

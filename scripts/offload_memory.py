@@ -87,9 +87,9 @@ class HeldSampler:
         self._saved = Engine.propagate, acc.materialise
         propagate, materialise = self._saved
 
-        def sampled_propagate(engine, rec, R_out):
+        def sampled_propagate(engine, rec, R_out, **kwargs):
             try:
-                return propagate(engine, rec, R_out)
+                return propagate(engine, rec, R_out, **kwargs)
             finally:
                 self.sample()
 

@@ -29,9 +29,9 @@ MARKER = "# lazy:"
 #: own layer or a lower one (``rules`` stands for the package and every module in it).
 #: Modules not listed (the public façade, models, analysis, corpus, ...) sit on top.
 LAYERS: list[set[str]] = [
-    {"errors", "relevance", "binding", "views", "ledger", "scratch"},
+    {"errors", "relevance", "binding", "views", "ledger"},
     {"storage", "integrations", "integrations.accelerate", "weights", "results", "seeds",
-     "footprint", "report", "plot"},
+     "footprint", "report", "plot", "scratch"},
     {"rules"},
     {"engine"},
     {"explaining"},

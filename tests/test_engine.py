@@ -512,3 +512,48 @@ def test_finish_ledger_spans_pairs_and_unfinished_entries():
     (e,) = finish_ledger(pair, 1, contrastive=True)
     assert (e.relevance_out, e.relevance_in, e.absorbed, e.absorbed_inside) == \
         ((4.0, 1.0), (0.0, 0.0), (0.5, 0.25), (0.5, 0.25))
+
+
+def _live_shapes() -> list[tuple[int, ...]]:
+    import gc
+
+    return [tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+
+
+@pytest.mark.parametrize("targets", [None, [3, 5, 7]])
+def test_the_walk_frees_the_seed_and_combined_relevance_behind_it(monkeypatch, targets):
+    """While the walk is at the embedding (the last record it reaches), neither the seed
+    (as large as the logits: [k, batch, T, vocab]) nor the relevance of hidden states
+    already passed on is alive: the caller's lists do not hold the seed, and the ledger
+    remembers totals of tensors without keeping them (a tensor read by several records
+    — the residual stream — gets relevance combined in the bag, a new tensor)."""
+    import transformers
+
+    from dlbhooks.engine import Engine
+
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=24, intermediate_size=40,
+                                   num_hidden_layers=6, num_attention_heads=4,
+                                   num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 97, (2, 9))
+    k = 1 if targets is None else len(targets)
+    seen = {}
+    original = Engine.propagate
+
+    def watched(engine, rec, R_out, **kwargs):
+        if rec.type_name == "Embedding":
+            shapes = _live_shapes()
+            seen["seed"] = shapes.count((k, 2, 9, 97))
+            seen["hidden"] = shapes.count((k, 2, 9, 24))
+        return original(engine, rec, R_out, **kwargs)
+
+    with dlb.trace(model) as tape:
+        model(input_ids=ids)
+    monkeypatch.setattr(Engine, "propagate", watched)
+    tape.explain(target=3, keep=False) if targets is None else tape.explain(
+        targets=targets, keep=False)
+    assert seen["seed"] == 0
+    # the embedding's own relevance and the model's output relevance (held by the
+    # model's record while its children are walked); before: two more per layer
+    assert seen["hidden"] <= 3, seen

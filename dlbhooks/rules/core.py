@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from .. import scratch
 from ..relevance import CURRENT_STREAMS, Rel, by_target, stack
 
 # the arithmetic helpers lived here before rules/arith.py; importable from here still
@@ -280,7 +281,14 @@ def _bound(forward: Callable[[Tensor, Tensor], Tensor], w: Tensor) -> Callable[[
 
 def _abs_input(a: Tensor) -> Tensor:
     """``|a|``; ``a`` itself when it has no negative entries (e.g. after a ReLU), which a
-    read-only reduction decides (skipped when the first entries already show a sign)."""
+    read-only reduction decides (skipped when the first entries already show a sign).
+    Consecutive layers reading the same input (a transformer's query, key and value
+    projections) share it within an explanation (:func:`~dlbhooks.scratch.memo`); it is
+    never written to."""
+    return scratch.memo("abs_input", a, lambda: _abs_of(a), latest=True)
+
+
+def _abs_of(a: Tensor) -> Tensor:
     if a.is_floating_point() and a.numel():
         if a.numel() > 65536 and a.is_contiguous() and float(a.reshape(-1)[:256].amin()) < 0:
             return a.abs()  # signed: seen in the first entries, no full pass needed
