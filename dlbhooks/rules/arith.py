@@ -33,12 +33,16 @@ def fits(out: Tensor, other: Tensor) -> bool:
             and (other.dtype == out.dtype or torch.result_type(out, other) == out.dtype))
 
 
-def nonneg_div(num: Tensor, den: Tensor, own: bool = False, positive: bool = False) -> Tensor:
+def nonneg_div(num: Tensor, den: Tensor, own: bool = False, positive: bool = False,
+               out: Tensor | None = None) -> Tensor:
     """``num / den`` with 0 where ``den == 0`` (``den`` is never negative). ``own``: ``den``
-    is a temporary of the caller and may be overwritten with the result. ``positive``: the
-    caller knows ``den > 0`` everywhere, so there is nothing to clean up (one pass less)."""
+    is a temporary of the caller and may be overwritten with the result; else ``out``, if
+    given, receives it. ``positive``: the caller knows ``den > 0`` everywhere, so there is
+    nothing to clean up (one pass less)."""
     if own and fits(den, num):
         s = torch.div(num, den, out=den)
+    elif out is not None:
+        s = torch.div(num, den, out=out)
     else:
         s = num / den
     return s if positive else torch.nan_to_num_(s, nan=0.0, posinf=0.0, neginf=0.0)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import scratch
 from ..errors import UnsupportedModuleError
-from ..relevance import Rel, radd, rmap, stack, streams_of
+from ..relevance import Rel, radd, rmap, streams_of
 from ..weights import fetch_param
 from .arith import broadcasts_into, nonzero_along, safe_div
 from .composite import linear_adj, linear_fwd
@@ -349,8 +349,7 @@ def attention_relevance(
                               lambda: _Plan.of(q.mask, lay.Tq, lay.Tk, chunk)))
     for span in plan.chunks:
         acc.add_chunk(lay, q, span, scale, softcap, plan.bias)
-    per = acc.result(lay, q)  # (R_Q, R_K, R_V, absorbed) of each stream
-    return AttentionRelevance(*(stack(list(r)) for r in zip(*per)))
+    return acc.result(lay, q)
 
 
 class _Span(NamedTuple):
@@ -433,9 +432,9 @@ class _Sums:
     K: Tensor  # [N, T_k, d]
     absK: Tensor  # [N, T_k, d]
     absV: Tensor  # [N, T_k, dv]
-    RQ: list[list[Tensor]]
-    RK: list[Tensor]  # [N, T_k, d]
-    RV: list[Tensor]  # [N, T_k, dv]
+    RQ: Tensor  # [S, B, Hkv, g, T_q (the queries with relevance), d]
+    RK: Tensor  # [S, N, T_k, d]
+    RV: Tensor  # [S, N, T_k, dv]
     lost: list[Tensor]
     nonzero: bool  # no entry of Q or K is 0 (then no D' = |Q| @ |K|ᵀ is)
 
@@ -445,9 +444,8 @@ class _Sums:
         K = lay.K.reshape(N, lay.Tk, lay.d)
         absK = K.abs()
         nonzero = not absK.numel() or (bool(absK.amin() > 0) and not bool((q.Q == 0).any()))
-        return cls(K, absK, lay.V.reshape(N, lay.Tk, lay.dv).abs(), [[] for _ in range(n)],
-                   [K.new_zeros(N, lay.Tk, lay.d) for _ in range(n)],
-                   [K.new_zeros(N, lay.Tk, lay.dv) for _ in range(n)],
+        return cls(K, absK, lay.V.reshape(N, lay.Tk, lay.dv).abs(), K.new_zeros(n, *q.Q.shape),
+                   K.new_zeros(n, N, lay.Tk, lay.d), K.new_zeros(n, N, lay.Tk, lay.dv),
                    [K.new_zeros(()) for _ in range(n)], nonzero)
 
     def add_chunk(self, lay: _Layout, q: _Queries, span: _Span, scale: float,
@@ -508,24 +506,22 @@ class _Sums:
             if babs is not None:
                 lost[n] = lost[n] + (P.view(grid) * bias_w).sum()
             s2 = P.mul_(Wt)  # R_S / D'
-            self.RQ[n].append(torch.bmm(s2, aK).mul_(absQc).mul_(0.5).view(*grid[:4], lay.d))
+            self.RQ[n, ..., i0:i1, :] = torch.bmm(s2, aK).mul_(absQc).view(*grid[:4], lay.d)
             self.RK[n][:, k0:k1] += torch.bmm(s2.transpose(1, 2), absQc)
 
-    def result(self, lay: _Layout, q: _Queries) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """``(R_Q, R_K, R_V, absorbed)`` per stream, shaped like ``Q``, ``K``, ``V``."""
-        half_K, half_V = 0.5 * self.absK, 0.5 * self.absV
-        kv = (lay.B, lay.Hkv, lay.Tk)
-        res = []
-        for n in range(len(q.R)):
-            rq = torch.cat(self.RQ[n], dim=-2) if self.RQ[n] else q.Q.new_zeros(q.Q.shape)
-            if q.rows is not None:
-                rq = q.Q.new_zeros(lay.Q.shape).index_copy_(-2, q.rows, rq)
-            rq = rq.reshape(lay.B, lay.H, lay.Tq, lay.d)
-            rk = (half_K * self.RK[n]).reshape(*kv, lay.d)
-            rv = (half_V * self.RV[n]).reshape(*kv, lay.dv)
-            res.append((rq.to(q.dtype), rk.to(q.dtype), rv.to(q.dtype),
-                        self.lost[n].to(q.dtype)))
-        return res
+    def result(self, lay: _Layout, q: _Queries) -> AttentionRelevance:
+        """``(R_Q, R_K, R_V, absorbed)``, stacked like the relevance and shaped like ``Q``,
+        ``K``, ``V`` (the accumulators become the results in place)."""
+        n = len(q.R)
+        rq = self.RQ.mul_(0.5)
+        if q.rows is not None:
+            rq = rq.new_zeros(n, *lay.Q.shape).index_copy_(-2, q.rows, rq)
+        kv = (n, lay.B, lay.Hkv, lay.Tk)
+        rk = self.RK.mul_(self.absK.mul_(0.5)).view(*kv, lay.d)
+        rv = self.RV.mul_(self.absV.mul_(0.5)).view(*kv, lay.dv)
+        return AttentionRelevance(rq.view(n, lay.B, lay.H, lay.Tq, lay.d).to(q.dtype),
+                                  rk.to(q.dtype), rv.to(q.dtype),
+                                  torch.stack(self.lost).to(q.dtype))
 
 
 # -- nn.MultiheadAttention --------------------------------------------------------------------

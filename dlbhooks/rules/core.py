@@ -150,7 +150,12 @@ def _default(
     else:
         T = abs_total
     zero = _zero_units(T, babs, positive)
-    s = nonneg_div(R, T, own=own, positive=zero is None)
+    # several targets' coefficients only live until the adjoint product: a scratch buffer
+    # (they are larger than anything else the rule makes, and one per layer)
+    out = scratch.buffer("weighted_sum.coefficients", tuple(R.shape), torch.result_type(R, T),
+                         R.device) if stacked and R.shape[0] > 1 and not (own and fits(T, R)) \
+        and broadcasts_into(T.shape, R.shape) else None
+    s = nonneg_div(R, T, own=own, positive=zero is None, out=out)
     return [(s, None)], _absorbed(R, s, babs, zero, stacked)
 
 
