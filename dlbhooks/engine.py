@@ -12,7 +12,10 @@ and raises :class:`~dlbhooks.errors.FunctionalGapError`.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,8 +38,14 @@ if TYPE_CHECKING:
     from .records import Record, Tape
 
 
-def _forget(sums: dict, key: int) -> None:
-    """Drop the ledger total of a relevance tensor that was freed (if still its entry)."""
+#: called with each record the walk reaches, before its rule runs (memory estimates)
+RECORD_OBSERVER: ContextVar[Callable[[Record], None] | None] = ContextVar(
+    "dlbhooks_record_observer", default=None)
+
+
+def _forget(sums: dict, key: int, _ref: object = None) -> None:
+    """Drop the ledger total of a relevance tensor that was freed (if still its entry;
+    the weak reference's callback)."""
     hit = sums.get(key)
     if hit is not None and hit[0]() is None:
         del sums[key]
@@ -124,7 +133,7 @@ class Engine:
     # from one record to the next is summed once for the ledger. Weak: a relevance the bag
     # combines with another (a tensor read by several records) never comes back as it was
     # and must not be kept alive until the end of the walk
-    _sums: dict[int, tuple[weakref.ref, int, Tensor]] = field(default_factory=dict)
+    _sums: dict[int, tuple[weakref.ref[Tensor], int, Tensor]] = field(default_factory=dict)
     reports: Reports = field(default_factory=Reports)
     current: Record | None = None  # the record whose rule runs (for error messages)
     _param_owner: nn.Module | None = None
@@ -291,6 +300,9 @@ class Engine:
         """Relevance on ``rec``'s inputs, given relevance on its outputs. ``consume``: the
         relevance is handed over and ``R_out`` emptied, so that the caller's list does not
         keep it (an LM's seed, as large as its logits) alive through the walk below."""
+        observe = RECORD_OBSERVER.get()
+        if observe is not None:
+            observe(rec)
         filled = self._fill(rec, R_out)
         if consume:
             R_out.clear()
@@ -368,7 +380,8 @@ class Engine:
             if hit is not None and hit[0]() is t and hit[1] == version:
                 return hit[2]
             total = rsum(t)
-            sums[key] = (weakref.ref(t, lambda _, key=key: _forget(sums, key)), version, total)
+            assert total is not None
+            sums[key] = (weakref.ref(t, partial(_forget, sums, key)), version, total)
             return total
 
         total = None

@@ -1,32 +1,44 @@
 """How much memory records take: measured on a tape (:func:`record_bytes`, from
-:mod:`dlbhooks.footprint`), predicted for a sequence length (:func:`estimate_memory`).
+:mod:`dlbhooks.footprint`), predicted for a sequence length (:func:`estimate_memory`),
+together with what the reverse pass adds on top of them.
 
 Records hold every module's inputs and outputs until the explanation is done (the
 reverse pass needs them), so their size is what an explanation adds to a forward. For a
 transformer it grows with the sequence length ``T`` as ``a·T² + b·T + c`` (attention
 probabilities and masks are ``T²``; hidden states, projections and MLP activations are
-``T``). :func:`estimate_memory` traces a few short forwards, measures their records and
-fits that polynomial, so it predicts the records of a long forward without running it.
+``T``). The reverse pass adds the relevance in flight and each rule's temporaries, which
+grow linearly in ``T``, and the attention rule's blocks of one query chunk (``batch ·
+heads · min(chunk, T) · T``). :func:`estimate_memory` traces and explains a few short
+forwards, measures both and extrapolates, so it predicts a long explanation without
+running it.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+from . import scratch
 from .api import call_model
+from .engine import RECORD_OBSERVER
 from .footprint import record_bytes
 from .integrations.accelerate import input_device
+from .rules.attention import DEFAULT_CHUNK
 from .trace import trace
 
 
 @dataclass
 class MemoryEstimate:
-    """Predicted record size of one forward at ``seq_len`` tokens (see :func:`estimate_memory`)."""
+    """Predicted memory of one explanation at ``seq_len`` tokens (see
+    :func:`estimate_memory`): ``bytes`` of records, ``reverse_bytes`` the reverse pass adds
+    on top of them (``explanation_bytes`` both)."""
 
     seq_len: int
     batch_size: int
@@ -38,20 +50,42 @@ class MemoryEstimate:
     constant: float
     probes: dict[int, int] = field(default_factory=dict)
     by_type: dict[str, int] = field(default_factory=dict)
+    # the reverse pass: peak bytes of what it allocates, records aside, as
+    # reverse_linear * T + reverse_constant + the attention blocks of one query chunk
+    reverse_bytes: int = 0
+    reverse_linear: float = 0.0
+    reverse_constant: float = 0.0
+    attention_chunk_bytes: int = 0
+    reverse_probes: dict[int, int] = field(default_factory=dict)
 
     @property
     def per_token(self) -> float:
-        """Bytes per token at ``seq_len`` (grows with T when the T² term matters)."""
+        """Bytes of records per token at ``seq_len`` (grows with T when the T² term
+        matters)."""
         return self.bytes / max(self.seq_len, 1)
+
+    @property
+    def explanation_bytes(self) -> int:
+        """Records plus the reverse pass's peak: the memory one explanation adds to the
+        model's."""
+        return self.bytes + self.reverse_bytes
 
     def __str__(self) -> str:
         top = ", ".join(f"{k} {_human(v)}" for k, v in list(self.by_type.items())[:5])
-        return (
+        text = (
             f"records at {self.seq_len} tokens × batch {self.batch_size} "
             f"(storage {self.storage}): {_human(self.bytes)} "
             f"(≈ {_human(self.per_token)} per token; T² term {_human(self.quadratic)}·T²)"
             + (f"; largest: {top}" if top else "")
         )
+        if self.reverse_probes:
+            text += (
+                f"\nreverse pass: {_human(self.reverse_bytes)} more "
+                f"(≈ {_human(self.reverse_linear)} per token + the attention blocks of one "
+                f"query chunk, at most {_human(self.attention_chunk_bytes)}); explanation "
+                f"{_human(self.explanation_bytes)} in all, the |W| cache aside"
+            )
+        return text
 
 
 def _human(n: float) -> str:
@@ -87,14 +121,24 @@ def estimate_memory(
     storage: Any = None,
     make_inputs: Callable[[int, int], Any] | None = None,
     probe_lengths: Sequence[int] = (8, 16, 24),
+    reverse: bool = True,
+    chunk: int | None = None,
 ) -> MemoryEstimate:
-    """Predict the bytes the records of one traced forward at ``seq_len`` tokens will take.
+    """Predict the memory of one explanation at ``seq_len`` tokens: the records of the
+    traced forward and what the reverse pass adds to them.
 
     Traces ``model`` at the (short) ``probe_lengths``, measures the records
     (:func:`record_bytes`, under the same ``storage`` policy as ``dlb.trace``), fits
     ``a·T² + b·T + c`` and evaluates it at ``seq_len``. ``make_inputs(seq_len,
     batch_size)`` returns the forward's inputs (a dict of keyword arguments, a tuple or a
     tensor); by default random ``input_ids`` for a Hugging Face model.
+
+    ``reverse``: also explain each probe (default target, ``keep=False``) and measure the
+    peak bytes of the tensors the reverse pass allocates; apart from the attention
+    rule's blocks (at most ``3 · batch · heads · min(chunk, T) · T`` values, ``chunk`` the
+    rule's query chunk: 128), they grow linearly in ``T`` and are extrapolated so. The
+    ``|W|`` cache kept across explanations is not included (at most
+    :func:`~dlbhooks.set_weight_cache`'s budget, 64 MiB by default).
     """
     if len(set(probe_lengths)) < 3:
         raise ValueError("estimate_memory needs three different probe lengths to fit a·T²+b·T+c")
@@ -102,6 +146,9 @@ def estimate_memory(
     probes: dict[int, int] = {}
     types: dict[int, dict[str, int]] = {}
     policy = None
+    peaks: dict[int, int] = {}
+    blocks: dict[int, int] = {}
+    phases: dict[int, dict[str, int]] = {}
     for T in sorted(set(probe_lengths)):
         inputs = make(T, batch_size)
         with trace(model, storage=storage) as tape:
@@ -109,18 +156,130 @@ def estimate_memory(
         policy = tape.store.policy
         probes[T] = record_bytes(tape)
         types[T] = record_bytes(tape, by_type=True)
+        if reverse:
+            if not peaks:  # fill the |W| cache first: it is kept, not part of the peak
+                tape.explain(keep=False)
+            live = _measure_reverse(tape)
+            peaks[T], blocks[T], phases[T] = live.peak, scratch.PEAK_BYTES[0], live.phases
         del tape
     a, b, c = _fit(probes)
     total = max(0, round(a * seq_len**2 + b * seq_len + c))
+    est = MemoryEstimate(
+        seq_len=seq_len, batch_size=batch_size, storage=str(policy), bytes=total,
+        quadratic=a, linear=b, constant=c, probes=probes, by_type=_by_type(types, seq_len),
+    )
+    if reverse:
+        _add_reverse(est, peaks, blocks, phases, chunk or DEFAULT_CHUNK)
+    return est
+
+
+def _by_type(types: dict[int, dict[str, int]], seq_len: int) -> dict[str, int]:
+    """Each module type's records at ``seq_len`` (a fit through the probes), largest
+    first."""
     by_type = {}
     for name in set().union(*types.values()):
-        qa, qb, qc = _fit({T: types[T].get(name, 0) for T in probes})
+        qa, qb, qc = _fit({T: types[T].get(name, 0) for T in types})
         by_type[name] = max(0, round(qa * seq_len**2 + qb * seq_len + qc))
-    by_type = dict(sorted(by_type.items(), key=lambda kv: -kv[1]))
-    return MemoryEstimate(
-        seq_len=seq_len, batch_size=batch_size, storage=str(policy), bytes=total,
-        quadratic=a, linear=b, constant=c, probes=probes, by_type=by_type,
-    )
+    return dict(sorted(by_type.items(), key=lambda kv: -kv[1]))
+
+
+def _measure_reverse(tape: Any) -> _LiveBytes:
+    """The bytes one explanation of ``tape`` allocates, in all and per record."""
+    live = _LiveBytes()
+    token = RECORD_OBSERVER.set(live.enter)
+    try:
+        with live:
+            tape.explain(keep=False)
+    finally:
+        RECORD_OBSERVER.reset(token)
+    return live
+
+
+def _add_reverse(est: MemoryEstimate, peaks: dict[int, int], blocks: dict[int, int],
+                 phases: dict[int, dict[str, int]], chunk: int) -> None:
+    """The reverse pass's part of ``est``. Its peak comes in different places at
+    different lengths (a large constant in the middle layers of a short input, the seed
+    at an LM's logits, ``T × vocab``, of a long one), so each record's peak without the
+    scratch blocks gets its own line through the probes and the estimate takes the
+    largest at ``seq_len``; plus the attention blocks, scaled from ``T·min(chunk, T)`` at
+    the longest probe."""
+    longest = max(peaks)
+    per_pair = blocks[longest] / (longest * min(chunk, longest))
+    L = est.seq_len
+    keys = set().union(*(p.keys() for p in phases.values()))
+    best = (0.0, 0.0, 0.0)  # (bytes at L, slope, intercept)
+    for key in keys:
+        b, c = _fit_line({T: phases[T].get(key, 0) for T in phases})
+        best = max(best, (b * L + c, b, c))
+    est.attention_chunk_bytes = round(per_pair * L * min(chunk, L))
+    est.reverse_linear, est.reverse_constant = best[1], best[2]
+    est.reverse_bytes = max(0, round(best[0])) + est.attention_chunk_bytes
+    est.reverse_probes = dict(peaks)
+
+
+def _fit_line(points: dict[int, int]) -> tuple[float, float]:
+    """Least-squares ``b·T + c`` through the (T, bytes) points."""
+    T = torch.tensor(sorted(points), dtype=torch.float64)
+    y = torch.tensor([points[int(t)] for t in T.tolist()], dtype=torch.float64)
+    A = torch.stack([T, torch.ones_like(T)], dim=1)
+    sol = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
+    return float(sol[0]), float(sol[1])
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the tensors that operators allocate while it is active, alive now and
+    at most (``peak``). A storage counts from the operator that made it until the last
+    tensor on it is gone; what existed before (records, weights) does not count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0
+        self.peak = 0
+        self._live: dict[int, list[int]] = {}  # storage address -> [bytes, tensors on it]
+        # per phase (the record being explained): the most bytes alive, scratch aside
+        self.phases: dict[str, int] = {}
+        self._phase = ""
+
+    def enter(self, rec: Any) -> None:
+        """The walk reached ``rec``: what is allocated from now on counts to its phase."""
+        self._phase = rec.key
+        self._note()
+
+    def _note(self) -> None:
+        held = self.now - scratch.HELD_BYTES[0]
+        if held > self.phases.get(self._phase, -1):
+            self.phases[self._phase] = held
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        aliases = any(r.alias_info is not None for r in func._schema.returns)
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.device.type != "meta":
+                self._track(t, aliases)
+        return out
+
+    def _track(self, t: Tensor, alias: bool) -> None:
+        storage = t.untyped_storage()
+        ptr, n = storage.data_ptr(), storage.nbytes()
+        entry = self._live.get(ptr)
+        if entry is None:
+            if alias or n == 0:  # a view or an in-place result of something older
+                return
+            entry = self._live[ptr] = [n, 0]
+            self.now += n
+            self.peak = max(self.peak, self.now)
+            self._note()
+        entry[1] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    def _release(self, ptr: int) -> None:
+        entry = self._live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._live[ptr]
+            self.now -= entry[0]
 
 
 def _fit(points: dict[int, int]) -> tuple[float, float, float]:

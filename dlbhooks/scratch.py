@@ -33,6 +33,10 @@ __all__ = ["buffer", "memo", "session"]
 T = TypeVar("T")
 
 _POOL: ContextVar[dict | None] = ContextVar("dlbhooks_scratch", default=None)
+#: bytes the buffers of the current (or last) session hold, and the most they held
+#: together (for :func:`~dlbhooks.memory.estimate_memory`)
+HELD_BYTES: list[int] = [0]
+PEAK_BYTES: list[int] = [0]
 
 
 @contextmanager
@@ -43,6 +47,7 @@ def session() -> Iterator[None]:
         yield
         return
     token = _POOL.set({})
+    HELD_BYTES[0] = PEAK_BYTES[0] = 0
     try:
         yield
     finally:
@@ -62,6 +67,8 @@ def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype,
     if block is None or block.numel() < n:
         pool.pop(slot, None)  # free the smaller block before taking the larger
         block = pool[slot] = torch.empty(n, dtype=dtype, device=device)
+        HELD_BYTES[0] = sum(b.nbytes for k, b in pool.items() if k[0] != "memo")
+        PEAK_BYTES[0] = max(PEAK_BYTES[0], HELD_BYTES[0])
     return block[:n].view(shape)
 
 

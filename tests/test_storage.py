@@ -201,6 +201,45 @@ def test_estimate_memory_predicts_the_measured_records(storage):
     assert sum(by_type.values()) == measured
 
 
+def test_live_bytes_counts_what_operators_allocate_until_it_is_freed():
+    from dlbhooks.memory import _LiveBytes
+
+    before = torch.zeros(1000)
+    with _LiveBytes() as live:
+        a = torch.empty(1000)  # 4000 bytes
+        b = a * 2  # 4000 more
+        view = b[:10]  # a view: no new storage
+        before.add_(1)  # in place on an older tensor: nothing new
+        del a
+        assert live.now == 4000
+        del b
+        assert live.now == 4000  # the view keeps b's storage
+        del view
+        assert live.now == 0
+    assert live.peak == 8000
+
+
+def test_estimate_memory_predicts_the_reverse_pass():
+    """Probes of 8, 16, 24 tokens predict the reverse pass at 256 tokens (beyond the
+    attention rule's query chunk of 128, where its blocks stop growing as T²; a multiple
+    of it, where the causal mask's last chunk is a full chunk × T)."""
+    from dlbhooks.memory import _LiveBytes
+
+    model, _, _ = MODELS["llama"]
+    L, B = 256, 2
+    est = estimate_memory(model, L, batch_size=B)
+    with dlb.trace(model) as tape:
+        model(input_ids=torch.randint(0, 53, (B, L)))
+    with _LiveBytes() as live:
+        tape.explain(keep=False)
+    # three float32 blocks of batch · heads · chunk · T values (4 heads)
+    assert est.attention_chunk_bytes == 3 * B * 4 * 128 * L * 4
+    assert abs(est.reverse_bytes - live.peak) <= 0.15 * live.peak, (est, live.peak)
+    assert est.explanation_bytes == est.bytes + est.reverse_bytes
+    assert "reverse pass" in str(est)
+    assert estimate_memory(model, L, batch_size=B, reverse=False).reverse_bytes == 0
+
+
 def test_estimate_memory_needs_inputs_for_plain_modules():
     model, _, _ = MODELS["net"]
     with pytest.raises(ValueError, match="make_inputs"):
