@@ -11,8 +11,9 @@ released when the session ends. Outside a session :func:`buffer` is ``torch.empt
 A key names one temporary of one rule: a buffer is valid until the next call with the
 same key, so a rule must not hold it across calls into other rules.
 
-:func:`memo` keeps, for the same session, what a rule derives from a tensor that many
-records share (the attention mask every layer of a transformer receives).
+:func:`memo` keeps, for the same session, what a rule derives from a tensor that several
+records in a row share (the attention mask every layer of a transformer receives, the
+input of the query, key and value projections).
 """
 
 from __future__ import annotations
@@ -72,21 +73,20 @@ def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype,
     return block[:n].view(shape)
 
 
-def memo(key: str, of: Tensor, make: Callable[[], T], *, latest: bool = False) -> T:
-    """``make()``, computed once per session for the tensor ``of`` (the same object,
-    unmodified since: its version is part of the key) under ``key``. ``latest``: keep it
-    for the most recent tensor only (a value as large as ``of``, wanted by consecutive
-    calls: ``|x|`` for the projections that share the input ``x``)."""
+def memo(key: str, of: Tensor, make: Callable[[], T]) -> T:
+    """``make()``, kept for the session under ``key`` while it is asked for the same
+    tensor ``of`` (the same object, unmodified since: its version is checked); asked for
+    another tensor, it computes and keeps the new value instead (one value per key, so
+    that a value as large as ``of`` is not held longer than the calls that share it)."""
     pool = _POOL.get()
     if pool is None:
         return make()
     version = version_of(of)
-    slot = ("memo", key) if latest else ("memo", key, id(of), version)
+    slot = ("memo", key)
     hit = pool.get(slot)
     if hit is not None and hit[0] is of and hit[1] == version:
         return hit[2]
-    if latest:
-        pool.pop(slot, None)  # free the previous value first
+    pool.pop(slot, None)  # free the previous value first
     value = make()
     pool[slot] = (of, version, value)  # holding ``of`` keeps its id from being reused
     return value

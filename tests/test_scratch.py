@@ -31,7 +31,7 @@ def test_buffer_in_a_session_reuses_and_grows_one_block_per_key_and_dtype():
     assert scratch._POOL.get() is None  # the blocks went with the session
 
 
-def test_memo_is_per_tensor_and_version_and_only_inside_a_session():
+def test_memo_keeps_one_value_per_key_for_the_same_unchanged_tensor_in_a_session():
     calls = []
 
     def make():
@@ -44,8 +44,10 @@ def test_memo_is_per_tensor_and_version_and_only_inside_a_session():
         assert scratch.memo("k", t, make) == 3
         assert scratch.memo("k", t, make) == 3  # the same tensor: kept
         assert scratch.memo("other", t, make) == 4  # another key
-        assert scratch.memo("k", u, make) == 5  # an equal but different tensor
+        assert scratch.memo("k", u, make) == 5  # an equal but different tensor: replaces
+        assert scratch.memo("k", t, make) == 6  # (t's value was dropped)
+        assert scratch.memo("other", t, make) == 4
         t.add_(1)  # modified: its version changed
-        assert scratch.memo("k", t, make) == 6
-    with scratch.session():  # a new session starts empty
         assert scratch.memo("k", t, make) == 7
+    with scratch.session():  # a new session starts empty
+        assert scratch.memo("k", t, make) == 8

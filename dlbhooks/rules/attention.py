@@ -345,7 +345,7 @@ def attention_relevance(
     q = _Queries.of(lay, R_O)
     acc = _Sums.zeros(lay, q)
     plan = (_Plan.of(q.mask, q.Q.shape[-2], lay.Tk, chunk) if q.rows is not None or mask is None
-            else scratch.memo(f"attention.plan.{chunk}.{lay.Tq}", mask,
+            else scratch.memo(f"attention.plan.{chunk}.{lay.Tq}.{lay.Tk}", mask,
                               lambda: _Plan.of(q.mask, lay.Tq, lay.Tk, chunk)))
     for span in plan.chunks:
         acc.add_chunk(lay, q, span, scale, softcap, plan.bias)

@@ -290,7 +290,7 @@ def _abs_input(a: Tensor) -> Tensor:
     Consecutive layers reading the same input (a transformer's query, key and value
     projections) share it within an explanation (:func:`~dlbhooks.scratch.memo`); it is
     never written to."""
-    return scratch.memo("abs_input", a, lambda: _abs_of(a), latest=True)
+    return scratch.memo("abs_input", a, lambda: _abs_of(a))
 
 
 def _abs_of(a: Tensor) -> Tensor:
