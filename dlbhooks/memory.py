@@ -138,7 +138,9 @@ def estimate_memory(
     rule's blocks (at most ``3 · batch · heads · min(chunk, T) · T`` values, ``chunk`` the
     rule's query chunk: 128), they grow linearly in ``T`` and are extrapolated so. The
     ``|W|`` cache kept across explanations is not included (at most
-    :func:`~dlbhooks.set_weight_cache`'s budget, 64 MiB by default).
+    :func:`~dlbhooks.set_weight_cache`'s budget, 64 MiB by default). This costs four
+    explanations of the short probes (the first fills the cache); a model offloaded to
+    disk reads its weights for each, which ``reverse=False`` avoids.
     """
     if len(set(probe_lengths)) < 3:
         raise ValueError("estimate_memory needs three different probe lengths to fit a·T²+b·T+c")
