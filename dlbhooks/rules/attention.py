@@ -343,7 +343,7 @@ def attention_relevance(
     """
     lay = _layout(Q, K, V, mask, sinks)
     q = _Queries.of(lay, R_O)
-    acc = _Sums.zeros(lay, q)
+    acc = _Sums.zeros(lay, q, scale)
     plan = (_Plan.of(q.mask, q.Q.shape[-2], lay.Tk, chunk) if q.rows is not None or mask is None
             else scratch.memo(f"attention.plan.{chunk}.{lay.Tq}.{lay.Tk}", mask,
                               lambda: _Plan.of(q.mask, lay.Tq, lay.Tk, chunk)))
@@ -437,16 +437,19 @@ class _Sums:
     RV: Tensor  # [S, N, T_k, dv]
     lost: list[Tensor]
     nonzero: bool  # no entry of Q or K is 0 (then no D' = |Q| @ |K|ᵀ is)
+    Qs: Tensor  # scale · Q, grouped like q.Q (once per call rather than per chunk)
+    absQ: Tensor  # |Q|, likewise
 
     @classmethod
-    def zeros(cls, lay: _Layout, q: _Queries) -> _Sums:
+    def zeros(cls, lay: _Layout, q: _Queries, scale: float) -> _Sums:
         N, n = lay.B * lay.Hkv, len(q.R)
         K = lay.K.reshape(N, lay.Tk, lay.d)
-        absK = K.abs()
-        nonzero = not absK.numel() or (bool(absK.amin() > 0) and not bool((q.Q == 0).any()))
+        absK, absQ = K.abs(), q.Q.abs()
+        nonzero = not absK.numel() or not absQ.numel() or (
+            bool(absK.amin() > 0) and bool(absQ.amin() > 0))
         return cls(K, absK, lay.V.reshape(N, lay.Tk, lay.dv).abs(), K.new_zeros(n, *q.Q.shape),
                    K.new_zeros(n, N, lay.Tk, lay.d), K.new_zeros(n, N, lay.Tk, lay.dv),
-                   [K.new_zeros(()) for _ in range(n)], nonzero)
+                   [K.new_zeros(()) for _ in range(n)], nonzero, q.Q * scale, absQ)
 
     def add_chunk(self, lay: _Layout, q: _Queries, span: _Span, scale: float,
                   softcap: float | None, bias: bool = False) -> None:
@@ -465,29 +468,19 @@ class _Sums:
                                   lay.K.device)
 
         Kc, aK, aV = self.K[:, k0:k1], self.absK[:, k0:k1], self.absV[:, k0:k1]
-        Qc = q.Q[..., i0:i1, :].reshape(N, g * c, lay.d)
-        # A = E · inv per row: the rows' normalisation is folded into the small [c, dv]
-        # factors instead of a pass over the [c, kc] probabilities
-        S = torch.bmm(Qc * scale, Kc.transpose(1, 2), out=block("scores"))
-        E, inv, p_sink = _exp_scores(S.view(grid), mc, _rows(q.sinks, i0, i1), softcap,
+        rows = (N, g * c, lay.d)
+        # S becomes E (in place), A = E · inv per row: the rows' normalisation is folded
+        # into the small [c, dv] factors instead of a pass over the [c, kc] probabilities
+        S = torch.bmm(self.Qs[..., i0:i1, :].reshape(rows), Kc.transpose(1, 2),
+                      out=block("scores"))
+        _, inv, p_sink = _exp_scores(S.view(grid), mc, _rows(q.sinks, i0, i1), softcap,
                                      span=(span.a, span.b))
-        absQc = Qc.abs()
+        absQc = self.absQ[..., i0:i1, :].reshape(rows)
         D = torch.bmm(S, aV).view(*grid[:4], lay.dv).mul_(inv)  # A @ |V|
+        d_positive = D.numel() == 0 or bool(D.amin() > 0)  # (else some relevance is lost)
         Dp = torch.bmm(absQc, aK.transpose(1, 2), out=block("denominators"))  # |Q| @ |K|ᵀ
-        babs = _bias_magnitude(mc, scale) if bias else None
-        if babs is not None:
-            Dp.view(grid).add_(babs)
-        dp_zero = _may_be_zero(Dp, self.nonzero)
-        # what the queries' and keys' split needs of A, for every stream at once:
-        # R_S / D' = ½ (s @ |V|ᵀ) ⊙ A / D' = (s/Z @ |V|ᵀ) ⊙ E / (2 D')
-        if dp_zero:
-            zero = Dp.view(grid) == 0
-            lost_w = torch.where(zero, E, 0.0)  # A's pairs whose share D' cannot take
-        Wt = torch.div(S, Dp, out=Dp)  # in place of D'
-        if dp_zero:
-            Wt.view(grid).masked_fill_(zero, 0.0)
-        if babs is not None:
-            bias_w = Wt.view(grid) * babs  # the bias's share of each pair
+        Wt, lost_w, bias_w = self._pair_weights(S, Dp, grid, _bias_magnitude(mc, scale)
+                                                if bias else None)
         lost = self.lost
         for n, R in enumerate(q.R):
             r = R[..., i0:i1, :]
@@ -495,19 +488,43 @@ class _Sums:
                 r_sink = r * p_sink
                 r = r - r_sink
                 lost[n] = lost[n] + r_sink.sum()
-            s = safe_div(r, D)
-            lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
+            if d_positive:
+                s = r / D
+            else:
+                s = safe_div(r, D)
+                lost[n] = lost[n] + torch.where(D == 0, r, 0.0).sum()
             # s / Z: A ⊙ (s @ |V|ᵀ) = E ⊙ ((s/Z) @ |V|ᵀ), Aᵀ s = Eᵀ (s/Z)
             si = s.mul_(inv).reshape(N, g * c, lay.dv)
             self.RV[n][:, k0:k1] += torch.bmm(S.transpose(1, 2), si)
             P = torch.bmm(si.mul_(0.5), aV.transpose(1, 2), out=block("products"))
-            if dp_zero:
+            if lost_w is not None:
                 lost[n] = lost[n] + (P.view(grid) * lost_w).sum()
-            if babs is not None:
+            if bias_w is not None:
                 lost[n] = lost[n] + (P.view(grid) * bias_w).sum()
             s2 = P.mul_(Wt)  # R_S / D'
             self.RQ[n, ..., i0:i1, :] = torch.bmm(s2, aK).mul_(absQc).view(*grid[:4], lay.d)
             self.RK[n][:, k0:k1] += torch.bmm(s2.transpose(1, 2), absQc)
+
+    def _pair_weights(self, E: Tensor, Dp: Tensor, grid: tuple[int, ...],
+                      babs: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """What the queries' and keys' split needs of the exponentials ``E`` for every
+        stream at once, ``Wt = E / D'`` (``R_S / D' = (s/Z @ |V|ᵀ) ⊙ E / (2 D')``), in
+        place of ``Dp`` (``D'``, to which ``babs``, a score bias's ``|B| / scale``, is added
+        first); and the weights of what is absorbed: pairs whose ``D'`` is 0, the bias's
+        share (``None`` when there is none)."""
+        if babs is not None:
+            Dp.view(grid).add_(babs)
+        lost_w = bias_w = None
+        dp_zero = _may_be_zero(Dp, self.nonzero)
+        if dp_zero:
+            zero = Dp.view(grid) == 0
+            lost_w = torch.where(zero, E.view(grid), 0.0)  # pairs D' cannot take a share of
+        Wt = torch.div(E, Dp, out=Dp)
+        if dp_zero:
+            Wt.view(grid).masked_fill_(zero, 0.0)
+        if babs is not None:
+            bias_w = Wt.view(grid) * babs  # the bias's share of each pair
+        return Wt, lost_w, bias_w
 
     def result(self, lay: _Layout, q: _Queries) -> AttentionRelevance:
         """``(R_Q, R_K, R_V, absorbed)``, stacked like the relevance and shaped like ``Q``,
