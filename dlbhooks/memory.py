@@ -211,21 +211,12 @@ def _add_reverse(est: MemoryEstimate, peaks: dict[int, int], blocks: dict[int, i
     keys = set().union(*(p.keys() for p in phases.values()))
     best = (0.0, 0.0, 0.0)  # (bytes at L, slope, intercept)
     for key in keys:
-        b, c = _fit_line({T: phases[T].get(key, 0) for T in phases})
+        b, c = _fit({T: phases[T].get(key, 0) for T in phases}, degree=1)
         best = max(best, (b * L + c, b, c))
     est.attention_chunk_bytes = round(per_pair * L * min(chunk, L))
     est.reverse_linear, est.reverse_constant = best[1], best[2]
     est.reverse_bytes = max(0, round(best[0])) + est.attention_chunk_bytes
     est.reverse_probes = dict(peaks)
-
-
-def _fit_line(points: dict[int, int]) -> tuple[float, float]:
-    """Least-squares ``b·T + c`` through the (T, bytes) points."""
-    T = torch.tensor(sorted(points), dtype=torch.float64)
-    y = torch.tensor([points[int(t)] for t in T.tolist()], dtype=torch.float64)
-    A = torch.stack([T, torch.ones_like(T)], dim=1)
-    sol = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
-    return float(sol[0]), float(sol[1])
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -284,10 +275,11 @@ class _LiveBytes(TorchDispatchMode):
             self.now -= entry[0]
 
 
-def _fit(points: dict[int, int]) -> tuple[float, float, float]:
-    """Least-squares ``a·T² + b·T + c`` through the (T, bytes) points, in float64."""
+def _fit(points: dict[int, int], degree: int = 2) -> tuple[float, ...]:
+    """Least-squares polynomial of ``degree`` through the (T, bytes) points, in float64:
+    its coefficients, highest power first (``a·T² + b·T + c`` -> ``(a, b, c)``)."""
     T = torch.tensor(sorted(points), dtype=torch.float64)
     y = torch.tensor([points[int(t)] for t in T.tolist()], dtype=torch.float64)
-    A = torch.stack([T**2, T, torch.ones_like(T)], dim=1)
+    A = torch.stack([T**k for k in range(degree, -1, -1)], dim=1)
     sol = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
-    return float(sol[0]), float(sol[1]), float(sol[2])
+    return tuple(float(v) for v in sol)

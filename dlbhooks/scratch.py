@@ -53,6 +53,7 @@ def session() -> Iterator[None]:
         yield
     finally:
         _POOL.reset(token)
+        HELD_BYTES[0] = 0  # the blocks go with the pool
 
 
 def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype,
