@@ -183,13 +183,16 @@ class Engine:
                     raise OffloadError(f"module '{path}': {err}") from None
         return self._param_cache[name]
 
-    def abs_param(self, module: nn.Module, name: str) -> Tensor | None:
+    def abs_param(self, module: nn.Module, name: str,
+                  transient: bool = False) -> Tensor | None:
         """``|weight|``, cached across explanations within a budget
         (:func:`dlbhooks.weights.set_weight_cache`); an offloaded weight is loaded once,
-        through :meth:`param`, and its ``|W|`` is not kept."""
+        through :meth:`param`, and its ``|W|`` is not kept. ``transient``: the rule uses it
+        before it asks for another transient ``|W|``, so one the cache does not keep may
+        live in a scratch buffer (new memory per layer costs more than computing it)."""
         value = getattr(module, name, None)
         if isinstance(value, Tensor) and value.device.type != "meta" and plain_float(value):
-            return fetch_abs_param(module, name)
+            return fetch_abs_param(module, name, transient)
         W = self.param(module, name)
         return None if W is None else W.abs()
 

@@ -77,7 +77,10 @@ def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     last = off + sum((s - 1) * st for s, st in zip(view.shape, view.stride()))
     if off < 0 or last >= base.numel():
         return None
-    out = torch.zeros_like(base, dtype=rel.dtype)  # same (dense) strides as the base
+    # same (dense) strides as the base; a view of every element of it (a permutation of
+    # heads, a reshape) writes all of them, so nothing needs clearing first
+    fill = torch.empty_like if view.numel() == base.numel() else torch.zeros_like
+    out = fill(base, dtype=rel.dtype)
     out.as_strided(view.shape, view.stride(), out.storage_offset() + off).copy_(rel)
     return out
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
+from . import scratch
 from .errors import UnsupportedModuleError
 from .integrations.accelerate import materialise
 from .storage import version_of
@@ -123,20 +125,28 @@ class _AbsWeights:
     def used(self) -> int:
         return sum(v[3].nbytes for v in self._entries.values())
 
-    def get(self, param: Tensor) -> Tensor:
+    def get(self, param: Tensor, transient: bool = False) -> Tensor:
+        """``|param|``: the kept copy, or a new one (kept if it fits the budget); with
+        ``transient``, one that does not fit is written to a scratch buffer instead
+        (:func:`~dlbhooks.scratch.buffer`, valid until the next transient ``|W|``)."""
         hit = self._entries.get(id(param))
         if hit is not None and hit[0]() is param and hit[1] == version_of(param) \
                 and hit[2] == param.data_ptr():
             return hit[3]
-        value = param.detach().abs()
         self._entries.pop(id(param), None)
         # entries of parameters that are gone make room first
         for key in [k for k, v in self._entries.items() if v[0]() is None]:
             del self._entries[key]
-        if self.used + value.nbytes <= self.budget:
+        nbytes = param.numel() * param.element_size()
+        if self.used + nbytes <= self.budget:
+            value = param.detach().abs()
             self._entries[id(param)] = (weakref.ref(param), version_of(param), param.data_ptr(),
                                         value)
-        return value
+            return value
+        if transient:  # fresh memory for a |W| each layer costs ~3x the pass itself
+            out = scratch.buffer("abs_weight", tuple(param.shape), param.dtype, param.device)
+            return torch.abs(param.detach(), out=out)
+        return param.detach().abs()
 
     def clear(self) -> None:
         self._entries.clear()
@@ -178,14 +188,16 @@ def set_weight_cache(max_bytes: int) -> None:
     ABS_WEIGHTS.shrink()
 
 
-def fetch_abs_param(module: nn.Module, name: str) -> Tensor | None:
+def fetch_abs_param(module: nn.Module, name: str, transient: bool = False) -> Tensor | None:
     """``|module.<name>|``, through :func:`fetch_param`, cached across explanations for
-    weights in memory (see :func:`set_weight_cache`)."""
+    weights in memory (see :func:`set_weight_cache`). ``transient``: the caller uses it
+    before it asks for another transient ``|W|`` (a rule, within its call), so one that is
+    not cached may be written to a reused scratch buffer (inside a reverse pass)."""
     value = getattr(module, name, None)
-    if not isinstance(value, Tensor) or value.device.type == "meta" or not ABS_WEIGHTS.budget:
+    if not isinstance(value, Tensor) or value.device.type == "meta":
         fetched = fetch_param(module, name)
         return None if fetched is None else fetched.abs()
-    return ABS_WEIGHTS.get(value)
+    return ABS_WEIGHTS.get(value, transient)
 
 
 def weight_marks(model: nn.Module) -> dict[str, tuple[int, int]]:

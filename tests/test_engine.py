@@ -385,6 +385,39 @@ def test_abs_weight_cache_follows_weight_updates_and_budget():
         set_weight_cache(DEFAULT_WEIGHT_CACHE)
 
 
+def test_transient_abs_weights_share_one_scratch_block_and_explain_alike():
+    """A |W| the cache does not keep goes, for the rules that ask for a transient one, to
+    one scratch block per reverse pass (new memory per layer costs more than the pass):
+    every layer reads it, the results equal the cached ones bitwise, and a plain
+    (non-transient) |W| stays a tensor of its own."""
+    from dlbhooks import scratch
+    from dlbhooks.records import fetch_abs_param, set_weight_cache
+    from dlbhooks.weights import DEFAULT_WEIGHT_CACHE
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8),
+                                torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    set_weight_cache(0)
+    set_weight_cache(DEFAULT_WEIGHT_CACHE)
+    try:
+        cached = dlb.explain(model, x, target=1, keep=True)
+        set_weight_cache(0)
+        with scratch.session():
+            a = fetch_abs_param(model[2], "weight", transient=True)  # 8 x 8
+            b = fetch_abs_param(model[0], "weight", transient=True)  # 8 x 6: fits the block
+            plain = fetch_abs_param(model[0], "weight")
+            assert a.data_ptr() == b.data_ptr()  # one block, reused
+            assert torch.equal(b, model[0].weight.detach().abs())
+            assert plain.data_ptr() != b.data_ptr() and torch.equal(plain, b)
+        transient = dlb.explain(model, x, target=1, keep=True)
+    finally:
+        set_weight_cache(DEFAULT_WEIGHT_CACHE)
+    assert torch.equal(transient.inputs["input"], cached.inputs["input"])
+    for name in cached.layers:
+        assert torch.equal(transient.at(name), cached.at(name))
+
+
 def test_bias_positivity_is_rechecked_after_an_in_place_change():
     """|b| > 0 everywhere lets the rule skip the T = 0 guard; a bias later set to 0 in
     place must bring the guard back (the relevance of the dead unit is absorbed)."""

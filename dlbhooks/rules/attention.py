@@ -447,7 +447,8 @@ class _Sums:
         absK, absQ = K.abs(), q.Q.abs()
         nonzero = not absK.numel() or not absQ.numel() or (
             bool(absK.amin() > 0) and bool(absQ.amin() > 0))
-        return cls(K, absK, lay.V.reshape(N, lay.Tk, lay.dv).abs(), K.new_zeros(n, *q.Q.shape),
+        # (every query row of R_Q is written by its chunk: no clearing; R_K, R_V accumulate)
+        return cls(K, absK, lay.V.reshape(N, lay.Tk, lay.dv).abs(), K.new_empty(n, *q.Q.shape),
                    K.new_zeros(n, N, lay.Tk, lay.d), K.new_zeros(n, N, lay.Tk, lay.dv),
                    [K.new_zeros(()) for _ in range(n)], nonzero, q.Q * scale, absQ)
 

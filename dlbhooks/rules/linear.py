@@ -74,7 +74,7 @@ def _abs_params(ctx: RuleContext, m: nn.Module, rec: Record) -> dict:
     """``|W|``, ``|b|`` (cached across explanations), whether every ``|b|`` is > 0 and
     whether the input is known to be non-negative."""
     absb, positive = ctx.abs_bias(m)
-    return {"abs_weight": ctx.abs_param(m, "weight"), "abs_bias": absb,
+    return {"abs_weight": ctx.abs_param(m, "weight", transient=True), "abs_bias": absb,
             "bias_positive": positive, "nonneg_input": ctx.nonnegative_input(rec, 0)}
 
 
@@ -220,7 +220,8 @@ def _conv_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
     absb, positive = ctx.abs_bias(m)
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, adj,
-        bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
+        bounds=ctx.bounds_after(rec), output=out,
+        abs_weight=ctx.abs_param(m, "weight", transient=True),
         abs_bias=_bias_view(absb, a.dim()),
         bias_positive=positive,
         nonneg_input=ctx.nonnegative_input(rec, 0),
@@ -238,7 +239,8 @@ def _convt_rule(rec: Record, R_out: list[Tensor | None], ctx: RuleContext,
     out = exact_output(rec, ctx)
     R, absorbed = weighted_sum(
         R_out[0], a, W, _bias_view(b, a.dim()), fwd, None,
-        bounds=ctx.bounds_after(rec), output=out, abs_weight=ctx.abs_param(m, "weight"),
+        bounds=ctx.bounds_after(rec), output=out,
+        abs_weight=ctx.abs_param(m, "weight", transient=True),
     )
     return RuleResult([R], absorbed)
 
