@@ -1,9 +1,10 @@
 """Scratch buffers reused for the length of one reverse pass.
 
-Rules that work chunk by chunk (attention: a [queries × keys] block per chunk and head)
-need large temporaries whose size changes from chunk to chunk. Allocated afresh, each
-one is new memory from the operating system (large blocks are mapped and unmapped on
-every allocation) and the page faults of touching it cost as much as the arithmetic.
+Rules need large temporaries they use up within their call: the attention rule a
+[queries × keys] block per chunk and head, whose size changes from chunk to chunk; a
+weighted sum its denominators and ``|W|``. Allocated afresh, each one is new memory
+from the operating system (large blocks are mapped and unmapped on every allocation)
+and the page faults of touching it cost as much as the arithmetic.
 Inside :func:`session` (the engine opens one per explanation), :func:`buffer` hands out
 the same block for the same key, grown when a larger one is asked for, and everything is
 released when the session ends. Outside a session :func:`buffer` is ``torch.empty``.
@@ -34,8 +35,9 @@ __all__ = ["buffer", "memo", "session"]
 T = TypeVar("T")
 
 _POOL: ContextVar[dict | None] = ContextVar("dlbhooks_scratch", default=None)
-#: bytes the buffers of the current (or last) session hold, and the most they held
-#: together (for :func:`~dlbhooks.memory.estimate_memory`)
+#: bytes the ``chunked`` buffers of the current (or last) session hold, and the most they
+#: held together (for :func:`~dlbhooks.memory.estimate_memory`, which scales them with a
+#: chunk of queries × keys; other buffers count like any temporary of the record)
 HELD_BYTES: list[int] = [0]
 PEAK_BYTES: list[int] = [0]
 
@@ -57,19 +59,21 @@ def session() -> Iterator[None]:
 
 
 def buffer(key: str, shape: tuple[int, ...], dtype: torch.dtype,
-           device: torch.device) -> Tensor:
+           device: torch.device, *, chunked: bool = False) -> Tensor:
     """An uninitialised contiguous tensor of ``shape``: within a :func:`session`, a view of
-    the block kept under ``(key, dtype, device)`` (grown as needed)."""
+    the block kept under ``(key, dtype, device)`` (grown as needed). ``chunked``: its size
+    goes with a chunk of queries × keys (attention), not with the tokens (counted in
+    :data:`HELD_BYTES`)."""
     pool = _POOL.get()
     if pool is None:
         return torch.empty(shape, dtype=dtype, device=device)
     n = math.prod(shape)
-    slot = (key, dtype, torch.device(device))
+    slot = (key, dtype, torch.device(device), chunked)
     block = pool.get(slot)
     if block is None or block.numel() < n:
         pool.pop(slot, None)  # free the smaller block before taking the larger
         block = pool[slot] = torch.empty(n, dtype=dtype, device=device)
-        HELD_BYTES[0] = sum(b.nbytes for k, b in pool.items() if k[0] != "memo")
+        HELD_BYTES[0] = sum(b.nbytes for k, b in pool.items() if k[0] != "memo" and k[3])
         PEAK_BYTES[0] = max(PEAK_BYTES[0], HELD_BYTES[0])
     return block[:n].view(shape)
 

@@ -20,7 +20,11 @@ default attention (sdpa; the recorded forward runs it too), at each length:
 
 Times: one process per length runs every method in turn, ``--repeats`` rounds after a
 warm-up round (alternating, so a slow spell of the machine hits all of them), and prints
-medians. Memory: each method in a fresh process; after building the model and its inputs
+medians; this under each OpenMP wait policy in turn (``--wait-policy``): the environment's
+(unset, idle threads spin a while, as in any PyTorch program) and PASSIVE (idle threads
+sleep at once, so CPU time counts work only, but each parallel operation pays for waking
+them: ~70 us on a VM, where an explanation's many small operations pay more of it than
+a backward's fewer). Memory: each method in a fresh process; after building the model and its inputs
 the process resets its resident-set high-water mark (``/proc/self/clear_refs`` with ``5``,
 Linux) and notes its RSS; the first run's increase is ``VmHWM - RSS`` (where the reset is
 not possible a psutil thread samples RSS every millisecond). The explanation's process
@@ -28,6 +32,7 @@ also reports the bytes its records hold (``dlb.record_bytes``).
 
     python scripts/bench_llm.py [--lengths 128 512 2048] [--repeats 3] [--k 1 4 8]
                                 [--profile 512] [--weight-cache MIB] [--json FILE]
+                                [--wait-policy default|passive|both]
 """
 
 from __future__ import annotations
@@ -257,22 +262,30 @@ def profile(length: int, threads: int) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def run_worker(args, *extra: str) -> dict:
+#: OpenMP wait policies the times are taken under: ``default`` leaves OMP_WAIT_POLICY as
+#: the environment has it (unset: idle threads spin a while before they sleep, what a
+#: PyTorch program gets); ``passive`` sets PASSIVE (idle threads sleep at once: CPU time
+#: counts work only, but every parallel operation pays for waking them)
+POLICIES = ("default", "passive")
+
+
+def run_worker(args, *extra: str, policy: str = "default") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
            "--repeats", str(args.repeats), "--k", *map(str, args.k), *extra]
     if args.weight_cache is not None:
         cmd += ["--weight-cache", str(args.weight_cache)]
     env = dict(os.environ)
-    if not args.spin:  # idle OpenMP threads sleep: CPU time counts work, not spinning
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {extra} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def report(args, timing: dict[int, dict], memory: dict[tuple[str, int], dict]) -> None:
-    any_t = next(iter(timing.values()))
+def report(args, timings: dict[str, dict[int, dict]],
+           memory: dict[tuple[str, int], dict]) -> None:
+    any_t = next(iter(next(iter(timings.values())).values()))
     print(f"Random LlamaForCausalLM, {any_t['params'] / 1e6:.1f}M parameters (hidden 768, 12 "
           f"layers, 12 heads, MLP 2048, vocab 32000, tied embeddings), fp32, CPU, "
           f"{args.threads} threads, batch 1, sdpa attention.")
@@ -285,7 +298,28 @@ def report(args, timing: dict[int, dict], memory: dict[tuple[str, int], dict]) -
               f"on {os.cpu_count()} CPUs.")
     except OSError:
         pass
+    for policy, timing in timings.items():
+        print()
+        _time_table(args, policy, timing)
+    print("k=K: time of K targets in one explanation / K single explanations (floor "
+          "(2+K)/(3K) in brackets).")
     print()
+    head = (f"{'tokens':>6} | {'forward':>9} | {'grad x in':>9} | {'explain':>9} | "
+            f"{'records':>9} | {'explain / (gxi + records)':>25}")
+    print(head + "   (peak RSS increase, MiB)")
+    print("-" * len(head))
+    for length in args.lengths:
+        f, g, e = (memory[kind, length] for kind in MEMORY_KINDS)
+        bound = g["peak_mib"] + e["records_mib"]
+        print(f"{length:>6} | {f['peak_mib']:9.0f} | {g['peak_mib']:9.0f} | "
+              f"{e['peak_mib']:9.0f} | {e['records_mib']:9.0f} | "
+              f"{e['peak_mib'] / bound:25.2f}")
+
+
+def _time_table(args, policy: str, timing: dict[int, dict]) -> None:
+    env = ("OMP_WAIT_POLICY=PASSIVE" if policy == "passive" else
+           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    print(f"Wait policy {policy} ({env}):")
     head = (f"{'tokens':>6} | {'forward':>8} | {'grad x in':>9} | {'explain':>8} | "
             f"{'expl/fwd':>8} | {'expl/gxi':>8} | " + " | ".join(
                 f"{f'k={k}':>11}" for k in args.k))
@@ -302,19 +336,6 @@ def report(args, timing: dict[int, dict], memory: dict[tuple[str, int], dict]) -
               f"{m['explain']:7.2f}s | {m['explain'] / m['forward']:8.2f} | "
               f"{m['explain'] / m['gradxinput']:8.2f} | " + " | ".join(
                   f"{r:>11}" for r in ratios))
-    print("k=K: time of K targets in one explanation / K single explanations (floor "
-          "(2+K)/(3K) in brackets).")
-    print()
-    head = (f"{'tokens':>6} | {'forward':>9} | {'grad x in':>9} | {'explain':>9} | "
-            f"{'records':>9} | {'explain / (gxi + records)':>25}")
-    print(head + "   (peak RSS increase, MiB)")
-    print("-" * len(head))
-    for length in timing:
-        f, g, e = (memory[kind, length] for kind in MEMORY_KINDS)
-        bound = g["peak_mib"] + e["records_mib"]
-        print(f"{length:>6} | {f['peak_mib']:9.0f} | {g['peak_mib']:9.0f} | "
-              f"{e['peak_mib']:9.0f} | {e['records_mib']:9.0f} | "
-              f"{e['peak_mib'] / bound:25.2f}")
 
 
 def main() -> None:
@@ -325,8 +346,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--profile", type=int, nargs="*", default=None,
                     help="profile the reverse pass at these lengths (default: the longest)")
-    ap.add_argument("--spin", action="store_true",
-                    help="leave OpenMP's wait policy alone (default: OMP_WAIT_POLICY=PASSIVE)")
+    ap.add_argument("--wait-policy", choices=[*POLICIES, "both"], default="both",
+                    help="OpenMP wait policy of the timed runs: the environment's "
+                         "(default), PASSIVE, or both in turn (the default)")
     ap.add_argument("--json", help="also write every measurement (all run times) here")
     ap.add_argument("--weight-cache", type=int, default=None, metavar="MIB",
                     help="dlb.set_weight_cache budget in MiB (default: the library's; 0 "
@@ -349,22 +371,25 @@ def main() -> None:
         for length in args.profile or [max(args.lengths)]:
             profile(length, args.threads)
         return
-    timing: dict[int, dict] = {}
+    policies = POLICIES if args.wait_policy == "both" else (args.wait_policy,)
+    timings: dict[str, dict[int, dict]] = {p: {} for p in policies}
     memory: dict[tuple[str, int], dict] = {}
     for length in args.lengths:
-        for kind in MEMORY_KINDS:
+        for kind in MEMORY_KINDS:  # (the wait policy does not change memory)
             memory[kind, length] = r = run_worker(args, "--memory-worker", kind, str(length))
             print(f"  [memory {kind} @ {length}: +{r['peak_mib']:.0f} MiB]", file=sys.stderr,
                   flush=True)
-        t0 = time.perf_counter()
-        timing[length] = r = run_worker(args, "--time-worker", str(length))
-        print(f"  [times @ {length}: {r['median']}; wall {time.perf_counter() - t0:.0f} s]",
-              file=sys.stderr, flush=True)
+        for policy in policies:
+            t0 = time.perf_counter()
+            timings[policy][length] = r = run_worker(args, "--time-worker", str(length),
+                                                     policy=policy)
+            print(f"  [times @ {length}, {policy}: {r['median']}; wall "
+                  f"{time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"timing": list(timing.values()),
+            json.dump({"timing": {p: list(t.values()) for p, t in timings.items()},
                        "memory": list(memory.values())}, f, indent=1)
-    report(args, timing, memory)
+    report(args, timings, memory)
 
 
 if __name__ == "__main__":

@@ -466,7 +466,7 @@ class _Sums:
 
         def block(key: str) -> Tensor:
             return scratch.buffer(f"attention.{key}", (N, g * c, kc), lay.dtype,
-                                  lay.K.device)
+                                  lay.K.device, chunked=True)
 
         Kc, aK, aV = self.K[:, k0:k1], self.absK[:, k0:k1], self.absV[:, k0:k1]
         rows = (N, g * c, lay.d)

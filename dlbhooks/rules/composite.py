@@ -20,8 +20,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
+from .. import scratch
 from ..errors import UnsupportedModuleError
 from ..relevance import Rel, per_stream, stack, streams_of
 from .elementwise import add_rule
@@ -59,6 +61,15 @@ def add_split(R: Rel, terms: list[Tensor]) -> tuple[list[Rel], Tensor]:
 def linear_fwd(x: Tensor, W: Tensor) -> Tensor:
     """``x @ Wᵀ`` (weights stored [out, in], as ``nn.Linear``)."""
     return x @ W.T
+
+
+def linear_into(x: Tensor, W: Tensor, key: str) -> Tensor:
+    """:func:`linear_fwd` written to the scratch buffer ``key`` (a temporary the caller
+    uses up before the next one under that key). A vector ``x``: a new tensor."""
+    if x.dim() < 2:  # (matmul's out= would be resized from [out] to [1, out])
+        return linear_fwd(x, W)
+    out = scratch.buffer(key, (*x.shape[:-1], W.shape[0]), torch.result_type(x, W), x.device)
+    return torch.matmul(x, W.T, out=out)
 
 
 def linear_adj(s: Tensor, W: Tensor) -> Tensor:

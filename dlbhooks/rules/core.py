@@ -318,6 +318,7 @@ def weighted_sum(
     nonneg_input: bool = False,
     shared: dict | None = None,
     contrastive: bool | None = None,
+    forward_into: Callable[[Tensor, Tensor, str], Tensor] | None = None,
 ) -> tuple[Rel, Tensor]:
     """Relevance on the input ``a`` of the linear map ``forward(a, W) + bias``, and what
     the units absorbed, per stream (``[S]``).
@@ -338,7 +339,9 @@ def weighted_sum(
     no negative entry (the output of a ReLU), so ``|a| = a``. ``shared``: a dict kept across
     explanations of the same recorded call (several targets on one tape): ``|a|`` and the
     denominators ``forward(|a|, |W|)`` depend on the forward only, so they are computed
-    once (needs ``adjoint``).
+    once (needs ``adjoint``). ``forward_into(x, W, key)``: ``forward`` written to the
+    scratch buffer ``key`` (:func:`~dlbhooks.scratch.buffer`), for the denominators, a
+    temporary of this call (not used when they are ``shared``).
     """
     if contrastive is None:
         streams = CURRENT_STREAMS.get()
@@ -350,11 +353,11 @@ def weighted_sum(
         return _default_weighted_sum(
             R, a, W, bias, forward, adjoint, bounds=bounds, output=output,
             abs_weight=abs_weight, abs_bias=abs_bias, bias_positive=bias_positive,
-            nonneg_input=nonneg_input, shared=shared, stacked=True)
+            nonneg_input=nonneg_input, shared=shared, stacked=True, into=forward_into)
     r, absorbed = _default_weighted_sum(
         R[0], a, W, bias, forward, adjoint, bounds=bounds, output=output,
         abs_weight=abs_weight, abs_bias=abs_bias, bias_positive=bias_positive,
-        nonneg_input=nonneg_input, shared=shared)
+        nonneg_input=nonneg_input, shared=shared, into=forward_into)
     return r.unsqueeze(0), absorbed.reshape(1)
 
 
@@ -364,14 +367,14 @@ def _default_weighted_sum(
     adjoint: Callable[[Tensor, Tensor], Tensor] | None, *,
     bounds: Bounds | None, output: Tensor | None, abs_weight: Tensor | None,
     abs_bias: Tensor | None, bias_positive: bool | None, nonneg_input: bool,
-    shared: dict | None, stacked: bool = False,
+    shared: dict | None, stacked: bool = False, into=None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`weighted_sum` in default mode, for one stream's relevance (no leading axis),
     or for several split alike (``stacked``: a leading axis, kept in the result and the
     absorbed totals)."""
     saturate = _has_bounds(bounds)
     absW = W.abs() if abs_weight is None else abs_weight
-    ab = _AbsSide.of(a, absW, forward, adjoint, nonneg_input, shared)
+    ab = _AbsSide.of(a, absW, forward, adjoint, nonneg_input, shared, into)
     sgn = _Signed(a, W, bias, forward, adjoint, output)
     [(c_abs, c_sgn)], absorbed = _default(
         R, ab.total, sgn.total, bias, bounds if saturate else None,
@@ -410,7 +413,7 @@ class _AbsSide(NamedTuple):
 
     @classmethod
     def of(cls, a: Tensor, absW: Tensor, forward, adjoint, nonneg_input: bool,
-           shared: dict | None) -> _AbsSide:
+           shared: dict | None, into=None) -> _AbsSide:
         if adjoint is None:
             absa = a if nonneg_input else _abs_input(a)
             total, vjp_abs = _vjp(lambda x: forward(x, absW), absa)
@@ -420,7 +423,9 @@ class _AbsSide(NamedTuple):
             absa, total = shared["abs_a"], shared["abs_total"]
         else:
             absa = a if nonneg_input else _abs_input(a)
-            total = forward(absa, absW)
+            # the denominators are used up within the call: a reused block, unless shared
+            total = into(absa, absW, "weighted_sum.denominators") \
+                if into is not None and shared is None else forward(absa, absW)
             if shared is not None:
                 shared.update(abs_a=absa, abs_total=total)
         # a shared total is read, never overwritten

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedModuleError
 from ..relevance import stack
 from .arith import nonzero_along
-from .composite import linear_adj, linear_fwd
+from .composite import linear_adj, linear_fwd, linear_into
 from .contract import RuleContext, RuleResult, per_target
 from .core import (
     _sign_parts,
@@ -96,7 +96,8 @@ def _linear_units(R, a, W, b, bounds, out, shared=None, abs_params=None):
                            and x.dim() and x.shape[-1] > 1 else x for x in bounds)
         shared = None  # denominators of a subset of units: not reusable
     return weighted_sum(R, a, W, b, linear_fwd, linear_adj, bounds=bounds, output=out,
-                        shared=shared, **({} if abs_params is None else abs_params()))
+                        shared=shared, forward_into=linear_into,
+                        **({} if abs_params is None else abs_params()))
 
 
 def _live_along(R: Tensor, dim: int) -> Tensor:
