@@ -370,6 +370,13 @@ class Engine:
         """One final ledger per target (:meth:`finish` of each target's streams)."""
         return finish_ledgers(self.ledger, self._absorptions, self.contrastive, self.targets)
 
+    def note_total(self, t: Tensor, total: Tensor) -> None:
+        """The ledger's per-stream total of ``t`` (``[S]`` float64), known to the caller
+        (a seed zero outside a few rows): not summed again while ``t`` is unchanged."""
+        key = id(t)
+        self._sums[key] = (weakref.ref(t, partial(_forget, self._sums, key)), version_of(t),
+                           total.to(torch.float64))
+
     def _total(self, rels: list[Rel | None]) -> Rel | None:
         """Float64 total of a list of relevances, each tensor summed only once: a record's
         input relevance is remembered (weakly, with its version) for when it arrives as

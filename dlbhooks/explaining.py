@@ -24,7 +24,7 @@ from .footprint import record_bytes
 from .ledger import LedgerEntry
 from .relevance import CURRENT_STREAMS, Rel, all_finite, has_nan, net, to_float
 from .results import Explanation
-from .seeds import TASKS, make_seed, sequence_positions
+from .seeds import TASKS, lazy_zeros, make_seed, sequence_positions
 from .weights import changed_weights
 
 if TYPE_CHECKING:
@@ -135,12 +135,13 @@ def explain_targets(
     seeded = [_seed(tape, root, k, target, task=task, multiplier=multiplier, mode=mode,
                     thresholding=thresholding, position=position, saturation=saturation,
                     temperature=temperature) for target, position in specs]
-    seed = seeded[0].relevance if len(seeded) == 1 else torch.cat(
-        [s.relevance for s in seeded])
+    seed, totals = _stacked_seeds(seeded)
     for s in seeded:
         s.relevance = None  # the seed is handed to the engine, which frees it once used
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share,
                     targets=len(specs))
+    if totals is not None:  # (a sum over every zero of a sequence seed would read them all)
+        engine.note_total(seed, totals)
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
     del seed
     R_in, ledgers = _run(engine, root, R_out)
@@ -203,6 +204,32 @@ class _Seeded:
     dtype: torch.dtype  # of the relevance (for the inputs it does not reach)
     target: Any  # the target as resolved (a default becomes the arg-max classes)
     info: dict[str, Any]
+    # (rows, positions) outside of which a sequence seed is zero, else None
+    support: tuple[Tensor, Tensor] | None = None
+
+
+def _stacked_seeds(seeded: list[_Seeded]) -> tuple[Tensor, Tensor | None]:
+    """The seeds on one leading axis (targets × streams) and, when each is zero outside
+    its support (sequence seeds), the per-entry totals, summed over the support only.
+    Such seeds stay lazily zeroed (:func:`~dlbhooks.seeds.lazy_zeros`): only the chosen
+    rows are ever written."""
+    rels = [s.relevance for s in seeded]
+    assert all(r is not None for r in rels)
+    if any(s.support is None for s in seeded):
+        return (rels[0] if len(rels) == 1 else torch.cat(rels)), None  # type: ignore[arg-type]
+    first = rels[0]
+    assert first is not None
+    picked = [r[:, s.support[0], s.support[1]]  # type: ignore[index]
+              for r, s in zip(rels, seeded)]
+    totals = torch.cat([p.reshape(p.shape[0], -1).sum(1) for p in picked]).double()
+    if len(rels) == 1:
+        return first, totals
+    S = first.shape[0]
+    seed = lazy_zeros((S * len(rels), *first.shape[1:]), first.dtype, first.device)
+    for t, (p, s) in enumerate(zip(picked, seeded)):
+        assert s.support is not None
+        seed[t * S:(t + 1) * S, s.support[0], s.support[1]] = p
+    return seed, totals
 
 
 def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplier: float,
@@ -213,10 +240,10 @@ def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplie
     with tape.store.loaded([out]):  # the output's own device and dtype
         mask = root.arguments.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) else None
-        seed = make_seed(
+        seed, support = make_seed(
             out, target, task=task, multiplier=multiplier, mode=mode,
             thresholding=thresholding, position=position, attention_mask=mask,
-            temperature=temperature,
+            temperature=temperature, with_support=True,
         )
         resolved = _resolved_target(out, target, task, position, mask)
         info = {"task": task, "saturation": saturation, "output": root.output_names[k]}
@@ -224,7 +251,7 @@ def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplie
             info["temperature"] = temperature
         if out.dim() == 3 and TASKS.get(task) == "multiclass":
             info["position"] = sequence_positions(out, position, mask).tolist()
-    return _Seeded(seed, seed.dtype, resolved, info)
+    return _Seeded(seed, seed.dtype, resolved, info, support)
 
 
 def _run(engine: Engine, root: Record,

@@ -6,8 +6,9 @@ Every batch row gets ``multiplier`` in total (per stream in contrastive mode).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -16,6 +17,30 @@ from .relevance import Rel, Streams, all_finite, stack
 
 #: a seed before stacking: one tensor, or a (pos, neg) pair in contrastive mode
 _Pair = Tensor | Streams
+
+
+class Placed(NamedTuple):
+    """A seed already stacked (``[S, batch, positions, vocab]``) that is zero outside the
+    entries ``[:, rows, positions]`` (its ``support``): an LM's seed at chosen positions."""
+
+    relevance: Tensor
+    support: tuple[Tensor, Tensor]
+
+
+#: numpy dtypes with torch's element layout, for :func:`lazy_zeros`
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+          torch.bfloat16: np.uint16}
+
+
+def lazy_zeros(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Zeros whose memory is only taken where it is written or read: on the CPU from
+    ``calloc`` (through numpy), whose fresh pages the system maps when touched — an LM's
+    seed is shaped like its logits (``T × vocab``, 250 MiB at 2,048 tokens of a 32k
+    vocabulary) and zero but for a few rows; elsewhere ``torch.zeros``."""
+    if torch.device(device).type != "cpu" or dtype not in _NUMPY:
+        return torch.zeros(tuple(shape), dtype=dtype, device=device)
+    flat = torch.from_numpy(np.zeros(int(np.prod(shape, dtype=np.int64)), _NUMPY[dtype]))
+    return flat.view(dtype).view(tuple(shape))
 
 TASKS = {
     "multiclass": "multiclass", "multi-class": "multiclass", "classification": "multiclass",
@@ -36,23 +61,31 @@ def make_seed(
     position: Any = None,
     attention_mask: Tensor | None = None,
     temperature: float = 1.0,
-) -> Rel:
+    with_support: bool = False,
+) -> Rel | tuple[Rel, tuple[Tensor, Tensor] | None]:
     """Relevance on ``output`` for ``target`` (see README, 'Targets and tasks'), stacked
     (``[1, *shape]``; ``[2, *shape]`` in contrastive mode: positive, negative).
     ``attention_mask`` ([batch, positions], the model's own) places the default position
-    of sequence outputs at each row's last real token and rejects positions on padding."""
+    of sequence outputs at each row's last real token and rejects positions on padding.
+    ``with_support``: also return ``(rows, positions)`` outside of which a sequence seed is
+    zero (``None`` for other seeds); such a seed's zeros take no memory until read
+    (:func:`lazy_zeros`)."""
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise TargetError(f"temperature must be a positive number, got {temperature!r}")
     seed = _seed(output, target, task=task, multiplier=multiplier, mode=mode,
                  thresholding=thresholding, position=position, attention_mask=attention_mask,
                  temperature=float(temperature))
-    return stack(seed) if isinstance(seed, Streams) else seed.unsqueeze(0)
+    if isinstance(seed, Placed):
+        return (seed.relevance, seed.support) if with_support else seed.relevance
+    stacked = stack(seed) if isinstance(seed, Streams) else seed.unsqueeze(0)
+    return (stacked, None) if with_support else stacked
 
 
 def _seed(output: Tensor, target: Any, *, task: str, multiplier: float, mode: str,
           thresholding: float, position: Any, attention_mask: Tensor | None,
-          temperature: float = 1.0) -> _Pair:
-    """:func:`make_seed` as one tensor, or a :class:`Streams` pair in contrastive mode."""
+          temperature: float = 1.0) -> _Pair | Placed:
+    """:func:`make_seed` as one tensor, or a :class:`Streams` pair in contrastive mode;
+    sequence seeds already stacked, with their support (:class:`Placed`)."""
     if task not in TASKS:
         raise TargetError(f"unknown task {task!r}; choose one of {sorted(set(TASKS.values()))}")
     task = TASKS[task]
@@ -130,20 +163,17 @@ def sequence_positions(out: Tensor, position: Any = None,
 
 
 def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any,
-              attention_mask: Tensor | None = None) -> _Pair:
+              attention_mask: Tensor | None = None) -> Placed:
     """Logits [batch, positions, vocab] (language models): the target token at each row's
-    position (:func:`sequence_positions`)."""
+    position (:func:`sequence_positions`), stacked, zero elsewhere (:func:`lazy_zeros`)."""
     B = out.shape[0]
     pos = sequence_positions(out, position, attention_mask)
     rows = torch.arange(B, device=out.device)
     at = _classify(out[rows, pos], target, "multiclass", m, mode)
-
-    def place(r: Tensor) -> Tensor:
-        z = torch.zeros_like(out)
-        z[rows, pos] = r
-        return z
-
-    return Streams(place(at.pos), place(at.neg)) if isinstance(at, Streams) else place(at)
+    parts = [at.pos, at.neg] if isinstance(at, Streams) else [at]
+    z = lazy_zeros((len(parts), *out.shape), out.dtype, out.device)
+    z[:, rows, pos] = torch.stack(parts)
+    return Placed(z, (rows, pos))
 
 
 def _reshape(rel: _Pair, shape) -> _Pair:

@@ -172,3 +172,44 @@ def test_targets_with_a_storage_policy_equal_single_explanations(storage, mode):
         alone = tape.explain(target=t, mode=mode)
         torch.testing.assert_close(exp.inputs["input_ids"], alone.inputs["input_ids"],
                                    rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16,
+                                   torch.bfloat16])
+def test_lazy_zeros_are_zeros_of_the_dtype_and_writable(dtype):
+    from dlbhooks.seeds import lazy_zeros
+
+    z = lazy_zeros((2, 3, 5), dtype, torch.device("cpu"))
+    assert (z.dtype, tuple(z.shape), z.is_contiguous()) == (dtype, (2, 3, 5), True)
+    assert torch.equal(z, torch.zeros(2, 3, 5, dtype=dtype))
+    z[1, 2, 4] = 3.0
+    assert float(z.sum()) == 3.0 and float(z[1, 2, 4]) == 3.0
+
+
+def test_sequence_seeds_are_placed_lazily_with_their_support_and_totals():
+    """An LM's seed is zero but at the chosen (row, position): it comes with that support,
+    several targets are stacked without reading the zeros, and the ledger's total of the
+    seed (summed over the support only) equals the dense sum."""
+    from dlbhooks.explaining import _Seeded, _stacked_seeds
+    from dlbhooks.seeds import make_seed
+
+    torch.manual_seed(0)
+    out = torch.randn(2, 5, 7, dtype=torch.float64)
+    for mode in ("default", "contrastive"):
+        seeds = [make_seed(out, t, mode=mode, position=[1, 3], with_support=True)
+                 for t in ([0, 6], [2, 2])]
+        for seed, support in seeds:
+            rows, pos = support
+            assert rows.tolist() == [0, 1] and pos.tolist() == [1, 3]
+            dense = make_seed(out, [0, 6], mode=mode, position=[1, 3])
+            assert dense.shape == seed.shape
+            mask = torch.zeros(2, 5, dtype=torch.bool)
+            mask[rows, pos] = True
+            assert not seed[:, ~mask].any()  # zero outside the support
+        seeded = [_Seeded(s, s.dtype, None, {}, sup) for s, sup in seeds]
+        stacked, totals = _stacked_seeds(seeded)
+        assert torch.equal(stacked, torch.cat([s for s, _ in seeds]))
+        want = stacked.reshape(stacked.shape[0], -1).sum(1)
+        assert torch.allclose(totals, want, rtol=1e-15, atol=0)
+        explicit = make_seed(out, torch.ones_like(out), with_support=True)
+        assert explicit[1] is None  # a dense seed given by the caller: no support
