@@ -31,7 +31,7 @@ from .rules.contract import RuleResult, legacy_call, streamwise_call
 from .rules.elementwise import nonnegative_output, saturation_bounds
 from .rules.functions import FunctionCall
 from .storage import record_tensors, version_of
-from .views import base_to_view, view_to_base
+from .views import base_to_view, stacked_to_base, view_to_base
 from .weights import all_positive, fetch_abs_param, fetch_param, plain_float
 
 if TYPE_CHECKING:
@@ -78,7 +78,8 @@ class Bag:
         if base is None and key in self.tape.views and not self.tape.is_produced(t):
             base = self.tape.views[key][1]
         if base is not None and key not in self._keep:
-            moved = rmap(lambda r: view_to_base(r, t, base), R)
+            moved = stacked_to_base(R, t, base) if isinstance(R, Tensor) else rmap(
+                lambda r: view_to_base(r, t, base), R)
             if moved is not None:
                 t, R, key = base, moved, id(base)
         self._rel[key] = radd(self._rel.get(key), R)

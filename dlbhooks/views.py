@@ -68,14 +68,21 @@ def dense(t: Tensor) -> bool:
     return t.numel() > 0 and span == t.numel() and _non_overlapping(t)
 
 
-def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
-    """Fast path of :func:`view_to_base` for a contiguous base and a non-overlapping view
-    inside it: one strided copy instead of index tables."""
+def _offset_in(view: Tensor, base: Tensor) -> int | None:
+    """Where ``view`` starts in the span of ``base``, if the fast path of
+    :func:`view_to_base` applies: a dense base (contiguous or permuted) and a
+    non-overlapping view inside it; else ``None``."""
     if not dense(base) or not _non_overlapping(view):
         return None  # the base must be dense (contiguous or permuted), the view distinct
     off = view.storage_offset() - base.storage_offset()
     last = off + sum((s - 1) * st for s, st in zip(view.shape, view.stride()))
-    if off < 0 or last >= base.numel():
+    return None if off < 0 or last >= base.numel() else off
+
+
+def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
+    """Fast path of :func:`view_to_base`: one strided copy instead of index tables."""
+    off = _offset_in(view, base)
+    if off is None:
         return None
     # same (dense) strides as the base; a view of every element of it (a permutation of
     # heads, a reshape) writes all of them, so nothing needs clearing first
@@ -83,6 +90,21 @@ def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     out = fill(base, dtype=rel.dtype)
     out.as_strided(view.shape, view.stride(), out.storage_offset() + off).copy_(rel)
     return out
+
+
+def stacked_to_base(R: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
+    """:func:`view_to_base` of every entry of the stacked ``R`` (``[S, *view.shape]``):
+    ``[S, *base.shape]``, each entry laid out like ``base``; one strided copy for all
+    entries on the fast path, else entry by entry (``None`` as there)."""
+    off = _offset_in(view, base)
+    if off is None:
+        parts = [view_to_base(r, view, base) for r in R.unbind(0)]
+        return None if any(p is None for p in parts) else torch.stack(parts)  # type: ignore
+    S, N = R.shape[0], base.numel()
+    fill = torch.empty if view.numel() == N else torch.zeros  # (as in _strided_to_base)
+    block = fill(S * N, dtype=R.dtype, device=R.device)
+    block.as_strided((S, *view.shape), (N, *view.stride()), off).copy_(R)
+    return block.as_strided((S, *base.shape), (N, *base.stride()), 0)
 
 
 def view_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:

@@ -590,3 +590,26 @@ def test_the_walk_frees_the_seed_and_combined_relevance_behind_it(monkeypatch, t
     # the embedding's own relevance and the model's output relevance (held by the
     # model's record while its children are walked); before: two more per layer
     assert seen["hidden"] <= 3, seen
+
+
+@pytest.mark.parametrize("case", ["heads", "slice", "strided", "overlap"])
+def test_stacked_to_base_equals_view_to_base_entry_by_entry(case):
+    """Several targets' relevance on a view goes to its base in one strided copy: equal,
+    entry by entry, to view_to_base (the whole base, a part of it with zeros elsewhere,
+    a permuted base); where the fast path does not apply, the slow one per entry."""
+    from dlbhooks.views import stacked_to_base, view_to_base
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 6, 8)
+    view = {"heads": base.view(2, 6, 2, 4).transpose(1, 2),
+            "slice": base[:, 1:4, ::2],
+            "strided": base.transpose(0, 2)[2:5],
+            "overlap": base[0, 0].expand(3, 8)}[case]
+    R = torch.randn(3, *view.shape, dtype=torch.float64)
+    got = stacked_to_base(R, view, base)
+    want = [view_to_base(r, view, base) for r in R.unbind(0)]
+    # ("overlap": rows of the view share elements, the fast path does not apply; the slow
+    # one sums them)
+    assert got is not None and got.shape == (3, *base.shape)
+    for g, w in zip(got.unbind(0), want):
+        assert torch.equal(g, w)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..relevance import rsum
-from .arith import broadcasts_into, nonneg_div, reduce_stacked, reduce_to
+from .arith import broadcasts_into, fits, nonneg_div, reduce_stacked, reduce_to
 from .contract import RuleResult
 from .registry import register_rule
 
@@ -94,9 +94,15 @@ def add_rule(R: Tensor, terms: list[Tensor],
     s = nonneg_div(R, total, own=True, positive=zero is None)
     reduce = reduce_stacked if stacked else reduce_to
     parts = []
-    for m, t in zip(mags, terms):
+    for k, (m, t) in enumerate(zip(mags, terms)):
         full = broadcasts_into(s.shape, m.shape) and m.dtype == s.dtype
-        parts.append(reduce(m.mul_(s) if full else s * m, t.shape))
+        if full:
+            part = m.mul_(s)
+        elif k == len(terms) - 1 and fits(s, m):  # (s is this rule's own: the last may
+            part = s.mul_(m)  # overwrite it, e.g. several targets' [k, ...] shares)
+        else:
+            part = s * m
+        parts.append(reduce(part, t.shape))
     if zero is None:
         return parts, R.new_zeros((R.shape[0],) if stacked else ())
     lost = torch.where(zero, R, 0.0)

@@ -488,7 +488,7 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Tensor
     Returns (relevance on ``x``, absorbed per stream)."""
     m = CURRENT_STREAMS.get() or R.shape[0]
     half = x.shape[-1] // 2
-    if R.shape[0] > m:  # several targets in contrastive mode: each target's pair
+    if m > 1 and R.shape[0] > m:  # several targets in contrastive mode: each target's pair
         parts = [rope_relevance(Rt, x, c, s) for Rt in by_target(R, m)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     if m == 1:  # default mode: one split for every target
