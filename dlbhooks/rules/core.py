@@ -367,7 +367,8 @@ def _default_weighted_sum(
     adjoint: Callable[[Tensor, Tensor], Tensor] | None, *,
     bounds: Bounds | None, output: Tensor | None, abs_weight: Tensor | None,
     abs_bias: Tensor | None, bias_positive: bool | None, nonneg_input: bool,
-    shared: dict | None, stacked: bool = False, into=None,
+    shared: dict | None, stacked: bool = False,
+    into: Callable[[Tensor, Tensor, str], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`weighted_sum` in default mode, for one stream's relevance (no leading axis),
     or for several split alike (``stacked``: a leading axis, kept in the result and the
@@ -413,7 +414,8 @@ class _AbsSide(NamedTuple):
 
     @classmethod
     def of(cls, a: Tensor, absW: Tensor, forward, adjoint, nonneg_input: bool,
-           shared: dict | None, into=None) -> _AbsSide:
+           shared: dict | None,
+           into: Callable[[Tensor, Tensor, str], Tensor] | None = None) -> _AbsSide:
         if adjoint is None:
             absa = a if nonneg_input else _abs_input(a)
             total, vjp_abs = _vjp(lambda x: forward(x, absW), absa)
