@@ -124,7 +124,8 @@ class PruningEvaluation:
             clear = abs(rel - mean) > 2 * se
             parts.append(f"{word} random ({mean - base:+.4f} ± {se:.4f} over "
                          f"{len(self.random[domain])} seeds"
-                         + ("" if clear else ", within two standard errors") + ")")
+                         + ("" if clear else "; a difference of less than two standard "
+                            "errors") + ")")
         return (f"- {domain}, {self.fraction:.0%}: relevance-based pruning "
                 f"({rel - base:+.4f}) " + "; ".join(parts) + f", on the {domain} held-out "
                 "loss.")
