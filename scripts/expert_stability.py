@@ -4,7 +4,7 @@ For each domain (the standard library's code, the pydoc topics' prose): per-wind
 relevance over N windows of the training text (the true next byte explained at 4
 positions), then a bootstrap over windows (resampled with replacement): how often each
 pruned set is chosen, and how much the held-out loss of the pruned model varies, for
-N = 48, 128, 512. Then the domain × domain matrix: statistics from A, held-out loss on B,
+N = 48, 128, 512, 1024. Then the domain × domain matrix: statistics from A, held-out loss on B,
 ± the bootstrap standard deviation; and the overlap of the two domains' pruned sets.
 
     python scripts/expert_stability.py --out docs/expert_stability.md
@@ -39,7 +39,7 @@ from dlbhooks.tiny_moe import DOMAINS, load_tiny_moe
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/expert_stability.md")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[48, 128, 512])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[48, 128, 512, 1024])
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--positions", default="4")
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
