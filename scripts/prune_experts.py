@@ -10,7 +10,7 @@ checked against masked routing) and a report comparing relevance-based pruning w
 frequency-based and random pruning (10 seeds, mean ± standard error). This script runs them
 and gathers the reports into one page:
 
-    python scripts/prune_experts.py --out docs/pruning_report.md [--windows 512] [--keep DIR]
+    python scripts/prune_experts.py --out docs/pruning_report.md [--windows 1024] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run(argv: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/pruning_report.md")
-    ap.add_argument("--windows", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=1024)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--positions", default="4")
     ap.add_argument("--fractions", nargs="+", default=["0.25", "0.5"])
