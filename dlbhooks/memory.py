@@ -200,8 +200,9 @@ def _measure_reverse(tape: Any) -> _LiveBytes:
 def _add_reverse(est: MemoryEstimate, peaks: dict[int, int], blocks: dict[int, int],
                  phases: dict[int, dict[str, int]], chunk: int) -> None:
     """The reverse pass's part of ``est``. Its peak comes in different places at
-    different lengths (a large constant in the middle layers of a short input, the seed
-    at an LM's logits, ``T × vocab``, of a long one), so each record's peak without the
+    different lengths (a large constant in the middle layers of a short input, the
+    relevance at the widest layers of a long one, or on a GPU the seed at an LM's logits,
+    ``T × vocab``), so each record's peak without the
     scratch blocks gets its own line through the probes and the estimate takes the
     largest at ``seq_len``; plus the attention blocks, scaled from ``T·min(chunk, T)`` at
     the longest probe."""

@@ -79,17 +79,23 @@ def _offset_in(view: Tensor, base: Tensor) -> int | None:
     return None if off < 0 or last >= base.numel() else off
 
 
+def _strided_copy(R: Tensor, view: Tensor, base: Tensor, off: int) -> Tensor:
+    """The fast path of :func:`view_to_base` for every entry of the stacked ``R``
+    (``[S, *view.shape]``, ``view`` at ``off`` in ``base``): one strided copy into
+    ``[S, *base.shape]``, each entry laid out like the (dense) base."""
+    S, N = R.shape[0], base.numel()
+    # a view of every element of the base (a permutation of heads, a reshape) writes all
+    # of them, so nothing needs clearing first
+    fill = torch.empty if view.numel() == N else torch.zeros
+    block = fill(S * N, dtype=R.dtype, device=base.device)
+    block.as_strided((S, *view.shape), (N, *view.stride()), off).copy_(R)
+    return block.as_strided((S, *base.shape), (N, *base.stride()), 0)
+
+
 def _strided_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     """Fast path of :func:`view_to_base`: one strided copy instead of index tables."""
     off = _offset_in(view, base)
-    if off is None:
-        return None
-    # same (dense) strides as the base; a view of every element of it (a permutation of
-    # heads, a reshape) writes all of them, so nothing needs clearing first
-    fill = torch.empty_like if view.numel() == base.numel() else torch.zeros_like
-    out = fill(base, dtype=rel.dtype)
-    out.as_strided(view.shape, view.stride(), out.storage_offset() + off).copy_(rel)
-    return out
+    return None if off is None else _strided_copy(rel.unsqueeze(0), view, base, off)[0]
 
 
 def stacked_to_base(R: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
@@ -100,11 +106,7 @@ def stacked_to_base(R: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
     if off is None:
         parts = [view_to_base(r, view, base) for r in R.unbind(0)]
         return None if any(p is None for p in parts) else torch.stack(parts)  # type: ignore
-    S, N = R.shape[0], base.numel()
-    fill = torch.empty if view.numel() == N else torch.zeros  # (as in _strided_to_base)
-    block = fill(S * N, dtype=R.dtype, device=R.device)
-    block.as_strided((S, *view.shape), (N, *view.stride()), off).copy_(R)
-    return block.as_strided((S, *base.shape), (N, *base.stride()), 0)
+    return _strided_copy(R, view, base, off)
 
 
 def view_to_base(rel: Tensor, view: Tensor, base: Tensor) -> Tensor | None:
