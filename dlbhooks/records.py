@@ -10,6 +10,7 @@ to hook into.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -179,6 +180,13 @@ class Tape:
     _derived: set[int] = field(default_factory=set)
     _storages: dict[int, list[Tensor]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # records point at their parent and their children: a cycle, which would keep
+        # every recorded tensor alive after the tape is dropped until Python's cycle
+        # collector runs (gigabytes per tape of a long input, in a loop of explanations).
+        # Unlinked when the tape goes, they go with it.
+        weakref.finalize(self, _unlink, self.records)
+
     def __repr__(self) -> str:
         return f"Tape({type(self.model).__name__}, {len(self.records)} records)"
 
@@ -258,3 +266,10 @@ class Tape:
                 "`with dlb.trace(model) as tape:` block before calling tape.explain()."
             )
         return self.roots[-1]
+
+
+def _unlink(records: list[Record]) -> None:
+    """Cut the parent/children links of a dropped tape's records (see ``Tape``)."""
+    for rec in records:
+        rec.parent = None
+        rec.children = []
