@@ -18,7 +18,9 @@ def explain(
 ) -> Explanation:
     """One call: trace ``model`` on ``inputs`` (a tensor, a tuple of positional arguments
     or a dict of keyword arguments) and explain ``target``; ``storage`` and ``rules`` go to
-    :func:`dlbhooks.trace`, the other kwargs to ``tape.explain``."""
+    :func:`dlbhooks.trace`, the other kwargs to ``tape.explain``. The tape is explained
+    once, so its records are freed behind the reverse walk (``release=True``)."""
+    kwargs.setdefault("release", not kwargs.get("share", False))
     with trace(model, storage=storage, rules=rules) as tape:
         call_model(model, inputs)
     return tape.explain(target, **kwargs)

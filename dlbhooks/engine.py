@@ -70,13 +70,14 @@ class Bag:
         ``base`` (as the record noted when it consumed ``t``), the relevance moves onto
         ``base``'s elements. Without ``base``, a view no record produced is looked up."""
         key = id(t)
-        if key in self.tape.aliases and key not in self._keep:
+        original = self.tape.alias_origin(t) if key not in self._keep else None
+        if original is not None:
             # a device copy made by accelerate: the relevance belongs to the original
-            t = self.tape.aliases[key][1]
+            t = original
             R = R.to(t.device)
             key, base = id(t), None
-        if base is None and key in self.tape.views and not self.tape.is_produced(t):
-            base = self.tape.views[key][1]
+        if base is None and not self.tape.is_produced(t):
+            base = self.tape.view_base(t)
         if base is not None and key not in self._keep:
             moved = stacked_to_base(R, t, base) if isinstance(R, Tensor) else rmap(
                 lambda r: view_to_base(r, t, base), R)
@@ -122,6 +123,8 @@ class Engine:
     saturation: bool = True
     keep: bool = True
     share: bool = False
+    # drop each record's tensors once the walk has passed it (tape.explain(release=True))
+    release: bool = False
     # targets explained in this one pass (the relevance's leading axis is targets × streams)
     targets: int = 1
     # the ledger being built, output->input order; finish() makes the final one
@@ -215,9 +218,9 @@ class Engine:
         """Is ``rec``'s input ``i`` the unchanged output of a module whose output is never
         negative (a ReLU, a sigmoid; :data:`~dlbhooks.rules.elementwise.NONNEGATIVE`)?
         Then ``|a| = a`` needs no check."""
-        t = rec.inputs[i]
-        for prod, j in reversed(self.tape.producers.get(id(t), ())):
-            if prod.outputs[j] is t and prod.out_versions[j] == rec.in_versions[i]:
+        key = id(rec.inputs[i])
+        for prod, j in reversed(self.tape.producers.get(key, ())):
+            if prod.output_ids()[j] == key and prod.out_versions[j] == rec.in_versions[i]:
                 return nonnegative_output(prod.module)
         return False
 
@@ -225,11 +228,12 @@ class Engine:
         """Saturation bounds of the activation that alone consumed ``rec``'s output."""
         if not self.saturation or self.contrastive or not rec.outputs:
             return None
-        out = rec.outputs[0]
-        users = [
-            r for r in self.tape.consumers.get(id(out), [])
+        key = id(rec.outputs[0])
+        users = [  # (by id: a consumer the walk has passed may be released)
+            r for r in self.tape.consumers.get(key, [])
             if not r.children and r is not rec
-            and any(t is out and v == rec.out_versions[0] for t, v in zip(r.inputs, r.in_versions))
+            and any(i == key and v == rec.out_versions[0]
+                    for i, v in zip(r.input_ids(), r.in_versions))
         ]
         if len({id(r) for r in users}) != 1:
             return None
@@ -342,6 +346,9 @@ class Engine:
         entry.log_end = self._absorptions
         if self.keep:
             self.kept.setdefault(rec.key, R_in)
+        if self.release and rule is not None:  # (a rule reads the calls below its own)
+            for d in rec.descendants():
+                d.release()
         return R_in
 
     def _rule_for(self, rec: Record) -> registry.Rule | None:
@@ -436,7 +443,16 @@ class Engine:
         relevance goes into the bag: ``R_out`` is emptied)."""
         bag = self.seed_outputs(rec, R_out)
         R_out.clear()
-        self.walk(rec.children, bag)
+        if not self.release:
+            self.walk(rec.children, bag)
+            return self.collect(rec, bag)
+        if rec.parent is None:  # the model's outputs (the logits) are in the bag now
+            rec.release(inputs=False)
+        for child in reversed(rec.children):  # no rule here reads a child once walked
+            self.step(child, bag)
+            child.release()
+            for d in child.descendants():
+                d.release()
         return self.collect(rec, bag)
 
     def collect(self, rec: Record, bag: BagLike) -> list[Rel | None]:

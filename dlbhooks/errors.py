@@ -31,6 +31,11 @@ class TraceError(DLBError):
     """The tape is empty or was used the wrong way."""
 
 
+class RecordReleasedError(TraceError):
+    """A rule or a second explanation read recorded tensors that an explanation with
+    ``release=True`` had already freed."""
+
+
 class SavedFileError(DLBError, ValueError):
     """A file is not a saved dlbhooks result of the kind being loaded."""
 

@@ -16,7 +16,9 @@ from .errors import (
     NonFiniteError,
     OutOfMemoryError,
     RecordModifiedError,
+    RecordReleasedError,
     TargetError,
+    TraceError,
     is_out_of_memory,
     memory_advice,
 )
@@ -67,6 +69,7 @@ def explain_tape(
     temperature: float = 1.0,
     tokenizer: Any = None,
     targets: list[Any] | None = None,
+    release: bool = False,
 ) -> Any:
     """Propagate relevance from the last recorded model call back to its inputs.
 
@@ -86,30 +89,36 @@ def explain_tape(
     (the relevance of every target is held at once).
 
     ``tokenizer``: lets ``target`` be a token string (``"▁Paris"``, or text that encodes
-    as exactly one token), or a list of them per row.
-
-    ``temperature``: logits are divided by it before every probability the seed uses (the
-    contrastive R- split, the binary 1 - p, segmentation's threshold; METHOD §1).
+    as exactly one token), or a list of them per row. ``temperature``: logits are divided
+    by it before every probability the seed uses (the contrastive R- split, the binary
+    1 - p, segmentation's threshold; METHOD §1).
 
     ``share=True`` keeps forward-only quantities (the weighted-sum denominators) on the
     tape for later explanations of the same forward (several targets): faster from the
     second target on, at the cost of about one more copy of the layers' activations
-    (``tape.shared.clear()`` frees it)."""
+    (``tape.shared.clear()`` frees it). ``release=True`` frees each record's tensors once
+    the walk has passed it (as :func:`dlbhooks.explain` does): a lower peak, nothing of
+    the forward left afterwards, and a tape that cannot be explained again."""
     options = dict(mode=mode, multiplier=multiplier, saturation=saturation, task=task,
                    thresholding=thresholding, scaler=scaler, keep=keep, output=output,
-                   share=share, temperature=temperature)
+                   share=share, temperature=temperature, release=release)
     if targets is None:
         if tokenizer is not None:
             target = token_target(target, tokenizer)
         return explain_targets(tape, [(target, position)], **options)[0]
+    targets = _checked_targets(target, targets, tokenizer)
+    return explain_targets(tape, [(t, position) for t in targets], **options)
+
+
+def _checked_targets(target: Any, targets: Any, tokenizer: Any) -> list[Any]:
+    """``targets=`` as a list (token strings as ids); errors for a bad one."""
     if target is not None:
         raise TargetError("give target= (one target) or targets= (several), not both")
     if isinstance(targets, (str, Tensor)) or not isinstance(targets, (list, tuple)) \
             or not targets:
         raise TargetError(f"targets= must be a non-empty list of targets, got {targets!r}")
-    if tokenizer is not None:
-        targets = [token_target(t, tokenizer) for t in targets]
-    return explain_targets(tape, [(t, position) for t in targets], **options)
+    return [token_target(t, tokenizer) for t in targets] if tokenizer is not None \
+        else list(targets)
 
 
 def explain_targets(
@@ -126,10 +135,14 @@ def explain_targets(
     output: str | int | None = None,
     share: bool = False,
     temperature: float = 1.0,
+    release: bool = False,
 ) -> list[Explanation]:
     """One reverse pass for every ``(target, position)`` of ``specs``: the seeds stacked
     on the relevance's leading axis (targets × streams), one :class:`Explanation` each
     (the options as in :func:`explain_tape`)."""
+    if release and share:
+        raise TraceError("release=True frees the records that share=True keeps for later "
+                         "explanations of the tape: give one or the other")
     root = _checked_root(tape)
     k = select_output(root, output)
     seeded = [_seed(tape, root, k, target, task=task, multiplier=multiplier, mode=mode,
@@ -139,13 +152,18 @@ def explain_targets(
     for s in seeded:
         s.relevance = None  # the seed is handed to the engine, which frees it once used
     engine = Engine(tape, mode=mode, saturation=saturation, keep=keep, share=share,
-                    targets=len(specs))
+                    targets=len(specs), release=release)
+    if release:
+        tape.start_release()
     if totals is not None:  # (a sum over every zero of a sequence seed would read them all)
         engine.note_total(seed, totals)
     R_out = [seed if i == k else None for i in range(len(root.outputs))]
     del seed
     R_in, ledgers = _run(engine, root, R_out)
     inputs = _input_relevance(tape, root, R_in, seeded[0].dtype, engine.streams * len(specs))
+    if release:
+        for rec in tape.records:
+            rec.release()
     return [_assemble(engine, ledger, inputs, t, mode=mode, multiplier=multiplier,
                       target=s.target, scaler=scaler, info=s.info)
             for t, (s, ledger) in enumerate(zip(seeded, ledgers))]
@@ -173,6 +191,11 @@ def token_target(target: Any, tokenizer: Any) -> Any:
 def _checked_root(tape: Tape) -> Record:
     """The last recorded model call, if it finished and no float input holds NaN."""
     root = tape.last_root()
+    if tape.released:
+        raise RecordReleasedError(
+            "this tape's records were released by an earlier explanation with release=True "
+            "(dlb.explain frees them as it walks): trace the forward again to explain it "
+            "again, or explain with release=False (tape.explain's default) to keep them.")
     if not root.done:
         raise TargetError("the recorded forward did not finish (it raised): nothing to explain")
     if len(tape.roots) > 1:

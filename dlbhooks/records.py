@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .binding import bind_arguments, tensor_leaves  # noqa: F401 (re-exported: old home)
-from .errors import RecordModifiedError, TraceError
+from .errors import RecordModifiedError, RecordReleasedError, TraceError
 from .explaining import explain_tape
 from .rules.functions import FunctionCall
 from .storage import Storage, Store, version_of
@@ -54,7 +54,10 @@ class Record:
     # the nn.Module called (Any: a rule reads the attributes of its own module type)
     module: Any
     call: int
-    parent: Record | None
+    # the enclosing call, weakly: a strong link both ways would be a reference cycle,
+    # which keeps every recorded tensor alive after the tape is dropped until Python's
+    # cycle collector runs (gigabytes per tape of a long input, in a loop of explanations)
+    parent_ref: weakref.ReferenceType[Record] | None
     arguments: dict[str, Any]
     input_names: list[str]
     inputs: list[Tensor]
@@ -69,6 +72,13 @@ class Record:
     input_views: dict[int, Tensor] = field(default_factory=dict)
     output_views: dict[int, Tensor] = field(default_factory=dict)
     done: bool = False
+    # (input ids, output ids) once the tensors are released (:meth:`release`), else None
+    _ids: tuple[list[int], list[int]] | None = None
+
+    @property
+    def parent(self) -> Record | None:
+        """The call this one ran inside (``None`` for a model call)."""
+        return None if self.parent_ref is None else self.parent_ref()
 
     @property
     def key(self) -> str:
@@ -145,6 +155,33 @@ class Record:
     def output_intact(self, i: int = 0) -> bool:
         return i in self.snapshots or version_of(self.outputs[i]) == self.out_versions[i]
 
+    # -- releasing the recorded tensors (an explanation with release=True) --------------------
+    @property
+    def released(self) -> bool:
+        """Has :meth:`release` dropped this call's tensors?"""
+        return self._ids is not None
+
+    def input_ids(self) -> list[int]:
+        """``id`` of each input tensor, also after :meth:`release` (identity checks
+        against tensors that are still recorded: ids of tensors alive at the same time
+        differ, and every recorded tensor was alive when the forward ended)."""
+        return self._ids[0] if self._ids is not None else [id(t) for t in self.inputs]
+
+    def output_ids(self) -> list[int]:
+        """``id`` of each output tensor, also after :meth:`release`."""
+        return self._ids[1] if self._ids is not None else [id(t) for t in self.outputs]
+
+    def release(self, inputs: bool = True) -> None:
+        """Drop this call's references to the forward's tensors (its outputs; with
+        ``inputs``, its inputs and arguments too), keeping their ids. Reading a released
+        tensor afterwards raises :class:`~dlbhooks.errors.RecordReleasedError`."""
+        if self._ids is None:
+            self._ids = (self.input_ids(), self.output_ids())
+        gone = _Released(self)
+        self.outputs = self.output = self.snapshots = self.output_views = gone
+        if inputs:
+            self.inputs = self.arguments = self.input_views = gone
+
 
 @dataclass(eq=False, repr=False)
 class Tape:
@@ -179,13 +216,12 @@ class Tape:
     # table looked up with positions, masks)
     _derived: set[int] = field(default_factory=set)
     _storages: dict[int, list[Tensor]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # records point at their parent and their children: a cycle, which would keep
-        # every recorded tensor alive after the tape is dropped until Python's cycle
-        # collector runs (gigabytes per tape of a long input, in a loop of explanations).
-        # Unlinked when the tape goes, they go with it.
-        weakref.finalize(self, _unlink, self.records)
+    # set by an explanation that releases the records behind its walk (start_release):
+    # id(view) -> weak ref to its base, id(copy) -> weak ref to the original (the tape's
+    # own indexes no longer keep tensors alive; the records do, until released)
+    released: bool = False
+    _weak_views: dict[int, weakref.ref] = field(default_factory=dict)
+    _weak_aliases: dict[int, weakref.ref] = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return f"Tape({type(self.model).__name__}, {len(self.records)} records)"
@@ -239,6 +275,36 @@ class Tape:
     def is_produced(self, t: Tensor) -> bool:
         return id(t) in self._produced
 
+    def view_base(self, t: Tensor) -> Tensor | None:
+        """The recorded tensor that ``t`` (an input no record produced) was noted as a
+        view of, if any."""
+        hit = self.views.get(id(t))
+        if hit is not None:
+            return hit[1]
+        ref = self._weak_views.get(id(t))
+        return None if ref is None else ref()
+
+    def alias_origin(self, t: Tensor) -> Tensor | None:
+        """The original of ``t``, if it is a device copy accelerate made."""
+        hit = self.aliases.get(id(t))
+        if hit is not None:
+            return hit[1]
+        ref = self._weak_aliases.get(id(t))
+        return None if ref is None else ref()
+
+    def start_release(self) -> None:
+        """Before a reverse walk that releases each record once it has passed it
+        (``tape.explain(release=True)``): the tape's own indexes stop holding tensors (the
+        records alone keep them), and the tape cannot be explained again."""
+        self.released = True
+        self._produced = dict.fromkeys(self._produced)  # type: ignore[assignment]
+        self._storages.clear()  # (views are resolved while recording only)
+        self._weak_views = {k: weakref.ref(base) for k, (_, base) in self.views.items()}
+        self._weak_aliases = {k: weakref.ref(orig) for k, (_, orig) in self.aliases.items()}
+        self.views.clear()
+        self.aliases.clear()
+        self.store.weaken()
+
     def derive(self, t: Tensor) -> None:
         """Mark ``t`` (produced) as derived from the forward's inputs."""
         self._derived.add(id(t))
@@ -268,8 +334,21 @@ class Tape:
         return self.roots[-1]
 
 
-def _unlink(records: list[Record]) -> None:
-    """Cut the parent/children links of a dropped tape's records (see ``Tape``)."""
-    for rec in records:
-        rec.parent = None
-        rec.children = []
+class _Released:
+    """Stands for a released record's tensors (lists and dicts alike): any use raises."""
+
+    __slots__ = ("_rec",)
+
+    def __init__(self, rec: Record):
+        self._rec = rec
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise RecordReleasedError(
+            f"the recorded tensors of {self._rec.describe()} were released once the reverse "
+            "walk had passed it (tape.explain(release=True); dlb.explain does this). A rule "
+            "may read the records of its own call and of the calls below it only; to explain "
+            "the tape again, pass release=False.")
+
+    __getitem__ = __iter__ = __len__ = __contains__ = get = items = values = _fail
+    keys = __bool__ = _fail
+

@@ -113,8 +113,9 @@ class Store:
         # dtype), its _version, the copy)]: a later view of a kept tensor becomes the same
         # view of the copy, even when the kept tensor object itself is gone
         self._by_storage: dict[int, list[tuple[weakref.ref, tuple, int, Tensor]]] = {}
-        # id(copy) -> (copy, device and dtype of the original)
-        self._origin: dict[int, tuple[Tensor, torch.device, torch.dtype]] = {}
+        # id(copy) -> (copy, device and dtype of the original); the copy is a weak
+        # reference once the records are being released (weaken)
+        self._origin: dict[int, tuple[Any, torch.device, torch.dtype]] = {}
         # id(copy) -> (stored data, how many `loaded` blocks hold it)
         self._loaded: dict[int, list] = {}
 
@@ -209,8 +210,24 @@ class Store:
 
     def device_of(self, t: Tensor) -> torch.device:
         """The device that computed ``t`` (for a stored copy: its original's device)."""
-        hit = self._origin.get(id(t)) if self.active else None
-        return t.device if hit is None or hit[0] is not t else hit[1]
+        hit = self._origin_of(t) if self.active else None
+        return t.device if hit is None else hit[0]
+
+    def _origin_of(self, t: Tensor) -> tuple[torch.device, torch.dtype] | None:
+        """Device and dtype of the original of the stored copy ``t``, if it is one."""
+        hit = self._origin.get(id(t))
+        if hit is None:
+            return None
+        copy = hit[0]() if isinstance(hit[0], weakref.ref) else hit[0]
+        return None if copy is not t else (hit[1], hit[2])
+
+    def weaken(self) -> None:
+        """Keep no copy alive from here on (the records hold them until they are
+        released, :meth:`~dlbhooks.records.Tape.start_release`); nothing more is kept."""
+        self._live.clear()
+        self._by_storage.clear()
+        self._origin = {k: (weakref.ref(c), dev, dt)  # type: ignore[misc]
+                        for k, (c, dev, dt) in self._origin.items()}
 
     @contextmanager
     def loaded(self, tensors):
@@ -222,7 +239,7 @@ class Store:
         held: list[Tensor] = []
         try:
             for t in tensors:
-                if isinstance(t, Tensor) and id(t) in self._origin:
+                if isinstance(t, Tensor) and self._origin_of(t) is not None:
                     self._load(t, held)
             yield
         finally:
@@ -235,10 +252,12 @@ class Store:
             entry[1] += 1
             held.append(t)
             return
-        _, device, dtype = self._origin[id(t)]
+        origin = self._origin_of(t)
+        assert origin is not None
+        device, dtype = origin
         stored = t.data
         base = t._base
-        if base is not None and id(base) in self._origin:
+        if base is not None and self._origin_of(base) is not None:
             self._load(base, held)
             data = base.data.as_strided(t.shape, t.stride(), t.storage_offset())
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
@@ -271,7 +272,7 @@ class trace:  # noqa: N801 - used as a context manager, like torch.no_grad
             path=path,
             module=module,
             call=self._calls[id(module)],
-            parent=parent,
+            parent_ref=None if parent is None else weakref.ref(parent),
             arguments=arguments,
             input_names=[n for n, _ in leaves],
             inputs=[t for _, t in leaves],

@@ -802,11 +802,12 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def run(c: Case) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def run(c: Case, release: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Explain a case in both modes: (tensors keyed ``"<mode>/<field>[/<key>]"``, JSON-able
     data: the resolved targets and the keys of the tables ``layers``, ``absorbed``,
     ``blocks`` (``"block::part"``) and ``ledger`` (rows: out, in, absorbed, absorbed inside
-    of each call, one column per stream))."""
+    of each call, one column per stream)). ``release``: one traced forward per mode,
+    explained with ``release=True`` (the records freed behind the walk)."""
     tensors: dict[str, Tensor] = {}
     info: dict[str, Any] = {}
     if c.kind == "generation":
@@ -822,7 +823,10 @@ def run(c: Case) -> tuple[dict[str, Tensor], dict[str, Any]]:
     with dlb.trace(c.model) as tape:
         c.model(**c.inputs)
     for mode in MODES:
-        add_results(tensors, info, mode, tape.explain(mode=mode, **c.explain))
+        if release:
+            with dlb.trace(c.model) as tape:
+                c.model(**c.inputs)
+        add_results(tensors, info, mode, tape.explain(mode=mode, release=release, **c.explain))
     return tensors, info
 
 

@@ -124,8 +124,9 @@ def compare(meta: dict[str, Any], stored: dict[str, Tensor], got: dict[str, Tens
     return [e for e in errors if e is not None]
 
 
-def rerun(name: str, meta: dict[str, Any], stored: dict[str, Tensor]):
-    """Rebuild the case from the stored weights and inputs and explain it again."""
+def rerun(name: str, meta: dict[str, Any], stored: dict[str, Tensor], release: bool = False):
+    """Rebuild the case from the stored weights and inputs and explain it again
+    (``release``: with the records freed behind the walk, :func:`W.run`)."""
     c = W.build(name)  # a missing torchvision / transformers is an error, not a skip
     if c.asset is not None:
         digest = W.sha256(c.asset)
@@ -140,7 +141,7 @@ def rerun(name: str, meta: dict[str, Any], stored: dict[str, Tensor]):
         assert (v.dtype, v.shape) == (c.inputs[k].dtype, c.inputs[k].shape), (
             f"{name}: input {k} is built as {v.dtype} {tuple(v.shape)}, stored as "
             f"{c.inputs[k].dtype} {tuple(c.inputs[k].shape)}")
-    return W.run(c)
+    return W.run(c, release)
 
 
 @pytest.mark.parametrize("name", list(W.CASES))

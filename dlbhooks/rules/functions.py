@@ -332,25 +332,27 @@ def _statistic_of(rec: Record, stat: int | None, of: int | None) -> bool:
     in between): a norm's ``rsqrt(mean(x²))``, a softmax's ``sum(exp(x))``?"""
     if stat is None or of is None:
         return False
-    target = rec.inputs[of]
-    seen: set[int] = set()
-    frontier = [rec.inputs[stat]]
     parent = rec.parent
     if parent is None:
         return False
-    producers = {id(o): c for c in parent.children if isinstance(c.module, FunctionCall)
-                 for o in c.outputs}
+    # by tensor ids: the calls after this one (already walked) may have been released
+    ids = rec.input_ids()
+    target = ids[of]
+    seen: set[int] = set()
+    frontier = [ids[stat]]
+    producers = {o: c for c in parent.children if isinstance(c.module, FunctionCall)
+                 for o in c.output_ids()}
     while frontier:
         t = frontier.pop()
-        if t is target:
+        if t == target:
             return True
-        if id(t) in seen:
+        if t in seen:
             continue
-        seen.add(id(t))
-        producer = producers.get(id(t))
+        seen.add(t)
+        producer = producers.get(t)
         if producer is None:
             continue
-        frontier.extend(producer.inputs[i] for i in producer.module.derived)
+        frontier.extend(producer.input_ids()[i] for i in producer.module.derived)
     return False
 
 
