@@ -135,7 +135,7 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     ``explain_kwargs`` go to ``tape.explain`` (``keep=False`` unless given). Up to
     :data:`POSITIONS_PER_PASS` positions are explained in one reverse pass (several targets,
     ``tape.explain(targets=...)``); more passes share the denominators (``share=True``,
-    unless given)."""
+    unless given), one pass frees the records behind its walk (``release=True``)."""
     inputs = _model_inputs(batch, input_device(model))  # (accelerate-aware)
     pos_list = [positions] if isinstance(positions, int) else list(positions)
     ids = inputs.get("input_ids")
@@ -152,6 +152,8 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     explain_kwargs.setdefault("keep", False)
     passes = -(-len(pos_list) // POSITIONS_PER_PASS)
     explain_kwargs.setdefault("share", passes > 1)
+    # one pass explains the tape once: its records are freed behind the walk
+    explain_kwargs.setdefault("release", passes == 1 and not explain_kwargs["share"])
     with trace(model, storage=storage) as tape:
         model(**inputs)
     specs = []

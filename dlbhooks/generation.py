@@ -268,7 +268,9 @@ def explain_generation(  # long: its docstring documents every option of a publi
     done: dict[int, Explanation] = {}
     for group in _steps(passes, progress):
         specs = [(int(gen[k]), T + k - 1) for k in group]
-        done.update(zip(group, explain_targets(tape, specs, **options)))
+        # the last pass frees the records behind its walk, unless it reads shared ones
+        last = group is passes[-1] and not options["share"]
+        done.update(zip(group, explain_targets(tape, specs, release=last, **options)))
     for k in range(n):
         if k in done:
             rows.add(done.pop(k))

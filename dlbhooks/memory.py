@@ -2,8 +2,10 @@
 :mod:`dlbhooks.footprint`), predicted for a sequence length (:func:`estimate_memory`),
 together with what the reverse pass adds on top of them.
 
-Records hold every module's inputs and outputs until the explanation is done (the
-reverse pass needs them), so their size is what an explanation adds to a forward. For a
+Records hold every module's inputs and outputs until the reverse pass has used them, so
+their size is what an explanation adds to a forward (an explanation with
+``release=True``, as :func:`dlbhooks.explain` runs it, frees them behind its walk: then
+the estimate is an upper bound). For a
 transformer it grows with the sequence length ``T`` as ``a·T² + b·T + c`` (attention
 probabilities and masks are ``T²``; hidden states, projections and MLP activations are
 ``T``). The reverse pass adds the relevance in flight and each rule's temporaries, which

@@ -11,6 +11,7 @@ from test_golden import W, bitwise_expected, compare, load, rerun
 from torch import nn
 
 import dlbhooks as dlb
+from dlbhooks.corpus import POSITIONS_PER_PASS, explain_batch
 
 
 def tiny_llama():
@@ -165,7 +166,7 @@ def test_a_released_tape_says_so_and_what_to_do():
     assert rec.released and len(rec.input_ids()) == 1
 
 
-def test_dlb_explain_releases_unless_told_or_sharing(monkeypatch):
+def test_dlb_explain_and_corpus_batches_release_unless_told_or_sharing(monkeypatch):
     from dlbhooks.engine import Engine
 
     seen = []
@@ -182,3 +183,18 @@ def test_dlb_explain_releases_unless_told_or_sharing(monkeypatch):
     dlb.explain(model, {"input_ids": IDS}, target=3, share=True)
     assert seen == [True, False, False]
     assert torch.equal(a.inputs["input_ids"], b.inputs["input_ids"])
+    # a corpus batch explained in one reverse pass frees its records; in two, it shares
+    seen.clear()
+    explain_batch(model, IDS, target="next", positions=[3, 7])
+    long_ids = torch.randint(0, 97, (1, POSITIONS_PER_PASS + 2))
+    explain_batch(model, long_ids, target="next",
+                  positions=list(range(POSITIONS_PER_PASS + 1)))
+    assert seen == [True, False, False]
+    # explain_generation: its last reverse pass frees them, unless the passes share
+    seen.clear()
+    prompt = IDS[:1, :5]
+    for share in (False, True):
+        dlb.explain_generation(model, prompt, max_new_tokens=3, targets_per_pass=2,
+                               share=share)
+    dlb.explain_generation(model, prompt, max_new_tokens=3)
+    assert seen == [False, True, False, False, True]
