@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 def _tape_tensors(tape: Tape):
     for rec in tape.records:
+        if rec.released:  # (tape.explain(release=True) dropped them)
+            continue
         yield rec.type_name, rec.inputs
         yield rec.type_name, rec.outputs
         yield rec.type_name, list(rec.snapshots.values())

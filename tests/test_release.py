@@ -115,6 +115,7 @@ def test_after_a_released_walk_no_recorded_tensor_is_alive(storage, no_cycle_col
     assert [r for r in refs if r() is not None] == []
     assert all(r() is not None for r in _outputs_of(kept))
     assert all(rec.released for rec in released.records)
+    assert dlb.record_bytes(released) == 0 < dlb.record_bytes(kept)
     for g, w in zip(got, want):
         assert torch.equal(g.inputs["input_ids"], w.inputs["input_ids"])
         assert torch.equal(g.positive["input_ids"], w.positive["input_ids"])
