@@ -340,11 +340,13 @@ class _Released:
     __slots__ = ("_rec",)
 
     def __init__(self, rec: Record):
-        self._rec = rec
+        self._rec = weakref.ref(rec)  # (a strong one would be a cycle with the record)
 
     def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        rec = self._rec()
+        where = "a call" if rec is None else rec.describe()
         raise RecordReleasedError(
-            f"the recorded tensors of {self._rec.describe()} were released once the reverse "
+            f"the recorded tensors of {where} were released once the reverse "
             "walk had passed it (tape.explain(release=True); dlb.explain does this). A rule "
             "may read the records of its own call and of the calls below it only; to explain "
             "the tape again, pass release=False.")

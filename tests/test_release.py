@@ -109,6 +109,7 @@ def test_after_a_released_walk_no_recorded_tensor_is_alive(storage, no_cycle_col
         tapes.append(tape)
     kept, released = tapes
     refs = _outputs_of(released)
+    records = [weakref.ref(rec) for rec in released.records]
     assert len(refs) > 20
     want = kept.explain(targets=[3, 5], mode="contrastive")
     got = released.explain(targets=[3, 5], mode="contrastive", release=True)
@@ -116,6 +117,8 @@ def test_after_a_released_walk_no_recorded_tensor_is_alive(storage, no_cycle_col
     assert all(r() is not None for r in _outputs_of(kept))
     assert all(rec.released for rec in released.records)
     assert dlb.record_bytes(released) == 0 < dlb.record_bytes(kept)
+    del released, tapes, tape  # released records are in no reference cycle either
+    assert [r for r in records if r() is not None] == []
     for g, w in zip(got, want):
         assert torch.equal(g.inputs["input_ids"], w.inputs["input_ids"])
         assert torch.equal(g.positive["input_ids"], w.positive["input_ids"])
