@@ -176,7 +176,8 @@ def _exp_scores(S: Tensor, mask: Tensor | None, sinks: Tensor | None, softcap: f
     if sinks is not None:
         m = torch.maximum(m, sinks)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    E = S.sub_(m).exp_()
+    S.sub_(m)
+    E = _exp_masked_(S) if mask is not None else S.exp_()
     Z = E.sum(-1, keepdim=True)
     p_sink = None
     if sinks is not None:
@@ -185,6 +186,16 @@ def _exp_scores(S: Tensor, mask: Tensor | None, sinks: Tensor | None, softcap: f
         p_sink = safe_div(Es, Z)
     inv = torch.where(Z > 0, 1.0 / Z, torch.zeros_like(Z))  # fully masked rows: A = 0
     return E, inv, p_sink
+
+
+def _exp_masked_(X: Tensor) -> Tensor:
+    """``X.exp_()``, where the entries whose exp underflows to 0 (masked scores: -inf, or
+    an additive mask's ``finfo.min``) are set to 0 without computing it: the vectorised
+    exp takes a slow path for them (30× slower on a causal chunk). The same values."""
+    fi = torch.finfo(X.dtype)
+    # exp(x) rounds to 0 below ln(smallest subnormal / 2); one less leaves a margin
+    dead = X < math.log(fi.smallest_normal * fi.eps) - 1.0
+    return X.masked_fill_(dead, 0.0).exp_().masked_fill_(dead, 0.0)
 
 
 def _mask_span(mask: Tensor) -> tuple[int, int]:
