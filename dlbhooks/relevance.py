@@ -132,6 +132,8 @@ def rsum(rel: Rel | None) -> Tensor | None:
                          "shape [S, ...] (S = 1 in default mode, 2 in contrastive mode)")
     if rel.dim() == 1 and rel.dtype == torch.float64:
         return rel
+    if rel.shape[0] == 1:  # (one stream: no unbind and stack, the same value)
+        return total64(rel[0]).reshape(1)
     return torch.stack([total64(r) for r in rel.unbind(0)])
 
 
