@@ -543,3 +543,21 @@ def test_t5_explains_through_cross_attention_with_padding():
         biased = [k for k, v in exp.absorbed.items() if "attention_fn" in k
                   and (v if mode == "default" else 1.0) != 0.0]
         assert biased  # the position bias kept its share in the attention calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_exp_of_masked_scores_equals_exp_everywhere(dtype):
+    """The attention rule skips exp where it underflows to 0 (masked scores): the same
+    values as exp everywhere, -inf, finfo.min and the subnormal range included."""
+    from dlbhooks.rules.attention import _exp_masked_
+
+    fi = torch.finfo(dtype)
+    tiny = math.log(fi.smallest_normal * fi.eps)  # ln of the smallest subnormal
+    x = torch.cat([torch.linspace(tiny - 3, 0, 4001, dtype=torch.float64),
+                   torch.tensor([float("-inf"), -1e30, -800.0, tiny - 0.7, tiny - 0.69])])
+    x = torch.cat([x.to(dtype), torch.tensor([fi.min], dtype=dtype)])
+    x = x.view(1, 1, -1).expand(2, 3, -1).contiguous()
+    want = x.exp()
+    got = _exp_masked_(x.clone())
+    assert torch.equal(got, want)
+    assert bool((want == 0).any()) and bool((want > 0).any())
