@@ -175,6 +175,8 @@ class Record:
         """Drop this call's references to the forward's tensors (its outputs; with
         ``inputs``, its inputs and arguments too), keeping their ids. Reading a released
         tensor afterwards raises :class:`~dlbhooks.errors.RecordReleasedError`."""
+        if isinstance(self.inputs if inputs else self.outputs, _Released):
+            return  # (done already: an enclosing call's release walks it again)
         if self._ids is None:
             self._ids = (self.input_ids(), self.output_ids())
         gone = _Released(self)
@@ -353,4 +355,3 @@ class _Released:
 
     __getitem__ = __iter__ = __len__ = __contains__ = get = items = values = _fail
     keys = __bool__ = _fail
-
