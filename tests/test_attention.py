@@ -547,9 +547,10 @@ def test_t5_explains_through_cross_attention_with_padding():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_exp_of_masked_scores_equals_exp_everywhere(dtype):
-    """The attention rule skips exp where it underflows to 0 (masked scores): the same
-    values as exp everywhere, -inf, finfo.min and the subnormal range included."""
-    from dlbhooks.rules.attention import _exp_masked_
+    """The attention rule skips exp where it underflows to 0 (masked scores) in the columns
+    a mask may close: the same values as exp everywhere, whatever those columns, -inf,
+    finfo.min and the subnormal range included."""
+    from dlbhooks.rules.attention import _exp_spans_
 
     fi = torch.finfo(dtype)
     tiny = math.log(fi.smallest_normal * fi.eps)  # ln of the smallest subnormal
@@ -558,6 +559,7 @@ def test_exp_of_masked_scores_equals_exp_everywhere(dtype):
     x = torch.cat([x.to(dtype), torch.tensor([fi.min], dtype=dtype)])
     x = x.view(1, 1, -1).expand(2, 3, -1).contiguous()
     want = x.exp()
-    got = _exp_masked_(x.clone())
-    assert torch.equal(got, want)
+    n = x.shape[-1]
+    for a, b in [(0, n), (0, 0), (1000, 3000), (n - 7, n), (0, 5)]:
+        assert torch.equal(_exp_spans_(x.clone(), a, b), want), (a, b)
     assert bool((want == 0).any()) and bool((want > 0).any())

@@ -163,6 +163,7 @@ def _exp_scores(S: Tensor, mask: Tensor | None, sinks: Tensor | None, softcap: f
     found from the mask if not given)."""
     if softcap is not None:
         S.div_(softcap).tanh_().mul_(softcap)
+    a = b = 0
     if mask is not None:
         a, b = _mask_span(mask) if span is None else span
         if a < b:
@@ -177,7 +178,7 @@ def _exp_scores(S: Tensor, mask: Tensor | None, sinks: Tensor | None, softcap: f
         m = torch.maximum(m, sinks)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     S.sub_(m)
-    E = _exp_masked_(S) if mask is not None else S.exp_()
+    E = _exp_spans_(S, a, b)
     Z = E.sum(-1, keepdim=True)
     p_sink = None
     if sinks is not None:
@@ -188,14 +189,28 @@ def _exp_scores(S: Tensor, mask: Tensor | None, sinks: Tensor | None, softcap: f
     return E, inv, p_sink
 
 
-def _exp_masked_(X: Tensor) -> Tensor:
-    """``X.exp_()``, where the entries whose exp underflows to 0 (masked scores: -inf, or
-    an additive mask's ``finfo.min``) are set to 0 without computing it: the vectorised
-    exp takes a slow path for them (30× slower on a causal chunk). The same values."""
-    fi = torch.finfo(X.dtype)
-    # exp(x) rounds to 0 below ln(smallest subnormal / 2); one less leaves a margin
-    dead = X < math.log(fi.smallest_normal * fi.eps) - 1.0
-    return X.masked_fill_(dead, 0.0).exp_().masked_fill_(dead, 0.0)
+def _exp_spans_(S: Tensor, a: int, b: int) -> Tensor:
+    """``S.exp_()``, the same values, where only the columns ``[a, b)`` may hold closed
+    pairs of a mask (-inf, or an additive mask's ``finfo.min``; the other columns are open
+    for every row). There, the entries whose exp underflows to 0 are set to 0 around the
+    exp: the vectorised exp takes a slow path for them (30× slower on a causal chunk).
+    The comparison and the fills touch those columns only, and the exp runs once over the
+    whole block (on a strided slice it is 5× slower than on the contiguous block)."""
+    if a >= b:
+        return S.exp_()
+    X = S[..., a:b]
+    dead = X < _dead_below(S.dtype)
+    X.masked_fill_(dead, 0.0)
+    S.exp_()
+    X.masked_fill_(dead, 0.0)
+    return S
+
+
+def _dead_below(dtype: torch.dtype) -> float:
+    """Below this, exp underflows to 0 in ``dtype``: ln(smallest subnormal / 2), less one
+    for a margin."""
+    fi = torch.finfo(dtype)
+    return math.log(fi.smallest_normal * fi.eps) - 1.0
 
 
 def _mask_span(mask: Tensor) -> tuple[int, int]:
