@@ -224,3 +224,72 @@ def test_a_model_set_to_sdpa_records_its_own_sdpa_outputs(name):
     with dlb.trace(model):
         out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
     assert out.attentions is not None and torch.equal(out.logits[ok], eager[ok])
+
+
+@pytest.mark.parametrize("name,T,flag", [("llama", 9, True), ("qwen3", 9, True),
+                                         ("gpt2", 9, True), ("mistral", 4, True),
+                                         ("mistral", 9, False)])
+def test_a_purely_causal_mask_goes_to_sdpa_as_its_causal_flag(name, T, flag, monkeypatch):
+    """Unpadded, a model set to sdpa gets no mask from its own forward, only sdpa's causal
+    flag (the kernel skips the masked blocks: half the work at long contexts). The
+    recorded forward does the same, so its logits are the model's own bit for bit; the
+    rule still reads the recorded causal mask. A sliding window shorter than the input
+    (Mistral's 4 here) is not the causal pattern: that mask goes to sdpa."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_cfg(name)).eval()
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(1, V, (2, T))
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with dlb.trace(model) as tape:
+        traced = model(input_ids=ids).logits
+    assert calls and all(c == ((True, True) if flag else (False, False)) for c in calls)
+    if flag:
+        assert torch.equal(traced, plain)
+    else:
+        torch.testing.assert_close(traced, plain, rtol=1e-5, atol=1e-5)
+    m = [r for r in tape.records if r.path.endswith("attention_fn")][0].arguments["mask"]
+    assert m.shape[-2:] == (T, T) and float(m[0, 0, 0, 1]) < -1e30  # the rule's mask
+    exp = tape.explain()
+    assert exp.conservation_error() < 1e-5
+
+
+def test_causal_flag_only_for_exactly_the_causal_pattern():
+    """The check behind the causal flag: the pattern exactly (additive or boolean, every
+    batch row), a causal call, queries = keys; recomputed when the mask is changed in
+    place."""
+    from dlbhooks.models.hf_attention import _causal_flag_fits as fits
+
+    T = 6
+    q = k = torch.zeros(2, 4, T, 8)
+    causal, other = torch.nn.Module(), torch.nn.Module()
+    other.is_causal = False
+    tri = torch.ones(T, T, dtype=torch.bool).tril()
+    add = torch.zeros(2, 1, T, T).masked_fill(~tri, torch.finfo(torch.float32).min)
+    assert fits(causal, q, k, add, {}) and fits(causal, q, k, tri.expand(2, 1, T, T), {})
+    assert fits(causal, q, k, add.masked_fill(~tri, float("-inf")), {})
+    assert not fits(other, q, k, add, {}) and not fits(causal, q, k, add, {"is_causal": False})
+    assert fits(other, q, k, add, {"is_causal": True})
+    assert not fits(causal, q, k, None, {}) and not fits(causal, q[:, :, :1], k[:, :, :1],
+                                                         add[..., :1, :1], {})
+    assert not fits(causal, q[:, :, 1:], k, add[..., 1:, :], {})  # queries are not the keys
+    padded = add.clone()
+    padded[1, :, :, 0] = torch.finfo(torch.float32).min  # batch row 1: a padded key
+    assert not fits(causal, q, k, padded, {})
+    half = torch.zeros(2, 1, T, T).masked_fill(~tri, torch.finfo(torch.float16).min)
+    assert not fits(causal, q, k, half, {})  # -65504: not surely closed, the mask goes
+    window = add.masked_fill(torch.ones(T, T, dtype=torch.bool).tril(-3), -1e38)
+    assert not fits(causal, q, k, window, {})
+    assert not fits(causal, q, k, add, {"position_bias": torch.zeros(1)})
+    live = add.clone()
+    assert fits(causal, q, k, live, {})
+    live[0, 0, 0, 1] = 0.0  # changed in place after the check: checked again
+    assert not fits(causal, q, k, live, {})

@@ -8,11 +8,13 @@ causal mask is silently dropped. The function runs the model family's own eager 
 attention bit for bit, except that a float64 mask is clamped to float32's minimum, so that
 families whose eager softmax runs in float32 do not turn left-padded sequences to NaN. For a
 model that was set to ``"sdpa"`` (transformers' default) it runs the registered ``"sdpa"``
-function instead, so that the recorded forward costs what the model's own forward costs and
-gives its outputs to rounding (the mask is the additive one); eager still runs where only
-eager will do (soft-capping, sinks, a score bias, dropout, attention weights asked for). It
-records Q, K (after RoPE and q/k norms), V, the mask, scaling, soft-capping and sinks as a
-child record ``attention_fn`` of the attention module. Its rule is METHOD.md §4
+function instead, so that the recorded forward costs what the model's own forward costs: a
+purely causal mask goes as sdpa's causal flag, as in the model's own forward (the outputs
+are then the model's own bit for bit); any other mask goes as the additive one (equal to
+rounding). Eager still runs where only eager will do (soft-capping, sinks, a score bias,
+dropout, attention weights asked for). It records Q, K (after RoPE and q/k norms), V,
+the mask, scaling, soft-capping and sinks as a child record ``attention_fn`` of the
+attention module. Its rule is METHOD.md §4
 (:func:`dlbhooks.rules.attention.attention_relevance`). ``use_cache`` is switched off for
 the recorded forward. Both settings are restored on exit. The private transformers
 internals this needs are read and written only through :mod:`dlbhooks.models.hf_internals`.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,9 +32,10 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModuleError
 from ..relevance import rmap
-from ..rules.attention import attention_relevance
+from ..rules.attention import _CLOSED, attention_relevance
 from ..rules.contract import RuleContext, RuleResult
 from ..rules.registry import register_rule
+from ..storage import version_of
 from ..trace import ACTIVE, SWITCHES
 from .hf_internals import (
     TransformersInternalError,
@@ -89,7 +93,11 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     wanted = _attentions_wanted()
     fused = _fused(module, kwargs, wanted) if upcast is None else None
     if fused is not None:  # the model's own sdpa: no [T, T] probabilities materialised
-        out, weights = fused(module, query, key, value, attention_mask, *args, **kwargs)
+        # a purely causal mask goes as sdpa's causal flag, as the model's own forward
+        # passes it (its kernel then skips the masked blocks: half the work)
+        sdpa_mask = None if _causal_flag_fits(module, query, key, attention_mask, kwargs) \
+            else attention_mask
+        out, weights = fused(module, query, key, value, sdpa_mask, *args, **kwargs)
     elif upcast is not None:
         # GPT-2 family with reorder_and_upcast_attn: its eager path is this method (scores
         # and softmax in float32), not eager_attention_forward (which would differ in half
@@ -114,6 +122,38 @@ def dlbhooks_attention(module: nn.Module, query: Tensor, key: Tensor, value: Ten
     # attention module's output; the rule recomputes them in chunks, so hand them on only
     # when the caller collects attentions (output_attentions=True)
     return out, weights if wanted else None
+
+
+#: (weak reference to the last mask checked, its version, whether it is purely causal):
+#: every layer of a forward receives the same mask, checked once
+_CAUSAL_CHECK: list = [None]
+
+
+def _causal_flag_fits(module: nn.Module, query: Tensor, key: Tensor, mask: Tensor | None,
+                      kwargs: dict[str, Any]) -> bool:
+    """May transformers' sdpa run this call with its causal flag instead of ``mask``, as
+    the model's own forward does (``sdpa_mask`` gives no mask then)? When the call is
+    causal (``is_causal`` or the module's default), the queries are the keys (no cache)
+    and the additive or boolean ``mask`` is exactly the causal pattern: open (0 or True) on
+    and below the diagonal, closed (-1e30 or less, or False) above, for every batch row."""
+    if mask is None or mask.dim() != 4 or kwargs.get("position_bias") is not None:
+        return False
+    causal = kwargs.get("is_causal")
+    if not (getattr(module, "is_causal", True) if causal is None else causal):
+        return False
+    T = query.shape[2]
+    if T < 2 or key.shape[2] != T or tuple(mask.shape[-2:]) != (T, T):
+        return False
+    hit = _CAUSAL_CHECK[0]
+    if hit is not None and hit[0]() is mask and hit[1] == version_of(mask):
+        return hit[2]
+    tri = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril_()
+    if mask.dtype == torch.bool:
+        fits = bool((mask == tri).all())
+    else:
+        fits = bool(((mask == 0) == tri).all()) and bool(((mask <= _CLOSED) != tri).all())
+    _CAUSAL_CHECK[0] = (weakref.ref(mask), version_of(mask), fits)
+    return fits
 
 
 def _score_terms(mask: Tensor | None, position_bias: Tensor | None) -> Tensor | None:
