@@ -48,8 +48,15 @@ def test_verdict_names_each_baseline_with_its_own_comparison():
                     "on the code held-out loss.")
     close = _eval(2.5584, 2.5, [2.55, 2.57, 2.56]).verdict("code")
     assert "does **not** beat frequency (+1.0660)" in close
-    assert ("**beats** random (+1.1260 ± 0.0058 over 3 seeds; a difference of less than two "
-            "standard errors)") in close
+    # lower than random's mean, by less than two standard errors: not a win
+    assert ("; does not clearly beat random (+1.1260 ± 0.0058 over 3 seeds; lower by less "
+            "than two standard errors),") in close
+    assert "**beats** random" not in close
+    worse = _eval(2.5584, 2.5, [2.545, 2.555, 2.565]).verdict("code")
+    assert ("does **not** beat random (+1.1210 ± 0.0058 over 3 seeds; higher by less than "
+            "two standard errors),") in worse
+    clear = _eval(2.5584, 2.5, [2.60, 2.61, 2.62]).verdict("code")
+    assert "; **beats** random (+1.1760 ± 0.0058 over 3 seeds)," in clear
 
 
 def test_standard_error_against_the_formula():

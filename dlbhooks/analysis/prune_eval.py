@@ -112,20 +112,25 @@ class PruningEvaluation:
 
     def verdict(self, domain: str) -> str:
         """Whether relevance-based pruning beats each baseline on ``domain``'s held-out loss
-        (a smaller increase), worded exactly; random's difference is also set against two
-        standard errors of its mean."""
+        (a smaller increase), worded exactly. Against random pruning's mean, a lower loss
+        by two standard errors of that mean or less is not called a win: "does not clearly
+        beat"."""
         base, rel = self.base[domain], self.loss["relevance"][domain]
         freq = self.loss["frequency"][domain]
         parts = [f"{'**beats**' if rel < freq else 'does **not** beat'} frequency "
                  f"({freq - base:+.4f})"]
         if self.random.get(domain):
             mean, se = self.random_mean(domain), standard_error(self.random[domain])
-            word = "**beats**" if rel < mean else "does **not** beat"
             clear = abs(rel - mean) > 2 * se
+            if rel >= mean:
+                word, note = "does **not** beat", "" if clear else "; higher"
+            else:
+                word, note = ("**beats**", "") if clear else ("does not clearly beat",
+                                                              "; lower")
             parts.append(f"{word} random ({mean - base:+.4f} ± {se:.4f} over "
                          f"{len(self.random[domain])} seeds"
-                         + ("" if clear else "; a difference of less than two standard "
-                            "errors") + ")")
+                         + (f"{note} by less than two standard errors" if note else "")
+                         + ")")
         return (f"- {domain}, {self.fraction:.0%}: relevance-based pruning "
                 f"({rel - base:+.4f}) " + "; ".join(parts) + f", on the {domain} held-out "
                 "loss.")
