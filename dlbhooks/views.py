@@ -84,9 +84,16 @@ def _strided_copy(R: Tensor, view: Tensor, base: Tensor, off: int) -> Tensor:
     (``[S, *view.shape]``, ``view`` at ``off`` in ``base``): one strided copy into
     ``[S, *base.shape]``, each entry laid out like the (dense) base."""
     S, N = R.shape[0], base.numel()
+    whole = view.numel() == N
+    if whole and R.device == base.device and R.stride()[1:] == view.stride() \
+            and (S == 1 or R.stride(0) == N) and R.storage_offset() >= off:
+        # ``R`` already lies in memory as the base would (a rule wrote it in the view's
+        # layout, or the view is a reshape of a contiguous base): the same memory, viewed
+        # as the base, is the result; no copy
+        return R.as_strided((S, *base.shape), (N, *base.stride()), R.storage_offset() - off)
     # a view of every element of the base (a permutation of heads, a reshape) writes all
     # of them, so nothing needs clearing first
-    fill = torch.empty if view.numel() == N else torch.zeros
+    fill = torch.empty if whole else torch.zeros
     block = fill(S * N, dtype=R.dtype, device=base.device)
     block.as_strided((S, *view.shape), (N, *view.stride()), off).copy_(R)
     return block.as_strided((S, *base.shape), (N, *base.stride()), 0)

@@ -613,3 +613,33 @@ def test_stacked_to_base_equals_view_to_base_entry_by_entry(case):
     assert got is not None and got.shape == (3, *base.shape)
     for g, w in zip(got.unbind(0), want):
         assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("S", [1, 3])
+@pytest.mark.parametrize("case", ["heads", "reshape", "offset"])
+def test_relevance_already_laid_out_like_the_base_moves_without_a_copy(case, S):
+    """Relevance a rule wrote in the view's own layout (RoPE's result on a head view of a
+    projection, an attention output reshaped) is the base's relevance as it lies: the
+    same memory, viewed as the base, equal to the copy; other layouts are copied."""
+    from dlbhooks.views import stacked_to_base, view_to_base
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 6, 8)
+    view = {"heads": base.view(2, 6, 2, 4).transpose(1, 2),
+            "reshape": base.view(2, 3, 2, 8),
+            "offset": base.view(2, 6, 2, 4).transpose(1, 2)}[case]
+    # a block shaped like the base per entry, viewed as the view: the layout a rule gets
+    # from an element-wise op on the view (torch keeps a dense input's strides)
+    block = torch.randn(S + (case == "offset"), *base.shape, dtype=torch.float64)
+    R = block[(case == "offset"):].view(S, *base.shape).view(
+        S, *view.shape) if case == "reshape" else block[(case == "offset"):].view(
+        S, 2, 6, 2, 4).transpose(2, 3)
+    assert R.stride()[1:] == view.stride()
+    got = stacked_to_base(R, view, base)
+    assert got.data_ptr() == R.data_ptr()  # no copy
+    for g, r in zip(got.unbind(0), R.unbind(0)):
+        assert torch.equal(g, view_to_base(r.contiguous(), view, base))
+    other = R.contiguous() if case != "reshape" else R.transpose(1, 2).contiguous().transpose(1, 2)
+    moved = stacked_to_base(other, view, base)
+    assert moved.data_ptr() != other.data_ptr()
+    assert torch.equal(moved, got)

@@ -19,6 +19,7 @@ The rules of the ops are those of METHOD.md §3: the add rule (∝ |a|), the pro
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -502,8 +503,8 @@ def rope_relevance(R: Rel, x: Tensor, c: Tensor, s: Tensor) -> tuple[Rel, Tensor
         one = R.shape[0] == 1  # one target: in place on its own temporaries
         q = nonneg_div(R[0] if one else R, T, own=True, positive=zero is None)
         rA, rB = (absA.mul_(q), absB.mul_(q)) if one else (q * absA, q.mul_(absB))
-        rA[..., :half] += rB[..., half:]
-        rA[..., half:] += rB[..., :half]
+        rA[..., :half].add_(rB[..., half:])
+        rA[..., half:].add_(rB[..., :half])
         absorbed = R.new_zeros(R.shape[0]) if zero is None else rsum(torch.where(zero, R, 0.0))
         return (rA.unsqueeze(0) if one else rA), absorbed
     A = x * c
@@ -526,8 +527,14 @@ def _sample_rows(t: Tensor | None, n: int = 4) -> Tensor | None:
     sanity checks that need not look at every value; ``None``: check everything."""
     if t is None or t.dim() < 2 or t.numel() <= 16384 or t.shape[-2] <= n:
         return None
-    L = t.shape[-2]
-    return torch.linspace(0, L - 1, n, device=t.device).round().long().unique()
+    return _spread(t.shape[-2], n, t.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _spread(L: int, n: int, device: torch.device) -> Tensor:
+    """``n`` distinct positions in ``[0, L)``, first and last included, evenly spread
+    (kept: every check of an explanation asks for the same few)."""
+    return torch.linspace(0, L - 1, n, device=device).round().long().unique()
 
 
 def _combine_matches(values: list[Tensor], recorded: Tensor, op) -> bool:
