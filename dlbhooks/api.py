@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .explaining import explain_tape, select_output  # noqa: F401 (re-exported: old home)
 from .results import Explanation
+from .seeds import TASKS
 from .trace import trace
 
 
@@ -19,11 +21,38 @@ def explain(
     """One call: trace ``model`` on ``inputs`` (a tensor, a tuple of positional arguments
     or a dict of keyword arguments) and explain ``target``; ``storage`` and ``rules`` go to
     :func:`dlbhooks.trace`, the other kwargs to ``tape.explain``. The tape is explained
-    once, so its records are freed behind the reverse walk (``release=True``)."""
+    once, so its records are freed behind the reverse walk (``release=True``).
+
+    A causal LM explained at its last position (the default) is asked for that position's
+    logits only (transformers' ``logits_to_keep=1``, as ``generate`` does): the vocabulary
+    projection of the other positions is neither computed nor recorded. Pass
+    ``logits_to_keep=0`` in ``inputs`` to record the logits of every position."""
     kwargs.setdefault("release", not kwargs.get("share", False))
+    extra = last_logits_only(model, inputs, kwargs)
     with trace(model, storage=storage, rules=rules) as tape:
-        call_model(model, inputs)
+        call_model(model, {**inputs, **extra} if extra else inputs)
     return tape.explain(target, **kwargs)
+
+
+def last_logits_only(model: nn.Module, inputs: Any, options: Mapping[str, Any]) -> dict:
+    """``{"logits_to_keep": 1}`` when explaining ``model`` on ``inputs`` with ``options``
+    (``tape.explain``'s) needs the logits of the last position only: a forward that takes
+    ``logits_to_keep`` (transformers' causal LMs), inputs by name that do not set it, the
+    logits explained as classes at the default position (or -1), which is a real token in
+    every row (no right padding); else ``{}``."""
+    if not isinstance(inputs, Mapping) or "logits_to_keep" in inputs:
+        return {}
+    if options.get("position") not in (None, -1) or options.get("output") not in (
+            None, "logits") or TASKS.get(options.get("task", "multiclass")) != "multiclass":
+        return {}
+    mask = inputs.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2 and not bool((mask[:, -1] != 0).all()):
+        return {}  # right padding: each row's last real token is elsewhere
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

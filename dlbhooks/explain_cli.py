@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import dlbhooks as dlb
+from dlbhooks.api import last_logits_only
 from dlbhooks.explaining import token_target
 
 #: config architectures suffix -> (transformers Auto class, task)
@@ -86,9 +87,10 @@ def explain_command(args: argparse.Namespace) -> int:
         if args.generate is not None:
             return _generation(args, model, tokenizer, auto, inputs)
         target, position = _target(args, model, tokenizer, auto, inputs)
+        keep = last_logits_only(model, inputs, {"position": position})  # as dlb.explain
         with dlb.trace(model, storage=args.storage) as tape:
             with torch.no_grad():
-                model(**inputs)
+                model(**inputs, **keep)
         exp = tape.explain(target, mode=args.mode, position=position)
     except (CommandError, dlb.DLBError) as err:
         print(f"dlbhooks explain: {type(err).__name__}: {err}")

@@ -26,7 +26,14 @@ from .footprint import record_bytes
 from .ledger import LedgerEntry
 from .relevance import CURRENT_STREAMS, Rel, all_finite, has_nan, net, to_float
 from .results import Explanation
-from .seeds import TASKS, lazy_zeros, make_seed, sequence_positions
+from .seeds import (
+    TASKS,
+    lazy_zeros,
+    logits_window,
+    make_seed,
+    sequence_positions,
+    window_positions,
+)
 from .weights import changed_weights
 
 if TYPE_CHECKING:
@@ -263,6 +270,12 @@ def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplie
     with tape.store.loaded([out]):  # the output's own device and dtype
         mask = root.arguments.get("attention_mask")
         mask = mask if isinstance(mask, Tensor) else None
+        shown = None  # the positions explained, in the input (if not those of ``out``)
+        window = logits_window(root.arguments, out) if TASKS.get(task) == "multiclass" \
+            else None
+        if window is not None:  # logits of some positions only: index them among those
+            position, shown = window_positions(out, *window, position, mask)
+            mask = None
         seed, support = make_seed(
             out, target, task=task, multiplier=multiplier, mode=mode,
             thresholding=thresholding, position=position, attention_mask=mask,
@@ -273,7 +286,8 @@ def _seed(tape: Tape, root: Record, k: int, target: Any, *, task: str, multiplie
         if temperature != 1.0:
             info["temperature"] = temperature
         if out.dim() == 3 and TASKS.get(task) == "multiclass":
-            info["position"] = sequence_positions(out, position, mask).tolist()
+            info["position"] = (sequence_positions(out, position, mask) if shown is None
+                                else shown).tolist()
     return _Seeded(seed, seed.dtype, resolved, info, support)
 
 

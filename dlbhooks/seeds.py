@@ -5,7 +5,7 @@ Every batch row gets ``multiplier`` in total (per stream in contrastive mode).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -160,6 +160,52 @@ def sequence_positions(out: Tensor, position: Any = None,
                 "to explain each row's last real token, or give one position per row."
             )
     return pos
+
+
+def logits_window(arguments: Mapping[str, Any], out: Tensor) -> tuple[Tensor, int] | None:
+    """The input positions the sequence output ``out`` ([batch, n, vocab]) holds, and the
+    input's length, when the call computed logits for some positions only —
+    transformers' ``logits_to_keep`` argument: an int ``n`` (the last ``n`` positions) or
+    a 1-D tensor of positions — else ``None`` (``out`` holds every position)."""
+    keep = arguments.get("logits_to_keep")
+    if keep is None or isinstance(keep, bool) or out.dim() != 3:
+        return None
+    length = next((t.shape[1] for t in (arguments.get(k) for k in _SEQUENCE_INPUTS)
+                   if isinstance(t, Tensor) and t.dim() >= 2), None)
+    n = out.shape[1]
+    if length is None or n == length:
+        return None
+    if isinstance(keep, int) and keep == n:
+        return torch.arange(length - n, length, device=out.device), length
+    if isinstance(keep, Tensor) and keep.dim() == 1 and keep.numel() == n:
+        return keep.to(out.device).long(), length
+    raise TargetError(
+        f"the model returned logits for {n} of the input's {length} positions, which "
+        f"logits_to_keep={keep!r} does not explain: pass logits_to_keep as an int or a "
+        "1-D tensor of positions (0 keeps every position)")
+
+
+_SEQUENCE_INPUTS = ("input_ids", "inputs_embeds", "attention_mask")
+
+
+def window_positions(out: Tensor, kept: Tensor, length: int, position: Any = None,
+                     attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`sequence_positions` for an output that holds the input positions ``kept``
+    only (:func:`logits_window`): ``position`` and the mask are in the input's
+    ``length`` positions, as for a full output. Returns the index of each row's position
+    among ``out``'s, and the position itself; a position the model computed no logits
+    for is a :class:`TargetError`."""
+    whole = sequence_positions(out.new_empty(out.shape[0], length, 0), position,
+                               attention_mask)
+    match = kept.to(whole.device) == whole[:, None]
+    missing = ~match.any(-1)
+    if bool(missing.any()):
+        raise TargetError(
+            f"position(s) {whole[missing].tolist()} of rows {missing.nonzero().flatten().tolist()}"
+            f" have no logits: the model computed them for positions {kept.tolist()[:8]}"
+            f"{' ...' if kept.numel() > 8 else ''} only (logits_to_keep). Explain one of "
+            "those, or run the forward with logits_to_keep=0 (every position).")
+    return match.int().argmax(-1), whole
 
 
 def _sequence(out: Tensor, target: Any, m: float, mode: str, position: Any,

@@ -1,0 +1,137 @@
+"""Logits of some positions only (transformers' ``logits_to_keep``): ``dlb.explain`` asks a
+causal LM for the last position's logits when that is all it explains, and a tape whose
+forward kept some positions is explained at the right input position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_conserved, tiny_llama
+
+import dlbhooks as dlb
+from dlbhooks.api import last_logits_only
+from dlbhooks.errors import TargetError
+
+T = 9
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+def _ids(rows: int = 1, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, 40, (rows, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _traced(model, inputs):
+    with dlb.trace(model) as tape:
+        out = model(**inputs)
+    return tape, out
+
+
+def _same(a: dlb.Explanation, b: dlb.Explanation) -> None:
+    """Equal input relevance (to 1e-12 of its scale: the LM head's product over one row
+    may sum in another order than over the picked row of all), target, positions, and
+    the seed's total."""
+    for name in b.inputs:
+        scale = float(b.inputs[name].abs().max())
+        torch.testing.assert_close(a.inputs[name], b.inputs[name], rtol=0,
+                                   atol=1e-12 * scale)
+    assert a.target == b.target
+    assert a.info["position"] == b.info["position"]
+    assert a.ledger[0].relevance_out == b.ledger[0].relevance_out
+
+
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_explain_records_the_last_logits_only_and_equals_the_full_forward(llama, mode):
+    ids = _ids()
+    seen = []
+    handle = llama.lm_head.register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
+    try:
+        short = dlb.explain(llama, {"input_ids": ids}, target=5, mode=mode)
+        full = dlb.explain(llama, {"input_ids": ids, "logits_to_keep": 0}, target=5, mode=mode)
+    finally:
+        handle.remove()
+    assert seen == [(1, 1, 40), (1, T, 40)]  # the vocabulary projection of one position
+    _same(short, full)
+    assert short.info["position"] == [T - 1]
+    assert_conserved(short)
+
+
+def test_a_left_padded_batch_keeps_the_last_logits_and_explains_each_row(llama):
+    ids = _ids(rows=2)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: the last position is a real token in every row
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert last_logits_only(llama, inputs, {}) == {"logits_to_keep": 1}
+    short = dlb.explain(llama, inputs, target=[4, 7])
+    full = dlb.explain(llama, {**inputs, "logits_to_keep": 0}, target=[4, 7])
+    _same(short, full)
+    assert short.info["position"] == [T - 1, T - 1]
+
+
+def test_several_targets_at_the_last_position_use_the_last_logits(llama):
+    ids = _ids()
+    short = dlb.explain(llama, {"input_ids": ids}, targets=[3, 11])
+    full = dlb.explain(llama, {"input_ids": ids, "logits_to_keep": 0}, targets=[3, 11])
+    for a, b in zip(short, full):
+        _same(a, b)
+
+
+@pytest.mark.parametrize("options", [
+    {"position": 3}, {"position": -2}, {"task": "binary"}, {"output": "past_key_values"}])
+def test_other_positions_tasks_and_outputs_keep_every_logit(llama, options):
+    assert last_logits_only(llama, {"input_ids": _ids()}, options) == {}
+
+
+def test_right_padding_inputs_that_set_it_and_other_models_keep_every_logit(llama):
+    ids = _ids(rows=2)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, -2:] = 0  # right padding: row 0's last real token is not the last position
+    assert last_logits_only(llama, {"input_ids": ids, "attention_mask": mask}, {}) == {}
+    assert last_logits_only(llama, {"input_ids": ids, "logits_to_keep": 3}, {}) == {}
+    assert last_logits_only(llama, ids, {}) == {}  # not inputs by name
+    assert last_logits_only(llama.model, {"input_ids": ids}, {}) == {}  # no such argument
+    assert last_logits_only(torch.nn.Linear(3, 2), {"input": ids}, {}) == {}
+
+
+def test_right_padding_explains_each_rows_last_real_token(llama):
+    ids = _ids(rows=2)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, -2:] = 0
+    exp = dlb.explain(llama, {"input_ids": ids, "attention_mask": mask}, target=[2, 2])
+    assert exp.info["position"] == [T - 3, T - 1]
+
+
+@pytest.mark.parametrize("keep, position", [
+    (1, None), (3, None), (3, T - 2), (3, -3), (torch.tensor([2, 5]), 5),
+    (torch.tensor([2, 5]), 2)])
+def test_a_traced_forward_that_kept_some_logits_explains_the_input_position(
+        llama, keep, position):
+    ids = _ids()
+    tape, out = _traced(llama, {"input_ids": ids, "logits_to_keep": keep})
+    n = keep if isinstance(keep, int) else keep.numel()
+    assert out.logits.shape[1] == n
+    full, _ = _traced(llama, {"input_ids": ids})
+    a = tape.explain(7, position=position)
+    b = full.explain(7, position=position)
+    _same(a, b)
+    expected = T - 1 if position is None else position % T
+    assert a.info["position"] == [expected]
+
+
+@pytest.mark.parametrize("keep, position", [(1, T - 2), (3, 2), (torch.tensor([2, 5]), 4)])
+def test_a_position_without_logits_is_a_clear_error(llama, keep, position):
+    tape, _ = _traced(llama, {"input_ids": _ids(), "logits_to_keep": keep})
+    with pytest.raises(TargetError, match="have no logits.*logits_to_keep=0"):
+        tape.explain(7, position=position)
+
+
+def test_a_padded_row_whose_last_real_token_has_no_logits_is_an_error(llama):
+    ids = _ids(rows=2)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[0, -2:] = 0
+    tape, _ = _traced(llama, {"input_ids": ids, "attention_mask": mask, "logits_to_keep": 1})
+    with pytest.raises(TargetError, match=rf"position\(s\) \[{T - 3}\] of rows \[0\]"):
+        tape.explain(7)
