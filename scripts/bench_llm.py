@@ -9,8 +9,11 @@ default attention (sdpa; the recorded forward runs it too), at each length:
 * forward: ``model(input_ids, use_cache=False)`` under ``torch.no_grad``;
 * gradient x input: forward on ``inputs_embeds`` with grad on them (parameters frozen) +
   backward of the target logit, then ``grad * embeds`` summed per token;
+* gradient x input, last logits (``gxi1``): the same with ``logits_to_keep=1``, the
+  vocabulary projection of the last position only (as ``dlb.explain``'s forward);
 * explanation: ``dlb.explain(model, {"input_ids": ids}, keep=False)`` (a recorded forward
-  + one reverse pass) of the arg-max token at the last position;
+  + one reverse pass) of the arg-max token at the last position; its forward computes
+  the last position's logits only (``logits_to_keep=1``);
 * k targets on one forward: ``dlb.explain(..., targets=[...])`` with k next-token
   targets at the last position (one recorded forward + one reverse pass for all k),
   against k single explanations (each its own forward): the ratio is
@@ -142,10 +145,17 @@ def operations(model, length: int, ks: list[int]) -> dict:
         out[0, -1, top[0]].backward()
         return (emb.grad * emb).sum(-1).detach()
 
+    def gradxinput_last():  # the same, with the last position's logits only
+        emb = emb_layer(ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=emb, use_cache=False, logits_to_keep=1).logits
+        out[0, -1, top[0]].backward()
+        return (emb.grad * emb).sum(-1).detach()
+
     def explain():
         return dlb.explain(model, {"input_ids": ids}, target=top[0], keep=False)
 
-    ops = {"forward": forward, "gradxinput": gradxinput, "explain": explain}
+    ops = {"forward": forward, "gradxinput": gradxinput, "gradxinput_last": gradxinput_last,
+           "explain": explain}
     for k in ks:
         if k > 1:
             ops[f"targets_{k}"] = (lambda k=k: dlb.explain(
@@ -301,6 +311,8 @@ def report(args, timings: dict[str, dict[int, dict]],
     for policy, timing in timings.items():
         print()
         _time_table(args, policy, timing)
+    print("gxi1: gradient x input with logits_to_keep=1 (the last position's logits only, "
+          "as dlb.explain's forward; gxi computes every position's, as LXT's examples do).")
     print("k=K: time of K targets in one explanation / K single explanations (floor "
           "(2+K)/(3K) in brackets).")
     print()
@@ -321,7 +333,7 @@ def _time_table(args, policy: str, timing: dict[int, dict]) -> None:
            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"Wait policy {policy} ({env}):")
     head = (f"{'tokens':>6} | {'forward':>8} | {'grad x in':>9} | {'explain':>8} | "
-            f"{'expl/fwd':>8} | {'expl/gxi':>8} | " + " | ".join(
+            f"{'expl/fwd':>8} | {'expl/gxi':>8} | {'expl/gxi1':>9} | " + " | ".join(
                 f"{f'k={k}':>11}" for k in args.k))
     print(head)
     print("-" * len(head))
@@ -334,7 +346,8 @@ def _time_table(args, policy: str, timing: dict[int, dict]) -> None:
             ratios.append(f"{many / (k * single):5.2f} ({(2 + k) / (3 * k):.2f})")
         print(f"{length:>6} | {m['forward']:7.2f}s | {m['gradxinput']:8.2f}s | "
               f"{m['explain']:7.2f}s | {m['explain'] / m['forward']:8.2f} | "
-              f"{m['explain'] / m['gradxinput']:8.2f} | " + " | ".join(
+              f"{m['explain'] / m['gradxinput']:8.2f} | "
+              f"{m['explain'] / m['gradxinput_last']:9.2f} | " + " | ".join(
                   f"{r:>11}" for r in ratios))
 
 
