@@ -39,9 +39,9 @@ def last_logits_only(model: nn.Module, inputs: Any, options: Mapping[str, Any]) 
     (``tape.explain``'s) needs the logits of the last position only: a forward that takes
     ``logits_to_keep`` (transformers' causal LMs), inputs by name that do not set it, the
     logits explained as classes at the default position (or -1), which is a real token in
-    every row (no right padding); else ``{}``."""
-    if not isinstance(inputs, Mapping) or "logits_to_keep" in inputs:
-        return {}
+    every row (no right padding), and no ``labels`` (a loss); else ``{}``."""
+    if not isinstance(inputs, Mapping) or "logits_to_keep" in inputs or "labels" in inputs:
+        return {}  # (a loss needs every position's logits)
     if options.get("position") not in (None, -1) or options.get("output") not in (
             None, "logits") or TASKS.get(options.get("task", "multiclass")) != "multiclass":
         return {}

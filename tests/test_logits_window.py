@@ -85,12 +85,13 @@ def test_other_positions_tasks_and_outputs_keep_every_logit(llama, options):
     assert last_logits_only(llama, {"input_ids": _ids()}, options) == {}
 
 
-def test_right_padding_inputs_that_set_it_and_other_models_keep_every_logit(llama):
+def test_right_padding_inputs_that_set_it_labels_and_other_models_keep_every_logit(llama):
     ids = _ids(rows=2)
     mask = torch.ones(2, T, dtype=torch.long)
     mask[0, -2:] = 0  # right padding: row 0's last real token is not the last position
     assert last_logits_only(llama, {"input_ids": ids, "attention_mask": mask}, {}) == {}
     assert last_logits_only(llama, {"input_ids": ids, "logits_to_keep": 3}, {}) == {}
+    assert last_logits_only(llama, {"input_ids": ids, "labels": ids}, {}) == {}
     assert last_logits_only(llama, ids, {}) == {}  # not inputs by name
     assert last_logits_only(llama.model, {"input_ids": ids}, {}) == {}  # no such argument
     assert last_logits_only(torch.nn.Linear(3, 2), {"input": ids}, {}) == {}
@@ -135,3 +136,31 @@ def test_a_padded_row_whose_last_real_token_has_no_logits_is_an_error(llama):
     tape, _ = _traced(llama, {"input_ids": ids, "attention_mask": mask, "logits_to_keep": 1})
     with pytest.raises(TargetError, match=rf"position\(s\) \[{T - 3}\] of rows \[0\]"):
         tape.explain(7)
+
+
+#: the coverage probes that are causal LMs (tests/probe_models.py)
+CAUSAL_PROBES = [
+    "Llama", "Mistral", "Qwen2", "Qwen3", "Gemma2", "Gemma3 (text)", "Phi3", "GPT-2", "OLMo",
+    "OLMo2", "Phi (Phi-2)", "GPT-NeoX", "Falcon", "StableLM", "StarCoder2", "OPT", "Bloom",
+    "GPT-J", "Granite", "Cohere", "SmolLM3", "DeepSeek-V2", "DeepSeek-V3", "Llama 4 (text)",
+    "Qwen3-MoE", "OLMoE", "Mixtral", "Qwen2-MoE", "GPT-OSS", "GraniteMoE", "JetMoE"]
+
+
+@pytest.mark.parametrize("name", CAUSAL_PROBES)
+def test_every_causal_lm_probe_explains_the_same_with_the_last_logits_only(name):
+    """The coverage probes' causal LMs (GPT-2, Gemma 2's soft-capped logits, MoE, ...),
+    on their unpadded row: dlb.explain with the last logits equals the full forward, or
+    both refuse the model alike (DeepSeek's attention)."""
+    from probe_models import PROBES
+
+    p = PROBES[name]()
+    inputs = {k: v[:1] for k, v in p.inputs.items()}
+    assert last_logits_only(p.model, inputs, p.explain) == {"logits_to_keep": 1}
+    try:
+        full = dlb.explain(p.model, {**inputs, "logits_to_keep": 0}, **p.explain)
+    except dlb.DLBError as err:  # refused (the coverage probe says so): refused alike
+        with pytest.raises(type(err), match="no recorded module produced it"):
+            dlb.explain(p.model, inputs, **p.explain)
+        assert name.startswith("DeepSeek"), err
+        return
+    _same(dlb.explain(p.model, inputs, **p.explain), full)
