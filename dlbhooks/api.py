@@ -42,8 +42,10 @@ def last_logits_only(model: nn.Module, inputs: Any, options: Mapping[str, Any]) 
     every row (no right padding), and no ``labels`` (a loss); else ``{}``."""
     if not isinstance(inputs, Mapping) or "logits_to_keep" in inputs or "labels" in inputs:
         return {}  # (a loss needs every position's logits)
-    if options.get("position") not in (None, -1) or options.get("output") not in (
-            None, "logits") or TASKS.get(options.get("task", "multiclass")) != "multiclass":
+    position, output = options.get("position"), options.get("output")
+    last = position is None or (type(position) is int and position == -1)
+    if not last or not (output is None or output == "logits") \
+            or TASKS.get(options.get("task", "multiclass")) != "multiclass":
         return {}
     mask = inputs.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2 and not bool((mask[:, -1] != 0).all()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_conserved, tiny_llama
+from torch import Tensor
 
 import dlbhooks as dlb
 from dlbhooks.api import last_logits_only
@@ -80,7 +81,8 @@ def test_several_targets_at_the_last_position_use_the_last_logits(llama):
 
 
 @pytest.mark.parametrize("options", [
-    {"position": 3}, {"position": -2}, {"task": "binary"}, {"output": "past_key_values"}])
+    {"position": 3}, {"position": -2}, {"task": "binary"}, {"output": "past_key_values"},
+    {"output": 0}, {"position": torch.tensor([T - 1, T - 1])}, {"position": [-1, -1]}])
 def test_other_positions_tasks_and_outputs_keep_every_logit(llama, options):
     assert last_logits_only(llama, {"input_ids": _ids()}, options) == {}
 
@@ -95,6 +97,13 @@ def test_right_padding_inputs_that_set_it_labels_and_other_models_keep_every_log
     assert last_logits_only(llama, ids, {}) == {}  # not inputs by name
     assert last_logits_only(llama.model, {"input_ids": ids}, {}) == {}  # no such argument
     assert last_logits_only(torch.nn.Linear(3, 2), {"input": ids}, {}) == {}
+
+
+def test_positions_as_a_tensor_or_a_list_explain_the_full_forward(llama):
+    ids = _ids(rows=2)
+    for position in (torch.tensor([T - 1, T - 2]), [-1, 3]):
+        exp = dlb.explain(llama, {"input_ids": ids}, target=[1, 2], position=position)
+        assert exp.info["position"] == [T - 1, T - 2 if isinstance(position, Tensor) else 3]
 
 
 def test_right_padding_explains_each_rows_last_real_token(llama):
