@@ -50,11 +50,16 @@ def last_logits_only(model: nn.Module, inputs: Any, options: Mapping[str, Any]) 
     mask = inputs.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2 and not bool((mask[:, -1] != 0).all()):
         return {}  # right padding: each row's last real token is elsewhere
+    return {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Does ``model``'s forward take transformers' ``logits_to_keep`` (the positions to
+    compute logits for; its causal LMs do)?"""
     try:
-        params = inspect.signature(model.forward).parameters
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
-        return {}
-    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        return False
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .api import takes_logits_to_keep
 from .explaining import explain_targets
 from .integrations.accelerate import input_device
 from .report import generation_html
@@ -258,8 +259,11 @@ def explain_generation(  # long: its docstring documents every option of a publi
     n = int(gen.numel())
     seq = torch.cat([ids[0], gen])
     T = ids.shape[1]
+    fwd = _forward_inputs(seq, mask, n)
+    if takes_logits_to_keep(model):  # the logits of the explained positions only
+        fwd["logits_to_keep"] = n
     with trace(model, storage=storage) as tape:
-        model(**_forward_inputs(seq, mask, n))
+        model(**fwd)
     rows = _TokenRows(keep=keep)
     chosen = [k for k in range(n) if only is None or k in only]
     passes = [chosen[i:i + targets_per_pass] for i in range(0, len(chosen), targets_per_pass)]

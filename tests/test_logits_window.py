@@ -173,3 +173,26 @@ def test_every_causal_lm_probe_explains_the_same_with_the_last_logits_only(name)
         assert name.startswith("DeepSeek"), err
         return
     _same(dlb.explain(p.model, inputs, **p.explain), full)
+
+
+@pytest.mark.parametrize("mode", ["default", "contrastive"])
+def test_generation_records_the_logits_of_the_generated_tokens_only(llama, mode, monkeypatch):
+    """explain_generation's forward computes logits at the n positions that predict the
+    n generated tokens only; its matrix equals the full forward's."""
+    import dlbhooks.generation as generation
+
+    prompt = _ids()
+    seen = []
+    handle = llama.lm_head.register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
+    try:
+        short = dlb.explain_generation(llama, prompt, max_new_tokens=4, mode=mode)
+        traced = seen[-1]
+        monkeypatch.setattr(generation, "takes_logits_to_keep", lambda model: False)
+        full = dlb.explain_generation(llama, prompt, max_new_tokens=4, mode=mode)
+    finally:
+        handle.remove()
+    assert traced == (1, 4, 40) and seen[-1] == (1, T + 3, 40)
+    assert torch.equal(short.generated, full.generated)
+    scale = float(full.matrix.abs().max())
+    torch.testing.assert_close(short.matrix, full.matrix, rtol=0, atol=1e-12 * scale)
+    assert short.conservation_error() < 1e-12
