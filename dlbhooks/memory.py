@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import scratch
-from .api import call_model
+from .api import call_model, last_logits_only
 from .engine import RECORD_OBSERVER
 from .footprint import record_bytes
 from .integrations.accelerate import input_device
@@ -133,7 +133,9 @@ def estimate_memory(
     (:func:`record_bytes`, under the same ``storage`` policy as ``dlb.trace``), fits
     ``a·T² + b·T + c`` and evaluates it at ``seq_len``. ``make_inputs(seq_len,
     batch_size)`` returns the forward's inputs (a dict of keyword arguments, a tuple or a
-    tensor); by default random ``input_ids`` for a Hugging Face model.
+    tensor); by default random ``input_ids`` for a Hugging Face model. The forward is
+    ``dlb.explain``'s: a causal LM computes the last position's logits only (inputs that
+    set ``logits_to_keep``, e.g. 0 for every position, are left as they are).
 
     ``reverse``: also explain each probe (default target, ``keep=False``) and measure the
     peak bytes of the tensors the reverse pass allocates; apart from the attention
@@ -154,9 +156,7 @@ def estimate_memory(
     blocks: dict[int, int] = {}
     phases: dict[int, dict[str, int]] = {}
     for T in sorted(set(probe_lengths)):
-        inputs = make(T, batch_size)
-        with trace(model, storage=storage) as tape:
-            call_model(model, inputs)
+        tape = _traced_probe(model, make(T, batch_size), storage)
         policy = tape.store.policy
         probes[T] = record_bytes(tape)
         types[T] = record_bytes(tape, by_type=True)
@@ -175,6 +175,15 @@ def estimate_memory(
     if reverse:
         _add_reverse(est, peaks, blocks, phases, chunk or DEFAULT_CHUNK)
     return est
+
+
+def _traced_probe(model: nn.Module, inputs: Any, storage: Any) -> Any:
+    """A tape of the forward ``dlb.explain`` runs on ``inputs`` (a causal LM: the last
+    position's logits only, unless the inputs set ``logits_to_keep``)."""
+    extra = last_logits_only(model, inputs, {})
+    with trace(model, storage=storage) as tape:
+        call_model(model, {**inputs, **extra} if extra else inputs)
+    return tape
 
 
 def _by_type(types: dict[int, dict[str, int]], seq_len: int) -> dict[str, int]:

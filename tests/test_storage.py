@@ -192,13 +192,32 @@ def test_storage_parse():
 def test_estimate_memory_predicts_the_measured_records(storage):
     model, _, _ = MODELS["llama"]
     est = estimate_memory(model, 96, batch_size=2, storage=storage)
-    with dlb.trace(model, storage=storage) as tape:
-        model(input_ids=torch.randint(0, 53, (2, 96)))
+    with dlb.trace(model, storage=storage) as tape:  # dlb.explain's forward: last logits
+        model(input_ids=torch.randint(0, 53, (2, 96)), logits_to_keep=1)
     measured = record_bytes(tape)
     assert abs(est.bytes - measured) <= 0.10 * measured, (est, measured)
     assert "per token" in str(est)
     by_type = record_bytes(tape, by_type=True)
     assert sum(by_type.values()) == measured
+
+
+def test_estimate_memory_of_a_forward_with_every_logit():
+    """Inputs that set logits_to_keep (0: every position) are traced as they are: the
+    estimate then counts every position's logits."""
+    model, _, _ = MODELS["llama"]
+
+    def make(T, B):
+        return {"input_ids": torch.randint(0, 53, (B, T)), "logits_to_keep": 0}
+
+    est = estimate_memory(model, 96, batch_size=2, make_inputs=make, reverse=False)
+    last = estimate_memory(model, 96, batch_size=2, reverse=False)
+    with dlb.trace(model) as tape:
+        model(input_ids=torch.randint(0, 53, (2, 96)))
+    measured = record_bytes(tape)
+    assert abs(est.bytes - measured) <= 0.10 * measured, (est, measured)
+    size = next(model.parameters()).element_size()
+    logits = 2 * 95 * model.config.vocab_size * size  # the other positions' logits
+    assert abs((est.bytes - last.bytes) - logits) <= 0.05 * logits
 
 
 def test_live_bytes_counts_what_operators_allocate_until_it_is_freed():
@@ -229,7 +248,7 @@ def test_estimate_memory_predicts_the_reverse_pass():
     L, B = 256, 2
     est = estimate_memory(model, L, batch_size=B)
     with dlb.trace(model) as tape:
-        model(input_ids=torch.randint(0, 53, (B, L)))
+        model(input_ids=torch.randint(0, 53, (B, L)), logits_to_keep=1)
     with _LiveBytes() as live:
         tape.explain(keep=False)
     # three float32 blocks of batch · heads · chunk · T values (4 heads)
