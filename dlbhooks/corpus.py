@@ -24,9 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from .analysis.experts import ExpertStats
+from .api import takes_logits_to_keep
 from .explaining import explain_targets
 from .integrations.accelerate import input_device
 from .results import Explanation
+from .seeds import TASKS
 from .trace import trace
 
 Batch = Tensor | Mapping[str, Any]
@@ -155,7 +157,7 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     # one pass explains the tape once: its records are freed behind the walk
     explain_kwargs.setdefault("release", passes == 1 and not explain_kwargs["share"])
     with trace(model, storage=storage) as tape:
-        model(**inputs)
+        model(**inputs, **_explained_logits(model, inputs, pos_list, explain_kwargs))
     specs = []
     for p in pos_list:
         if target == "next":
@@ -172,6 +174,27 @@ def explain_batch(model: nn.Module, batch: Batch, *, target: Target = None,
     for i in range(0, len(specs), POSITIONS_PER_PASS):  # several positions per reverse pass
         exps += explain_targets(tape, specs[i:i + POSITIONS_PER_PASS], **explain_kwargs)
     return exps, inputs.get("attention_mask")
+
+
+def _explained_logits(model: nn.Module, inputs: Mapping[str, Any], positions: list[int],
+                      options: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"logits_to_keep": ...}``: the logits of the explained positions only (the last
+    ``n`` as an int, else their indices), for a causal LM explained at token positions by
+    class (the default task and output); ``{}`` otherwise."""
+    ids = inputs.get("input_ids")
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or "logits_to_keep" in inputs \
+            or "labels" in inputs or options.get("output") not in (None, "logits") \
+            or TASKS.get(options.get("task", "multiclass")) != "multiclass" \
+            or not takes_logits_to_keep(model):
+        return {}
+    length = ids.shape[1]
+    kept = sorted({p + length if p < 0 else p for p in positions})
+    if not kept or kept[0] < 0 or kept[-1] >= length:
+        return {}  # (out of range: the explanation says so)
+    n = len(kept)
+    if kept == list(range(length - n, length)):
+        return {"logits_to_keep": n}
+    return {"logits_to_keep": torch.tensor(kept, device=ids.device)}
 
 
 def batch_expert_stats(exps: list[Explanation], mask: Tensor | None) -> ExpertStats:

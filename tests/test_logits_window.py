@@ -196,3 +196,30 @@ def test_generation_records_the_logits_of_the_generated_tokens_only(llama, mode,
     scale = float(full.matrix.abs().max())
     torch.testing.assert_close(short.matrix, full.matrix, rtol=0, atol=1e-12 * scale)
     assert short.conservation_error() < 1e-12
+
+
+@pytest.mark.parametrize("positions, target, shape", [
+    ([-1], None, 1), ([T - 3, -2, -1], None, 3), ([2, 5], None, 2), ([2, 4, T - 3], "next", 3)])
+def test_corpus_batches_record_the_logits_of_the_explained_positions_only(
+        llama, positions, target, shape, monkeypatch):
+    """dlbhooks.corpus.explain_batch (expert statistics over a corpus) computes logits at
+    the explained positions only (the last n as an int, others by index), with each
+    position's explanation equal to the full forward's."""
+    import dlbhooks.corpus as corpus
+
+    ids = _ids(rows=2, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding (no explained position on it)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    seen = []
+    handle = llama.lm_head.register_forward_hook(lambda m, a, o: seen.append(tuple(o.shape)))
+    try:
+        short, _ = corpus.explain_batch(llama, batch, positions=positions, target=target)
+        monkeypatch.setattr(corpus, "takes_logits_to_keep", lambda model: False)
+        full, _ = corpus.explain_batch(llama, batch, positions=positions, target=target)
+    finally:
+        handle.remove()
+    length = T - (target == "next")
+    assert seen == [(2, shape, 40), (2, length, 40)]
+    for a, b in zip(short, full):
+        _same(a, b)
