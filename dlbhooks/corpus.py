@@ -194,7 +194,9 @@ def _explained_logits(model: nn.Module, inputs: Mapping[str, Any], positions: li
     n = len(kept)
     if kept == list(range(length - n, length)):
         return {"logits_to_keep": n}
-    return {"logits_to_keep": torch.tensor(kept, device=ids.device)}
+    # (on the CPU: it indexes the last layer's output, which a device map may put on
+    # another device than the inputs)
+    return {"logits_to_keep": torch.tensor(kept)}
 
 
 def batch_expert_stats(exps: list[Explanation], mask: Tensor | None) -> ExpertStats:

@@ -168,6 +168,11 @@ def logits_window(arguments: Mapping[str, Any], out: Tensor) -> tuple[Tensor, in
     transformers' ``logits_to_keep`` argument: an int ``n`` (the last ``n`` positions) or
     a 1-D tensor of positions — else ``None`` (``out`` holds every position)."""
     keep = arguments.get("logits_to_keep")
+    if isinstance(keep, Tensor) and keep.dtype == torch.bool:
+        raise TargetError(
+            "the forward ran with a boolean logits_to_keep, which flattens the kept logits "
+            "of every row into one [positions, vocab] tensor: explain a forward with an int "
+            "or a tensor of positions instead")
     if keep is None or isinstance(keep, bool) or out.dim() != 3:
         return None
     length = next((t.shape[1] for t in (arguments.get(k) for k in _SEQUENCE_INPUTS)

@@ -138,6 +138,13 @@ def test_a_position_without_logits_is_a_clear_error(llama, keep, position):
         tape.explain(7, position=position)
 
 
+@pytest.mark.parametrize("keep", [torch.tensor([[2, 5]]), torch.ones(1, T, dtype=torch.bool)])
+def test_per_row_or_boolean_logits_to_keep_is_a_clear_error(llama, keep):
+    tape, _ = _traced(llama, {"input_ids": _ids(), "logits_to_keep": keep})
+    with pytest.raises(TargetError, match="logits_to_keep"):
+        tape.explain(7)
+
+
 def test_a_padded_row_whose_last_real_token_has_no_logits_is_an_error(llama):
     ids = _ids(rows=2)
     mask = torch.ones(2, T, dtype=torch.long)
