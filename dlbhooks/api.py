@@ -37,20 +37,30 @@ def explain(
 def last_logits_only(model: nn.Module, inputs: Any, options: Mapping[str, Any]) -> dict:
     """``{"logits_to_keep": 1}`` when explaining ``model`` on ``inputs`` with ``options``
     (``tape.explain``'s) needs the logits of the last position only: a forward that takes
-    ``logits_to_keep`` (transformers' causal LMs), inputs by name that do not set it, the
-    logits explained as classes at the default position (or -1), which is a real token in
-    every row (no right padding), and no ``labels`` (a loss); else ``{}``."""
-    if not isinstance(inputs, Mapping) or "logits_to_keep" in inputs or "labels" in inputs:
-        return {}  # (a loss needs every position's logits)
-    position, output = options.get("position"), options.get("output")
-    last = position is None or (type(position) is int and position == -1)
-    if not last or not (output is None or output == "logits") \
-            or TASKS.get(options.get("task", "multiclass")) != "multiclass":
+    ``logits_to_keep`` (transformers' causal LMs), logits that may be kept in part
+    (:func:`may_keep_some_logits`), explained at the default position (or -1), which is a
+    real token in every row (no right padding); else ``{}``."""
+    if not may_keep_some_logits(inputs, options) or not takes_logits_to_keep(model):
+        return {}
+    position = options.get("position")
+    if not (position is None or (type(position) is int and position == -1)):
         return {}
     mask = inputs.get("attention_mask")
     if isinstance(mask, Tensor) and mask.dim() == 2 and not bool((mask[:, -1] != 0).all()):
         return {}  # right padding: each row's last real token is elsewhere
-    return {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    return {"logits_to_keep": 1}
+
+
+def may_keep_some_logits(inputs: Any, options: Mapping[str, Any]) -> bool:
+    """May a forward on ``inputs`` compute the explained positions' logits only (given
+    that it takes ``logits_to_keep``)? Inputs by name that set neither it nor ``labels``
+    (a loss needs every position), and the logits explained as classes (``options``:
+    ``tape.explain``'s task and output)."""
+    if not isinstance(inputs, Mapping) or "logits_to_keep" in inputs or "labels" in inputs:
+        return False
+    output = options.get("output")
+    return (output is None or output == "logits") \
+        and TASKS.get(options.get("task", "multiclass")) == "multiclass"
 
 
 def takes_logits_to_keep(model: nn.Module) -> bool:

@@ -24,11 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from .analysis.experts import ExpertStats
-from .api import takes_logits_to_keep
+from .api import may_keep_some_logits, takes_logits_to_keep
 from .explaining import explain_targets
 from .integrations.accelerate import input_device
 from .results import Explanation
-from .seeds import TASKS
 from .trace import trace
 
 Batch = Tensor | Mapping[str, Any]
@@ -182,10 +181,8 @@ def _explained_logits(model: nn.Module, inputs: Mapping[str, Any], positions: li
     ``n`` as an int, else their indices), for a causal LM explained at token positions by
     class (the default task and output); ``{}`` otherwise."""
     ids = inputs.get("input_ids")
-    if not isinstance(ids, Tensor) or ids.dim() != 2 or "logits_to_keep" in inputs \
-            or "labels" in inputs or options.get("output") not in (None, "logits") \
-            or TASKS.get(options.get("task", "multiclass")) != "multiclass" \
-            or not takes_logits_to_keep(model):
+    if not isinstance(ids, Tensor) or ids.dim() != 2 \
+            or not may_keep_some_logits(inputs, options) or not takes_logits_to_keep(model):
         return {}
     length = ids.shape[1]
     kept = sorted({p + length if p < 0 else p for p in positions})
